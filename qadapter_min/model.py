@@ -1,0 +1,291 @@
+"""Llama 3.1 from scratch, in the layout of the Hugging Face checkpoints.
+
+Module names follow the checkpoint's tensor names (without their leading "model."), so a LoRA target
+such as "q_proj" is the same word here, in the checkpoint and in a PEFT adapter file.
+
+    tokens (B, T)
+      -> embed_tokens                                    (B, T, C)
+      -> num_hidden_layers x Block:
+             h   = x + attention(rmsnorm(x))             grouped-query attention with RoPE
+             out = h + down(silu(gate(rmsnorm(h))) * up(rmsnorm(h)))   SwiGLU MLP
+      -> norm -> lm_head                                 (B, T, V)
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class ModelArgs:
+    """The shape of a Llama model, with the field names of its Hugging Face config.json."""
+
+    hidden_size: int = 4096  # width of the residual stream (C)
+    intermediate_size: int = 14336  # hidden width of the SwiGLU MLP
+    num_hidden_layers: int = 32  # number of transformer blocks
+    num_attention_heads: int = 32  # query heads (H)
+    num_key_value_heads: int = 8  # key/value heads; each is shared by H / KV query heads (GQA)
+    head_dim: int | None = None  # width of one head; None means hidden_size // num_attention_heads
+    vocab_size: int = 128256  # rows of the embedding and of the LM head (V)
+    rms_norm_eps: float = 1e-5  # epsilon inside every RMSNorm
+    rope_theta: float = 500000.0  # base of the RoPE frequencies
+    rope_scaling: dict | None = None  # llama3 frequency scaling (see rope_frequencies); None: plain RoPE
+    max_position_embeddings: int = 131072  # longest context the model was trained for
+    tie_word_embeddings: bool = False  # True: the LM head reuses the embedding matrix (Llama 3.2 1B/3B)
+    bos_token_id: int | None = 128000  # <|begin_of_text|>
+    eos_token_id: int | list[int] | None = 128001  # <|end_of_text|>; a list for the Instruct models
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.rope_scaling is not None:
+            rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if rope_type != "llama3":
+                raise ValueError(f"rope_type {rope_type!r} is not supported (only 'llama3' and plain RoPE are)")
+
+
+def _llama3_rope(factor):
+    return dict(
+        rope_type="llama3",
+        factor=factor,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=8192,
+    )
+
+
+# Published shapes, for random-init benchmarks and memory estimates (Llama 3.1 and 3.2 model cards).
+PRESETS = {
+    "llama-3.1-8b": ModelArgs(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, rope_scaling=_llama3_rope(8.0),
+    ),
+    "llama-3.1-70b": ModelArgs(
+        hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+        num_attention_heads=64, num_key_value_heads=8, rope_scaling=_llama3_rope(8.0),
+    ),
+    "llama-3.1-405b": ModelArgs(
+        hidden_size=16384, intermediate_size=53248, num_hidden_layers=126,
+        num_attention_heads=128, num_key_value_heads=8, rope_scaling=_llama3_rope(8.0),
+    ),
+    "llama-3.2-1b": ModelArgs(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, rope_scaling=_llama3_rope(32.0), tie_word_embeddings=True,
+    ),
+    "llama-3.2-3b": ModelArgs(
+        hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+        num_key_value_heads=8, rope_scaling=_llama3_rope(32.0), tie_word_embeddings=True,
+    ),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rotary position embedding (RoPE), rotate-half form: the form HF's q/k weights are laid out for.
+
+
+def rope_frequencies(args: ModelArgs, device=None) -> torch.Tensor:
+    """Inverse frequencies f_i = theta^(-2i/head_dim), i < head_dim/2, with llama3 scaling; fp32.
+
+    llama3 scaling (Llama 3.1 reference, `apply_scaling`): with wavelength w = 2*pi/f,
+        w < original / high_freq_factor  -> keep f             (high frequencies: local detail)
+        w > original / low_freq_factor   -> f / factor         (low frequencies: stretched context)
+        otherwise, with s = (original/w - low) / (high - low), (1-s) * f/factor + s * f.
+    """
+    dim = args.head_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    freqs = 1.0 / (args.rope_theta**exponents)  # (head_dim/2,)
+    if args.rope_scaling is None:
+        return freqs
+    factor = args.rope_scaling["factor"]
+    low = args.rope_scaling["low_freq_factor"]
+    high = args.rope_scaling["high_freq_factor"]
+    original = args.rope_scaling["original_max_position_embeddings"]
+    wavelength = 2 * math.pi / freqs
+    smooth = (original / wavelength - low) / (high - low)
+    blended = (1 - smooth) * freqs / factor + smooth * freqs
+    scaled = torch.where(wavelength > original / low, freqs / factor, freqs)
+    is_medium = (wavelength >= original / high) & (wavelength <= original / low)
+    return torch.where(is_medium, blended, scaled)
+
+
+def rope_cos_sin(freqs: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angles position * f, each (T, head_dim), in fp32."""
+    angles = positions.float()[:, None] * freqs[None, :]  # (T, head_dim/2)
+    # rotate-half pairs channel i with channel i + head_dim/2, so both halves share one angle
+    angles = torch.cat([angles, angles], dim=-1)  # (T, head_dim)
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (i, i + head_dim/2) channel pair of x (B, heads, T, head_dim) by its angle."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # the tables are fp32; the product is in x's dtype, as in HF
+    return x * cos + rotate_half(x) * sin
+
+
+# ----------------------------------------------------------------------------------------------------
+# The blocks
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, with the statistics computed in fp32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of the positions decoded so far, for every layer.
+
+    Created by the generation code for one batch, never by the model. `length` is the number of
+    positions already stored; the model writes the next ones and then advances it.
+    """
+
+    def __init__(self, args: ModelArgs, batch_size: int, max_seq_len: int, dtype, device):
+        shape = (args.num_hidden_layers, batch_size, args.num_key_value_heads, max_seq_len, args.head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.keys.shape[3]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, KV, T, head_dim) after the cached positions; return all of them (B, KV, S, head_dim)."""
+        end = self.length + k.shape[2]
+        assert end <= self.max_seq_len, f"KV cache holds {self.max_seq_len} positions, {end} needed"
+        self.keys[layer, :, :, self.length : end] = k
+        self.values[layer, :, :, self.length : end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def advance(self, num_positions: int):
+        self.length += num_positions
+
+
+class Attention(nn.Module):
+    """Causal grouped-query attention: KV key/value heads, each shared by H / KV query heads."""
+
+    def __init__(self, args: ModelArgs, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index  # which slot of a KVCache belongs to this layer
+        self.num_heads = args.num_attention_heads
+        self.num_kv_heads = args.num_key_value_heads
+        self.head_dim = args.head_dim
+        # separate q/k/v projections, so LoRA targets map one to one to checkpoint names
+        self.q_proj = nn.Linear(args.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, args.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, kv_cache: KVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_index, k, v)  # (B, KV, S, D), S = cached + T
+        S = k.shape[2]
+        if S == T:  # no cached prefix: plain causal mask
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:  # query i sits at position S - T + i and sees keys 0 .. S - T + i
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H*D)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """One pre-norm transformer block."""
+
+    def __init__(self, args: ModelArgs, layer_index: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = Attention(args, layer_index)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x, cos, sin, kv_cache: KVCache | None = None) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Transformer(nn.Module):
+    """The Llama causal language model: tokens (B, T) -> logits (B, T, V)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        # a tied model has no lm_head tensor: the head is the embedding matrix
+        self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        # per-block activation checkpointing for training: recompute each block in the backward pass
+        self.gradient_checkpointing = False
+
+    def forward(self, tokens: torch.Tensor, kv_cache: KVCache | None = None, return_hidden: bool = False):
+        """Logits (B, T, V) for tokens (B, T), or the final normed hidden states (B, T, C).
+
+        With a kv_cache, tokens are the next T positions after the cached ones. With return_hidden,
+        the caller applies `logits_from_hidden` itself, for example over chunks of positions.
+        """
+        B, T = tokens.shape
+        start = kv_cache.length if kv_cache is not None else 0
+        positions = torch.arange(start, start + T, device=tokens.device)
+        # The RoPE tables are recomputed on every call (a few hundred numbers) rather than kept in a
+        # buffer: they stay fp32 whatever .to(dtype) does to the module, and need no set-up after a
+        # model is built on the meta device.
+        cos, sin = rope_cos_sin(rope_frequencies(self.args, tokens.device), positions)  # (T, D) each
+        x = self.embed_tokens(tokens)  # (B, T, C)
+        for layer in self.layers:
+            if self.gradient_checkpointing and torch.is_grad_enabled() and kv_cache is None:
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        hidden = self.norm(x)  # (B, T, C)
+        return hidden if return_hidden else self.logits_from_hidden(hidden)
+
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Apply the LM head: (..., C) -> (..., V)."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,108 @@
+"""The Llama 3 tokenizer (a `tokenizers` BPE read from tokenizer.json) and the Llama-3.1-Instruct chat format.
+
+The chat format, as the official template renders a conversation without tools:
+
+    <|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\n
+    Cutting Knowledge Date: December 2023\\nToday Date: {date}\\n\\n{system}<|eot_id|>
+    <|start_header_id|>{role}<|end_header_id|>\\n\\n{content stripped}<|eot_id|>      (each message)
+    <|start_header_id|>assistant<|end_header_id|>\\n\\n                              (generation prompt)
+
+The template renders one string and the tokenizer splits it at the special tokens before BPE, so each
+stretch of text between two special tokens is encoded on its own. `encode_chat` builds exactly those
+stretches and puts the special-token ids between them. Unlike the template, the text of a message is
+always text: a message that contains the characters "<|eot_id|>" is encoded as those characters,
+never as the control token.
+"""
+
+import os
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+
+from qadapter_min import UserError
+
+BEGIN_OF_TEXT = "<|begin_of_text|>"
+END_OF_TEXT = "<|end_of_text|>"
+START_HEADER = "<|start_header_id|>"
+END_HEADER = "<|end_header_id|>"
+END_OF_TURN = "<|eot_id|>"
+END_OF_MESSAGE = "<|eom_id|>"  # ends a tool call in ipython mode
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+class Tokenizer:
+    """encode / decode text and encode chats, over a Llama 3 tokenizer.json."""
+
+    def __init__(self, path: str | os.PathLike):
+        """path: a model directory holding tokenizer.json, or the tokenizer.json file itself."""
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise UserError(f"{file} does not exist; pass a model directory that holds tokenizer.json, or the file itself")
+        try:
+            self._tokenizer = HFTokenizer.from_file(str(file))
+        except Exception as error:  # the Rust side raises a bare Exception for every parse error
+            raise UserError(f"{file} is not a tokenizer.json the tokenizers library can read ({error})") from None
+        # Special tokens are found by their spelling only where we put them (by id); text never produces them.
+        self._tokenizer.encode_special_tokens = True
+        self.special_ids = {
+            token.content: token_id
+            for token_id, token in self._tokenizer.get_added_tokens_decoder().items()
+            if token.special
+        }
+        for name in (BEGIN_OF_TEXT, START_HEADER, END_HEADER, END_OF_TURN):
+            if name not in self.special_ids:
+                raise UserError(f"{file} has no special token {name}; qadapter-min needs a Llama 3 tokenizer")
+        self.bos_id = self.special_ids[BEGIN_OF_TEXT]
+        self.eot_id = self.special_ids[END_OF_TURN]
+        # generation stops at the end of a turn, of a tool message, or of the text
+        self.stop_ids = [self.special_ids[t] for t in (END_OF_TURN, END_OF_MESSAGE, END_OF_TEXT) if t in self.special_ids]
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def special_token_id(self, name: str) -> int:
+        """The id of a special token, looked up by its spelling (e.g. "<|eot_id|>")."""
+        if name not in self.special_ids:
+            raise KeyError(f"the tokenizer has no special token {name}")
+        return self.special_ids[name]
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of plain text: no BOS added, special-token spellings kept as text."""
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of token ids; special tokens are written out by their spelling."""
+        return self._tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def _turn(self, role: str, text: str) -> list[int]:
+        """<|start_header_id|>{role}<|end_header_id|> then the text "\\n\\n" + text, without the <|eot_id|>."""
+        return [self.special_ids[START_HEADER], *self.encode(role), self.special_ids[END_HEADER], *self.encode("\n\n" + text)]
+
+    def encode_chat(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = False,
+        date_string: str = "26 Jul 2024",
+    ) -> list[int]:
+        """Token ids of a conversation in the Llama-3.1-Instruct chat format (module docstring).
+
+        messages: [{"role": "system" | "user" | "assistant", "content": str}, ...]; a leading system
+        message goes into the system block, which is there even without one. Contents are stripped.
+        add_generation_prompt: end with the assistant header, ready for the model's reply.
+        """
+        messages = list(messages)
+        for message in messages:
+            if message.get("role") not in CHAT_ROLES or not isinstance(message.get("content"), str):
+                raise ValueError(f"a chat message needs a role in {CHAT_ROLES} and string content, got {message!r}")
+        system = ""
+        if messages and messages[0]["role"] == "system":
+            system = messages.pop(0)["content"].strip()
+        system_text = f"Cutting Knowledge Date: December 2023\nToday Date: {date_string}\n\n{system}"
+        ids = [self.bos_id, *self._turn("system", system_text), self.eot_id]
+        for message in messages:
+            ids += [*self._turn(message["role"], message["content"].strip()), self.eot_id]
+        if add_generation_prompt:
+            ids += self._turn("assistant", "")
+        return ids

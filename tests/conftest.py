@@ -1,0 +1,129 @@
+"""Shared test helpers: tiny Llama shapes, checkpoints written in the Hugging Face layout, and a tiny
+tokenizer trained with Llama 3's pre-tokenizer and special tokens."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+from qadapter_min.model import ModelArgs
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+# The pre-tokenizer regex of Llama 3's tokenizer.json (the tiktoken cl100k pattern).
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# Llama 3's named special tokens in their order (ids 128000..128011 in the real vocabulary).
+LLAMA3_SPECIALS = [
+    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>", "<|start_header_id|>", "<|end_header_id|>",
+    "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
+]
+
+
+def tiny_args(**overrides) -> ModelArgs:
+    """A Llama small enough for CPU tests that still has GQA and llama3 RoPE scaling in all three bands."""
+    shape = dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=101, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=256,
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=32),
+        bos_token_id=0, eos_token_id=[1, 2],
+    )
+    shape.update(overrides)
+    return ModelArgs(**shape)
+
+
+def hf_config(args: ModelArgs, rope_form: str = "classic") -> dict:
+    """config.json as the Hub writes it, in the classic or the newer rope_parameters form."""
+    config = dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
+        hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
+        num_hidden_layers=args.num_hidden_layers, num_attention_heads=args.num_attention_heads,
+        num_key_value_heads=args.num_key_value_heads, vocab_size=args.vocab_size, rms_norm_eps=args.rms_norm_eps,
+        max_position_embeddings=args.max_position_embeddings, tie_word_embeddings=args.tie_word_embeddings,
+        bos_token_id=args.bos_token_id, eos_token_id=args.eos_token_id, attention_bias=False, mlp_bias=False, torch_dtype="float32",
+    )
+    if rope_form == "classic":
+        config.update(rope_theta=args.rope_theta, rope_scaling=args.rope_scaling)
+    else:
+        config["rope_parameters"] = dict(rope_theta=args.rope_theta, **(args.rope_scaling or {"rope_type": "default"}))
+    return config
+
+
+def random_hf_state(args: ModelArgs, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights under the checkpoint's tensor names (model.layers.0.self_attn.q_proj.weight, ...)."""
+    generator = torch.Generator().manual_seed(seed)
+    C, F, D = args.hidden_size, args.intermediate_size, args.head_dim
+    H, KV = args.num_attention_heads, args.num_key_value_heads
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator) * 0.2
+
+    state = {"model.embed_tokens.weight": randn(args.vocab_size, C), "model.norm.weight": 1 + randn(C)}
+    for i in range(args.num_hidden_layers):
+        p = f"model.layers.{i}."
+        state.update({
+            p + "self_attn.q_proj.weight": randn(H * D, C), p + "self_attn.k_proj.weight": randn(KV * D, C),
+            p + "self_attn.v_proj.weight": randn(KV * D, C), p + "self_attn.o_proj.weight": randn(C, H * D),
+            p + "mlp.gate_proj.weight": randn(F, C), p + "mlp.up_proj.weight": randn(F, C),
+            p + "mlp.down_proj.weight": randn(C, F),
+            p + "input_layernorm.weight": 1 + randn(C), p + "post_attention_layernorm.weight": 1 + randn(C),
+        })
+    if not args.tie_word_embeddings:
+        state["lm_head.weight"] = randn(args.vocab_size, C)
+    return state
+
+
+def write_checkpoint(directory: Path, args: ModelArgs, state: dict, shards: int = 1, rope_form: str = "classic") -> Path:
+    """Write config.json and safetensors in the Hub layout: model.safetensors, or shards plus an index."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(hf_config(args, rope_form), indent=2))
+    if shards == 1:
+        save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+        return directory
+    names = sorted(state)
+    weight_map = {}
+    for k in range(shards):
+        file_name = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+        part = {name: state[name] for name in names[k::shards]}
+        save_file(part, directory / file_name, metadata={"format": "pt"})
+        weight_map.update({name: file_name for name in part})
+    index = {"metadata": {"total_size": sum(t.numel() * 4 for t in state.values())}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return directory
+
+
+def train_llama3_style_tokenizer(path: Path, corpus: list[str], vocab_size: int = 600) -> Path:
+    """A small byte-level BPE with Llama 3's pre-tokenizer, decoder and special tokens, saved as tokenizer.json."""
+    tokenizer = HFTokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(corpus, trainer)
+    tokenizer.add_special_tokens(LLAMA3_SPECIALS)
+    tokenizer.save(str(path))
+    return path
+
+
+CORPUS = [
+    "Hello! How can I help you today?",
+    "What is the capital of France? The capital of France is Paris.",
+    "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n",
+    "You are a helpful assistant. Please answer briefly.\n\n1. first\n2. second",
+    "system user assistant ipython",
+    "Numbers like 12345 and 2024, code: def f(x): return x * 2",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def tokenizer_file(tmp_path_factory) -> Path:
+    return train_llama3_style_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json", CORPUS)

@@ -1,0 +1,57 @@
+"""Write the tiny checkpoints and golden logits under tests/fixtures/, using Hugging Face transformers.
+
+The test suite checks our Llama against these files without needing transformers. To regenerate
+(on a machine of your own; transformers is not a dependency of qadapter-min):
+
+    python -m venv /tmp/xcheck --system-site-packages && /tmp/xcheck/bin/pip install transformers
+    /tmp/xcheck/bin/python tools/make_golden.py
+
+Each fixture directory holds what `save_pretrained` wrote (config.json, safetensors) and
+golden.safetensors with `input_ids` (2, 80) and the float32 `logits` (2, 80, V) of transformers'
+eager-attention LlamaForCausalLM. The sequences are longer than the llama3 scaling's
+original_max_position_embeddings (32), so all three frequency bands of the scaling are exercised.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
+ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32)
+
+
+def make(name: str, classic_config: bool, max_shard_size: str, **shape):
+    torch.manual_seed(sum(map(ord, name)))
+    config = LlamaConfig(
+        vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=256, rope_theta=10000.0,
+        rope_scaling=dict(ROPE), bos_token_id=0, eos_token_id=1, attn_implementation="eager", **shape,
+    )
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # the default init is small; larger weights make the logits more telling
+        for param in model.parameters():
+            param.normal_(0.0, 0.2) if param.dim() > 1 else param.uniform_(0.5, 1.5)
+    out = FIXTURES / name
+    model.save_pretrained(out, max_shard_size=max_shard_size)
+    if classic_config:  # rewrite the newer rope_parameters form as the classic rope_theta + rope_scaling
+        cfg = json.loads((out / "config.json").read_text())
+        rope = cfg.pop("rope_parameters")
+        cfg["rope_theta"] = rope.pop("rope_theta")
+        cfg["rope_scaling"] = rope
+        cfg.pop("head_dim")  # older configs leave it out: hidden_size / num_attention_heads
+        (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    input_ids = torch.randint(0, config.vocab_size, (2, 80))
+    with torch.no_grad():
+        logits = model(input_ids).logits.float()
+    save_file({"input_ids": input_ids, "logits": logits.contiguous()}, out / "golden.safetensors")
+    print(name, sorted(p.name for p in out.iterdir()))
+
+
+if __name__ == "__main__":
+    # untied, explicit head_dim (24 != 64/4), sharded, the config as recent transformers writes it
+    make("tiny-llama-untied-sharded", classic_config=False, max_shard_size="200KB", head_dim=24, tie_word_embeddings=False)
+    # tied (Llama 3.2 style), head_dim implied, one file, the classic config form
+    make("tiny-llama-tied", classic_config=True, max_shard_size="10GB", tie_word_embeddings=True)
