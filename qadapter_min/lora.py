@@ -1,0 +1,198 @@
+"""LoRA (Hu et al., 2021) written out, and adapters saved in PEFT's layout.
+
+In Q-Adapter one set of weights plays two parts (DESIGN.md section 1):
+    adapter on  -> the residual Q-function Q(s, .)  (the logits of W x + (alpha/r) B A x)
+    adapter off -> the pre-trained policy pi1       (the logits of W x alone)
+so the base model is the same module inside `adapter_disabled(model)`, with no second copy of W.
+
+Saved adapters use PEFT's tensor names and adapter_config.json, so peft, vLLM and lm-eval load them:
+    base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight   (r, in_features)
+    base_model.model.model.layers.{i}.self_attn.q_proj.lora_B.weight   (out_features, r)
+"""
+
+import json
+import math
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from qadapter_min import UserError
+from qadapter_min.weights import ours_to_checkpoint_name
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Module):
+    """y = W x + (alpha / r) * B A dropout(x), with W frozen and A, B trained.
+
+    `weight` is the base layer's own parameter, so its state-dict key is unchanged
+    (layers.0.self_attn.q_proj.weight). A starts kaiming-uniform and B at zero, so a fresh adapter
+    leaves the model exactly as it was.
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float, dtype=torch.float32):
+        super().__init__()
+        self.weight = base.weight  # (out, in), frozen
+        self.r, self.alpha = r, alpha
+        self.scale = alpha / r
+        device = base.weight.device
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=device, dtype=dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's and nn.Linear's init
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(dropout)
+        self.disabled = False  # True: behave exactly as the base layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight)
+        if self.disabled:
+            return out
+        # The adapter runs in its own (fp32) dtype; the sum is cast back to the base output's dtype, as PEFT does.
+        update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))) * self.scale
+        return (out + update).to(out.dtype)
+
+
+def add_lora(
+    model: nn.Module,
+    r: int = 8,
+    alpha: float = 16,
+    dropout: float = 0.05,
+    targets=("q_proj", "v_proj"),
+    dtype=torch.float32,
+) -> nn.Module:
+    """Wrap every linear layer named in targets (checkpoint names: q/k/v/o/gate/up/down _proj) in a
+    LoRALinear. Afterwards only the LoRA parameters require grad."""
+    unknown = [t for t in targets if t not in PROJECTIONS]
+    if unknown:
+        raise UserError(f"LoRA target {unknown[0]!r} is not a projection of a Llama model; choose from {', '.join(PROJECTIONS)}")
+    model.requires_grad_(False)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in targets and isinstance(child, nn.Linear):
+                setattr(module, child_name, LoRALinear(child, r, alpha, dropout, dtype))
+    if not lora_layers(model):
+        raise UserError(f"the model has no layer named {', '.join(targets)} to put LoRA on")
+    return model
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """{module name: layer}, e.g. {"layers.0.self_attn.q_proj": LoRALinear, ...}."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextmanager
+def adapter_disabled(model: nn.Module):
+    """Inside this block the model is exactly the base model (pi1); the adapter comes back afterwards,
+    also when the block raises."""
+    layers = list(lora_layers(model).values())
+    previous = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, was_disabled in zip(layers, previous):
+            layer.disabled = was_disabled
+
+
+def peft_tensor_name(module_name: str, part: str) -> str:
+    """layers.0.self_attn.q_proj + lora_A -> base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"""
+    return f"base_model.model.{ours_to_checkpoint_name(module_name)}.{part}.weight"
+
+
+def atomic_write(path: Path, write):
+    """Write through a temporary file in the same directory, then rename: a crash leaves the old file or the new one."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    write(temporary)
+    os.replace(temporary, path)
+
+
+def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str = "") -> Path:
+    """Write adapter_model.safetensors and adapter_config.json (PEFT's LoRA layout) to out_dir."""
+    layers = lora_layers(model)
+    assert layers, "the model has no LoRA layers to save"
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, layer in layers.items():
+        tensors[peft_tensor_name(name, "lora_A")] = layer.lora_A.weight.detach().float().cpu().contiguous()
+        tensors[peft_tensor_name(name, "lora_B")] = layer.lora_B.weight.detach().float().cpu().contiguous()
+    first = next(iter(layers.values()))
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(base_model_name_or_path),
+        "r": first.r,
+        "lora_alpha": first.alpha,
+        "lora_dropout": first.dropout.p,
+        "target_modules": sorted({name.rsplit(".", 1)[-1] for name in layers}),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+    }
+    atomic_write(out_dir / ADAPTER_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(out_dir / ADAPTER_CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    return out_dir
+
+
+def read_adapter_config(adapter_dir) -> dict:
+    path = Path(adapter_dir) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; pass a directory written by train.py or by peft's save_pretrained")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{path} is not valid JSON ({error}); save the adapter again") from None
+    if config.get("peft_type") != "LORA":
+        raise UserError(f"{path} describes a {config.get('peft_type')!r} adapter; qadapter-min loads LoRA adapters")
+    return config
+
+
+def load_adapter(model: nn.Module, adapter_dir, dtype=torch.float32) -> dict:
+    """Put a saved adapter (PEFT layout) on the model, adding LoRA layers if it has none. Returns the config."""
+    adapter_dir = Path(adapter_dir)
+    config = read_adapter_config(adapter_dir)
+    targets = config["target_modules"]
+    targets = [targets] if isinstance(targets, str) else targets
+    if not lora_layers(model):
+        add_lora(model, r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
+                 targets=tuple(targets), dtype=dtype)
+    layers = lora_layers(model)
+    path = adapter_dir / ADAPTER_WEIGHTS
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            names = set(f.keys())
+            expected = {peft_tensor_name(n, part) for n in layers for part in ("lora_A", "lora_B")}
+            if names != expected:
+                odd = sorted(names ^ expected)[0]
+                raise UserError(
+                    f"{path} does not match the model: tensor {odd} is {'missing' if odd in expected else 'unexpected'}; "
+                    f"the adapter was made for another model or other LoRA targets"
+                )
+            for name, layer in layers.items():
+                for part in ("lora_A", "lora_B"):
+                    tensor = f.get_tensor(peft_tensor_name(name, part))
+                    target = getattr(layer, part).weight
+                    if tensor.shape != target.shape:
+                        raise UserError(
+                            f"{path}: {peft_tensor_name(name, part)} has shape {tuple(tensor.shape)}, the model needs "
+                            f"{tuple(target.shape)}; the adapter was made for another model"
+                        )
+                    with torch.no_grad():
+                        target.copy_(tensor)
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"{path} is not a readable safetensors file ({error}); save the adapter again") from None
+    return config

@@ -1,0 +1,202 @@
+"""The Q-Adapter objective (Li et al., ICLR 2025) and the DPO baseline, as pure functions.
+
+Conventions shared by every function here:
+    tokens         (2B, T)  rows [0, B) are the chosen sequences, rows [B, 2B) their rejected partners
+    response_mask  (2B, T)  True where tokens[:, t] belongs to the reply (its closing <|eot_id|> included)
+    logits at position t are the model's output after reading tokens[:, :t+1]: the state s_t. The
+    action taken in s_t is tokens[:, t+1], so the action a_t is scored where response_mask[:, t+1].
+
+Q-Adapter (DESIGN.md section 1). Q are the logits with the adapter on, log pi1 the log-softmax of the
+logits with it off (no gradient):
+    pi~(a|s) = softmax_a((Q(s,a) + alpha0 * log pi1(a|s)) / alpha)                 (1) customised policy
+    V(s)     = alpha * logsumexp_a((Q(s,a) + alpha0 * log pi1(a|s)) / alpha)       (2) its soft value
+    r_t      = Q(s_t, a_t) - gamma * V(s_t)                                        (3) implicit reward
+    R(y)     = sum of r_t over the reply's actions                                 (4)
+    n        = max(len(x + y_w), len(x + y_l)) - 1, per pair                      (5)
+    L_pref   = -log sigmoid((R(y_w) - R(y_l)) / n)                                 (6) Bradley-Terry
+    L_chi2   = beta * mean of r_t^2 over the pair's scored actions, y_w's and y_l's (7)
+    loss     = mean over pairs of L_pref + L_chi2                                  (8)
+
+With gamma = 1, r_t = alpha * log pi~(a_t|s_t) - alpha0 * log pi1(a_t|s_t) by (1) and (2): the reward
+is how much more the customised policy likes the token than the base model does. Summed over a reply
+it differs from the Bellman form Q(s_t, a_t) - V(s_{t+1}) only by V(s_T) - V(s_0), where V(s_0) (the
+prompt) cancels between y_w and y_l.
+
+Where we differ from the authors' code on purpose:
+    - every reply token is scored, the first included (their mask was off by one position);
+    - n and the chi2 mean are per pair (theirs per micro-batch; the same at their micro-batch of 1),
+      so the loss does not depend on micro-batch size, padding or the number of processes.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def policy_logits(q_logits: torch.Tensor, base_logits: torch.Tensor, alpha: float = 1.0, alpha0: float = 0.01) -> torch.Tensor:
+    """Logits of the customised policy pi~, equation (1): (Q + alpha0 * log pi1) / alpha, in fp32."""
+    return (q_logits.float() + alpha0 * base_logits.float().log_softmax(dim=-1)) / alpha
+
+
+def qadapter_token_values(q_logits, base_logits, actions, alpha: float, alpha0: float):
+    """Q(s_t, a_t) and V(s_t) for each state, equations (1)-(2).
+
+    q_logits, base_logits: (..., V); actions: (...). Returns two (...) fp32 tensors.
+    """
+    q = q_logits.float()
+    log_pi1 = base_logits.float().log_softmax(dim=-1).detach()  # pi1 is fixed: no gradient
+    v = alpha * torch.logsumexp((q + alpha0 * log_pi1) / alpha, dim=-1)  # (2): gradient flows through Q of every token
+    q_taken = q.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+    return q_taken, v
+
+
+def dpo_token_values(adapter_logits, reference_logits, actions):
+    """log pi(a_t|s_t) of the policy (adapter on) and of the reference (adapter off), each (...), fp32."""
+    policy_logp = adapter_logits.float().log_softmax(-1).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+    reference_logp = reference_logits.float().log_softmax(-1).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+    return policy_logp, reference_logp.detach()
+
+
+def _pair_lengths(response_mask: torch.Tensor) -> torch.Tensor:
+    """Length of each sequence without its padding: the reply ends the sequence, so one past the last
+    reply token. (2B, T) -> (2B,)"""
+    positions = torch.arange(1, response_mask.shape[1] + 1, device=response_mask.device)
+    return (positions * response_mask).amax(dim=1)
+
+
+def qadapter_loss_from_token_values(q_taken, v, scored, *, beta: float, gamma: float, lengths):
+    """Equations (3)-(8) from per-state values.
+
+    q_taken, v: (2B, T-1) Q(s_t, a_t) and V(s_t); scored: (2B, T-1) bool, True where a_t is a reply
+    token; lengths: (2B,) unpadded sequence lengths. Returns (loss, metrics).
+    """
+    B = q_taken.shape[0] // 2
+    r = torch.where(scored, q_taken - gamma * v, 0.0)  # (3), zero where nothing is scored
+    R = r.sum(dim=1)  # (4) (2B,)
+    R_chosen, R_rejected = R[:B], R[B:]
+    n = torch.maximum(lengths[:B], lengths[B:]).float() - 1  # (5) (B,)
+    pref_loss = -F.logsigmoid((R_chosen - R_rejected) / n)  # (6) (B,)
+    squares = (r**2).sum(dim=1)  # (2B,)
+    counts = scored.sum(dim=1)  # (2B,)
+    chi2_loss = beta * (squares[:B] + squares[B:]) / (counts[:B] + counts[B:]).clamp(min=1)  # (7) (B,)
+    loss = (pref_loss + chi2_loss).mean()  # (8)
+    metrics = {
+        "pref_loss": pref_loss.mean().detach(),
+        "chi2_loss": chi2_loss.mean().detach(),
+        "accuracy": (R_chosen > R_rejected).float().mean(),
+        "margin": (R_chosen - R_rejected).mean().detach(),
+        "q_mean": q_taken[scored].mean().detach(),
+        "v_mean": v[scored].mean().detach(),
+    }
+    return loss, metrics
+
+
+def qadapter_loss(
+    q_logits: torch.Tensor,
+    base_logits: torch.Tensor,
+    tokens: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    alpha: float = 1.0,
+    alpha0: float = 0.01,
+    beta: float = 0.1,
+    gamma: float = 1.0,
+):
+    """The Q-Adapter loss (module docstring, equations (1)-(8)) and its metrics.
+
+    q_logits: (2B, T, V) adapter on; base_logits: (2B, T, V) adapter off; tokens, response_mask: (2B, T).
+    Returns (loss, metrics) with metrics pref_loss, chi2_loss, accuracy (R_w > R_l), margin
+    (mean R_w - R_l), q_mean and v_mean (over scored actions).
+    """
+    q_taken, v = qadapter_token_values(q_logits[:, :-1], base_logits[:, :-1], tokens[:, 1:], alpha, alpha0)  # (2B, T-1) each
+    return qadapter_loss_from_token_values(
+        q_taken, v, response_mask[:, 1:], beta=beta, gamma=gamma, lengths=_pair_lengths(response_mask)
+    )
+
+
+def dpo_loss_from_token_values(policy_logp, reference_logp, scored, *, beta: float):
+    """DPO from per-token log-probs (2B, T-1): -log sigmoid(beta * ((lp_w - ref_w) - (lp_l - ref_l)))."""
+    B = policy_logp.shape[0] // 2
+    policy = torch.where(scored, policy_logp, 0.0).sum(dim=1)  # (2B,) summed log-probs of each reply
+    reference = torch.where(scored, reference_logp, 0.0).sum(dim=1)
+    reward = beta * (policy - reference)  # DPO's implicit reward
+    margin = reward[:B] - reward[B:]
+    loss = -F.logsigmoid(margin).mean()
+    metrics = {
+        "pref_loss": loss.detach(),
+        "accuracy": (margin > 0).float().mean(),
+        "margin": margin.mean().detach(),
+    }
+    return loss, metrics
+
+
+def dpo_loss(
+    adapter_logits: torch.Tensor,
+    reference_logits: torch.Tensor,
+    tokens: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    beta: float = 0.1,
+):
+    """The DPO baseline (Rafailov et al., 2023), with the adapter-off model as the reference.
+
+    loss = mean over pairs of -log sigmoid(beta * ((logp_w - ref_w) - (logp_l - ref_l))), where logp
+    is the log-probability of a whole reply (summed over its tokens). Shapes as in qadapter_loss.
+    """
+    policy_logp, reference_logp = dpo_token_values(adapter_logits[:, :-1], reference_logits[:, :-1], tokens[:, 1:])
+    return dpo_loss_from_token_values(policy_logp, reference_logp, response_mask[:, 1:], beta=beta)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The memory-lean path for training. At Llama 3's vocabulary (128256) the fp32 logits of one 512-token
+# pair are 2 x 512 x 128256 x 4 bytes = 0.5 GB for each pass, more than the activations of the whole
+# checkpointed 8B model. Instead, the model hands back hidden states (2B, T, C); the LM head and the
+# per-token values are computed only at the scored positions, a chunk at a time, and each chunk is
+# recomputed in the backward pass (torch.utils.checkpoint), so at most one chunk of logits exists.
+
+
+def token_values_in_chunks(token_values, head, hidden, base_hidden, tokens, response_mask, chunk_size: int = 1024):
+    """Run token_values(logits, base_logits, actions) at the scored positions only, chunk by chunk.
+
+    hidden: (2B, T, C) adapter on (with grad); base_hidden: (2B, T, C) adapter off; head: hidden ->
+    logits (the model's logits_from_hidden). Returns the values spread back to (2B, T-1) tensors
+    (zero where nothing is scored) and the scored mask (2B, T-1).
+    """
+    scored = response_mask[:, 1:]  # (2B, T-1)
+    assert scored.any(), "a batch without a single reply token to score"
+    states = hidden[:, :-1][scored]  # (N, C), N = number of scored actions
+    base_states = base_hidden[:, :-1][scored]  # (N, C)
+    actions = tokens[:, 1:][scored]  # (N,)
+
+    def chunk_values(h, base_h, a):
+        return token_values(head(h), head(base_h), a)
+
+    pieces = []
+    for start in range(0, states.shape[0], chunk_size):
+        end = start + chunk_size
+        pieces.append(checkpoint(chunk_values, states[start:end], base_states[start:end], actions[start:end], use_reentrant=False))
+    spread = []
+    for values in zip(*pieces):  # one (N,) tensor per output of token_values
+        dense = torch.zeros(scored.shape, dtype=values[0].dtype, device=hidden.device)
+        spread.append(dense.masked_scatter(scored, torch.cat(values)))
+    return spread, scored
+
+
+def qadapter_loss_from_hidden(
+    head, hidden, base_hidden, tokens, response_mask, *, alpha=1.0, alpha0=0.01, beta=0.1, gamma=1.0, chunk_size=1024
+):
+    """qadapter_loss with the same value and gradients, from hidden states, without (2B, T, V) logits."""
+
+    def values(q_logits, base_logits, actions):
+        return qadapter_token_values(q_logits, base_logits, actions, alpha, alpha0)
+
+    (q_taken, v), scored = token_values_in_chunks(values, head, hidden, base_hidden, tokens, response_mask, chunk_size)
+    return qadapter_loss_from_token_values(q_taken, v, scored, beta=beta, gamma=gamma, lengths=_pair_lengths(response_mask))
+
+
+def dpo_loss_from_hidden(head, hidden, base_hidden, tokens, response_mask, *, beta=0.1, chunk_size=1024):
+    """dpo_loss with the same value and gradients, from hidden states, without (2B, T, V) logits."""
+    (policy_logp, reference_logp), scored = token_values_in_chunks(
+        dpo_token_values, head, hidden, base_hidden, tokens, response_mask, chunk_size
+    )
+    return dpo_loss_from_token_values(policy_logp, reference_logp, scored, beta=beta)
