@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from qadapter_min import UserError
-from qadapter_min.weights import ours_to_checkpoint_name
+from qadapter_min.weights import ours_to_checkpoint_name, read_json_file
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -150,12 +150,9 @@ def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str = "") -
 
 def read_adapter_config(adapter_dir) -> dict:
     path = Path(adapter_dir) / ADAPTER_CONFIG
-    if not path.is_file():
-        raise UserError(f"{path} does not exist; pass a directory written by train.py or by peft's save_pretrained")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"{path} is not valid JSON ({error}); save the adapter again") from None
+    config = read_json_file(
+        path, "pass a directory written by train.py or by peft's save_pretrained", "save the adapter again"
+    )
     if config.get("peft_type") != "LORA":
         raise UserError(f"{path} describes a {config.get('peft_type')!r} adapter; qadapter-min loads LoRA adapters")
     return config

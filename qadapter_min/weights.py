@@ -71,16 +71,26 @@ def resolve_model_dir(path_or_repo_id: str | os.PathLike) -> Path:
         raise UserError(f"downloading {name} from the Hub failed ({error}); retry, or pass a local model directory") from None
 
 
+def read_json_file(path: Path, missing_hint: str, invalid_hint: str) -> dict:
+    """A small JSON file (a config), or a UserError naming it with the hint for a missing or an invalid file."""
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; {missing_hint}")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{path} is not valid JSON ({error}); {invalid_hint}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} does not hold a JSON object; {invalid_hint}")
+    return config
+
+
 def read_config(model_dir: Path) -> ModelArgs:
     """ModelArgs from config.json, in the classic form (rope_theta + rope_scaling) or the newer
     rope_parameters form that recent transformers versions write."""
     config_path = model_dir / CONFIG_FILE
-    if not config_path.is_file():
-        raise UserError(f"{config_path} does not exist; a model directory needs the config.json of its checkpoint")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"{config_path} is not valid JSON ({error}); restore it from the original checkpoint") from None
+    config = read_json_file(
+        config_path, "a model directory needs the config.json of its checkpoint", "restore it from the original checkpoint"
+    )
     if config.get("model_type") != "llama":
         raise UserError(
             f"{config_path} describes a {config.get('model_type')!r} model; qadapter-min runs Llama models "
