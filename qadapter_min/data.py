@@ -1,0 +1,243 @@
+"""Preference pairs from the files people have, encoded in the chat format and batched.
+
+A pair is one prompt (a conversation ending with a user turn) and two assistant replies. Three file
+formats are read, as a JSON array or JSON Lines, optionally gzipped (DESIGN.md section 3):
+    1. conversational (TRL, the Q-Adapter authors' *.json):
+           {"chosen": [{"role", "content"}, ...], "rejected": [...]}   prompt = all but the last message
+    2. Anthropic HH-RLHF as published:
+           {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": "..."}
+    3. DSP: {"query": str, "responses": {"academy", "business", "entertainment", "literature", "normal"}}
+           for a domain D, four pairs: the D response preferred over each of the other four.
+
+Records that cannot be used (an empty reply, a last message not from the assistant, an unknown role,
+content that is not a string) are skipped and counted; a file that cannot be read at all is refused
+with its name and line number.
+"""
+
+import gzip
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qadapter_min import UserError
+from qadapter_min.tokenizer import Tokenizer
+
+DSP_DOMAINS = ("academy", "business", "entertainment", "literature")
+DSP_RESPONSES = DSP_DOMAINS + ("normal",)
+ROLES = ("system", "user", "assistant")
+HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+@dataclass
+class Pair:
+    """One preference pair as two full conversations that share a prompt; the reply is the last message."""
+
+    chosen: list[dict]
+    rejected: list[dict]
+    source: str  # "file:line", for messages about this record
+
+
+class Skip(Exception):
+    """A record that cannot be used; the message is the reason it is counted under."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading files
+
+
+def read_records(path: Path):
+    """(line number, record) for each record of a JSON array or JSON Lines file, gzipped or not."""
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; pass a preference data file (JSON or JSON Lines, optionally .gz)")
+    try:
+        with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")) as f:
+            text = f.read()
+    except (OSError, EOFError, UnicodeDecodeError) as error:
+        raise UserError(f"{path} cannot be read as UTF-8 text ({error}); check the file is complete and not compressed twice") from None
+    if text.lstrip().startswith("["):  # one JSON array
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path}: malformed JSON at line {error.lineno} ({error.msg}); fix that line or re-export the file") from None
+        # an array has no line per record: number its records from 1 instead
+        return [(f"record {i}", record) for i, record in enumerate(records, start=1)]
+    records = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append((f"line {line_number}", json.loads(line)))
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path}: malformed JSON at line {line_number} ({error.msg}); fix that line or re-export the file") from None
+    return records
+
+
+def check_conversation(messages) -> list[dict]:
+    """A conversation with stripped contents, or Skip with the reason it cannot be trained on."""
+    if not isinstance(messages, list) or not messages:
+        raise Skip("empty conversation")
+    clean = []
+    for message in messages:
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise Skip("message without role and content")
+        if message["role"] not in ROLES:
+            raise Skip("unknown role")
+        if not isinstance(message["content"], str):
+            raise Skip("content that is not a string")
+        clean.append({"role": message["role"], "content": message["content"].strip()})
+    if clean[-1]["role"] != "assistant":
+        raise Skip("last message not from the assistant")
+    if not clean[-1]["content"]:
+        raise Skip("empty reply")
+    if len(clean) < 2:
+        raise Skip("reply without a prompt")
+    return clean
+
+
+def parse_hh(text: str) -> list[dict]:
+    """'\\n\\nHuman: a\\n\\nAssistant: b' -> [{"role": "user", "content": "a"}, {"role": "assistant", ...}]."""
+    parts = HH_TURN.split("\n\n" + text.lstrip())  # ["", "Human", " a", "Assistant", " b", ...]
+    if parts[0].strip():
+        raise Skip("text before the first Human turn")
+    return [{"role": HH_ROLES[speaker], "content": content} for speaker, content in zip(parts[1::2], parts[2::2])]
+
+
+def record_to_pairs(record, domain: str | None, where: str) -> list[Pair]:
+    """The pairs in one record, in any of the three formats; a record in no known format is refused."""
+    if isinstance(record, dict) and "chosen" in record and "rejected" in record:
+        chosen, rejected = record["chosen"], record["rejected"]
+        if isinstance(chosen, str) and isinstance(rejected, str):  # HH-RLHF
+            chosen, rejected = parse_hh(chosen), parse_hh(rejected)
+        return [Pair(check_conversation(chosen), check_conversation(rejected), where)]
+    if isinstance(record, dict) and "query" in record and "responses" in record:  # DSP
+        if domain is None:
+            raise UserError(f"{where} is DSP data, which needs a domain: pass --domain with one of {', '.join(DSP_DOMAINS)}")
+        if not isinstance(record["query"], str) or not isinstance(record["responses"], dict):
+            raise Skip("DSP query or responses of the wrong type")
+        prompt = {"role": "user", "content": record["query"]}
+        pairs = []
+        for other in DSP_RESPONSES:
+            if other != domain:
+                chosen = [prompt, {"role": "assistant", "content": record["responses"].get(domain)}]
+                rejected = [prompt, {"role": "assistant", "content": record["responses"].get(other)}]
+                pairs.append(Pair(check_conversation(chosen), check_conversation(rejected), where))
+        return pairs
+    raise UserError(
+        f"{where} is in no known preference format; expected chosen/rejected (conversations or HH-RLHF text) "
+        f"or DSP's query/responses"
+    )
+
+
+def load_pairs(path, domain: str | None = None, log=print) -> list[Pair]:
+    """All usable pairs of one file; prints how many were read and why any were skipped."""
+    path = Path(path)
+    if domain is not None and domain not in DSP_DOMAINS:
+        raise UserError(f"--domain {domain!r} is not a DSP domain; choose one of {', '.join(DSP_DOMAINS)}")
+    pairs, skipped = [], Counter()
+    for where, record in read_records(path):
+        try:
+            pairs += record_to_pairs(record, domain, f"{path}: {where}")
+        except Skip as reason:
+            skipped[str(reason)] += 1
+    summary = f"{path}: {len(pairs)} pairs"
+    if skipped:
+        summary += f", {sum(skipped.values())} records skipped (" + ", ".join(f"{n} {why}" for why, n in skipped.most_common()) + ")"
+    log(summary)
+    return pairs
+
+
+# ----------------------------------------------------------------------------------------------------
+# Encoding and batching
+
+
+@dataclass
+class EncodedPair:
+    """Token ids of both conversations; the reply starts at *_prompt_len and runs to the end."""
+
+    chosen: list[int]
+    chosen_prompt_len: int
+    rejected: list[int]
+    rejected_prompt_len: int
+
+
+def encode_conversation(messages: list[dict], tokenizer: Tokenizer, max_len: int):
+    """(ids, prompt length, what truncation did) for prompt + reply, at most max_len tokens; None if
+    not even the system block, the assistant header and one reply token fit.
+
+    Truncation keeps the reply: first the oldest prompt turns are dropped (keeping the last user turn),
+    then the prompt is cut from the left behind the system block, and only then is the reply's end cut.
+    """
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    turns, reply = messages[len(system) : -1], messages[-1]
+    done = set()
+
+    def encode(turns):
+        prompt = tokenizer.encode_chat(system + turns, add_generation_prompt=True)
+        full = tokenizer.encode_chat(system + turns + [reply])
+        assert full[: len(prompt)] == prompt, "the prompt must be a token prefix of the conversation"
+        return prompt, full[len(prompt) :]
+
+    prompt, reply_ids = encode(turns)
+    while len(prompt) + len(reply_ids) > max_len and len(turns) > 1:
+        turns = turns[1:]
+        while len(turns) > 1 and turns[0]["role"] != "user":  # start the remaining history with a user turn
+            turns = turns[1:]
+        prompt, reply_ids = encode(turns)
+        done.add("dropped_turns")
+    if len(prompt) + len(reply_ids) <= max_len:
+        return prompt + reply_ids, len(prompt), done
+
+    system_block = tokenizer.encode_chat(system)  # <|begin_of_text|> + the system turn
+    header = len(tokenizer.encode_chat(system, add_generation_prompt=True)) - len(system_block)  # assistant header
+    room = max_len - len(system_block) - len(reply_ids)  # prompt tokens after the system block that fit
+    if room >= header:
+        done.add("prompt_cut")
+        kept = prompt[len(prompt) - room :] if room > 0 else []
+        ids = system_block + kept + reply_ids
+        return ids, len(ids) - len(reply_ids), done
+    reply_room = max_len - len(system_block) - header
+    if reply_room < 1:
+        return None
+    done.add("reply_cut")
+    prompt = system_block + prompt[len(prompt) - header :]
+    return prompt + reply_ids[:reply_room], len(prompt), done
+
+
+def encode_pairs(pairs: list[Pair], tokenizer: Tokenizer, max_len: int, log=print) -> list[EncodedPair]:
+    """Encode every pair (chosen and rejected each with its own prompt); prints what truncation did."""
+    encoded, counts = [], Counter()
+    for pair in pairs:
+        chosen = encode_conversation(pair.chosen, tokenizer, max_len)
+        rejected = encode_conversation(pair.rejected, tokenizer, max_len)
+        if chosen is None or rejected is None:
+            counts["skipped: longer than max_len even when cut"] += 1
+            continue
+        encoded.append(EncodedPair(chosen[0], chosen[1], rejected[0], rejected[1]))
+        for action in chosen[2] | rejected[2]:
+            counts[action] += 1
+    log(
+        f"{len(encoded)} of {len(pairs)} pairs encoded at max_len {max_len}: "
+        f"{counts['dropped_turns']} lost their oldest turns, {counts['prompt_cut']} had the prompt cut, "
+        f"{counts['reply_cut']} had a reply cut, "
+        f"{counts['skipped: longer than max_len even when cut']} skipped (too long even when cut)"
+    )
+    return encoded
+
+
+def collate(batch: list[EncodedPair], pad_id: int):
+    """tokens (2B, T) and response_mask (2B, T): the B chosen sequences, then their rejected partners
+    in the same order, right-padded to the longest. Causal attention never looks at the right
+    padding, and the mask leaves it out of the loss."""
+    rows = [(p.chosen, p.chosen_prompt_len) for p in batch] + [(p.rejected, p.rejected_prompt_len) for p in batch]
+    T = max(len(ids) for ids, _ in rows)
+    tokens = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    response_mask = torch.zeros(len(rows), T, dtype=torch.bool)
+    for i, (ids, prompt_len) in enumerate(rows):
+        tokens[i, : len(ids)] = torch.tensor(ids)
+        response_mask[i, prompt_len : len(ids)] = True
+    return tokens, response_mask
