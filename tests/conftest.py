@@ -127,3 +127,24 @@ CORPUS = [
 @pytest.fixture(scope="session")
 def tokenizer_file(tmp_path_factory) -> Path:
     return train_llama3_style_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json", CORPUS)
+
+
+def tiny_model_dir(directory: Path, tokenizer_file: Path, seed: int = 0) -> Path:
+    """A random tiny Llama with a trained Llama-3-style tokenizer: a complete model directory."""
+    vocab_size = HFTokenizer.from_file(str(tokenizer_file)).get_vocab_size(with_added_tokens=True)
+    args = tiny_args(vocab_size=vocab_size)
+    write_checkpoint(directory, args, random_hf_state(args, seed=seed))
+    (directory / "tokenizer.json").write_bytes(tokenizer_file.read_bytes())
+    return directory
+
+
+def write_pairs(path: Path, n: int = 8) -> Path:
+    """n conversational preference pairs in JSON Lines."""
+    with open(path, "w") as f:
+        for i in range(n):
+            prompt = [{"role": "user", "content": f"What is {i} plus {i}?"}]
+            f.write(json.dumps({
+                "chosen": prompt + [{"role": "assistant", "content": f"Sure! {i} plus {i} is {2 * i}."}],
+                "rejected": prompt + [{"role": "assistant", "content": f"{2 * i}"}],
+            }) + "\n")
+    return path

@@ -1,0 +1,134 @@
+"""train.py end to end on a tiny checkpoint: the logged loss, DDP equivalence, resuming after SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from conftest import tiny_model_dir, write_pairs
+from qadapter_min.data import collate, encode_pairs, load_pairs
+from qadapter_min.tokenizer import Tokenizer
+from qadapter_min.weights import load_model
+from test_objective import slow_qadapter_loss
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tokenizer_file):
+    directory = tmp_path_factory.mktemp("train")
+    return tiny_model_dir(directory / "model", tokenizer_file), write_pairs(directory / "pairs.jsonl", n=8)
+
+
+def run_train(*flags, check=True, **popen):
+    command = [sys.executable, str(ROOT / "train.py"), *map(str, flags)]
+    return subprocess.run(command, capture_output=True, text=True, check=check, cwd=ROOT, **popen)
+
+
+def strings(flags):
+    return [str(flag) for flag in flags]
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_first_logged_loss_is_the_objective_of_the_steps_pairs_at_lora_initialisation(world, tmp_path):
+    model_dir, data = world
+    train.main(strings(["--model", model_dir, "--data", data, "--out", tmp_path, "--batch_size", 8, "--micro_batch_size", 1,
+                "--max_steps", 1, "--dtype", "fp32", "--lora_dropout", 0, "--alpha0", 0.3, "--beta", 0.2]))
+    logged = metrics(tmp_path)[0]["loss"]
+    # the same 8 pairs, the model without any adapter (B = 0 makes Q the base logits), the slow loop
+    tokenizer = Tokenizer(model_dir)
+    encoded = encode_pairs(load_pairs(data, log=lambda *_: None), tokenizer, 512, log=lambda *_: None)
+    tokens, response_mask = collate(encoded, pad_id=0)
+    with torch.no_grad():
+        logits = load_model(model_dir)(tokens)
+    expected = slow_qadapter_loss(logits, logits, tokens, response_mask, alpha=1.0, alpha0=0.3, beta=0.2, gamma=1.0)
+    assert logged == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_outputs_and_the_metrics_schema(world, tmp_path):
+    model_dir, data = world
+    train.main(strings(["--model", model_dir, "--data", data, "--eval_data", data, "--out", tmp_path, "--batch_size", 4,
+                "--micro_batch_size", 2, "--max_steps", 3, "--eval_every", 2, "--log_every", 2]))
+    assert {p.name for p in tmp_path.iterdir()} >= {"adapter_model.safetensors", "adapter_config.json",
+                                                     "qadapter_config.json", "metrics.jsonl"}
+    rows = metrics(tmp_path)
+    train_rows = [r for r in rows if "loss" in r]
+    eval_rows = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3] and [r["step"] for r in eval_rows] == [2, 3]
+    for row in train_rows:
+        assert set(row) == {"step", "loss", "pref_loss", "chi2_loss", "accuracy", "margin", "lr", "grad_norm", "tokens_per_s"}
+        assert row["loss"] == pytest.approx(row["pref_loss"] + row["chi2_loss"], rel=1e-5)
+    assert [r["lr"] for r in train_rows] == pytest.approx([3e-4, 2e-4, 1e-4])  # linear decay to 0 after step 3
+    config = json.loads((tmp_path / "qadapter_config.json").read_text())
+    assert config["objective"] == "qadapter" and config["alpha0"] == 0.01 and config["base_model"] == str(model_dir)
+    assert len(config["base_model_fingerprint"]) == 16 and config["args"]["batch_size"] == 4
+
+
+def test_two_processes_under_torchrun_give_the_adapter_of_one_process(world, tmp_path):
+    model_dir, data = world
+    flags = ["--model", model_dir, "--data", data, "--batch_size", 4, "--micro_batch_size", 1, "--max_steps", 3,
+             "--dtype", "fp32", "--lora_dropout", 0]
+    run_train(*flags, "--out", tmp_path / "one")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    str(ROOT / "train.py"), *map(str, flags), "--out", str(tmp_path / "two")],
+                   check=True, capture_output=True, cwd=ROOT)
+    one = load_file(tmp_path / "one" / "adapter_model.safetensors")
+    two = load_file(tmp_path / "two" / "adapter_model.safetensors")
+    assert one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5)
+    assert any(one[name].abs().max() > 1e-4 for name in one if "lora_B" in name)  # training moved B off zero
+
+
+def test_a_run_killed_mid_way_resumes_to_the_adapter_of_an_uninterrupted_run(world, tmp_path):
+    model_dir, data = world
+    flags = ["--model", model_dir, "--data", data, "--batch_size", 4, "--micro_batch_size", 1, "--max_steps", 60,
+             "--save_every", 1, "--log_every", 10]
+    run_train(*flags, "--out", tmp_path / "whole")
+
+    out = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, flags), "--out", str(out)],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not (out / "checkpoint" / "state.pt").exists() and time.time() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"]
+    assert 1 <= killed_at < 60 and not (out / "adapter_model.safetensors").exists()
+
+    run_train(*flags, "--out", out, "--resume")
+    whole = load_file(tmp_path / "whole" / "adapter_model.safetensors")
+    resumed = load_file(out / "adapter_model.safetensors")
+    for name in whole:
+        torch.testing.assert_close(resumed[name], whole[name], rtol=0, atol=1e-7)
+    assert [r["step"] for r in metrics(out)] == [r["step"] for r in metrics(tmp_path / "whole")]
+
+
+def test_resume_refuses_a_checkpoint_made_with_other_flags(world, tmp_path):
+    model_dir, data = world
+    flags = ["--model", model_dir, "--data", data, "--out", tmp_path, "--batch_size", 4, "--max_steps", 3, "--save_every", 1]
+    run_train(*flags)
+    result = run_train(*flags, "--resume", "--lr", "1e-3", check=False)
+    assert result.returncode == 2 and "made with other flags (--lr)" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_batch_size_that_does_not_divide_is_one_clear_error(world, tmp_path):
+    model_dir, data = world
+    result = run_train("--model", model_dir, "--data", data, "--out", tmp_path, "--batch_size", 5,
+                       "--micro_batch_size", 2, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: --batch_size 5 is not a multiple of --micro_batch_size (2) x 1 processes; "
+                                     "choose a batch size divisible by 2")
