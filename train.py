@@ -10,14 +10,12 @@ the last micro-step only, clip, step AdamW, log, evaluate and checkpoint.
 """
 
 import argparse
-import hashlib
 import json
 import math
 import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -29,7 +27,7 @@ from qadapter_min.data import collate, encode_pairs, load_pairs
 from qadapter_min.lora import PROJECTIONS, adapter_disabled, add_lora, atomic_write, save_adapter
 from qadapter_min.objective import dpo_loss_from_hidden, qadapter_loss_from_hidden
 from qadapter_min.tokenizer import Tokenizer
-from qadapter_min.weights import load_model, resolve_model_dir
+from qadapter_min.weights import load_model, model_fingerprint, resolve_model_dir
 
 CHECKPOINT = "checkpoint/state.pt"
 
@@ -74,13 +72,6 @@ def lr_at(step: int, total_steps: int, args) -> float:
     if step < args.warmup_steps:
         return args.lr * step / args.warmup_steps
     return args.lr * max(0.0, (total_steps - step) / max(1, total_steps - args.warmup_steps))
-
-
-def model_fingerprint(model) -> str:
-    """A hash of the base model's shape and weight names/shapes: an adapter only fits the model it was trained on."""
-    shapes = sorted((name, list(p.shape)) for name, p in model.named_parameters() if "lora_" not in name)
-    blob = json.dumps({"args": asdict(model.args), "shapes": shapes}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def memory_plan_gib(model, trainable: int, args, dtype) -> dict:

@@ -50,6 +50,7 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
         self.dropout = nn.Dropout(dropout)
         self.disabled = False  # True: behave exactly as the base layer
+        self.active_rows = None  # a (B,) bool tensor: apply the adapter to these batch rows only
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight)
@@ -57,6 +58,8 @@ class LoRALinear(nn.Module):
             return out
         # The adapter runs in its own (fp32) dtype; the sum is cast back to the base output's dtype, as PEFT does.
         update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))) * self.scale
+        if self.active_rows is not None:  # (B,) -> (B, 1, ..., 1): rows without the adapter get no update
+            update = update * self.active_rows.view(-1, *([1] * (update.dim() - 1)))
         return (out + update).to(out.dtype)
 
 
@@ -101,6 +104,20 @@ def adapter_disabled(model: nn.Module):
     finally:
         for layer, was_disabled in zip(layers, previous):
             layer.disabled = was_disabled
+
+
+@contextmanager
+def adapter_on_rows(model: nn.Module, rows: torch.Tensor):
+    """Inside this block the adapter acts on the batch rows where `rows` (B,) is True, and the others
+    see the base model: one forward computes Q and pi1 side by side, reading the weights once."""
+    layers = list(lora_layers(model).values())
+    for layer in layers:
+        layer.active_rows = rows
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.active_rows = None
 
 
 def peft_tensor_name(module_name: str, part: str) -> str:

@@ -9,9 +9,11 @@ files one at a time, cast to the target dtype on the target device and assigned 
 and an 8B model loaded in bf16 never passes through fp32.
 """
 
+import hashlib
 import json
 import os
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -234,3 +236,13 @@ def load_model(
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False)
     return model.eval()
+
+
+def model_fingerprint(model) -> str:
+    """A hash of the base model's config, tensor names and shapes, and final-norm weights (rounded to
+    bf16, so the load dtype does not matter): an adapter only fits the model it was trained on, and
+    two checkpoints of one shape (a base and an Instruct model) differ in their weights."""
+    shapes = sorted((name, list(p.shape)) for name, p in model.named_parameters() if "lora_" not in name)
+    norm = model.norm.weight.detach().to(torch.bfloat16).float().cpu().tolist()
+    blob = json.dumps({"args": asdict(model.args), "shapes": shapes, "norm": norm}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

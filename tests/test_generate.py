@@ -1,0 +1,150 @@
+"""Decoding: cached equals recomputed, the combined batch equals two passes, sampling controls, sample.py."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from conftest import tiny_args, tiny_model_dir, write_pairs
+from qadapter_min.generate import Decoder, generate, sample_token
+from qadapter_min.lora import adapter_disabled, add_lora, load_adapter, lora_layers
+from qadapter_min.model import Transformer
+from qadapter_min.objective import policy_logits
+from qadapter_min.tokenizer import Tokenizer
+from qadapter_min.weights import load_model
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = [3, 17, 42, 8, 99, 5]
+
+
+def random_model_with_adapter(seed=0, trained=True) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(tiny_args())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    add_lora(model, r=4, alpha=8, dropout=0.0, targets=("q_proj", "v_proj", "down_proj"))
+    if trained:
+        with torch.no_grad():
+            for layer in lora_layers(model).values():
+                layer.lora_B.weight.normal_(0, 0.5)
+    return model.eval()
+
+
+def slow_greedy(model, prompt, steps, alpha, alpha0, stop_ids=()):
+    """The customised policy's greedy reply, recomputing the whole sequence at every step, no cache."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            tokens = torch.tensor([ids])
+            q = model(tokens)[0, -1]
+            with adapter_disabled(model):
+                base = model(tokens)[0, -1]
+            token = int(policy_logits(q, base, alpha, alpha0).argmax())
+            if token in stop_ids:
+                break
+            ids.append(token)
+    return ids[len(prompt):]
+
+
+def test_greedy_with_a_zero_initialised_adapter_equals_greedy_base():
+    model = random_model_with_adapter(trained=False)
+    base = list(generate(model, PROMPT, stop_ids=[], max_new_tokens=20, policy_mode="base"))
+    customised = list(generate(model, PROMPT, stop_ids=[], max_new_tokens=20, policy_mode="customised", alpha0=0.5))
+    assert customised == base
+
+
+def test_cached_decoding_equals_recomputing_the_whole_sequence_each_step():
+    model = random_model_with_adapter()
+    got = list(generate(model, PROMPT, stop_ids=[], max_new_tokens=40, policy_mode="customised", alpha=0.8, alpha0=0.3))
+    assert got == slow_greedy(model, PROMPT, 40, alpha=0.8, alpha0=0.3)  # 46 positions, past the scaling's 32
+
+
+def test_the_combined_batch_equals_two_caches_and_two_passes():
+    model = random_model_with_adapter()
+    combined = Decoder(model, "customised", alpha=1.0, alpha0=0.2, max_seq_len=64, combined=True)
+    two_passes = Decoder(model, "customised", alpha=1.0, alpha0=0.2, max_seq_len=64, combined=False)
+    a, b = combined.feed(PROMPT), two_passes.feed(PROMPT)
+    for _ in range(25):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        token = int(a.argmax())
+        a, b = combined.feed([token]), two_passes.feed([token])
+
+
+def test_generation_stops_at_a_stop_id_without_emitting_it():
+    model = random_model_with_adapter()
+    free = list(generate(model, PROMPT, stop_ids=[], max_new_tokens=15, policy_mode="customised"))
+    stop = free[6]
+    first = free.index(stop)
+    stopped = list(generate(model, PROMPT, stop_ids=[stop], max_new_tokens=15, policy_mode="customised"))
+    assert stopped == free[:first]
+
+
+def test_the_same_seed_gives_the_same_sample_and_another_seed_another():
+    model = random_model_with_adapter()
+
+    def sample(seed):
+        generator = torch.Generator().manual_seed(seed)
+        return list(generate(model, PROMPT, stop_ids=[], max_new_tokens=30, policy_mode="customised",
+                             temperature=1.0, generator=generator))
+
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
+
+
+def test_top_k_and_top_p_keep_only_the_most_likely_tokens():
+    logits = torch.tensor([1.0, 3.0, 2.9, -1.0, 0.5])
+    generator = torch.Generator().manual_seed(0)
+    assert sample_token(logits, 0.0, 0, 1.0, generator) == 1
+    assert {sample_token(logits, 1.0, 1, 1.0, generator) for _ in range(20)} == {1}
+    assert {sample_token(logits, 1.0, 0, 0.01, generator) for _ in range(20)} == {1}
+    # p(1) ~ 0.45 and p(2) ~ 0.41 cover 0.8: only tokens 1 and 2 remain
+    assert {sample_token(logits, 1.0, 0, 0.8, generator) for _ in range(200)} == {1, 2}
+    assert {sample_token(logits, 1.0, 2, 1.0, generator) for _ in range(200)} == {1, 2}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tokenizer_file):
+    """A tiny model directory and an adapter that train.py trained on it, with a high learning rate."""
+    directory = tmp_path_factory.mktemp("sample")
+    model_dir = tiny_model_dir(directory / "model", tokenizer_file)
+    data = write_pairs(directory / "pairs.jsonl", n=8)
+    train.main([str(f) for f in ["--model", model_dir, "--data", data, "--out", directory / "out", "--batch_size", 4,
+                                 "--max_steps", 6, "--lr", 0.05, "--alpha0", 0.3]])
+    return model_dir, directory / "out"
+
+
+def run_sample(*flags):
+    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *map(str, flags)], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_sample_py_prints_the_customised_policys_greedy_reply(trained):
+    model_dir, adapter = trained
+    prompt = "What is 3 plus 3?"
+    result = run_sample("--adapter", adapter, "--prompt", prompt, "--temperature", 0, "--max_new_tokens", 24)
+    assert result.returncode == 0, result.stderr
+
+    tokenizer = Tokenizer(model_dir)
+    model = load_model(model_dir)
+    load_adapter(model, adapter)
+    model.eval()
+    prompt_ids = tokenizer.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    expected = slow_greedy(model, prompt_ids, 24, alpha=1.0, alpha0=0.3, stop_ids=tokenizer.stop_ids)
+    with adapter_disabled(model):
+        base = slow_greedy(model, prompt_ids, 24, alpha=1.0, alpha0=0.0, stop_ids=tokenizer.stop_ids)
+    assert expected != base  # the adapter changed the reply, so the check below means something
+    assert result.stdout == tokenizer.decode(expected) + "\n"
+
+    compared = run_sample("--adapter", adapter, "--prompt", prompt, "--temperature", 0, "--max_new_tokens", 24, "--compare")
+    assert compared.stdout == f"[base]\n{tokenizer.decode(base)}\n[customised]\n{tokenizer.decode(expected)}\n"
+
+
+def test_sample_py_refuses_an_adapter_trained_on_another_base_model(trained, tmp_path, tokenizer_file):
+    _, adapter = trained
+    other = tiny_model_dir(tmp_path / "other", tokenizer_file, seed=5)
+    result = run_sample("--adapter", adapter, "--model", other, "--prompt", "hi")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"error: {adapter} was trained on another base model")
