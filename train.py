@@ -1,5 +1,6 @@
 """Customise a pre-trained Llama to new preferences with Q-Adapter (or the DPO baseline).
 
+Built-in default:      python train.py           (a tiny pre-trained model and preference, offline, CPU, minutes)
 One process:           python train.py --model DIR_OR_HUB_ID --data pairs.json
 One node, 4 GPUs:      torchrun --nproc_per_node=4 train.py --model meta-llama/Llama-3.1-8B-Instruct --data ...
 
@@ -22,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from qadapter_min import UserError
+from qadapter_min import UserError, toyworld
 from qadapter_min.data import collate, encode_pairs, load_pairs
 from qadapter_min.lora import PROJECTIONS, adapter_disabled, add_lora, atomic_write, save_adapter
 from qadapter_min.objective import dpo_loss_from_hidden, qadapter_loss_from_hidden
@@ -34,8 +35,8 @@ CHECKPOINT = "checkpoint/state.pt"
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="base model: a directory with config.json, tokenizer.json and safetensors, or a Hub id")
-    p.add_argument("--data", required=True, nargs="+", help="preference files: conversational, HH-RLHF or DSP (JSON / JSON Lines, .gz ok)")
+    p.add_argument("--model", default=None, help="base model: a directory with config.json, tokenizer.json and safetensors, or a Hub id")
+    p.add_argument("--data", default=None, nargs="+", help="preference files: conversational, HH-RLHF or DSP (JSON / JSON Lines, .gz ok)")
     p.add_argument("--domain", default=None, help="for DSP files: the preferred domain (academy, business, entertainment, literature)")
     p.add_argument("--eval_data", nargs="+", default=None, help="held-out preference files for eval_loss and eval_accuracy")
     p.add_argument("--out", default="out", help="output directory: adapter, configs, metrics.jsonl, checkpoint/")
@@ -64,7 +65,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save_every", type=int, default=0, help="write checkpoint/ every N steps (0: never)")
     p.add_argument("--log_every", type=int, default=1, help="print and log metrics every N steps")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint/")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.model is None and args.data is None:  # the built-in world, with settings that suit its size
+        p.set_defaults(**toyworld.TRAIN_DEFAULTS)
+        args = p.parse_args(argv)
+        args.builtin = True
+    elif args.model is None or args.data is None:
+        p.error("pass both --model and --data, or neither for the built-in default")
+    else:
+        args.builtin = False
+    return args
 
 
 def lr_at(step: int, total_steps: int, args) -> float:
@@ -115,6 +125,12 @@ def main(argv=None):
             f"{world_size} processes; choose a batch size divisible by {args.micro_batch_size * world_size}"
         )
     accumulation = per_rank // args.micro_batch_size  # micro-steps per optimizer step on each rank
+
+    if args.builtin and not (toyworld.TOY_DIR / "model.safetensors").exists():
+        if master:
+            toyworld.build()
+        if distributed:
+            dist.barrier()
 
     # ---- data: every rank reads and encodes the same pairs
     model_dir = resolve_model_dir(args.model)
@@ -178,11 +194,11 @@ def main(argv=None):
         hidden = ddp_model(tokens, return_hidden=True)  # Q: the adapter on, through DDP for the gradient sync
         if args.objective == "qadapter":
             loss, metrics = qadapter_loss_from_hidden(
-                model.logits_from_hidden, hidden, base_hidden, tokens, response_mask,
+                model.head_weight, hidden, base_hidden, tokens, response_mask,
                 alpha=args.alpha, alpha0=args.alpha0, beta=args.beta, gamma=args.gamma,
             )
         else:
-            loss, metrics = dpo_loss_from_hidden(model.logits_from_hidden, hidden, base_hidden, tokens, response_mask, beta=args.dpo_beta)
+            loss, metrics = dpo_loss_from_hidden(model.head_weight, hidden, base_hidden, tokens, response_mask, beta=args.dpo_beta)
             metrics["chi2_loss"] = torch.zeros(())
         lengths = response_mask.shape[1] - response_mask.flip(1).int().argmax(1)  # unpadded length of each row
         return loss, metrics, int(lengths.sum())
@@ -256,6 +272,10 @@ def main(argv=None):
     if master:
         save_adapter(model, out, base_model_name_or_path=args.model)
         log(f"adapter written to {out}/ ({time.time() - started:.0f}s)")
+        if args.builtin:  # show both axes: the new preference learned, the old skills kept
+            report = toyworld.compare(model, tokenizer, eval_set, args)
+            log(toyworld.format_report(report, args.objective))
+            atomic_write(out / "report.json", lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
     if distributed:
         dist.destroy_process_group()
 

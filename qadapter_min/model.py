@@ -282,10 +282,14 @@ class Transformer(nn.Module):
         hidden = self.norm(x)  # (B, T, C)
         return hidden if return_hidden else self.logits_from_hidden(hidden)
 
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The LM head's weight (V, C): the embedding matrix when tied."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """Apply the LM head: (..., C) -> (..., V)."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        return F.linear(hidden, self.head_weight)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -30,7 +30,6 @@ Where we differ from the authors' code on purpose:
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 
 def policy_logits(q_logits: torch.Tensor, base_logits: torch.Tensor, alpha: float = 1.0, alpha0: float = 0.01) -> torch.Tensor:
@@ -64,14 +63,15 @@ def _pair_lengths(response_mask: torch.Tensor) -> torch.Tensor:
     return (positions * response_mask).amax(dim=1)
 
 
-def qadapter_loss_from_token_values(q_taken, v, scored, *, beta: float, gamma: float, lengths):
-    """Equations (3)-(8) from per-state values.
+def qadapter_loss_from_rewards(r, q_taken, v, scored, *, beta: float, lengths):
+    """Equations (4)-(8) from the per-action rewards of equation (3).
 
-    q_taken, v: (2B, T-1) Q(s_t, a_t) and V(s_t); scored: (2B, T-1) bool, True where a_t is a reply
-    token; lengths: (2B,) unpadded sequence lengths. Returns (loss, metrics).
+    r: (2B, T-1) r_t = Q(s_t, a_t) - gamma V(s_t), with gradient; q_taken, v: (2B, T-1) Q(s_t, a_t) and
+    V(s_t), for the metrics only; scored: (2B, T-1) bool, True where a_t is a reply token; lengths:
+    (2B,) unpadded sequence lengths. Returns (loss, metrics).
     """
-    B = q_taken.shape[0] // 2
-    r = torch.where(scored, q_taken - gamma * v, 0.0)  # (3), zero where nothing is scored
+    B = r.shape[0] // 2
+    r = torch.where(scored, r, 0.0)  # zero where nothing is scored
     R = r.sum(dim=1)  # (4) (2B,)
     R_chosen, R_rejected = R[:B], R[B:]
     n = torch.maximum(lengths[:B], lengths[B:]).float() - 1  # (5) (B,)
@@ -109,9 +109,8 @@ def qadapter_loss(
     (mean R_w - R_l), q_mean and v_mean (over scored actions).
     """
     q_taken, v = qadapter_token_values(q_logits[:, :-1], base_logits[:, :-1], tokens[:, 1:], alpha, alpha0)  # (2B, T-1) each
-    return qadapter_loss_from_token_values(
-        q_taken, v, response_mask[:, 1:], beta=beta, gamma=gamma, lengths=_pair_lengths(response_mask)
-    )
+    r = q_taken - gamma * v  # (3)
+    return qadapter_loss_from_rewards(r, q_taken, v, response_mask[:, 1:], beta=beta, lengths=_pair_lengths(response_mask))
 
 
 def dpo_loss_from_token_values(policy_logp, reference_logp, scored, *, beta: float):
@@ -150,53 +149,84 @@ def dpo_loss(
 # ----------------------------------------------------------------------------------------------------
 # The memory-lean path for training. At Llama 3's vocabulary (128256) the fp32 logits of one 512-token
 # pair are 2 x 512 x 128256 x 4 bytes = 0.5 GB for each pass, more than the activations of the whole
-# checkpointed 8B model. Instead, the model hands back hidden states (2B, T, C); the LM head and the
-# per-token values are computed only at the scored positions, a chunk at a time, and each chunk is
-# recomputed in the backward pass (torch.utils.checkpoint), so at most one chunk of logits exists.
+# checkpointed 8B model. Instead, the model hands back hidden states (2B, T, C), and the LM head is
+# applied only at the scored positions, a chunk of them at a time, inside one autograd Function that
+# also computes its own gradient, so no (N, V) tensor outlives its chunk and nothing is recomputed.
+#
+# Both objectives need, per scored action, a value of the form
+#     value_t = z_t[a_t] - gamma * alpha * logsumexp((z_t + alpha0 * log pi1_t) / alpha),   z_t = W h_t
+# (Q-Adapter: r_t = Q - gamma V, equations (2)-(3); DPO: log pi(a_t|s_t), with alpha 1, alpha0 0, gamma 1).
+# Its gradient with respect to the logits is onehot(a_t) - gamma * p_t, with p_t = softmax((z_t + alpha0 *
+# log pi1_t) / alpha) the customised policy (for DPO, the policy itself): the familiar "one-hot minus
+# softmax" of cross-entropy. So the gradient with respect to h_t is known in the forward pass up to the
+# scalar dL/dvalue_t:
+#     dL/dh_t = dL/dvalue_t * u_t,   u_t = W^T (onehot(a_t) - gamma * p_t)   (C,)
+# The forward pass keeps u (N, C); the backward pass only scales it.
 
 
-def token_values_in_chunks(token_values, head, hidden, base_hidden, tokens, response_mask, chunk_size: int = 1024):
-    """Run token_values(logits, base_logits, actions) at the scored positions only, chunk by chunk.
+class ChunkedTokenValues(torch.autograd.Function):
+    """value_t, and, for the metrics, Q(s_t, a_t), V(s_t) and log pi1(a_t|s_t), from hidden states.
 
-    hidden: (2B, T, C) adapter on (with grad); base_hidden: (2B, T, C) adapter off; head: hidden ->
-    logits (the model's logits_from_hidden). Returns the values spread back to (2B, T-1) tensors
-    (zero where nothing is scored) and the scored mask (2B, T-1).
+    hidden, base_hidden: (N, C) at the N scored states (adapter on / off); weight: (V, C) the frozen LM
+    head; actions: (N,). Returns four (N,) fp32 tensors; only the first carries a gradient (to hidden).
     """
+
+    @staticmethod
+    def forward(ctx, hidden, base_hidden, weight, actions, alpha, alpha0, gamma, chunk_size):
+        outputs, directions = [], []
+        for start in range(0, hidden.shape[0], chunk_size):
+            h, a = hidden[start : start + chunk_size], actions[start : start + chunk_size]
+            z = (h @ weight.T).float()  # (n, V) Q(s_t, .)
+            log_pi1 = (base_hidden[start : start + chunk_size] @ weight.T).float().log_softmax(-1)  # (n, V)
+            combined = (z + alpha0 * log_pi1) / alpha
+            log_normaliser = torch.logsumexp(combined, dim=-1, keepdim=True)  # (n, 1)
+            v = alpha * log_normaliser.squeeze(-1)  # V(s_t), equation (2)
+            q_taken = z.gather(-1, a[:, None]).squeeze(-1)  # Q(s_t, a_t)
+            value = q_taken - gamma * v
+            dvalue_dz = (combined - log_normaliser).exp_().mul_(-gamma)  # -gamma * p_t, in place: (n, V)
+            dvalue_dz[torch.arange(len(a), device=a.device), a] += 1.0  # + onehot(a_t)
+            directions.append(dvalue_dz.to(weight.dtype) @ weight)  # u_t (n, C)
+            outputs.append(torch.stack([value, q_taken, v, log_pi1.gather(-1, a[:, None]).squeeze(-1)]))
+        ctx.save_for_backward(torch.cat(directions))
+        value, q_taken, v, log_pi1_taken = torch.cat(outputs, dim=1)
+        ctx.mark_non_differentiable(q_taken, v, log_pi1_taken)
+        return value, q_taken, v, log_pi1_taken
+
+    @staticmethod
+    def backward(ctx, grad_value, *unused):
+        (directions,) = ctx.saved_tensors
+        grad_hidden = (grad_value[:, None] * directions.float()).to(directions.dtype)  # (N, C)
+        return grad_hidden, None, None, None, None, None, None, None
+
+
+def token_values_from_hidden(weight, hidden, base_hidden, tokens, response_mask, alpha, alpha0, gamma, chunk_size):
+    """ChunkedTokenValues at the scored positions, spread back to (2B, T-1) tensors (zero elsewhere)."""
+    assert not weight.requires_grad, "the LM head is frozen: its gradient is not computed"
     scored = response_mask[:, 1:]  # (2B, T-1)
     assert scored.any(), "a batch without a single reply token to score"
-    states = hidden[:, :-1][scored]  # (N, C), N = number of scored actions
-    base_states = base_hidden[:, :-1][scored]  # (N, C)
-    actions = tokens[:, 1:][scored]  # (N,)
-
-    def chunk_values(h, base_h, a):
-        return token_values(head(h), head(base_h), a)
-
-    pieces = []
-    for start in range(0, states.shape[0], chunk_size):
-        end = start + chunk_size
-        pieces.append(checkpoint(chunk_values, states[start:end], base_states[start:end], actions[start:end], use_reentrant=False))
-    spread = []
-    for values in zip(*pieces):  # one (N,) tensor per output of token_values
-        dense = torch.zeros(scored.shape, dtype=values[0].dtype, device=hidden.device)
-        spread.append(dense.masked_scatter(scored, torch.cat(values)))
+    values = ChunkedTokenValues.apply(
+        hidden[:, :-1][scored], base_hidden[:, :-1][scored], weight, tokens[:, 1:][scored],
+        alpha, alpha0, gamma, chunk_size,
+    )  # four (N,) tensors
+    spread = [torch.zeros(scored.shape, device=hidden.device).masked_scatter(scored, x) for x in values]
     return spread, scored
 
 
 def qadapter_loss_from_hidden(
-    head, hidden, base_hidden, tokens, response_mask, *, alpha=1.0, alpha0=0.01, beta=0.1, gamma=1.0, chunk_size=1024
+    head_weight, hidden, base_hidden, tokens, response_mask, *, alpha=1.0, alpha0=0.01, beta=0.1, gamma=1.0, chunk_size=256
 ):
-    """qadapter_loss with the same value and gradients, from hidden states, without (2B, T, V) logits."""
+    """qadapter_loss with the same value and gradients, from hidden states (2B, T, C) and the LM head's
+    weight (V, C), without (2B, T, V) logits."""
+    (r, q_taken, v, _), scored = token_values_from_hidden(
+        head_weight, hidden, base_hidden, tokens, response_mask, alpha, alpha0, gamma, chunk_size
+    )
+    return qadapter_loss_from_rewards(r, q_taken, v, scored, beta=beta, lengths=_pair_lengths(response_mask))
 
-    def values(q_logits, base_logits, actions):
-        return qadapter_token_values(q_logits, base_logits, actions, alpha, alpha0)
 
-    (q_taken, v), scored = token_values_in_chunks(values, head, hidden, base_hidden, tokens, response_mask, chunk_size)
-    return qadapter_loss_from_token_values(q_taken, v, scored, beta=beta, gamma=gamma, lengths=_pair_lengths(response_mask))
-
-
-def dpo_loss_from_hidden(head, hidden, base_hidden, tokens, response_mask, *, beta=0.1, chunk_size=1024):
-    """dpo_loss with the same value and gradients, from hidden states, without (2B, T, V) logits."""
-    (policy_logp, reference_logp), scored = token_values_in_chunks(
-        dpo_token_values, head, hidden, base_hidden, tokens, response_mask, chunk_size
+def dpo_loss_from_hidden(head_weight, hidden, base_hidden, tokens, response_mask, *, beta=0.1, chunk_size=256):
+    """dpo_loss with the same value and gradients, from hidden states and the LM head's weight."""
+    # with alpha 1, alpha0 0 and gamma 1 the value is z[a] - logsumexp(z) = log pi(a_t|s_t)
+    (policy_logp, _, _, reference_logp), scored = token_values_from_hidden(
+        head_weight, hidden, base_hidden, tokens, response_mask, 1.0, 0.0, 1.0, chunk_size
     )
     return dpo_loss_from_token_values(policy_logp, reference_logp, scored, beta=beta)

@@ -161,18 +161,18 @@ def test_dpo_loss_on_a_hand_worked_example():
 def test_the_chunked_path_from_hidden_states_equals_the_plain_loss_in_value_and_gradients(objective, chunk_size):
     torch.manual_seed(0)
     _, _, tokens, response_mask = random_batch(B=2, T=9, V=13)
-    head = torch.nn.Linear(6, 13, bias=False)
+    head = torch.nn.Linear(6, 13, bias=False).requires_grad_(False)
     hidden = torch.randn(4, 9, 6, requires_grad=True)
     base_hidden = torch.randn(4, 9, 6)
     if objective == "qadapter":
         hyper = dict(alpha=0.9, alpha0=0.1, beta=0.3, gamma=1.0)
         plain, _ = qadapter_loss(head(hidden), head(base_hidden), tokens, response_mask, **hyper)
         plain_grad = torch.autograd.grad(plain, hidden)[0]
-        lean, _ = qadapter_loss_from_hidden(head, hidden, base_hidden, tokens, response_mask, chunk_size=chunk_size, **hyper)
+        lean, _ = qadapter_loss_from_hidden(head.weight, hidden, base_hidden, tokens, response_mask, chunk_size=chunk_size, **hyper)
     else:
         plain, _ = dpo_loss(head(hidden), head(base_hidden), tokens, response_mask, beta=0.1)
         plain_grad = torch.autograd.grad(plain, hidden)[0]
-        lean, _ = dpo_loss_from_hidden(head, hidden, base_hidden, tokens, response_mask, beta=0.1, chunk_size=chunk_size)
+        lean, _ = dpo_loss_from_hidden(head.weight, hidden, base_hidden, tokens, response_mask, beta=0.1, chunk_size=chunk_size)
     lean_grad = torch.autograd.grad(lean, hidden)[0]
     torch.testing.assert_close(lean, plain, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(lean_grad, plain_grad, rtol=1e-5, atol=1e-7)
