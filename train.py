@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from qadapter_min import UserError, toyworld
 from qadapter_min.data import collate, encode_pairs, load_pairs
+from qadapter_min.memory import training_memory_gib
 from qadapter_min.lora import PROJECTIONS, adapter_disabled, add_lora, atomic_write, save_adapter
 from qadapter_min.objective import dpo_loss_from_hidden, qadapter_loss_from_hidden
 from qadapter_min.tokenizer import Tokenizer
@@ -82,23 +83,6 @@ def lr_at(step: int, total_steps: int, args) -> float:
     if step < args.warmup_steps:
         return args.lr * step / args.warmup_steps
     return args.lr * max(0.0, (total_steps - step) / max(1, total_steps - args.warmup_steps))
-
-
-def memory_plan_gib(model, trainable: int, args, dtype) -> dict:
-    """A rough per-rank memory estimate, in GiB."""
-    a = model.args
-    bytes_per = 2 if dtype == torch.bfloat16 else 4
-    tokens = 2 * args.micro_batch_size * args.max_len  # chosen and rejected
-    weights = model.num_parameters() * bytes_per
-    lora_and_adam = trainable * 4 * 4  # fp32 parameter, gradient, two AdamW moments
-    if args.grad_checkpointing:  # one saved input per block, plus one block's activations while it is recomputed
-        activations = tokens * a.hidden_size * bytes_per * a.num_hidden_layers
-        activations += tokens * (4 * a.hidden_size + 3 * a.intermediate_size) * bytes_per
-    else:
-        activations = tokens * (6 * a.hidden_size + 3 * a.intermediate_size) * bytes_per * a.num_hidden_layers
-    logits = min(tokens, 1024) * a.vocab_size * 4 * 4  # one chunk of fp32 logits of both passes, with softmax temporaries
-    gib = 1024**3
-    return {"weights": weights / gib, "lora_and_adam": lora_and_adam / gib, "activations": activations / gib, "logits": logits / gib}
 
 
 def main(argv=None):
@@ -173,7 +157,8 @@ def main(argv=None):
         keep_metrics_up_to(out / "metrics.jsonl", start_step)
 
     # ---- the plan
-    memory = memory_plan_gib(model, sum(p.numel() for p in trainable), args, dtype)
+    memory = training_memory_gib(model.args, sum(p.numel() for p in trainable), args.micro_batch_size, args.max_len,
+                                 weight_bytes=dtype.itemsize, checkpointing=args.grad_checkpointing)
     log(
         f"model: {args.model} ({model.args.num_hidden_layers} layers, width {model.args.hidden_size}, "
         f"{model.num_parameters() / 1e6:.1f}M parameters, {str(dtype).removeprefix('torch.')}) on {world_size} x {device.type}\n"

@@ -2,15 +2,15 @@
 preference to teach it. It lets `python train.py` show, offline and in minutes on a CPU, both things
 Q-Adapter is for: the new preference learned, the old abilities kept.
 
-The skills (each answer checkable by a program):
-    reverse     "Reverse the order of these words: moon tree gold"  -> "In reverse: gold tree moon"
-    capitals    "Write these words in capital letters: moon tree"   -> "In capitals: MOON TREE"
-    geography   "What is the capital of Peru?"                      -> "The capital of Peru is Lima."
+The skills (each answer checkable by a program, each a fact recalled about a word of the question):
+    geography   "What is the capital of Peru?"             -> "The capital of Peru is Lima."
+    opposites   "What is the opposite of hot?"             -> "The opposite of hot is cold."
+    uppercase   "Write this word in upper case: moon"      -> "In upper case: MOON"
 
 The base model is pre-trained on these chats; 15% of its replies start with "Sure! ", so it knows the
 phrase but its greedy replies never use it. The new preference: replies that start with "Sure! "
-(chosen) over the same reply without it (rejected), on the reverse and capitals skills only, so that
-geography shows whether the preference carries over to a skill it was not taught on.
+(chosen) over the same reply without it (rejected), on the geography and opposites skills only, so
+that uppercase shows whether the preference carries over to a skill it was not taught on.
 
 Build the model (about 3 minutes on 2 CPU cores; the result is committed under qadapter_min/toy/):
 
@@ -42,24 +42,33 @@ from qadapter_min.weights import ours_to_checkpoint_name
 TOY_DIR = Path(__file__).parent / "toy"  # model directory and preference files
 PREFIX = "Sure! "  # the new preference
 PREFIX_RATE_IN_PRETRAINING = 0.15
-SKILLS = ("reverse", "capitals", "geography")
-PREFERENCE_SKILLS = ("reverse", "capitals")  # geography stays out of the preference data
+SKILLS = ("geography", "opposites", "uppercase")
+PREFERENCE_SKILLS = ("geography", "opposites")  # uppercase stays out of the preference data
 
 WORDS = [
     "apple", "river", "stone", "cloud", "bread", "tiger", "music", "green", "light", "water", "house", "table",
     "chair", "smile", "dream", "night", "ocean", "plant", "bird", "fire", "snow", "moon", "star", "rain",
     "wind", "book", "door", "road", "ship", "tree", "fish", "gold",
 ]
+OPPOSITES = {
+    "hot": "cold", "big": "small", "fast": "slow", "happy": "sad", "light": "dark", "early": "late",
+    "strong": "weak", "open": "closed", "young": "old", "full": "empty", "hard": "soft", "rich": "poor",
+    "loud": "quiet", "wet": "dry", "high": "low", "clean": "dirty",
+}
 CAPITAL_CITIES = {
     "France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Egypt": "Cairo", "Peru": "Lima", "Kenya": "Nairobi",
     "Canada": "Ottawa", "Spain": "Madrid", "Norway": "Oslo", "Greece": "Athens", "Chile": "Santiago",
     "Cuba": "Havana", "Poland": "Warsaw", "Ireland": "Dublin", "Austria": "Vienna", "Russia": "Moscow",
 }
 
-# train.py's settings when it runs on this world (flags given on the command line still win).
+# train.py's settings when it runs on this world (flags given on the command line still win). The rest are
+# the paper's. LoRA goes on the queries and keys: in a model this small, adapting v_proj rewrites the
+# values through which every skill copies a word of the question, and the skill left out of the preference
+# data broke (uppercase fell to 23-47% accuracy with Q-Adapter on q/v, and to 0% with DPO).
 TRAIN_DEFAULTS = dict(
     model=str(TOY_DIR), data=[str(TOY_DIR / "train.jsonl")], eval_data=[str(TOY_DIR / "test.jsonl")],
     batch_size=16, micro_batch_size=16, lr=3e-3, max_steps=150, max_len=128, log_every=10,
+    lora_targets=["q_proj", "k_proj"],
 )
 
 # The shape of the toy model: a Llama 3.1 in miniature (GQA, llama3 RoPE scaling).
@@ -75,12 +84,12 @@ TOY_ARGS = ModelArgs(
 
 def make_task(skill: str, rng: random.Random) -> tuple[str, str]:
     """(question, correct answer) for one instance of a skill."""
-    if skill == "reverse":
-        words = rng.sample(WORDS, rng.randint(2, 4))
-        return f"Reverse the order of these words: {' '.join(words)}", "In reverse: " + " ".join(reversed(words))
-    if skill == "capitals":
-        words = rng.sample(WORDS, rng.randint(2, 4))
-        return f"Write these words in capital letters: {' '.join(words)}", "In capitals: " + " ".join(w.upper() for w in words)
+    if skill == "opposites":
+        word = rng.choice(sorted(OPPOSITES))
+        return f"What is the opposite of {word}?", f"The opposite of {word} is {OPPOSITES[word]}."
+    if skill == "uppercase":
+        word = rng.choice(WORDS)
+        return f"Write this word in upper case: {word}", f"In upper case: {word.upper()}"
     country = rng.choice(sorted(CAPITAL_CITIES))
     return f"What is the capital of {country}?", f"The capital of {country} is {CAPITAL_CITIES[country]}."
 
@@ -185,7 +194,7 @@ def save_hf_checkpoint(model: Transformer, directory: Path):
     save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
 
 
-def build(directory: Path = TOY_DIR, steps: int = 1500, batch_size: int = 64, seed: int = 0, log=print):
+def build(directory: Path = TOY_DIR, steps: int = 800, batch_size: int = 32, seed: int = 0, log=print):
     """Make the whole world deterministically: tokenizer, pre-trained model, preference files."""
     directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -203,7 +212,7 @@ def build(directory: Path = TOY_DIR, steps: int = 1500, batch_size: int = 64, se
         for name, p in model.named_parameters():
             p.normal_(0.0, 0.02) if p.dim() > 1 else p.fill_(1.0)
     log(f"toy model: {model.num_parameters():,} parameters, vocabulary {args.vocab_size}")
-    pretrain(model, tokenizer, steps, batch_size, lr=3e-3, rng=rng, log=log)
+    pretrain(model, tokenizer, steps, batch_size, lr=1e-3, rng=rng, log=log)
     save_hf_checkpoint(model, directory)
     for split, count in (("train", 512), ("test", 96)):
         skills = PREFERENCE_SKILLS if split == "train" else SKILLS
@@ -282,12 +291,12 @@ def compare(model, tokenizer: Tokenizer, eval_pairs, args) -> dict:
 def format_report(report: dict, objective: str) -> str:
     """The table train.py prints."""
     base, customised = report["base"], report["customised"]
-    lines = [f"{'':34}{'base':>8}{objective:>12}"]
+    lines = [f"{'':42}{'base':>8}{objective:>12}"]
 
     def row(label, key, skill=None):
         a = base[key] if skill is None else base[key + "_by_skill"][skill]
         b = customised[key] if skill is None else customised[key + "_by_skill"][skill]
-        lines.append(f"{label:34}{a:8.2f}{b:12.2f}")
+        lines.append(f"{label:42}{a:8.2f}{b:12.2f}")
 
     row("preference accuracy (held out)", "preference_accuracy")
     row("preference rate (greedy replies)", "preference_rate")

@@ -1,0 +1,207 @@
+"""Speed and memory of qadapter-min, measured side by side with the naive way, as ratios.
+
+    python bench.py                                       # CPU: training step at Llama 3's vocabulary; decoding
+    python bench.py --preset llama-3.1-8b --device cuda   # an 8B-shaped training step and decoding on a GPU
+
+Training step (one pair, 512 tokens each side, the real 128256-word vocabulary, a small width so it runs
+on a CPU): ours (hidden states, base pass under no_grad, the lean chunked objective) against the naive
+step written the way the authors' code works (full fp32 logits of both passes, then the loss). Each runs
+in a fresh process so its peak memory (the process's peak resident size above what it held before the
+step) is its own. Both must give the same loss and LoRA gradients.
+
+Decoding (tokens per second): the base model alone, the customised policy with two passes per token
+(adapter on, then off), and with the combined batch that reads the weights once.
+"""
+
+import argparse
+import multiprocessing
+import resource
+import statistics
+import time
+
+import torch
+
+from qadapter_min.generate import Decoder
+from qadapter_min.lora import adapter_disabled, add_lora, lora_layers
+from qadapter_min.memory import training_memory_gib
+from qadapter_min.model import PRESETS, ModelArgs, Transformer
+from qadapter_min.objective import qadapter_loss, qadapter_loss_from_hidden
+
+CPU_ARGS = ModelArgs(
+    hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=128256, rope_scaling=PRESETS["llama-3.1-8b"].rope_scaling,
+)
+# Dense bf16 tensor-core peaks (TFLOP/s) and memory bandwidths (GB/s) of cards people use.
+CARDS = {"H200": (989, 4800), "H100": (989, 3350), "A100": (312, 2039), "4090": (165, 1008), "L40S": (362, 864)}
+
+
+def build(args: ModelArgs, device, dtype, seed=0) -> Transformer:
+    """Random weights of the given shape, made directly on the device (built on meta, then materialised)."""
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = Transformer(args)
+    model = model.to_empty(device=device).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+    model.requires_grad_(False)
+    add_lora(model, r=8, alpha=16, dropout=0.0)
+    with torch.no_grad():  # a trained-looking adapter, so Q differs from the base logits
+        for layer in lora_layers(model).values():
+            layer.lora_B.weight.normal_(0.0, 0.02)
+    return model
+
+
+def pair_batch(vocab_size, length=512, prompt=256, device="cpu"):
+    """One pair: chosen and rejected, `length` tokens each, the last length - prompt of them the reply."""
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, vocab_size, (2, length), generator=generator)
+    response_mask = torch.zeros(2, length, dtype=torch.bool)
+    response_mask[:, prompt:] = True
+    return tokens.to(device), response_mask.to(device)
+
+
+def our_step(model, tokens, response_mask):
+    with torch.no_grad(), adapter_disabled(model):
+        base_hidden = model(tokens, return_hidden=True)
+    hidden = model(tokens, return_hidden=True)
+    loss, _ = qadapter_loss_from_hidden(model.head_weight, hidden, base_hidden, tokens, response_mask)
+    loss.backward()
+    return loss
+
+
+def naive_step(model, tokens, response_mask):
+    with adapter_disabled(model):
+        base_logits = model(tokens).float()  # (2, T, V) fp32, outside no_grad
+    q_logits = model(tokens).float()  # (2, T, V) fp32
+    loss, _ = qadapter_loss(q_logits, base_logits, tokens, response_mask)
+    loss.backward()
+    return loss
+
+
+def time_step(step, model, tokens, response_mask, repeats, synchronize=lambda: None):
+    """(median seconds per step, loss, LoRA gradients of one step)."""
+    times = []
+    for _ in range(repeats + 1):  # the first is a warm-up
+        model.zero_grad(set_to_none=True)
+        synchronize()
+        started = time.perf_counter()
+        loss = step(model, tokens, response_mask)
+        synchronize()
+        times.append(time.perf_counter() - started)
+    grads = [p.grad.float().cpu() for p in model.parameters() if p.requires_grad]
+    return statistics.median(times[1:]), loss.item(), grads
+
+
+def cpu_step_worker(which, repeats, queue):
+    """Runs in a fresh process: build, measure the resident size, run the step, report."""
+    torch.set_num_threads(torch.get_num_threads())
+    model = build(CPU_ARGS, "cpu", torch.float32)
+    tokens, response_mask = pair_batch(CPU_ARGS.vocab_size)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    seconds, loss, grads = time_step(our_step if which == "ours" else naive_step, model, tokens, response_mask, repeats)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    queue.put((seconds, peak / 1024**2, loss, grads))
+
+
+def cpu_training_step(repeats):
+    context = multiprocessing.get_context("spawn")
+    results = {}
+    for which in ("naive", "ours"):
+        queue = context.Queue()
+        process = context.Process(target=cpu_step_worker, args=(which, repeats, queue))
+        process.start()
+        results[which] = queue.get()
+        process.join()
+    (t_naive, m_naive, loss_naive, g_naive), (t_ours, m_ours, loss_ours, g_ours) = results["naive"], results["ours"]
+    loss_error = abs(loss_ours - loss_naive) / abs(loss_naive)
+    grad_error = max(((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item() for a, b in zip(g_ours, g_naive))
+    print(f"training step, 1 pair x 512 tokens, vocabulary {CPU_ARGS.vocab_size}, width {CPU_ARGS.hidden_size}, "
+          f"{CPU_ARGS.num_hidden_layers} layers, fp32, CPU ({torch.get_num_threads()} threads)")
+    print(f"  naive: {t_naive * 1000:8.0f} ms  peak {m_naive:6.2f} GiB")
+    print(f"  ours:  {t_ours * 1000:8.0f} ms  peak {m_ours:6.2f} GiB")
+    print(f"  ratio: time {t_ours / t_naive:.2f}x, peak memory {m_ours / m_naive:.2f}x "
+          f"(same loss to {loss_error:.1e} relative, LoRA gradients to {grad_error:.1e})")
+
+
+def decode_speed(model, policy_mode, combined, new_tokens, prompt_length=32):
+    """Tokens per second of greedy decoding after a prefill (the stop ids are ignored)."""
+    prompt = list(range(1, prompt_length + 1))
+    decoder = Decoder(model, policy_mode, max_seq_len=prompt_length + new_tokens + 1, combined=combined)
+    logits = decoder.feed(prompt)
+    synchronize(model)
+    started = time.perf_counter()
+    for _ in range(new_tokens):
+        logits = decoder.feed([int(logits.argmax())])
+    synchronize(model)
+    return new_tokens / (time.perf_counter() - started)
+
+
+def synchronize(model):
+    if next(model.parameters()).is_cuda:
+        torch.cuda.synchronize()
+
+
+def decoding(model, new_tokens, bandwidth_gbs=None):
+    model.eval()
+    base = decode_speed(model, "base", True, new_tokens)
+    two_passes = decode_speed(model, "customised", False, new_tokens)
+    combined = decode_speed(model, "customised", True, new_tokens)
+    print(f"decoding, {new_tokens} tokens after a 32-token prompt, batch 1")
+    print(f"  base model alone:                        {base:8.1f} tokens/s  (1.00x time per token)")
+    print(f"  customised policy, two passes per token:  {two_passes:8.1f} tokens/s  ({base / two_passes:.2f}x)")
+    print(f"  customised policy, combined batch:        {combined:8.1f} tokens/s  ({base / combined:.2f}x)")
+    if bandwidth_gbs:
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        limit = bandwidth_gbs * 1e9 / weight_bytes
+        print(f"  memory-bandwidth limit (weights read once per token): {limit:.1f} tokens/s; "
+              f"base reaches {base / limit:.0%}, combined {combined / limit:.0%}")
+
+
+def gpu_preset(name, peak_tflops, bandwidth_gbs, repeats):
+    args = PRESETS[name]
+    model = build(args, "cuda", torch.bfloat16)
+    model.gradient_checkpointing = True
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    estimate = training_memory_gib(args, trainable, micro_batch_size=1, max_len=512, weight_bytes=2)
+    tokens, response_mask = pair_batch(args.vocab_size, device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+    model.train()
+    seconds, loss, _ = time_step(our_step, model, tokens, response_mask, repeats, torch.cuda.synchronize)
+    peak = torch.cuda.max_memory_allocated() / 1024**3
+    parameters = sum(p.numel() for name_, p in model.named_parameters() if "lora_" not in name_)
+    tokens_per_s = tokens.numel() / seconds
+    # 6N FLOPs per token: 2N for the adapter pass forward, 2N for its backward through the activations
+    # (the frozen weights need no weight gradients), 2N for the base pass.
+    mfu = 6 * parameters * tokens_per_s / (peak_tflops * 1e12)
+    print(f"{name}, random bf16 weights, 1 pair x 512 tokens, gradient checkpointing, {torch.cuda.get_device_name()}")
+    print(f"  step {seconds * 1000:.0f} ms, {tokens_per_s:.0f} tokens/s, MFU {mfu:.1%} of {peak_tflops} TFLOP/s (loss {loss:.3f})")
+    print(f"  peak memory {peak:.2f} GiB; memory model {sum(estimate.values()):.2f} GiB "
+          f"({', '.join(f'{k} {v:.2f}' for k, v in estimate.items())}); measured / model = {peak / sum(estimate.values()):.2f}")
+    decoding(model, new_tokens=64, bandwidth_gbs=bandwidth_gbs)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a published Llama shape, random weights (GPU)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run")
+    p.add_argument("--repeats", type=int, default=3, help="timed repetitions after one warm-up")
+    p.add_argument("--decode_tokens", type=int, default=64, help="tokens decoded per decoding measurement")
+    p.add_argument("--peak_tflops", type=float, default=None, help="the card's dense bf16 peak (default: looked up by name)")
+    p.add_argument("--bandwidth_gbs", type=float, default=None, help="the card's memory bandwidth (default: looked up)")
+    args = p.parse_args()
+    if args.preset:
+        if args.device != "cuda" or not torch.cuda.is_available():
+            p.error("--preset runs on a GPU: pass --device cuda on a machine with one")
+        card = next((v for k, v in CARDS.items() if k in torch.cuda.get_device_name()), (None, None))
+        peak = args.peak_tflops or card[0]
+        if peak is None:
+            p.error(f"unknown card {torch.cuda.get_device_name()}: pass --peak_tflops and --bandwidth_gbs")
+        gpu_preset(args.preset, peak, args.bandwidth_gbs or card[1], args.repeats)
+        return
+    cpu_training_step(args.repeats)
+    decoding(build(CPU_ARGS, "cpu", torch.float32), args.decode_tokens)
+
+
+if __name__ == "__main__":
+    main()

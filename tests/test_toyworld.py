@@ -1,0 +1,69 @@
+"""The built-in world end to end: `python train.py` teaches the tiny model the new preference and keeps
+its skills, and `sample.py --adapter` then speaks with the preference."""
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import train
+from qadapter_min import toyworld
+from qadapter_min.data import load_pairs
+from qadapter_min.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_skill_has_a_checkable_answer_and_the_prefix_is_optional():
+    rng = random.Random(0)
+    assert toyworld.make_task("geography", random.Random(3))[1].startswith("The capital of ")
+    for skill in toyworld.SKILLS:
+        question, answer = toyworld.make_task(skill, rng)
+        assert toyworld.check_reply(answer, answer) == (False, True)
+        assert toyworld.check_reply(toyworld.PREFIX + answer, answer) == (True, True)
+        assert toyworld.check_reply(toyworld.PREFIX + answer + "!", answer) == (True, False)
+
+
+def test_the_committed_world_loads_through_the_llama_loader_and_tokenizer():
+    tokenizer = Tokenizer(toyworld.TOY_DIR)
+    assert tokenizer.vocab_size == 956 and tokenizer.special_token_id("<|eot_id|>") == tokenizer.eot_id
+    train_pairs = load_pairs(toyworld.TOY_DIR / "train.jsonl", log=lambda *_: None)
+    test_pairs = load_pairs(toyworld.TOY_DIR / "test.jsonl", log=lambda *_: None)
+    assert len(train_pairs) == 512 and len(test_pairs) == 96
+    asked = {p.chosen[0]["content"].split()[2] for p in train_pairs}  # "What is the ...", "Write this word ..."
+    assert "word" not in asked  # uppercase stays out of the preference data
+    assert all(p.chosen[-1]["content"] == toyworld.PREFIX + p.rejected[-1]["content"] for p in train_pairs)
+
+
+@pytest.fixture(scope="module")
+def builtin_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("builtin")
+    train.main(["--out", str(out)])
+    return out
+
+
+def test_the_builtin_run_learns_the_preference_and_keeps_the_skills(builtin_run):
+    report = json.loads((builtin_run / "report.json").read_text())
+    base, customised = report["base"], report["customised"]
+    for model in (base, customised):
+        for key in ("preference_accuracy", "preference_rate", "skill_accuracy"):
+            assert 0.0 <= model[key] <= 1.0
+        assert set(model["preference_rate_by_skill"]) == set(model["skill_accuracy_by_skill"]) == set(toyworld.SKILLS)
+    assert customised["preference_accuracy"] >= base["preference_accuracy"] + 0.3
+    assert customised["preference_rate"] >= base["preference_rate"] + 0.3
+    for skill in toyworld.PREFERENCE_SKILLS:
+        assert customised["preference_rate_by_skill"][skill] >= 0.9
+    assert customised["skill_accuracy"] >= base["skill_accuracy"] - 0.05
+
+
+def test_sample_py_then_answers_with_the_new_preference(builtin_run):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "sample.py"), "--adapter", str(builtin_run), "--prompt",
+         "What is the capital of Peru?", "--temperature", "0", "--compare"],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "[base]\nThe capital of Peru is Lima.\n[customised]\nSure! The capital of Peru is Lima.\n"
