@@ -39,6 +39,17 @@ def sample_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: fl
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
 
 
+def next_token_logits(model: Transformer, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Run tokens (rows, T) through the model over its cache; the logits (rows, V) of the last position only.
+
+    The LM head is the largest matrix read per token (V x C). Written as W @ h^T, the product runs as one
+    matrix-matrix multiply that streams W once for all rows; F.linear(h, W) with two rows runs as two
+    matrix-vector products on some CPU BLAS builds (MKL among them), reading W twice.
+    """
+    hidden = model(tokens, kv_cache=cache, return_hidden=True)[:, -1]  # (rows, C)
+    return (model.head_weight @ hidden.T).T  # (rows, V)
+
+
 class Decoder:
     """Runs the model one step at a time over a KV cache, giving next-token logits of the chosen policy."""
 
@@ -63,16 +74,16 @@ class Decoder:
         tokens = torch.tensor([ids] * self.rows, device=self.cache.keys.device)  # (rows, T)
         if self.policy_mode == "base":
             with adapter_disabled(self.model):
-                return self.model(tokens, kv_cache=self.cache)[0, -1].float()
+                return next_token_logits(self.model, tokens, self.cache)[0].float()
         if self.policy_mode == "adapter":
-            return self.model(tokens, kv_cache=self.cache)[0, -1].float()
+            return next_token_logits(self.model, tokens, self.cache)[0].float()
         if self.two_passes:
-            q = self.model(tokens, kv_cache=self.cache)[0, -1]
+            q = next_token_logits(self.model, tokens, self.cache)[0]
             with adapter_disabled(self.model):
-                base = self.model(tokens, kv_cache=self.base_cache)[0, -1]
+                base = next_token_logits(self.model, tokens, self.base_cache)[0]
             return policy_logits(q, base, self.alpha, self.alpha0)
         with adapter_on_rows(self.model, self.adapter_rows):
-            logits = self.model(tokens, kv_cache=self.cache)[:, -1]  # (2, V)
+            logits = next_token_logits(self.model, tokens, self.cache)  # (2, V): Q, then the base logits
         return policy_logits(logits[0], logits[1], self.alpha, self.alpha0)
 
 
