@@ -75,7 +75,7 @@ TRAIN_DEFAULTS = dict(
 TOY_ARGS = ModelArgs(
     hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
     vocab_size=0,  # set from the tokenizer
-    rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=1024,
+    rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072,
     rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                       original_max_position_embeddings=8192),
     tie_word_embeddings=True,
