@@ -7,23 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from qadapter_min.model import ModelArgs
+from qadapter_min.toyworld import build_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
-
-# The pre-tokenizer regex of Llama 3's tokenizer.json (the tiktoken cl100k pattern).
-LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-# Llama 3's named special tokens in their order (ids 128000..128011 in the real vocabulary).
-LLAMA3_SPECIALS = [
-    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
-    "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>", "<|start_header_id|>", "<|end_header_id|>",
-    "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
-]
 
 
 def tiny_args(**overrides) -> ModelArgs:
@@ -99,21 +88,6 @@ def write_checkpoint(directory: Path, args: ModelArgs, state: dict, shards: int 
     return directory
 
 
-def train_llama3_style_tokenizer(path: Path, corpus: list[str], vocab_size: int = 600) -> Path:
-    """A small byte-level BPE with Llama 3's pre-tokenizer, decoder and special tokens, saved as tokenizer.json."""
-    tokenizer = HFTokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator(corpus, trainer)
-    tokenizer.add_special_tokens(LLAMA3_SPECIALS)
-    tokenizer.save(str(path))
-    return path
-
-
 CORPUS = [
     "Hello! How can I help you today?",
     "What is the capital of France? The capital of France is Paris.",
@@ -126,7 +100,10 @@ CORPUS = [
 
 @pytest.fixture(scope="session")
 def tokenizer_file(tmp_path_factory) -> Path:
-    return train_llama3_style_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json", CORPUS)
+    """A small byte-level BPE with Llama 3's pre-tokenizer, decoder and 256 special tokens."""
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    build_tokenizer(CORPUS, path, vocab_size=600)
+    return path
 
 
 def tiny_model_dir(directory: Path, tokenizer_file: Path, seed: int = 0) -> Path:
