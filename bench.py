@@ -158,46 +158,56 @@ def decoding(model, new_tokens, bandwidth_gbs=None):
               f"base reaches {base / limit:.0%}, combined {combined / limit:.0%}")
 
 
-def gpu_preset(name, peak_tflops, bandwidth_gbs, repeats):
+def preset_run(name, device, peak_tflops, bandwidth_gbs, repeats, decode_tokens):
+    """One training step and decoding at a published shape, random bf16 weights (a GPU; a CPU runs it slowly)."""
     args = PRESETS[name]
-    model = build(args, "cuda", torch.bfloat16)
+    cuda = device == "cuda"
+    model = build(args, device, torch.bfloat16)
     model.gradient_checkpointing = True
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     estimate = training_memory_gib(args, trainable, micro_batch_size=1, max_len=512, weight_bytes=2)
-    tokens, response_mask = pair_batch(args.vocab_size, device="cuda")
-    torch.cuda.reset_peak_memory_stats()
+    tokens, response_mask = pair_batch(args.vocab_size, device=device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     model.train()
-    seconds, loss, _ = time_step(our_step, model, tokens, response_mask, repeats, torch.cuda.synchronize)
-    peak = torch.cuda.max_memory_allocated() / 1024**3
+    seconds, loss, _ = time_step(our_step, model, tokens, response_mask, repeats, torch.cuda.synchronize if cuda else (lambda: None))
     parameters = sum(p.numel() for name_, p in model.named_parameters() if "lora_" not in name_)
     tokens_per_s = tokens.numel() / seconds
-    # 6N FLOPs per token: 2N for the adapter pass forward, 2N for its backward through the activations
-    # (the frozen weights need no weight gradients), 2N for the base pass.
-    mfu = 6 * parameters * tokens_per_s / (peak_tflops * 1e12)
-    print(f"{name}, random bf16 weights, 1 pair x 512 tokens, gradient checkpointing, {torch.cuda.get_device_name()}")
-    print(f"  step {seconds * 1000:.0f} ms, {tokens_per_s:.0f} tokens/s, MFU {mfu:.1%} of {peak_tflops} TFLOP/s (loss {loss:.3f})")
-    print(f"  peak memory {peak:.2f} GiB; memory model {sum(estimate.values()):.2f} GiB "
-          f"({', '.join(f'{k} {v:.2f}' for k, v in estimate.items())}); measured / model = {peak / sum(estimate.values()):.2f}")
-    decoding(model, new_tokens=64, bandwidth_gbs=bandwidth_gbs)
+    print(f"{name}, random bf16 weights, 1 pair x 512 tokens, gradient checkpointing, "
+          f"{torch.cuda.get_device_name() if cuda else 'CPU'}")
+    line = f"  step {seconds * 1000:.0f} ms, {tokens_per_s:.0f} tokens/s (loss {loss:.3f})"
+    if peak_tflops:
+        # 6N FLOPs per token: 2N for the adapter pass forward, 2N for its backward through the activations
+        # (the frozen weights need no weight gradients), 2N for the base pass.
+        line += f", MFU {6 * parameters * tokens_per_s / (peak_tflops * 1e12):.1%} of {peak_tflops} TFLOP/s"
+    print(line)
+    modelled = sum(estimate.values())
+    detail = ", ".join(f"{k} {v:.2f}" for k, v in estimate.items())
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() / 1024**3
+        print(f"  peak memory {peak:.2f} GiB; memory model {modelled:.2f} GiB ({detail}); measured / model = {peak / modelled:.2f}")
+    else:
+        print(f"  memory model {modelled:.2f} GiB ({detail})")
+    decoding(model, decode_tokens, bandwidth_gbs=bandwidth_gbs)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a published Llama shape, random weights (GPU)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a published Llama shape, random bf16 weights")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions after one warm-up")
     p.add_argument("--decode_tokens", type=int, default=64, help="tokens decoded per decoding measurement")
     p.add_argument("--peak_tflops", type=float, default=None, help="the card's dense bf16 peak (default: looked up by name)")
     p.add_argument("--bandwidth_gbs", type=float, default=None, help="the card's memory bandwidth (default: looked up)")
     args = p.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no GPU is visible; run on a machine with one, or use --device cpu")
     if args.preset:
-        if args.device != "cuda" or not torch.cuda.is_available():
-            p.error("--preset runs on a GPU: pass --device cuda on a machine with one")
-        card = next((v for k, v in CARDS.items() if k in torch.cuda.get_device_name()), (None, None))
-        peak = args.peak_tflops or card[0]
-        if peak is None:
-            p.error(f"unknown card {torch.cuda.get_device_name()}: pass --peak_tflops and --bandwidth_gbs")
-        gpu_preset(args.preset, peak, args.bandwidth_gbs or card[1], args.repeats)
+        card = (None, None)
+        if args.device == "cuda":
+            card = next((v for k, v in CARDS.items() if k in torch.cuda.get_device_name()), (None, None))
+        preset_run(args.preset, args.device, args.peak_tflops or card[0], args.bandwidth_gbs or card[1],
+                   args.repeats, args.decode_tokens)
         return
     cpu_training_step(args.repeats)
     decoding(build(CPU_ARGS, "cpu", torch.float32), args.decode_tokens)

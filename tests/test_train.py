@@ -80,9 +80,10 @@ def test_two_processes_under_torchrun_give_the_adapter_of_one_process(world, tmp
     flags = ["--model", model_dir, "--data", data, "--batch_size", 4, "--micro_batch_size", 1, "--max_steps", 3,
              "--dtype", "fp32", "--lora_dropout", 0]
     run_train(*flags, "--out", tmp_path / "one")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    str(ROOT / "train.py"), *map(str, flags), "--out", str(tmp_path / "two")],
-                   check=True, capture_output=True, cwd=ROOT)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(ROOT / "train.py"), *map(str, flags), "--out", str(tmp_path / "two")],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
     one = load_file(tmp_path / "one" / "adapter_model.safetensors")
     two = load_file(tmp_path / "two" / "adapter_model.safetensors")
     assert one.keys() == two.keys()
