@@ -16,7 +16,7 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -29,9 +29,10 @@ from qadapter_min.memory import training_memory_gib
 from qadapter_min.lora import PROJECTIONS, adapter_disabled, add_lora, atomic_write, save_adapter
 from qadapter_min.objective import dpo_loss_from_hidden, qadapter_loss_from_hidden
 from qadapter_min.tokenizer import Tokenizer
-from qadapter_min.weights import load_model, model_fingerprint, resolve_model_dir
+from qadapter_min.weights import load_model, model_fingerprint, read_config, resolve_model_dir
 
 CHECKPOINT = "checkpoint/state.pt"
+MAX_NON_FINITE_STEPS = 3  # non-finite steps in a row that stop a run
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -78,6 +79,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def check_flags(args):
+    """Flags a run cannot start with, each refused in one sentence that names it."""
+    positive = ["batch_size", "micro_batch_size", "max_len", "lora_r", "log_every", "lr", "epochs", "alpha", "lora_alpha"]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ["warmup_steps", "eval_every", "save_every", "grad_clip", "beta", "alpha0", "dpo_beta"]:
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name} must not be negative, got {getattr(args, name)}")
+    if args.max_steps is not None and args.max_steps <= 0:
+        raise UserError(f"--max_steps must be positive, got {args.max_steps}")
+    if not 0 <= args.lora_dropout < 1:
+        raise UserError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+
+
 def lr_at(step: int, total_steps: int, args) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warm-up, then linear decay to 0."""
     if step < args.warmup_steps:
@@ -87,6 +103,7 @@ def lr_at(step: int, total_steps: int, args) -> float:
 
 def main(argv=None):
     args = parse_args(argv)
+    check_flags(args)
 
     # ---- processes: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python train.py` is rank 0 of 1
     distributed = "RANK" in os.environ
@@ -118,6 +135,7 @@ def main(argv=None):
 
     # ---- data: every rank reads and encodes the same pairs
     model_dir = resolve_model_dir(args.model)
+    read_config(model_dir)  # a wrong model is refused before the data are read
     tokenizer = Tokenizer(model_dir)
     pairs = [pair for path in args.data for pair in load_pairs(path, args.domain, log=log)]
     train_set = encode_pairs(pairs, tokenizer, args.max_len, log=log)
@@ -125,6 +143,8 @@ def main(argv=None):
     if args.eval_data:
         eval_pairs = [pair for path in args.eval_data for pair in load_pairs(path, args.domain, log=log)]
         eval_set = encode_pairs(eval_pairs, tokenizer, args.max_len, log=log)
+    if not train_set:
+        raise UserError(f"--max_len {args.max_len} is too small for any pair in --data; raise it (the paper uses 512)")
     if len(train_set) < args.batch_size:
         raise UserError(f"--batch_size {args.batch_size} is larger than the {len(train_set)} usable pairs in --data; lower it")
     steps_per_epoch = len(train_set) // args.batch_size  # the last partial batch of an epoch is left out
@@ -146,14 +166,7 @@ def main(argv=None):
     start_step = 0
     if args.resume:
         start_step = resume(out, model, optimizer, args, log)
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
-        qadapter_config = {
-            "objective": args.objective, "alpha": args.alpha, "alpha0": args.alpha0, "beta": args.beta,
-            "gamma": args.gamma, "dpo_beta": args.dpo_beta, "base_model": args.model,
-            "base_model_fingerprint": model_fingerprint(model), "args": vars(args),
-        }
-        atomic_write(out / "qadapter_config.json", lambda p: p.write_text(json.dumps(qadapter_config, indent=2) + "\n"))
+    if master and args.resume:
         keep_metrics_up_to(out / "metrics.jsonl", start_step)
 
     # ---- the plan
@@ -205,57 +218,79 @@ def main(argv=None):
     # ---- training
     metric_names = ["loss", "pref_loss", "chi2_loss", "accuracy", "margin"]
     started = time.time()
-    for step in range(start_step, total_steps):
-        step_started = time.time()
-        # The step's pairs: a slice of one seeded permutation per epoch, the same on every rank whatever the
-        # number of ranks; rank r takes the r-th share. Dropout is seeded from (seed, rank, step), so a resumed
-        # run repeats exactly what an uninterrupted one does without saving RNG states.
-        epoch, index = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
-        step_pairs = order[index * args.batch_size : (index + 1) * args.batch_size]
-        my_pairs = [train_set[i] for i in step_pairs[rank * per_rank : (rank + 1) * per_rank]]
-        torch.manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
+    non_finite_in_a_row = 0
+    with out_of_memory_advice(memory, rank, device):
+        for step in range(start_step, total_steps):
+            step_started = time.time()
+            # The step's pairs: a slice of one seeded permutation per epoch, the same on every rank whatever the
+            # number of ranks; rank r takes the r-th share. Dropout is seeded from (seed, rank, step), so a resumed
+            # run repeats exactly what an uninterrupted one does without saving RNG states.
+            epoch, index = divmod(step, steps_per_epoch)
+            order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
+            step_pairs = order[index * args.batch_size : (index + 1) * args.batch_size]
+            my_pairs = [train_set[i] for i in step_pairs[rank * per_rank : (rank + 1) * per_rank]]
+            torch.manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
 
-        sums = torch.zeros(len(metric_names) + 1, device=device)  # metric sums over this rank's pairs, then tokens
-        for micro in range(accumulation):
-            batch = my_pairs[micro * args.micro_batch_size : (micro + 1) * args.micro_batch_size]
-            sync = micro == accumulation - 1  # all-reduce the gradients once, on the last micro-step
-            with ddp_model.no_sync() if distributed and not sync else nullcontext():
-                loss, metrics, tokens = loss_of(batch)
-                # the micro-batch loss is a mean over its pairs; the step's loss is the mean over all its pairs
-                (loss / accumulation).backward()
-            values = [loss.item()] + [metrics[name].item() for name in metric_names[1:]]
-            sums += torch.tensor([v * len(batch) for v in values] + [tokens], device=device)
-        if distributed:
-            dist.all_reduce(sums)
-        means = {name: (sums[i] / args.batch_size).item() for i, name in enumerate(metric_names)}
+            sums = torch.zeros(len(metric_names) + 1, device=device)  # metric sums over this rank's pairs, then tokens
+            for micro in range(accumulation):
+                batch = my_pairs[micro * args.micro_batch_size : (micro + 1) * args.micro_batch_size]
+                sync = micro == accumulation - 1  # all-reduce the gradients once, on the last micro-step
+                with ddp_model.no_sync() if distributed and not sync else nullcontext():
+                    loss, metrics, tokens = loss_of(batch)
+                    # the micro-batch loss is a mean over its pairs; the step's loss is the mean over all its pairs
+                    (loss / accumulation).backward()
+                values = [loss.item()] + [metrics[name].item() for name in metric_names[1:]]
+                sums += torch.tensor([v * len(batch) for v in values] + [tokens], device=device)
+            if distributed:
+                dist.all_reduce(sums)
+            means = {name: (sums[i] / args.batch_size).item() for i, name in enumerate(metric_names)}
 
-        lr = lr_at(step, total_steps, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            lr = lr_at(step, total_steps, args)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else float("inf"))
+            done = step + 1
+            # Every rank sees the same all-reduced loss and gradient norm, so all skip the same steps.
+            if not (math.isfinite(means["loss"]) and math.isfinite(grad_norm.item())):
+                optimizer.zero_grad(set_to_none=True)
+                non_finite_in_a_row += 1
+                log(f"step {done}/{total_steps} | non-finite loss or gradient: update skipped")
+                append_metrics(out, {"step": done, "skipped": "non-finite loss or gradient"}, master)
+                if non_finite_in_a_row >= MAX_NON_FINITE_STEPS:
+                    raise UserError(
+                        f"the loss or gradient was not finite for {MAX_NON_FINITE_STEPS} steps in a row (up to step {done}); "
+                        f"lower --lr or check --data"
+                        + (f"; {out / CHECKPOINT} holds the last good state" if (out / CHECKPOINT).exists() else "")
+                    )
+                continue
+            non_finite_in_a_row = 0
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
-        done = step + 1
-        elapsed = time.time() - step_started
-        if done % args.log_every == 0 or done == 1 or done == total_steps:
-            row = {"step": done, **means, "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": sums[-1].item() / elapsed}
-            eta = (time.time() - started) / (done - start_step) * (total_steps - done)
-            log(
-                f"step {done}/{total_steps} | loss {means['loss']:.4f} | accuracy {means['accuracy']:.2f} | "
-                f"margin {means['margin']:.3f} | {row['tokens_per_s']:.0f} tokens/s | ETA {eta:.0f}s"
-            )
-            append_metrics(out, row, master)
-        if eval_set and ((args.eval_every and done % args.eval_every == 0) or done == total_steps):
-            row = {"step": done, **evaluate()}
-            log(f"step {done}/{total_steps} | eval_loss {row['eval_loss']:.4f} | eval_accuracy {row['eval_accuracy']:.2f}")
-            append_metrics(out, row, master)
-        if args.save_every and done % args.save_every == 0 and done < total_steps and master:
-            save_checkpoint(out, model, optimizer, done, args)
+            elapsed = time.time() - step_started
+            if done % args.log_every == 0 or done == 1 or done == total_steps:
+                row = {"step": done, **means, "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": sums[-1].item() / elapsed}
+                eta = (time.time() - started) / (done - start_step) * (total_steps - done)
+                log(
+                    f"step {done}/{total_steps} | loss {means['loss']:.4f} | accuracy {means['accuracy']:.2f} | "
+                    f"margin {means['margin']:.3f} | {row['tokens_per_s']:.0f} tokens/s | ETA {eta:.0f}s"
+                )
+                append_metrics(out, row, master)
+            if eval_set and ((args.eval_every and done % args.eval_every == 0) or done == total_steps):
+                row = {"step": done, **evaluate()}
+                log(f"step {done}/{total_steps} | eval_loss {row['eval_loss']:.4f} | eval_accuracy {row['eval_accuracy']:.2f}")
+                append_metrics(out, row, master)
+            if args.save_every and done % args.save_every == 0 and done < total_steps and master:
+                save_checkpoint(out, model, optimizer, done, args)
 
-    if master:
+    if master:  # the outputs appear only now, complete: a run that fails early leaves nothing behind
+        qadapter_config = {
+            "objective": args.objective, "alpha": args.alpha, "alpha0": args.alpha0, "beta": args.beta,
+            "gamma": args.gamma, "dpo_beta": args.dpo_beta, "base_model": args.model,
+            "base_model_fingerprint": model_fingerprint(model), "args": vars(args),
+        }
         save_adapter(model, out, base_model_name_or_path=args.model)
+        atomic_write(out / "qadapter_config.json", lambda p: p.write_text(json.dumps(qadapter_config, indent=2) + "\n"))
         log(f"adapter written to {out}/ ({time.time() - started:.0f}s)")
         if args.builtin:  # show both axes: the new preference learned, the old skills kept
             report = toyworld.compare(model, tokenizer, eval_set, args)
@@ -265,8 +300,22 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
+@contextmanager
+def out_of_memory_advice(memory: dict, rank: int, device):
+    """Turn a CUDA out-of-memory error into one sentence with the memory plan and the flags that reduce it."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(
+            f"rank {rank} ran out of GPU memory on {device}; the plan estimated {sum(memory.values()):.1f} GiB per rank ("
+            + ", ".join(f"{k} {v:.2f}" for k, v in memory.items())
+            + "); add --grad_checkpointing, lower --micro_batch_size or --max_len, or use --dtype bf16"
+        ) from None
+
+
 def append_metrics(out: Path, row: dict, master: bool):
     if master:
+        out.mkdir(parents=True, exist_ok=True)
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -321,5 +370,10 @@ if __name__ == "__main__":
     try:
         main()
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        # Under torchrun every rank meets the same data and flags, so rank 0 speaks for all; an error of
+        # one rank alone (out of memory) names its rank. torchrun then ends the other ranks.
+        if os.environ.get("RANK", "0") == "0" or str(error).startswith("rank "):
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        if dist.is_initialized():
+            os._exit(2)  # skip the process group's shutdown, which would wait for ranks that wait for us
         sys.exit(2)

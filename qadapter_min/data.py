@@ -144,10 +144,13 @@ def load_pairs(path, domain: str | None = None, log=print) -> list[Pair]:
             pairs += record_to_pairs(record, domain, f"{path}: {where}")
         except Skip as reason:
             skipped[str(reason)] += 1
-    summary = f"{path}: {len(pairs)} pairs"
-    if skipped:
-        summary += f", {sum(skipped.values())} records skipped (" + ", ".join(f"{n} {why}" for why, n in skipped.most_common()) + ")"
-    log(summary)
+    reasons = ", ".join(f"{n} {why}" for why, n in skipped.most_common())
+    if not pairs:
+        raise UserError(
+            f"{path} holds no usable preference pair" + (f" ({reasons})" if reasons else " (it is empty)")
+            + "; fix its records or pass another file"
+        )
+    log(f"{path}: {len(pairs)} pairs" + (f", {sum(skipped.values())} records skipped ({reasons})" if skipped else ""))
     return pairs
 
 
