@@ -51,6 +51,9 @@ def main(argv=None):
             Path(args.adapter) / "qadapter_config.json",
             "--adapter needs an output directory of train.py", "train the adapter again",
         )
+        missing = [k for k in ("objective", "alpha", "alpha0", "base_model", "base_model_fingerprint") if k not in config]
+        if missing:
+            raise UserError(f"{args.adapter}/qadapter_config.json lacks {', '.join(missing)}; train the adapter again")
     model_name = args.model or config["base_model"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]

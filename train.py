@@ -94,6 +94,19 @@ def check_flags(args):
         raise UserError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
 
 
+def check_out_dir(out: Path, resume: bool):
+    """Refuse, before any work, an --out that cannot take the results (so hours of training are not lost)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a directory")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK):
+        raise UserError(f"--out {out}: {existing} is not writable; pass a directory you can write to")
+    if not resume and (out / CHECKPOINT).exists():
+        raise UserError(f"--out {out} holds a checkpoint of another run; pass --resume to continue it, or another --out")
+
+
 def lr_at(step: int, total_steps: int, args) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warm-up, then linear decay to 0."""
     if step < args.warmup_steps:
@@ -104,6 +117,7 @@ def lr_at(step: int, total_steps: int, args) -> float:
 def main(argv=None):
     args = parse_args(argv)
     check_flags(args)
+    check_out_dir(Path(args.out), args.resume)
 
     # ---- processes: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python train.py` is rank 0 of 1
     distributed = "RANK" in os.environ
@@ -135,8 +149,13 @@ def main(argv=None):
 
     # ---- data: every rank reads and encodes the same pairs
     model_dir = resolve_model_dir(args.model)
-    read_config(model_dir)  # a wrong model is refused before the data are read
+    model_args = read_config(model_dir)  # a wrong model is refused before the data are read
     tokenizer = Tokenizer(model_dir)
+    if tokenizer.vocab_size > model_args.vocab_size:
+        raise UserError(
+            f"{model_dir}: tokenizer.json has {tokenizer.vocab_size} tokens but config.json's vocab_size is "
+            f"{model_args.vocab_size}; the tokenizer belongs to another model"
+        )
     pairs = [pair for path in args.data for pair in load_pairs(path, args.domain, log=log)]
     train_set = encode_pairs(pairs, tokenizer, args.max_len, log=log)
     eval_set = []
@@ -166,7 +185,7 @@ def main(argv=None):
     start_step = 0
     if args.resume:
         start_step = resume(out, model, optimizer, args, log)
-    if master and args.resume:
+    if master:  # rows of steps that this run does again (or of an older run in this --out) go
         keep_metrics_up_to(out / "metrics.jsonl", start_step)
 
     # ---- the plan
@@ -291,6 +310,7 @@ def main(argv=None):
         }
         save_adapter(model, out, base_model_name_or_path=args.model)
         atomic_write(out / "qadapter_config.json", lambda p: p.write_text(json.dumps(qadapter_config, indent=2) + "\n"))
+        (out / CHECKPOINT).unlink(missing_ok=True)  # the run is complete: nothing left to resume
         log(f"adapter written to {out}/ ({time.time() - started:.0f}s)")
         if args.builtin:  # show both axes: the new preference learned, the old skills kept
             report = toyworld.compare(model, tokenizer, eval_set, args)
@@ -321,7 +341,7 @@ def append_metrics(out: Path, row: dict, master: bool):
 
 
 def keep_metrics_up_to(path: Path, step: int):
-    """On resume, forget the rows logged after the checkpoint: those steps are run again."""
+    """Keep the rows of steps up to `step`: on resume the later steps run again; a fresh run keeps none."""
     if path.exists():
         rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
         atomic_write(path, lambda p: p.write_text("".join(row + "\n" for row in rows)))
@@ -350,7 +370,10 @@ def resume(out: Path, model, optimizer, args, log) -> int:
     path = out / CHECKPOINT
     if not path.is_file():
         raise UserError(f"--resume: {path} does not exist; run without --resume to start afresh")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a damaged file raises whatever the unpickler meets
+        raise UserError(f"--resume: {path} cannot be read ({type(error).__name__}); start afresh in another --out") from None
     changed = [name for name in RESUME_FLAGS if state["flags"].get(name) != getattr(args, name)]
     if changed:
         raise UserError(

@@ -53,7 +53,8 @@ class Skip(Exception):
 def read_records(path: Path):
     """(line number, record) for each record of a JSON array or JSON Lines file, gzipped or not."""
     if not path.is_file():
-        raise UserError(f"{path} does not exist; pass a preference data file (JSON or JSON Lines, optionally .gz)")
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise UserError(f"{path} {what}; pass a preference data file (JSON or JSON Lines, optionally .gz)")
     try:
         with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")) as f:
             text = f.read()
@@ -66,6 +67,11 @@ def read_records(path: Path):
             raise UserError(f"{path}: malformed JSON at line {error.lineno} ({error.msg}); fix that line or re-export the file") from None
         # an array has no line per record: number its records from 1 instead
         return [(f"record {i}", record) for i, record in enumerate(records, start=1)]
+    if text.lstrip().startswith("{") and "\n" in text.strip():  # perhaps one pretty-printed record
+        try:
+            return [("record 1", json.loads(text))]
+        except json.JSONDecodeError:
+            pass  # JSON Lines: read line by line below
     records = []
     for line_number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -79,7 +85,9 @@ def read_records(path: Path):
 
 def check_conversation(messages) -> list[dict]:
     """A conversation with stripped contents, or Skip with the reason it cannot be trained on."""
-    if not isinstance(messages, list) or not messages:
+    if not isinstance(messages, list):
+        raise Skip("conversation that is not a list of messages")
+    if not messages:
         raise Skip("empty conversation")
     clean = []
     for message in messages:
@@ -121,6 +129,8 @@ def record_to_pairs(record, domain: str | None, where: str) -> list[Pair]:
             raise Skip("DSP query or responses of the wrong type")
         prompt = {"role": "user", "content": record["query"]}
         pairs = []
+        if not all(isinstance(record["responses"].get(key), str) for key in DSP_RESPONSES):
+            raise Skip("DSP record without all five responses")
         for other in DSP_RESPONSES:
             if other != domain:
                 chosen = [prompt, {"role": "assistant", "content": record["responses"].get(domain)}]

@@ -186,6 +186,8 @@ def load_adapter(model: nn.Module, adapter_dir, dtype=torch.float32) -> dict:
                  targets=tuple(targets), dtype=dtype)
     layers = lora_layers(model)
     path = adapter_dir / ADAPTER_WEIGHTS
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; pass a directory written by train.py or by peft's save_pretrained")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             names = set(f.keys())

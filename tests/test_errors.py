@@ -107,6 +107,7 @@ BAD_FLAGS = {
     "dropout of one": (["--lora_dropout", "1"], r"--lora_dropout must be in \[0, 1\)"),
     "unknown domain": (["--domain", "sports"], r"--domain 'sports' is not a DSP domain"),
     "resume without checkpoint": (["--resume"], r"--resume: .*checkpoint/state\.pt does not exist"),
+    "data is a directory": (["--data", "/"], r"^/ is a directory; pass a preference data file"),
 }
 
 
@@ -136,6 +137,29 @@ def test_the_script_prints_one_line_and_exits_2(world, tmp_path, flags, message)
     assert result.returncode == 2 and result.stdout.count("\n") <= 2  # at most the data summary lines
     assert result.stderr.startswith("error: ") and message in result.stderr and result.stderr.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_an_out_that_is_a_file_is_refused_before_any_work(world, tmp_path):
+    (tmp_path / "out").write_text("not a directory")
+    with pytest.raises(UserError, match=r"--out .*out is a file; pass a directory"):
+        train.main(["--model", str(world[0]), "--data", str(world[1]), "--out", str(tmp_path / "out")])
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(world, tmp_path):
+    expect_refusal(["--model", broken_model(world, tmp_path, set_config(vocab_size=100)), "--data", world[1], "--batch_size", 4],
+                   r"tokenizer\.json has \d+ tokens but config\.json's vocab_size is 100", tmp_path)
+
+
+def test_checkpoints_are_kept_from_a_fresh_start_and_a_damaged_one_is_named(world, tmp_path):
+    out = tmp_path / "out"
+    flags = ["--model", str(world[0]), "--data", str(world[1]), "--out", str(out), "--batch_size", "4", "--max_steps", "3"]
+    (out / "checkpoint").mkdir(parents=True)
+    (out / "checkpoint" / "state.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
+    with pytest.raises(UserError, match="holds a checkpoint of another run; pass --resume"):
+        train.main(flags)
+    with pytest.raises(UserError, match=r"state\.pt cannot be read"):
+        train.main(flags + ["--resume"])
+    assert sorted(p.name for p in out.rglob("*")) == ["checkpoint", "state.pt"]  # nothing written, nothing lost
 
 
 def test_sample_py_refuses_a_directory_without_an_adapter(world, tmp_path):

@@ -126,10 +126,17 @@ def test_a_run_killed_five_times_at_random_moments_resumes_to_the_adapter_of_an_
     assert [r["step"] for r in metrics(out)] == [r["step"] for r in metrics(tmp_path / "whole")]
 
 
-def test_resume_refuses_a_checkpoint_made_with_other_flags(world, tmp_path):
+def test_resume_refuses_a_checkpoint_made_with_other_flags(world, tmp_path, monkeypatch):
     model_dir, data = world
     flags = ["--model", model_dir, "--data", data, "--out", tmp_path, "--batch_size", 4, "--max_steps", 3, "--save_every", 1]
-    run_train(*flags)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("the machine went down while writing the adapter")
+
+    monkeypatch.setattr(train, "save_adapter", crash)  # a run that dies at its end keeps its last checkpoint
+    with pytest.raises(RuntimeError):
+        train.main(strings(flags))
+    assert (tmp_path / "checkpoint" / "state.pt").exists()
     result = run_train(*flags, "--resume", "--lr", "1e-3", check=False)
     assert result.returncode == 2 and "made with other flags (--lr)" in result.stderr and "Traceback" not in result.stderr
 
