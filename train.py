@@ -317,7 +317,12 @@ def main(argv=None):
             log(toyworld.format_report(report, args.objective))
             atomic_write(out / "report.json", lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
     if distributed:
+        dist.barrier()  # leave together, rank 0's files written
         dist.destroy_process_group()
+        # Gloo's worker threads can abort the interpreter's own shutdown ("terminate called without an
+        # active exception", pytorch/pytorch#190489); the work is done and saved, so leave at once.
+        sys.stdout.flush()
+        os._exit(0)
 
 
 @contextmanager

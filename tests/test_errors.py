@@ -189,3 +189,15 @@ def test_non_finite_losses_skip_the_update_and_three_in_a_row_stop_the_run(world
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("skipped") for r in rows] == [None] + ["non-finite loss or gradient"] * 3
     assert not (out / "adapter_model.safetensors").exists()
+
+
+def test_under_torchrun_a_refusal_ends_every_rank_with_a_non_zero_exit(world, tmp_path):
+    model_dir, data = world
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+         "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "out"), "--batch_size", "3"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert result.returncode != 0
+    assert result.stderr.count("error: --batch_size 3 is not a multiple of --micro_batch_size (1) x 2 processes") == 1
+    assert not (tmp_path / "out").exists()
