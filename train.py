@@ -148,7 +148,12 @@ def main(argv=None):
             dist.barrier()
 
     # ---- data: every rank reads and encodes the same pairs
-    model_dir = resolve_model_dir(args.model)
+    if master:  # rank 0 downloads a Hub model; the others then find it in the cache
+        model_dir = resolve_model_dir(args.model)
+    if distributed:
+        dist.barrier()
+    if not master:
+        model_dir = resolve_model_dir(args.model)
     model_args = read_config(model_dir)  # a wrong model is refused before the data are read
     tokenizer = Tokenizer(model_dir)
     if tokenizer.vocab_size > model_args.vocab_size:
