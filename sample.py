@@ -65,8 +65,8 @@ def main(argv=None):
     if config is not None:
         if model_fingerprint(model) != config["base_model_fingerprint"]:
             raise UserError(
-                f"{args.adapter} was trained on another base model ({config['base_model']}); "
-                f"pass that model with --model, or an adapter trained on {model_name}"
+                f"{args.adapter} was trained on another base model than {model_name} (its config, tensor shapes or "
+                f"weights differ); pass the adapter's own base model with --model, or train the adapter again"
             )
         load_adapter(model, args.adapter)
         mode = "adapter" if config["objective"] == "dpo" else "customised"
@@ -104,10 +104,12 @@ def main(argv=None):
     if args.prompt is not None:
         answer(history + [{"role": "user", "content": args.prompt}])
         return
-    print(f"chatting with {model_name}" + (f" + {args.adapter} ({mode})" if config else "") + "; Ctrl-D to quit")
+    # the banner and the prompt go to stderr, so that stdout holds the replies alone
+    print(f"chatting with {model_name}" + (f" + {args.adapter} ({mode})" if config else "") + "; Ctrl-D to quit", file=sys.stderr)
     while True:
         try:
-            message = input("> ")
+            print("> ", end="", file=sys.stderr, flush=True)
+            message = input()
         except (EOFError, KeyboardInterrupt):
             print()
             return
