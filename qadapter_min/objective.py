@@ -188,6 +188,7 @@ class ChunkedTokenValues(torch.autograd.Function):
             directions.append(dvalue_dz.to(weight.dtype) @ weight)  # u_t (n, C)
             outputs.append(torch.stack([value, q_taken, v, log_pi1.gather(-1, a[:, None]).squeeze(-1)]))
         ctx.save_for_backward(torch.cat(directions))
+        ctx.hidden_dtype = hidden.dtype
         value, q_taken, v, log_pi1_taken = torch.cat(outputs, dim=1)
         ctx.mark_non_differentiable(q_taken, v, log_pi1_taken)
         return value, q_taken, v, log_pi1_taken
@@ -195,7 +196,7 @@ class ChunkedTokenValues(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_value, *unused):
         (directions,) = ctx.saved_tensors
-        grad_hidden = (grad_value[:, None] * directions.float()).to(directions.dtype)  # (N, C)
+        grad_hidden = (grad_value[:, None] * directions.float()).to(ctx.hidden_dtype)  # (N, C)
         return grad_hidden, None, None, None, None, None, None, None
 
 
