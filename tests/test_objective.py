@@ -176,3 +176,18 @@ def test_the_chunked_path_from_hidden_states_equals_the_plain_loss_in_value_and_
     lean_grad = torch.autograd.grad(lean, hidden)[0]
     torch.testing.assert_close(lean, plain, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(lean_grad, plain_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_the_chunked_path_in_bf16_stays_within_bf16_precision_of_the_plain_loss():
+    torch.manual_seed(1)
+    _, _, tokens, response_mask = random_batch(B=2, T=9, V=13)
+    weight = (torch.randn(13, 6) * 0.5).bfloat16()
+    hidden = torch.randn(4, 9, 6).bfloat16().requires_grad_(True)
+    base_hidden = torch.randn(4, 9, 6).bfloat16()
+    plain, _ = qadapter_loss(hidden @ weight.T, base_hidden @ weight.T, tokens, response_mask, alpha0=0.1)
+    plain_grad = torch.autograd.grad(plain, hidden)[0]
+    lean, _ = qadapter_loss_from_hidden(weight, hidden, base_hidden, tokens, response_mask, alpha0=0.1, chunk_size=4)
+    lean_grad = torch.autograd.grad(lean, hidden)[0]
+    assert lean_grad.dtype == torch.bfloat16
+    torch.testing.assert_close(lean, plain, rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(lean_grad.float(), plain_grad.float(), rtol=2e-2, atol=2e-3)
