@@ -43,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.max_new_tokens <= 0:
+        raise UserError("--temperature must be >= 0, --top_p in (0, 1], --top_k >= 0 and --max_new_tokens > 0")
     if args.adapter is None and args.model is None:
         raise UserError("pass --adapter [DIR] for a customised model, or --model M for a base model alone")
     config = None

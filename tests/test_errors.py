@@ -1,6 +1,5 @@
 """Bad input: one sentence naming the file or flag and the fix, a non-zero exit, no traceback, no output."""
 
-import gzip
 import json
 import math
 import shutil
@@ -201,3 +200,9 @@ def test_under_torchrun_a_refusal_ends_every_rank_with_a_non_zero_exit(world, tm
     assert result.returncode != 0
     assert result.stderr.count("error: --batch_size 3 is not a multiple of --micro_batch_size (1) x 2 processes") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_sample_py_refuses_sampling_flags_out_of_range(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--model", "x", "--top_p", "0", "--prompt", "hi"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.startswith("error: --temperature must be >= 0, --top_p in (0, 1]")

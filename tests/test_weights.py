@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import FIXTURES, random_hf_state, tiny_args, write_checkpoint
 from qadapter_min import UserError
-from qadapter_min.weights import HUB_PATTERNS, load_model
+from qadapter_min.weights import load_model
 
 
 @pytest.mark.parametrize("fixture", ["tiny-llama-untied-sharded", "tiny-llama-tied"])
