@@ -24,8 +24,9 @@ import torch
 from qadapter_min.generate import Decoder
 from qadapter_min.lora import adapter_disabled, add_lora, lora_layers
 from qadapter_min.memory import training_memory_gib
-from qadapter_min.model import PRESETS, ModelArgs, Transformer
-from qadapter_min.objective import qadapter_loss, qadapter_loss_from_hidden
+from qadapter_min.model import PRESETS, ModelArgs, Transformer, init_random_weights
+from qadapter_min.objective import qadapter_loss
+from qadapter_min.step import micro_batch_objective
 
 CPU_ARGS = ModelArgs(
     hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -41,9 +42,7 @@ def build(args: ModelArgs, device, dtype, seed=0) -> Transformer:
     with torch.device("meta"):
         model = Transformer(args)
     model = model.to_empty(device=device).to(dtype)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+    init_random_weights(model)
     model.requires_grad_(False)
     add_lora(model, r=8, alpha=16, dropout=0.0)
     with torch.no_grad():  # a trained-looking adapter, so Q differs from the base logits
@@ -62,10 +61,8 @@ def pair_batch(vocab_size, length=512, prompt=256, device="cpu"):
 
 
 def our_step(model, tokens, response_mask):
-    with torch.no_grad(), adapter_disabled(model):
-        base_hidden = model(tokens, return_hidden=True)
-    hidden = model(tokens, return_hidden=True)
-    loss, _ = qadapter_loss_from_hidden(model.head_weight, hidden, base_hidden, tokens, response_mask)
+    """What train.py runs for a micro-batch (step.py), at the paper's Q-Adapter settings."""
+    loss, _ = micro_batch_objective(model, tokens, response_mask)
     loss.backward()
     return loss
 

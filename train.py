@@ -1,47 +1,100 @@
 """Customise a pre-trained Llama to new preferences with Q-Adapter (or the DPO baseline).
 
-Built-in default:      python train.py           (a tiny pre-trained model and preference, offline, CPU, minutes)
+Built-in world:        python train.py           (a tiny pre-trained model and a preference: offline, CPU, a minute)
 One process:           python train.py --model DIR_OR_HUB_ID --data pairs.json
 One node, 4 GPUs:      torchrun --nproc_per_node=4 train.py --model meta-llama/Llama-3.1-8B-Instruct --data ...
 
-The loop, top to bottom: set up the processes, read the pairs, load the model and put LoRA on it, print
-the plan, then for each optimizer step run the micro-batches of this rank's share of the step's pairs
-(the base model pi1 under no_grad with the adapter off, then Q with the adapter on), sync gradients on
-the last micro-step only, clip, step AdamW, log, evaluate and checkpoint.
+With neither --model nor --data, train.py runs the built-in world of toyworld/ with the flags it prints
+first (flags you add win), and ends with a table of what the model learned and what it kept.
+
+main() reads as the stages of a run: check every flag and path, set up the processes, read the data,
+build the model, print the plan, train, write the outputs. Each optimizer step runs the micro-batches of
+this rank's share of the step's pairs (step.py: the base model pi1 under no_grad with the adapter off,
+then Q with the adapter on), syncs gradients on the last micro-step only, clips, steps AdamW, logs,
+evaluates and checkpoints.
 """
 
 import argparse
 import json
 import math
 import os
+import shlex
+import shutil
 import sys
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from qadapter_min import UserError, toyworld
-from qadapter_min.data import collate, encode_pairs, load_pairs
+import toyworld
+from qadapter_min import UserError
+from qadapter_min.common import HelpFormatter, atomic_write, choose_dtype, default_device, run_command_line, write_json
+from qadapter_min.data import check_data_file, collate, encode_pairs, load_pairs
+from qadapter_min.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PROJECTIONS, RUN_CONFIG, add_lora, check_targets,
+                               save_adapter, save_run_config)
 from qadapter_min.memory import training_memory_gib
-from qadapter_min.lora import PROJECTIONS, adapter_disabled, add_lora, atomic_write, save_adapter
-from qadapter_min.objective import dpo_loss_from_hidden, qadapter_loss_from_hidden
+from qadapter_min.objective import OBJECTIVE_SETTINGS
+from qadapter_min.step import micro_batch_objective
 from qadapter_min.tokenizer import Tokenizer
-from qadapter_min.weights import load_model, model_fingerprint, read_config, resolve_model_dir
+from qadapter_min.weights import load_model, read_config, resolve_model_dir
+from toyworld.report import compare, format_report
 
 CHECKPOINT = "checkpoint/state.pt"
+METRICS = "metrics.jsonl"
+REPORT = "report.json"
+OUTPUTS = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, RUN_CONFIG, METRICS, REPORT, "checkpoint")  # what a run writes to --out
+# Flags that may change when a run is resumed: where it writes and how often. Every other flag, present or
+# future, must be the one the checkpoint was made with.
+MAY_DIFFER_ON_RESUME = ("out", "resume", "overwrite", "log_every", "eval_every", "save_every", "eval_data")
+METRIC_NAMES = ("loss", "pref_loss", "chi2_loss", "accuracy", "margin")
 MAX_NON_FINITE_STEPS = 3  # non-finite steps in a row that stop a run
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None):
+    args = parse_args(argv)
+    check_flags(args)
+    checkpoint = check_out_dir(args)  # --out usable; with --resume, the checkpoint read and its flags checked
+    processes = start_processes()
+    model_dir, tokenizer, train_set, eval_set = read_data(args, processes)
+    model, ddp_model, optimizer = build_model(model_dir, args, processes)
+    start_step = 0
+    if checkpoint is not None:
+        start_step = restore(checkpoint, model, optimizer, Path(args.out), processes)
+    total_steps, memory = print_plan(args, model, train_set, processes)
+    if args.overwrite and processes.master:
+        remove_outputs(Path(args.out))  # the earlier run's results go only now that this one can start
+    pad_id = tokenizer.special_ids.get("<|finetune_right_pad_id|>", tokenizer.eot_id)
+    started = time.time()
+    with out_of_memory_advice(memory, processes):
+        train(model, ddp_model, optimizer, train_set, eval_set, pad_id, start_step, total_steps, args, processes)
+    if processes.master:  # the outputs appear only now, complete: a run that fails early leaves none
+        write_outputs(model, args, total_steps, len(train_set))
+        processes.log(f"adapter written to {args.out}/ ({time.time() - started:.0f}s)")
+        if toyworld.is_world_model(model_dir):  # show both axes: the new preference learned, the old skills kept
+            report = compare(model, tokenizer, eval_set, pad_id, args)
+            processes.log(format_report(report, args.objective))
+            write_json(Path(args.out) / REPORT, report)
+    leave_processes(processes)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Flags, and every check that needs no model and no data
+
+
+def build_parser() -> argparse.ArgumentParser:
+    bare_run = "python train.py " + " ".join(map(shlex.quote, toyworld.train_flags()))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
+                                epilog=f"A bare `python train.py` runs the built-in world as:\n  {bare_run}")
     p.add_argument("--model", default=None, help="base model: a directory with config.json, tokenizer.json and safetensors, or a Hub id")
     p.add_argument("--data", default=None, nargs="+", help="preference files: conversational, HH-RLHF or DSP (JSON / JSON Lines, .gz ok)")
     p.add_argument("--domain", default=None, help="for DSP files: the preferred domain (academy, business, entertainment, literature)")
     p.add_argument("--eval_data", nargs="+", default=None, help="held-out preference files for eval_loss and eval_accuracy")
     p.add_argument("--out", default="out", help="output directory: adapter, configs, metrics.jsonl, checkpoint/")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out (kept until this run starts training)")
     p.add_argument("--objective", choices=["qadapter", "dpo"], default="qadapter", help="Q-Adapter, or the DPO baseline")
     p.add_argument("--alpha", type=float, default=1.0, help="Q-Adapter: temperature of the customised policy")
     p.add_argument("--alpha0", type=float, default=0.01, help="Q-Adapter: weight of the base model's log-probabilities (lambda)")
@@ -59,7 +112,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora_alpha", type=float, default=16, help="LoRA scale numerator: the update is (lora_alpha / r) B A x")
     p.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the input of LoRA's A")
     p.add_argument("--lora_targets", nargs="+", default=["q_proj", "v_proj"], help=f"layers to adapt, from {' '.join(PROJECTIONS)}")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="base weights' dtype (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="base weights' dtype (None: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--grad_checkpointing", action="store_true", help="recompute each block in the backward pass to save memory")
     p.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
     p.add_argument("--seed", type=int, default=1337, help="seed of the data order, the LoRA init and dropout")
@@ -67,22 +120,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save_every", type=int, default=0, help="write checkpoint/ every N steps (0: never)")
     p.add_argument("--log_every", type=int, default=1, help="print and log metrics every N steps")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint/")
-    args = p.parse_args(argv)
-    if args.model is None and args.data is None:  # the built-in world, with settings that suit its size
-        p.set_defaults(**toyworld.TRAIN_DEFAULTS)
-        args = p.parse_args(argv)
-        args.builtin = True
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The flags; with neither --model nor --data, the built-in world's flags first, printed as a command."""
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    if args.model is None and args.data is None:
+        argv = toyworld.train_flags() + argv  # flags typed after them win
+        if os.environ.get("RANK", "0") == "0":
+            print("built-in world: python train.py " + " ".join(map(shlex.quote, argv)), flush=True)
+        args = parser.parse_args(argv)
     elif args.model is None or args.data is None:
-        p.error("pass both --model and --data, or neither for the built-in default")
-    else:
-        args.builtin = False
+        parser.error("pass both --model and --data, or neither for the built-in world")
     return args
 
 
 def check_flags(args):
     """Flags a run cannot start with, each refused in one sentence that names it."""
-    positive = ["batch_size", "micro_batch_size", "max_len", "lora_r", "log_every", "lr", "epochs", "alpha", "lora_alpha"]
-    for name in positive:
+    for name in ["batch_size", "micro_batch_size", "max_len", "lora_r", "log_every", "lr", "epochs", "alpha", "lora_alpha"]:
         if getattr(args, name) <= 0:
             raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
     for name in ["warmup_steps", "eval_every", "save_every", "grad_clip", "beta", "alpha0", "dpo_beta"]:
@@ -92,10 +150,22 @@ def check_flags(args):
         raise UserError(f"--max_steps must be positive, got {args.max_steps}")
     if not 0 <= args.lora_dropout < 1:
         raise UserError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    check_targets(args.lora_targets)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
+    per_rank, remainder = divmod(args.batch_size, world_size)
+    if remainder or per_rank % args.micro_batch_size:
+        raise UserError(
+            f"--batch_size {args.batch_size} is not a multiple of --micro_batch_size ({args.micro_batch_size}) x "
+            f"{world_size} processes; choose a batch size divisible by {args.micro_batch_size * world_size}"
+        )
+    for path in args.data + (args.eval_data or []):
+        check_data_file(Path(path))
 
 
-def check_out_dir(out: Path, resume: bool):
-    """Refuse, before any work, an --out that cannot take the results (so hours of training are not lost)."""
+def check_out_dir(args) -> dict | None:
+    """Refuse, before any work, an --out that cannot take this run's results or holds another run's; with
+    --resume, read the checkpoint and refuse it if it was made with other flags. Returns the checkpoint."""
+    out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a directory")
     existing = out
@@ -103,56 +173,96 @@ def check_out_dir(out: Path, resume: bool):
         existing = existing.parent
     if not os.access(existing, os.W_OK):
         raise UserError(f"--out {out}: {existing} is not writable; pass a directory you can write to")
-    if not resume and (out / CHECKPOINT).exists():
-        raise UserError(f"--out {out} holds a checkpoint of another run; pass --resume to continue it, or another --out")
+    if args.resume and args.overwrite:
+        raise UserError("pass --resume to continue the run in --out, or --overwrite to replace it, not both")
+    if args.resume:
+        return read_checkpoint(out, args)
+    if (out / CHECKPOINT).exists() and not args.overwrite:
+        raise UserError(f"--out {out} holds a checkpoint of another run; pass --resume to continue it, "
+                        f"--overwrite to start afresh, or another --out")
+    earlier = [name for name in OUTPUTS if (out / name).exists()]
+    if earlier and not args.overwrite:
+        raise UserError(f"--out {out} holds the results of an earlier run ({', '.join(earlier)}); "
+                        f"pass another --out, or --overwrite to replace them")
+    return None
 
 
-def lr_at(step: int, total_steps: int, args) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warm-up, then linear decay to 0."""
-    if step < args.warmup_steps:
-        return args.lr * step / args.warmup_steps
-    return args.lr * max(0.0, (total_steps - step) / max(1, total_steps - args.warmup_steps))
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    check_flags(args)
-    check_out_dir(Path(args.out), args.resume)
-
-    # ---- processes: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python train.py` is rank 0 of 1
-    distributed = "RANK" in os.environ
-    if distributed:
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-        rank, local_rank, world_size = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
-    else:
-        rank, local_rank, world_size = 0, 0, 1
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    master = rank == 0  # only rank 0 prints and writes
-    log = print if master else (lambda *_: None)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-
-    per_rank, remainder = divmod(args.batch_size, world_size)
-    if remainder or per_rank % args.micro_batch_size:
+def read_checkpoint(out: Path, args) -> dict:
+    path = out / CHECKPOINT
+    if not path.is_file():
+        raise UserError(f"--resume: {path} does not exist; run without --resume to start afresh")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a damaged file raises whatever the unpickler meets
+        raise UserError(f"--resume: {path} cannot be read ({type(error).__name__}); start afresh in another --out") from None
+    changed = changed_flags(state["flags"], vars(args))
+    if changed:
         raise UserError(
-            f"--batch_size {args.batch_size} is not a multiple of --micro_batch_size ({args.micro_batch_size}) x "
-            f"{world_size} processes; choose a batch size divisible by {args.micro_batch_size * world_size}"
+            f"--resume: {path} was made with other flags ({', '.join('--' + n for n in changed)}); "
+            f"rerun with the original flags or start afresh in another --out"
         )
-    accumulation = per_rank // args.micro_batch_size  # micro-steps per optimizer step on each rank
+    return state
 
-    if args.builtin and not (toyworld.TOY_DIR / "model.safetensors").exists():
-        if master:
-            toyworld.build()
-        if distributed:
-            dist.barrier()
 
-    # ---- data: every rank reads and encodes the same pairs
-    if master:  # rank 0 downloads a Hub model; the others then find it in the cache
+def changed_flags(saved: dict, now: dict) -> list[str]:
+    """The flags that differ from a checkpoint's, except those that may. A flag the checkpoint does not
+    record (added to train.py after it was made) matches only at its default, which is what that run did."""
+    defaults = vars(build_parser().parse_args(["--model", "m", "--data", "d"]))
+    return [name for name in now
+            if name not in MAY_DIFFER_ON_RESUME and saved.get(name, defaults.get(name)) != now[name]]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Processes, data and model
+
+
+@dataclass
+class Processes:
+    """This process's place in the run: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain
+    `python train.py` is rank 0 of 1. Only rank 0 (the master) prints and writes."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_initialized()
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def log(self, *text):
+        if self.master:
+            print(*text, flush=True)
+
+
+def start_processes() -> Processes:
+    if "RANK" not in os.environ:
+        return Processes(0, 0, 1, default_device())
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    processes = Processes(dist.get_rank(), local_rank, dist.get_world_size(), default_device(local_rank))
+    if processes.device.type == "cuda":
+        torch.cuda.set_device(processes.device)
+    return processes
+
+
+def leave_processes(processes: Processes):
+    if processes.distributed:
+        dist.barrier()  # leave together, rank 0's files written
+        dist.destroy_process_group()
+
+
+def read_data(args, processes: Processes):
+    """(model directory, tokenizer, training pairs, eval pairs), the pairs encoded; every rank reads the same."""
+    if processes.master:  # rank 0 downloads a Hub model; the others then find it in the cache
         model_dir = resolve_model_dir(args.model)
-    if distributed:
+    if processes.distributed:
         dist.barrier()
-    if not master:
+    if not processes.master:
         model_dir = resolve_model_dir(args.model)
     model_args = read_config(model_dir)  # a wrong model is refused before the data are read
     tokenizer = Tokenizer(model_dir)
@@ -161,114 +271,104 @@ def main(argv=None):
             f"{model_dir}: tokenizer.json has {tokenizer.vocab_size} tokens but config.json's vocab_size is "
             f"{model_args.vocab_size}; the tokenizer belongs to another model"
         )
-    pairs = [pair for path in args.data for pair in load_pairs(path, args.domain, log=log)]
-    train_set = encode_pairs(pairs, tokenizer, args.max_len, log=log)
-    eval_set = []
-    if args.eval_data:
-        eval_pairs = [pair for path in args.eval_data for pair in load_pairs(path, args.domain, log=log)]
-        eval_set = encode_pairs(eval_pairs, tokenizer, args.max_len, log=log)
+
+    def encoded(paths):
+        pairs = [pair for path in paths for pair in load_pairs(path, args.domain, log=processes.log)]
+        return encode_pairs(pairs, tokenizer, args.max_len, log=processes.log)
+
+    train_set = encoded(args.data)
+    eval_set = encoded(args.eval_data) if args.eval_data else []
     if not train_set:
         raise UserError(f"--max_len {args.max_len} is too small for any pair in --data; raise it (the paper uses 512)")
     if len(train_set) < args.batch_size:
         raise UserError(f"--batch_size {args.batch_size} is larger than the {len(train_set)} usable pairs in --data; lower it")
-    steps_per_epoch = len(train_set) // args.batch_size  # the last partial batch of an epoch is left out
-    total_steps = args.max_steps or max(1, math.floor(args.epochs * steps_per_epoch))
-    pad_id = tokenizer.special_ids.get("<|finetune_right_pad_id|>", tokenizer.eot_id)
+    return model_dir, tokenizer, train_set, eval_set
 
-    # ---- model: frozen base weights in `dtype`, fp32 LoRA on the target projections (same init on every rank)
-    model = load_model(model_dir, dtype=dtype, device=device)
+
+def build_model(model_dir: Path, args, processes: Processes):
+    """The frozen base weights in the run's dtype with fp32 LoRA on the target projections (the same init on
+    every rank), the DDP wrapper that syncs their gradients, and AdamW over them."""
+    model = load_model(model_dir, dtype=choose_dtype(args.dtype, processes.device), device=processes.device)
     torch.manual_seed(args.seed)
     add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=tuple(args.lora_targets))
     model.gradient_checkpointing = args.grad_checkpointing
     model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    ddp_model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None) if distributed else model
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    device_ids = [processes.local_rank] if processes.device.type == "cuda" else None
+    ddp_model = DistributedDataParallel(model, device_ids=device_ids) if processes.distributed else model
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    return model, ddp_model, optimizer
 
-    # ---- outputs, and resuming
-    out = Path(args.out)
-    start_step = 0
-    if args.resume:
-        start_step = resume(out, model, optimizer, args, log)
-    if master:  # rows of steps that this run does again (or of an older run in this --out) go
-        keep_metrics_up_to(out / "metrics.jsonl", start_step)
 
-    # ---- the plan
-    memory = training_memory_gib(model.args, sum(p.numel() for p in trainable), args.micro_batch_size, args.max_len,
+def restore(state: dict, model, optimizer, out: Path, processes: Processes) -> int:
+    """Put a checkpoint's LoRA weights and AdamW state in place; the step to continue from."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(state["lora"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    if processes.master:  # rows of the steps this run does again go
+        keep_metrics_up_to(out / METRICS, state["step"])
+    processes.log(f"resumed from {out / CHECKPOINT} at step {state['step']}")
+    return state["step"]
+
+
+def print_plan(args, model, train_set, processes: Processes) -> tuple[int, dict]:
+    """Print what the run will do and what it will hold in memory: (the number of optimizer steps, the
+    memory plan in GiB by part)."""
+    steps_per_epoch = len(train_set) // args.batch_size  # the last partial batch of an epoch is left out
+    total_steps = args.max_steps or max(1, math.floor(args.epochs * steps_per_epoch))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    dtype = next(p for p in model.parameters() if not p.requires_grad).dtype
+    memory = training_memory_gib(model.args, trainable, args.micro_batch_size, args.max_len,
                                  weight_bytes=dtype.itemsize, checkpointing=args.grad_checkpointing)
-    log(
+    processes.log(
         f"model: {args.model} ({model.args.num_hidden_layers} layers, width {model.args.hidden_size}, "
-        f"{model.num_parameters() / 1e6:.1f}M parameters, {str(dtype).removeprefix('torch.')}) on {world_size} x {device.type}\n"
-        f"trainable: {sum(p.numel() for p in trainable):,} LoRA parameters (r {args.lora_r}, alpha {args.lora_alpha}, "
-        f"{' '.join(args.lora_targets)})\n"
+        f"{model.num_parameters() / 1e6:.1f}M parameters, {str(dtype).removeprefix('torch.')}) "
+        f"on {processes.world_size} x {processes.device.type}\n"
+        f"trainable: {trainable:,} LoRA parameters (r {args.lora_r}, alpha {args.lora_alpha}, {' '.join(args.lora_targets)})\n"
         f"steps: {total_steps} of {args.batch_size} pairs ({steps_per_epoch} per epoch, "
         f"{len(train_set) - steps_per_epoch * args.batch_size} pairs of each epoch's last partial batch left out); "
-        f"{accumulation} micro-steps of {args.micro_batch_size} pairs per rank per step\n"
+        f"{args.batch_size // processes.world_size // args.micro_batch_size} micro-steps of {args.micro_batch_size} "
+        f"pairs per rank per step\n"
         f"memory per rank (estimate): " + ", ".join(f"{k} {v:.2f} GiB" for k, v in memory.items())
         + f", total {sum(memory.values()):.2f} GiB"
     )
+    return total_steps, memory
 
-    def loss_of(batch):
-        """The objective on one micro-batch: (loss, metrics, number of tokens)."""
-        tokens, response_mask = (t.to(device) for t in collate(batch, pad_id))
-        with torch.no_grad(), adapter_disabled(model):  # pi1: the same weights with the adapter off
-            base_hidden = model(tokens, return_hidden=True)
-        hidden = ddp_model(tokens, return_hidden=True)  # Q: the adapter on, through DDP for the gradient sync
-        if args.objective == "qadapter":
-            loss, metrics = qadapter_loss_from_hidden(
-                model.head_weight, hidden, base_hidden, tokens, response_mask,
-                alpha=args.alpha, alpha0=args.alpha0, beta=args.beta, gamma=args.gamma,
-            )
-        else:
-            loss, metrics = dpo_loss_from_hidden(model.head_weight, hidden, base_hidden, tokens, response_mask, beta=args.dpo_beta)
-            metrics["chi2_loss"] = torch.zeros(())
-        lengths = response_mask.shape[1] - response_mask.flip(1).int().argmax(1)  # unpadded length of each row
-        return loss, metrics, int(lengths.sum())
 
-    def evaluate():
-        """eval_loss and eval_accuracy over the eval pairs, each rank taking every world_size-th micro-batch."""
-        model.eval()
-        totals = torch.zeros(3, device=device)  # loss sum, accuracy sum, pairs
-        with torch.no_grad():
-            for i in range(rank * args.micro_batch_size, len(eval_set), world_size * args.micro_batch_size):
-                batch = eval_set[i : i + args.micro_batch_size]
-                loss, metrics, _ = loss_of(batch)
-                totals += torch.tensor([loss.item() * len(batch), metrics["accuracy"].item() * len(batch), len(batch)], device=device)
-        if distributed:
-            dist.all_reduce(totals)
-        model.train()
-        return {"eval_loss": (totals[0] / totals[2]).item(), "eval_accuracy": (totals[1] / totals[2]).item()}
+# ----------------------------------------------------------------------------------------------------
+# Training
 
-    # ---- training
-    metric_names = ["loss", "pref_loss", "chi2_loss", "accuracy", "margin"]
-    started = time.time()
-    non_finite_in_a_row = 0
-    with out_of_memory_advice(memory, rank, device):
+
+def step_plan(step: int, rank: int, world_size: int, num_pairs: int, batch_size: int, seed: int) -> tuple[list[int], int]:
+    """What optimizer step `step` (0-based) does on process `rank`: (the indices of its pairs, the seed
+    of its LoRA dropout). A pure function of its arguments, so a resumed run repeats exactly what an
+    uninterrupted one does without saving random states.
+
+    The step's pairs are a slice of one seeded permutation per epoch, the same whatever the number of
+    ranks; rank r takes the r-th share. The last partial batch of an epoch is left out.
+    """
+    steps_per_epoch = num_pairs // batch_size
+    epoch, index = divmod(step, steps_per_epoch)
+    order = torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    step_pairs = order[index * batch_size : (index + 1) * batch_size]
+    per_rank = batch_size // world_size
+    return step_pairs[rank * per_rank : (rank + 1) * per_rank], seed * 1_000_003 + step * 1009 + rank
+
+
+def train(model, ddp_model, optimizer, train_set, eval_set, pad_id, start_step, total_steps, args, processes: Processes):
+    """The optimizer steps from start_step to total_steps, with logging, evaluation and checkpoints."""
+    out = Path(args.out)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    settings = {name: getattr(args, name) for name in OBJECTIVE_SETTINGS}
+    started, non_finite_in_a_row, done = time.time(), 0, start_step
+    try:
         for step in range(start_step, total_steps):
             step_started = time.time()
-            # The step's pairs: a slice of one seeded permutation per epoch, the same on every rank whatever the
-            # number of ranks; rank r takes the r-th share. Dropout is seeded from (seed, rank, step), so a resumed
-            # run repeats exactly what an uninterrupted one does without saving RNG states.
-            epoch, index = divmod(step, steps_per_epoch)
-            order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
-            step_pairs = order[index * args.batch_size : (index + 1) * args.batch_size]
-            my_pairs = [train_set[i] for i in step_pairs[rank * per_rank : (rank + 1) * per_rank]]
-            torch.manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
-
-            sums = torch.zeros(len(metric_names) + 1, device=device)  # metric sums over this rank's pairs, then tokens
-            for micro in range(accumulation):
-                batch = my_pairs[micro * args.micro_batch_size : (micro + 1) * args.micro_batch_size]
-                sync = micro == accumulation - 1  # all-reduce the gradients once, on the last micro-step
-                with ddp_model.no_sync() if distributed and not sync else nullcontext():
-                    loss, metrics, tokens = loss_of(batch)
-                    # the micro-batch loss is a mean over its pairs; the step's loss is the mean over all its pairs
-                    (loss / accumulation).backward()
-                values = [loss.item()] + [metrics[name].item() for name in metric_names[1:]]
-                sums += torch.tensor([v * len(batch) for v in values] + [tokens], device=device)
-            if distributed:
-                dist.all_reduce(sums)
-            means = {name: (sums[i] / args.batch_size).item() for i, name in enumerate(metric_names)}
-
+            my_pairs, dropout_seed = step_plan(step, processes.rank, processes.world_size, len(train_set),
+                                               args.batch_size, args.seed)
+            torch.manual_seed(dropout_seed)
+            means, tokens = run_micro_batches(model, ddp_model, [train_set[i] for i in my_pairs], pad_id, settings, args, processes)
             lr = lr_at(step, total_steps, args)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -278,135 +378,162 @@ def main(argv=None):
             if not (math.isfinite(means["loss"]) and math.isfinite(grad_norm.item())):
                 optimizer.zero_grad(set_to_none=True)
                 non_finite_in_a_row += 1
-                log(f"step {done}/{total_steps} | non-finite loss or gradient: update skipped")
-                append_metrics(out, {"step": done, "skipped": "non-finite loss or gradient"}, master)
-                if non_finite_in_a_row >= MAX_NON_FINITE_STEPS:
-                    raise UserError(
-                        f"the loss or gradient was not finite for {MAX_NON_FINITE_STEPS} steps in a row (up to step {done}); "
-                        f"lower --lr or check --data"
-                        + (f"; {out / CHECKPOINT} holds the last good state" if (out / CHECKPOINT).exists() else "")
-                    )
+                skip_step(out, done, total_steps, non_finite_in_a_row, processes)
                 continue
             non_finite_in_a_row = 0
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-
-            elapsed = time.time() - step_started
             if done % args.log_every == 0 or done == 1 or done == total_steps:
-                row = {"step": done, **means, "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": sums[-1].item() / elapsed}
+                row = {"step": done, **means, "lr": lr, "grad_norm": grad_norm.item(),
+                       "tokens_per_s": tokens / (time.time() - step_started)}
                 eta = (time.time() - started) / (done - start_step) * (total_steps - done)
-                log(
+                processes.log(
                     f"step {done}/{total_steps} | loss {means['loss']:.4f} | accuracy {means['accuracy']:.2f} | "
                     f"margin {means['margin']:.3f} | {row['tokens_per_s']:.0f} tokens/s | ETA {eta:.0f}s"
                 )
-                append_metrics(out, row, master)
+                append_metrics(out, row, processes)
             if eval_set and ((args.eval_every and done % args.eval_every == 0) or done == total_steps):
-                row = {"step": done, **evaluate()}
-                log(f"step {done}/{total_steps} | eval_loss {row['eval_loss']:.4f} | eval_accuracy {row['eval_accuracy']:.2f}")
-                append_metrics(out, row, master)
-            if args.save_every and done % args.save_every == 0 and done < total_steps and master:
+                row = {"step": done, **evaluate(model, eval_set, pad_id, settings, args, processes)}
+                processes.log(f"step {done}/{total_steps} | eval_loss {row['eval_loss']:.4f} | "
+                              f"eval_accuracy {row['eval_accuracy']:.2f}")
+                append_metrics(out, row, processes)
+            if args.save_every and done % args.save_every == 0 and done < total_steps and processes.master:
                 save_checkpoint(out, model, optimizer, done, args)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(how_to_go_on(out, done, total_steps)) from None
 
-    if master:  # the outputs appear only now, complete: a run that fails early leaves nothing behind
-        qadapter_config = {
-            "objective": args.objective, "alpha": args.alpha, "alpha0": args.alpha0, "beta": args.beta,
-            "gamma": args.gamma, "dpo_beta": args.dpo_beta, "base_model": args.model,
-            "base_model_fingerprint": model_fingerprint(model), "args": vars(args),
-        }
-        save_adapter(model, out, base_model_name_or_path=args.model)
-        atomic_write(out / "qadapter_config.json", lambda p: p.write_text(json.dumps(qadapter_config, indent=2) + "\n"))
-        (out / CHECKPOINT).unlink(missing_ok=True)  # the run is complete: nothing left to resume
-        log(f"adapter written to {out}/ ({time.time() - started:.0f}s)")
-        if args.builtin:  # show both axes: the new preference learned, the old skills kept
-            report = toyworld.compare(model, tokenizer, eval_set, args)
-            log(toyworld.format_report(report, args.objective))
-            atomic_write(out / "report.json", lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
-    if distributed:
-        dist.barrier()  # leave together, rank 0's files written
-        dist.destroy_process_group()
-        # Gloo's worker threads can abort the interpreter's own shutdown ("terminate called without an
-        # active exception", pytorch/pytorch#190489); the work is done and saved, so leave at once.
-        sys.stdout.flush()
-        os._exit(0)
+
+def run_micro_batches(model, ddp_model, pairs, pad_id, settings, args, processes: Processes):
+    """Forward and backward over this rank's pairs of one step, micro-batch by micro-batch, gradients
+    all-reduced on the last; (the step's metrics, each a mean over all its pairs, and its token count)."""
+    accumulation = len(pairs) // args.micro_batch_size
+    sums = torch.zeros(len(METRIC_NAMES) + 1, device=processes.device)  # metric sums over this rank's pairs, then tokens
+    for micro in range(accumulation):
+        batch = pairs[micro * args.micro_batch_size : (micro + 1) * args.micro_batch_size]
+        tokens, response_mask = (t.to(processes.device) for t in collate(batch, pad_id))
+        sync = micro == accumulation - 1  # all-reduce the gradients once, on the last micro-step
+        with ddp_model.no_sync() if processes.distributed and not sync else nullcontext():
+            loss, metrics = micro_batch_objective(model, tokens, response_mask, settings, adapter_forward=ddp_model)
+            # the micro-batch loss is a mean over its pairs; the step's loss is the mean over all its pairs
+            (loss / accumulation).backward()
+        values = [loss.item()] + [metrics[name].item() for name in METRIC_NAMES[1:]]
+        lengths = response_mask.shape[1] - response_mask.flip(1).int().argmax(1)  # unpadded length of each row
+        sums += torch.tensor([v * len(batch) for v in values] + [int(lengths.sum())], device=processes.device)
+    if processes.distributed:
+        dist.all_reduce(sums)
+    return {name: (sums[i] / args.batch_size).item() for i, name in enumerate(METRIC_NAMES)}, sums[-1].item()
+
+
+def evaluate(model, eval_set, pad_id, settings, args, processes: Processes) -> dict:
+    """eval_loss and eval_accuracy over the eval pairs, each rank taking every world_size-th micro-batch."""
+    model.eval()
+    totals = torch.zeros(3, device=processes.device)  # loss sum, accuracy sum, pairs
+    with torch.no_grad():
+        first, stride = processes.rank * args.micro_batch_size, processes.world_size * args.micro_batch_size
+        for i in range(first, len(eval_set), stride):
+            batch = eval_set[i : i + args.micro_batch_size]
+            tokens, response_mask = (t.to(processes.device) for t in collate(batch, pad_id))
+            loss, metrics = micro_batch_objective(model, tokens, response_mask, settings)
+            totals += torch.tensor([loss.item() * len(batch), metrics["accuracy"].item() * len(batch), len(batch)],
+                                   device=processes.device)
+    if processes.distributed:
+        dist.all_reduce(totals)
+    model.train()
+    return {"eval_loss": (totals[0] / totals[2]).item(), "eval_accuracy": (totals[1] / totals[2]).item()}
+
+
+def lr_at(step: int, total_steps: int, args) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warm-up, then linear decay to 0."""
+    if step < args.warmup_steps:
+        return args.lr * step / args.warmup_steps
+    return args.lr * max(0.0, (total_steps - step) / max(1, total_steps - args.warmup_steps))
+
+
+def skip_step(out: Path, done: int, total_steps: int, in_a_row: int, processes: Processes):
+    """Log a step whose update was skipped; stop the run at the third in a row."""
+    processes.log(f"step {done}/{total_steps} | non-finite loss or gradient: update skipped")
+    append_metrics(out, {"step": done, "skipped": "non-finite loss or gradient"}, processes)
+    if in_a_row >= MAX_NON_FINITE_STEPS:
+        raise UserError(
+            f"the loss or gradient was not finite for {MAX_NON_FINITE_STEPS} steps in a row (up to step {done}); "
+            f"lower --lr or check --data"
+            + (f"; {out / CHECKPOINT} holds the last good state" if (out / CHECKPOINT).exists() else "")
+        )
+
+
+def how_to_go_on(out: Path, done: int, total_steps: int) -> str:
+    """The line Ctrl-C leaves: the step reached, and how to continue or start again."""
+    path = out / CHECKPOINT
+    if path.exists():
+        saved = torch.load(path, map_location="cpu", weights_only=True)["step"]
+        return (f"stopped after step {done} of {total_steps}; rerun the same command with --resume to continue "
+                f"from step {saved}, the last checkpoint in {path}")
+    return (f"stopped after step {done} of {total_steps} with no checkpoint (--save_every 0); rerun the same command "
+            f"with --overwrite to start again")
 
 
 @contextmanager
-def out_of_memory_advice(memory: dict, rank: int, device):
+def out_of_memory_advice(memory: dict, processes: Processes):
     """Turn a CUDA out-of-memory error into one sentence with the memory plan and the flags that reduce it."""
     try:
         yield
     except torch.cuda.OutOfMemoryError:
         raise UserError(
-            f"rank {rank} ran out of GPU memory on {device}; the plan estimated {sum(memory.values()):.1f} GiB per rank ("
-            + ", ".join(f"{k} {v:.2f}" for k, v in memory.items())
+            f"rank {processes.rank} ran out of GPU memory on {processes.device}; the plan estimated "
+            f"{sum(memory.values()):.1f} GiB per rank (" + ", ".join(f"{k} {v:.2f}" for k, v in memory.items())
             + "); add --grad_checkpointing, lower --micro_batch_size or --max_len, or use --dtype bf16"
         ) from None
 
 
-def append_metrics(out: Path, row: dict, master: bool):
-    if master:
+# ----------------------------------------------------------------------------------------------------
+# What a run writes to --out
+
+
+def append_metrics(out: Path, row: dict, processes: Processes):
+    if processes.master:
         out.mkdir(parents=True, exist_ok=True)
-        with open(out / "metrics.jsonl", "a") as f:
+        with open(out / METRICS, "a") as f:
             f.write(json.dumps(row) + "\n")
 
 
 def keep_metrics_up_to(path: Path, step: int):
-    """Keep the rows of steps up to `step`: on resume the later steps run again; a fresh run keeps none."""
+    """Keep the rows of steps up to `step`: on resume, the later steps run again."""
     if path.exists():
         rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
         atomic_write(path, lambda p: p.write_text("".join(row + "\n" for row in rows)))
 
 
-# Flags that must match for a checkpoint to continue a run.
-RESUME_FLAGS = ["model", "data", "domain", "objective", "alpha", "alpha0", "beta", "gamma", "dpo_beta", "lr",
-                "warmup_steps", "batch_size", "epochs", "max_steps", "max_len", "lora_r", "lora_alpha",
-                "lora_dropout", "lora_targets", "seed"]
+def remove_outputs(out: Path):
+    """Remove what an earlier run wrote to --out (--overwrite), and only that."""
+    for name in OUTPUTS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def save_checkpoint(out: Path, model, optimizer, step: int, args):
-    """Everything --resume needs, in one file written atomically: the LoRA weights, AdamW's state, the step.
-    The step fixes the position in the data and the dropout seeds; the learning rate is a function of it."""
+    """Everything --resume needs, in one file written atomically: the LoRA weights, AdamW's state, the step
+    and every flag. The step fixes the position in the data and the dropout seeds; the learning rate is a
+    function of it."""
     state = {
         "step": step,
         "lora": {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad},
         "optimizer": optimizer.state_dict(),
-        "flags": {name: getattr(args, name) for name in RESUME_FLAGS},
+        "flags": vars(args),
     }
     (out / "checkpoint").mkdir(parents=True, exist_ok=True)
     atomic_write(out / CHECKPOINT, lambda p: torch.save(state, p))
 
 
-def resume(out: Path, model, optimizer, args, log) -> int:
-    path = out / CHECKPOINT
-    if not path.is_file():
-        raise UserError(f"--resume: {path} does not exist; run without --resume to start afresh")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a damaged file raises whatever the unpickler meets
-        raise UserError(f"--resume: {path} cannot be read ({type(error).__name__}); start afresh in another --out") from None
-    changed = [name for name in RESUME_FLAGS if state["flags"].get(name) != getattr(args, name)]
-    if changed:
-        raise UserError(
-            f"--resume: {path} was made with other flags ({', '.join('--' + n for n in changed)}); "
-            f"rerun with the original flags or start afresh in another --out"
-        )
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                p.copy_(state["lora"][name])
-    optimizer.load_state_dict(state["optimizer"])
-    log(f"resumed from {path} at step {state['step']}")
-    return state["step"]
+def write_outputs(model, args, total_steps: int, num_pairs: int):
+    """The adapter (PEFT's layout) and qadapter_config.json; the checkpoint goes, the run being complete."""
+    out = Path(args.out)
+    save_adapter(model, out, base_model_name_or_path=args.model)
+    save_run_config(out, model, vars(args), steps=total_steps, epochs=total_steps * args.batch_size / num_pairs)
+    shutil.rmtree(out / "checkpoint", ignore_errors=True)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as error:
-        # Under torchrun every rank meets the same data and flags, so rank 0 speaks for all; an error of
-        # one rank alone (out of memory) names its rank. torchrun then ends the other ranks.
-        if os.environ.get("RANK", "0") == "0" or str(error).startswith("rank "):
-            print(f"error: {error}", file=sys.stderr, flush=True)
-        if dist.is_initialized():
-            os._exit(2)  # skip the process group's shutdown, which would wait for ranks that wait for us
-        sys.exit(2)
+    run_command_line(main)

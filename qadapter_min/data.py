@@ -1,7 +1,7 @@
 """Preference pairs from the files people have, encoded in the chat format and batched.
 
 A pair is one prompt (a conversation ending with a user turn) and two assistant replies. Three file
-formats are read, as a JSON array or JSON Lines, optionally gzipped (DESIGN.md section 3):
+formats are read, as a JSON array or JSON Lines, optionally gzipped:
     1. conversational (TRL, the Q-Adapter authors' *.json):
            {"chosen": [{"role", "content"}, ...], "rejected": [...]}   prompt = all but the last message
     2. Anthropic HH-RLHF as published:
@@ -50,11 +50,16 @@ class Skip(Exception):
 # Reading files
 
 
-def read_records(path: Path):
-    """(line number, record) for each record of a JSON array or JSON Lines file, gzipped or not."""
+def check_data_file(path: Path):
+    """Refuse a data path that is not a file, before anything is read."""
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
         raise UserError(f"{path} {what}; pass a preference data file (JSON or JSON Lines, optionally .gz)")
+
+
+def read_records(path: Path):
+    """(line number, record) for each record of a JSON array or JSON Lines file, gzipped or not."""
+    check_data_file(path)
     try:
         with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")) as f:
             text = f.read()

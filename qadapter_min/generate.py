@@ -1,6 +1,6 @@
 """Decoding with a KV cache, from the base model, the adapter, or Q-Adapter's customised policy.
 
-The customised policy (DESIGN.md section 1, equation (1)) needs two sets of logits at every step:
+The customised policy (objective.py, equation (1)) needs two sets of logits at every step:
 Q (adapter on) and log pi1 (adapter off), from the same weights. Rather than two forward passes, the
 prompt is put in a batch twice, the adapter is switched on for row 0 only, and one forward pass gives
 both (weights read once per token):

@@ -1,6 +1,6 @@
 """LoRA (Hu et al., 2021) written out, and adapters saved in PEFT's layout.
 
-In Q-Adapter one set of weights plays two parts (DESIGN.md section 1):
+In Q-Adapter one set of weights plays two parts (docs/method.md):
     adapter on  -> the residual Q-function Q(s, .)  (the logits of W x + (alpha/r) B A x)
     adapter off -> the pre-trained policy pi1       (the logits of W x alone)
 so the base model is the same module inside `adapter_disabled(model)`, with no second copy of W.
@@ -10,9 +10,7 @@ Saved adapters use PEFT's tensor names and adapter_config.json, so peft, vLLM an
     base_model.model.model.layers.{i}.self_attn.q_proj.lora_B.weight   (out_features, r)
 """
 
-import json
 import math
-import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,10 +21,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from qadapter_min import UserError
-from qadapter_min.weights import ours_to_checkpoint_name, read_json_file
+from qadapter_min.common import atomic_write, read_json_file, write_json
+from qadapter_min.objective import OBJECTIVE_SETTINGS
+from qadapter_min.weights import model_fingerprint, ours_to_checkpoint_name
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+RUN_CONFIG = "qadapter_config.json"  # which policy the adapter defines, and for which base model
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -73,9 +74,7 @@ def add_lora(
 ) -> nn.Module:
     """Wrap every linear layer named in targets (checkpoint names: q/k/v/o/gate/up/down _proj) in a
     LoRALinear. Afterwards only the LoRA parameters require grad."""
-    unknown = [t for t in targets if t not in PROJECTIONS]
-    if unknown:
-        raise UserError(f"LoRA target {unknown[0]!r} is not a projection of a Llama model; choose from {', '.join(PROJECTIONS)}")
+    check_targets(targets)
     model.requires_grad_(False)
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
@@ -84,6 +83,13 @@ def add_lora(
     if not lora_layers(model):
         raise UserError(f"the model has no layer named {', '.join(targets)} to put LoRA on")
     return model
+
+
+def check_targets(targets):
+    """Refuse a LoRA target that is not one of a Llama block's projections."""
+    unknown = [t for t in targets if t not in PROJECTIONS]
+    if unknown:
+        raise UserError(f"LoRA target {unknown[0]!r} is not a projection of a Llama model; choose from {', '.join(PROJECTIONS)}")
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -125,13 +131,6 @@ def peft_tensor_name(module_name: str, part: str) -> str:
     return f"base_model.model.{ours_to_checkpoint_name(module_name)}.{part}.weight"
 
 
-def atomic_write(path: Path, write):
-    """Write through a temporary file in the same directory, then rename: a crash leaves the old file or the new one."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    write(temporary)
-    os.replace(temporary, path)
-
-
 def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str = "") -> Path:
     """Write adapter_model.safetensors and adapter_config.json (PEFT's LoRA layout) to out_dir."""
     layers = lora_layers(model)
@@ -161,7 +160,7 @@ def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str = "") -
         "layers_to_transform": None,
     }
     atomic_write(out_dir / ADAPTER_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    atomic_write(out_dir / ADAPTER_CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    write_json(out_dir / ADAPTER_CONFIG, config)
     return out_dir
 
 
@@ -211,4 +210,24 @@ def load_adapter(model: nn.Module, adapter_dir, dtype=torch.float32) -> dict:
                         target.copy_(tensor)
     except (SafetensorError, OSError) as error:
         raise UserError(f"{path} is not a readable safetensors file ({error}); save the adapter again") from None
+    return config
+
+
+def save_run_config(out_dir: Path, model: nn.Module, flags: dict, steps: int, epochs: float):
+    """Write qadapter_config.json: the objective's settings (alpha and alpha0 define the customised
+    policy), the base model and a fingerprint of it (an adapter fits only the model it was trained on),
+    the steps and epochs actually run, and every flag of the run."""
+    config = {name: flags[name] for name in OBJECTIVE_SETTINGS}
+    config.update(base_model=flags["model"], base_model_fingerprint=model_fingerprint(model), steps=steps,
+                  epochs=round(epochs, 4), args=flags)
+    write_json(Path(out_dir) / RUN_CONFIG, config)
+
+
+def load_run_config(adapter_dir) -> dict:
+    """qadapter_config.json of an output directory of train.py, checked for the keys a reader needs."""
+    path = Path(adapter_dir) / RUN_CONFIG
+    config = read_json_file(path, "--adapter needs an output directory of train.py", "train the adapter again")
+    missing = [key for key in ("objective", "alpha", "alpha0", "base_model", "base_model_fingerprint") if key not in config]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}; train the adapter again")
     return config

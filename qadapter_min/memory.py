@@ -10,6 +10,7 @@ The estimate leaves out the CUDA context and allocator slack (about 0.5-1 GiB on
 """
 
 from qadapter_min.model import ModelArgs
+from qadapter_min.objective import CHUNK_SIZE
 
 GIB = 1024**3
 
@@ -21,7 +22,7 @@ def training_memory_gib(
     max_len: int,
     weight_bytes: int = 2,
     checkpointing: bool = True,
-    chunk_size: int = 256,
+    chunk_size: int = CHUNK_SIZE,
 ) -> dict:
     """Estimated peak bytes per rank, by part, for one micro-batch of pairs of max_len tokens."""
     total_parameters = args.vocab_size * args.hidden_size * (1 if args.tie_word_embeddings else 2)

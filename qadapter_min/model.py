@@ -293,3 +293,11 @@ class Transformer(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+@torch.no_grad()
+def init_random_weights(model: Transformer, std: float = 0.02):
+    """Weights for a model trained from scratch (the built-in world) or timed (bench.py), not loaded:
+    GPT-2's init, every matrix N(0, std) and every norm at 1. Draws from torch's global generator."""
+    for p in model.parameters():
+        p.normal_(0.0, std) if p.dim() > 1 else p.fill_(1.0)

@@ -6,16 +6,20 @@ Conventions shared by every function here:
     logits at position t are the model's output after reading tokens[:, :t+1]: the state s_t. The
     action taken in s_t is tokens[:, t+1], so the action a_t is scored where response_mask[:, t+1].
 
-Q-Adapter (DESIGN.md section 1). Q are the logits with the adapter on, log pi1 the log-softmax of the
-logits with it off (no gradient):
-    pi~(a|s) = softmax_a((Q(s,a) + alpha0 * log pi1(a|s)) / alpha)                 (1) customised policy
-    V(s)     = alpha * logsumexp_a((Q(s,a) + alpha0 * log pi1(a|s)) / alpha)       (2) its soft value
-    r_t      = Q(s_t, a_t) - gamma * V(s_t)                                        (3) implicit reward
-    R(y)     = sum of r_t over the reply's actions                                 (4)
-    n        = max(len(x + y_w), len(x + y_l)) - 1, per pair                      (5)
-    L_pref   = -log sigmoid((R(y_w) - R(y_l)) / n)                                 (6) Bradley-Terry
-    L_chi2   = beta * mean of r_t^2 over the pair's scored actions, y_w's and y_l's (7)
-    loss     = mean over pairs of L_pref + L_chi2                                  (8)
+Q-Adapter (Li et al., ICLR 2025; docs/method.md explains it in one page). Q are the logits with the
+adapter on, log pi1 the log-softmax of the logits with it off (no gradient). Each line says where it
+comes from in the paper:
+    pi~(a|s) = softmax_a((Q(s,a) + alpha0 * log pi1(a|s)) / alpha)        (1) the customised policy of
+                                                                              residual Q-learning
+    V(s)     = alpha * logsumexp_a((Q(s,a) + alpha0 * log pi1(a|s)) / alpha)  (2) its soft value
+    r_t      = Q(s_t, a_t) - gamma * V(s_t)                               (3) the new preference's reward,
+                                                                              recovered from Q for a fixed pi1
+    R(y)     = sum of r_t over the reply's actions                        (4) a reply's return
+    n        = max(len(x + y_w), len(x + y_l)) - 1, per pair             (5) the authors' length normaliser
+    L_pref   = -log sigmoid((R(y_w) - R(y_l)) / n)                        (6) the Bradley-Terry likelihood
+    L_chi2   = beta * mean of r_t^2 over the pair's scored actions,       (7) the authors' chi2 term, a pull
+               y_w's and y_l's together                                       of every reward towards 0
+    loss     = mean over pairs of L_pref + L_chi2                         (8)
 
 With gamma = 1, r_t = alpha * log pi~(a_t|s_t) - alpha0 * log pi1(a_t|s_t) by (1) and (2): the reward
 is how much more the customised policy likes the token than the base model does. Summed over a reply
@@ -30,6 +34,11 @@ Where we differ from the authors' code on purpose:
 
 import torch
 import torch.nn.functional as F
+
+# What defines an objective: the flags of train.py and the keys of qadapter_config.json of the same names.
+OBJECTIVE_SETTINGS = ("objective", "alpha", "alpha0", "beta", "gamma", "dpo_beta")
+# The policy an adapter trained with each objective defines (generate.py's policy modes).
+POLICY_OF_OBJECTIVE = {"qadapter": "customised", "dpo": "adapter"}
 
 
 def policy_logits(q_logits: torch.Tensor, base_logits: torch.Tensor, alpha: float = 1.0, alpha0: float = 0.01) -> torch.Tensor:
@@ -163,6 +172,8 @@ def dpo_loss(
 #     dL/dh_t = dL/dvalue_t * u_t,   u_t = W^T (onehot(a_t) - gamma * p_t)   (C,)
 # The forward pass keeps u (N, C); the backward pass only scales it.
 
+CHUNK_SIZE = 256  # scored positions per chunk: five fp32 (256, V) tensors live at once (memory.py counts them)
+
 
 class ChunkedTokenValues(torch.autograd.Function):
     """value_t, and, for the metrics, Q(s_t, a_t), V(s_t) and log pi1(a_t|s_t), from hidden states.
@@ -200,7 +211,7 @@ class ChunkedTokenValues(torch.autograd.Function):
         return grad_hidden, None, None, None, None, None, None, None
 
 
-def token_values_from_hidden(weight, hidden, base_hidden, tokens, response_mask, alpha, alpha0, gamma, chunk_size):
+def token_values_from_hidden(weight, hidden, base_hidden, tokens, response_mask, alpha, alpha0, gamma, chunk_size=CHUNK_SIZE):
     """ChunkedTokenValues at the scored positions, spread back to (2B, T-1) tensors (zero elsewhere)."""
     assert not weight.requires_grad, "the LM head is frozen: its gradient is not computed"
     scored = response_mask[:, 1:]  # (2B, T-1)
@@ -213,21 +224,31 @@ def token_values_from_hidden(weight, hidden, base_hidden, tokens, response_mask,
     return spread, scored
 
 
-def qadapter_loss_from_hidden(
-    head_weight, hidden, base_hidden, tokens, response_mask, *, alpha=1.0, alpha0=0.01, beta=0.1, gamma=1.0, chunk_size=256
+def loss_from_hidden(
+    head_weight, hidden, base_hidden, tokens, response_mask, *,
+    objective="qadapter", alpha=1.0, alpha0=0.01, beta=0.1, gamma=1.0, dpo_beta=0.1, chunk_size=CHUNK_SIZE,
 ):
-    """qadapter_loss with the same value and gradients, from hidden states (2B, T, C) and the LM head's
-    weight (V, C), without (2B, T, V) logits."""
-    (r, q_taken, v, _), scored = token_values_from_hidden(
-        head_weight, hidden, base_hidden, tokens, response_mask, alpha, alpha0, gamma, chunk_size
-    )
-    return qadapter_loss_from_rewards(r, q_taken, v, scored, beta=beta, lengths=_pair_lengths(response_mask))
+    """qadapter_loss or dpo_loss (by `objective`), with the same value and gradients, from hidden states
+    (2B, T, C) and the LM head's weight (V, C), without (2B, T, V) logits.
 
-
-def dpo_loss_from_hidden(head_weight, hidden, base_hidden, tokens, response_mask, *, beta=0.1, chunk_size=256):
-    """dpo_loss with the same value and gradients, from hidden states and the LM head's weight."""
-    # with alpha 1, alpha0 0 and gamma 1 the value is z[a] - logsumexp(z) = log pi(a_t|s_t)
-    (policy_logp, _, _, reference_logp), scored = token_values_from_hidden(
-        head_weight, hidden, base_hidden, tokens, response_mask, 1.0, 0.0, 1.0, chunk_size
-    )
-    return dpo_loss_from_token_values(policy_logp, reference_logp, scored, beta=beta)
+    The metrics also hold `rewards` (2B,), each reply's implicit reward
+        R(y) = sum over its actions of alpha * log pi(a_t|s_t) - alpha0 * log pi1(a_t|s_t)
+    for the policy the objective trains: pi~ for Q-Adapter (then R is equation (4) at gamma = 1), the
+    adapter-on model for DPO. Preference accuracy is the share of pairs with R(y_w) > R(y_l); one
+    definition for every policy, so that a Q-Adapter, a DPO adapter and the base model compare.
+    """
+    if objective == "qadapter":
+        (r, q_taken, v, log_pi1), scored = token_values_from_hidden(
+            head_weight, hidden, base_hidden, tokens, response_mask, alpha, alpha0, gamma, chunk_size
+        )
+        loss, metrics = qadapter_loss_from_rewards(r, q_taken, v, scored, beta=beta, lengths=_pair_lengths(response_mask))
+        log_pi = (q_taken + alpha0 * log_pi1 - v) / alpha  # log pi~(a_t|s_t), by (1) and (2)
+    else:
+        # with alpha 1, alpha0 0 and gamma 1 the value is z[a] - logsumexp(z) = log pi(a_t|s_t)
+        (log_pi, _, _, log_pi1), scored = token_values_from_hidden(
+            head_weight, hidden, base_hidden, tokens, response_mask, 1.0, 0.0, 1.0, chunk_size
+        )
+        loss, metrics = dpo_loss_from_token_values(log_pi, log_pi1, scored, beta=dpo_beta)
+        metrics["chi2_loss"] = torch.zeros((), device=loss.device)  # DPO has no such term; logged as 0
+    metrics["rewards"] = torch.where(scored, alpha * log_pi.detach() - alpha0 * log_pi1, 0.0).sum(dim=1)
+    return loss, metrics

@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from qadapter_min import UserError
+from qadapter_min.common import read_json_file
 from qadapter_min.model import ModelArgs, Transformer
 
 CONFIG_FILE = "config.json"
@@ -73,19 +74,6 @@ def resolve_model_dir(path_or_repo_id: str | os.PathLike) -> Path:
         raise UserError(f"downloading {name} from the Hub failed ({error}); retry, or pass a local model directory") from None
 
 
-def read_json_file(path: Path, missing_hint: str, invalid_hint: str) -> dict:
-    """A small JSON file (a config), or a UserError naming it with the hint for a missing or an invalid file."""
-    if not path.is_file():
-        raise UserError(f"{path} does not exist; {missing_hint}")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"{path} is not valid JSON ({error}); {invalid_hint}") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path} does not hold a JSON object; {invalid_hint}")
-    return config
-
-
 def read_config(model_dir: Path) -> ModelArgs:
     """ModelArgs from config.json, in the classic form (rope_theta + rope_scaling) or the newer
     rope_parameters form that recent transformers versions write."""
@@ -137,6 +125,25 @@ def read_config(model_dir: Path) -> ModelArgs:
         )
     except ValueError as error:
         raise UserError(f"{config_path}: {error}; qadapter-min runs Llama 3.x checkpoints") from None
+
+
+def write_config(args: ModelArgs, directory: Path, rope_form: str = "classic", torch_dtype: str = "float32"):
+    """config.json for ModelArgs, as the Hub writes it: the inverse of read_config. rope_form "classic"
+    writes rope_theta + rope_scaling; "parameters" the newer rope_parameters dict."""
+    if rope_form == "classic":
+        rope = {"rope_theta": args.rope_theta, "rope_scaling": args.rope_scaling}
+    else:
+        rope = {"rope_parameters": {"rope_theta": args.rope_theta, **(args.rope_scaling or {"rope_type": "default"})}}
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "hidden_size": args.hidden_size, "intermediate_size": args.intermediate_size,
+        "num_hidden_layers": args.num_hidden_layers, "num_attention_heads": args.num_attention_heads,
+        "num_key_value_heads": args.num_key_value_heads, "head_dim": args.head_dim, "vocab_size": args.vocab_size,
+        "rms_norm_eps": args.rms_norm_eps, **rope, "max_position_embeddings": args.max_position_embeddings,
+        "tie_word_embeddings": args.tie_word_embeddings, "bos_token_id": args.bos_token_id,
+        "eos_token_id": args.eos_token_id, "attention_bias": False, "mlp_bias": False, "torch_dtype": torch_dtype,
+    }
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 
 def checkpoint_name_to_ours(name: str) -> str:

@@ -10,7 +10,8 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer as HFTokenizer
 
 from qadapter_min.model import ModelArgs
-from qadapter_min.toyworld import build_tokenizer
+from qadapter_min.tokenizer import train_llama3_style_tokenizer
+from qadapter_min.weights import write_config
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -26,23 +27,6 @@ def tiny_args(**overrides) -> ModelArgs:
     )
     shape.update(overrides)
     return ModelArgs(**shape)
-
-
-def hf_config(args: ModelArgs, rope_form: str = "classic") -> dict:
-    """config.json as the Hub writes it, in the classic or the newer rope_parameters form."""
-    config = dict(
-        architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
-        hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
-        num_hidden_layers=args.num_hidden_layers, num_attention_heads=args.num_attention_heads,
-        num_key_value_heads=args.num_key_value_heads, vocab_size=args.vocab_size, rms_norm_eps=args.rms_norm_eps,
-        max_position_embeddings=args.max_position_embeddings, tie_word_embeddings=args.tie_word_embeddings,
-        bos_token_id=args.bos_token_id, eos_token_id=args.eos_token_id, attention_bias=False, mlp_bias=False, torch_dtype="float32",
-    )
-    if rope_form == "classic":
-        config.update(rope_theta=args.rope_theta, rope_scaling=args.rope_scaling)
-    else:
-        config["rope_parameters"] = dict(rope_theta=args.rope_theta, **(args.rope_scaling or {"rope_type": "default"}))
-    return config
 
 
 def random_hf_state(args: ModelArgs, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -70,9 +54,10 @@ def random_hf_state(args: ModelArgs, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def write_checkpoint(directory: Path, args: ModelArgs, state: dict, shards: int = 1, rope_form: str = "classic") -> Path:
-    """Write config.json and safetensors in the Hub layout: model.safetensors, or shards plus an index."""
+    """Write config.json (rope_form "classic" or "parameters") and safetensors in the Hub layout:
+    model.safetensors, or shards plus an index."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(hf_config(args, rope_form), indent=2))
+    write_config(args, directory, rope_form)
     if shards == 1:
         save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
         return directory
@@ -102,7 +87,7 @@ CORPUS = [
 def tokenizer_file(tmp_path_factory) -> Path:
     """A small byte-level BPE with Llama 3's pre-tokenizer, decoder and 256 special tokens."""
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    build_tokenizer(CORPUS, path, vocab_size=600)
+    train_llama3_style_tokenizer(CORPUS, path, vocab_size=600)
     return path
 
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import train
 from conftest import tiny_model_dir, write_pairs
-from qadapter_min import UserError
+from qadapter_min import UserError, step
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -171,7 +171,7 @@ def test_sample_py_refuses_a_directory_without_an_adapter(world, tmp_path):
 
 
 def test_non_finite_losses_skip_the_update_and_three_in_a_row_stop_the_run(world, tmp_path, monkeypatch):
-    real_loss = train.qadapter_loss_from_hidden
+    real_loss = step.loss_from_hidden
     calls = []
 
     def loss_that_goes_bad(*args, **kwargs):
@@ -179,7 +179,7 @@ def test_non_finite_losses_skip_the_update_and_three_in_a_row_stop_the_run(world
         loss, metrics = real_loss(*args, **kwargs)
         return (loss * math.nan if len(calls) >= 2 else loss), metrics  # step 1 is fine, then NaN forever
 
-    monkeypatch.setattr(train, "qadapter_loss_from_hidden", loss_that_goes_bad)
+    monkeypatch.setattr(step, "loss_from_hidden", loss_that_goes_bad)
     model_dir, data = world
     out = tmp_path / "out"
     with pytest.raises(UserError, match="not finite for 3 steps in a row \\(up to step 4\\); lower --lr"):

@@ -6,13 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qadapter_min.objective import (
-    dpo_loss,
-    dpo_loss_from_hidden,
-    policy_logits,
-    qadapter_loss,
-    qadapter_loss_from_hidden,
-)
+from qadapter_min.objective import dpo_loss, loss_from_hidden, policy_logits, qadapter_loss
 
 LN2, LN3 = math.log(2), math.log(3)
 
@@ -57,7 +51,7 @@ def test_qadapter_loss_on_a_hand_worked_example():
 
 
 def slow_qadapter_loss(q_logits, base_logits, tokens, response_mask, alpha, alpha0, beta, gamma):
-    """DESIGN.md section 1 literally: a Python loop over pairs and reply tokens."""
+    """objective.py's equations (1)-(8) literally: a Python loop over pairs and reply tokens."""
     B = tokens.shape[0] // 2
     total = 0.0
     for i in range(B):
@@ -168,11 +162,12 @@ def test_the_chunked_path_from_hidden_states_equals_the_plain_loss_in_value_and_
         hyper = dict(alpha=0.9, alpha0=0.1, beta=0.3, gamma=1.0)
         plain, _ = qadapter_loss(head(hidden), head(base_hidden), tokens, response_mask, **hyper)
         plain_grad = torch.autograd.grad(plain, hidden)[0]
-        lean, _ = qadapter_loss_from_hidden(head.weight, hidden, base_hidden, tokens, response_mask, chunk_size=chunk_size, **hyper)
+        lean, _ = loss_from_hidden(head.weight, hidden, base_hidden, tokens, response_mask, chunk_size=chunk_size, **hyper)
     else:
         plain, _ = dpo_loss(head(hidden), head(base_hidden), tokens, response_mask, beta=0.1)
         plain_grad = torch.autograd.grad(plain, hidden)[0]
-        lean, _ = dpo_loss_from_hidden(head.weight, hidden, base_hidden, tokens, response_mask, beta=0.1, chunk_size=chunk_size)
+        lean, _ = loss_from_hidden(head.weight, hidden, base_hidden, tokens, response_mask, objective="dpo", dpo_beta=0.1,
+                                   chunk_size=chunk_size)
     lean_grad = torch.autograd.grad(lean, hidden)[0]
     torch.testing.assert_close(lean, plain, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(lean_grad, plain_grad, rtol=1e-5, atol=1e-7)
@@ -186,7 +181,7 @@ def test_the_chunked_path_in_bf16_stays_within_bf16_precision_of_the_plain_loss(
     base_hidden = torch.randn(4, 9, 6).bfloat16()
     plain, _ = qadapter_loss(hidden @ weight.T, base_hidden @ weight.T, tokens, response_mask, alpha0=0.1)
     plain_grad = torch.autograd.grad(plain, hidden)[0]
-    lean, _ = qadapter_loss_from_hidden(weight, hidden, base_hidden, tokens, response_mask, alpha0=0.1, chunk_size=4)
+    lean, _ = loss_from_hidden(weight, hidden, base_hidden, tokens, response_mask, alpha0=0.1, chunk_size=4)
     lean_grad = torch.autograd.grad(lean, hidden)[0]
     assert lean_grad.dtype == torch.bfloat16
     torch.testing.assert_close(lean, plain, rtol=1e-2, atol=1e-3)

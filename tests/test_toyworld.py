@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+import toyworld
 import train
-from qadapter_min import toyworld
 from qadapter_min.data import load_pairs
 from qadapter_min.tokenizer import Tokenizer
 
@@ -28,10 +28,10 @@ def test_every_skill_has_a_checkable_answer_and_the_prefix_is_optional():
 
 
 def test_the_committed_world_loads_through_the_llama_loader_and_tokenizer():
-    tokenizer = Tokenizer(toyworld.TOY_DIR)
+    tokenizer = Tokenizer(toyworld.MODEL_DIR)
     assert tokenizer.vocab_size == 956 and tokenizer.special_token_id("<|eot_id|>") == tokenizer.eot_id
-    train_pairs = load_pairs(toyworld.TOY_DIR / "train.jsonl", log=lambda *_: None)
-    test_pairs = load_pairs(toyworld.TOY_DIR / "test.jsonl", log=lambda *_: None)
+    train_pairs = load_pairs(toyworld.WORLD_DIR / "train.jsonl", log=lambda *_: None)
+    test_pairs = load_pairs(toyworld.WORLD_DIR / "test.jsonl", log=lambda *_: None)
     assert len(train_pairs) == 512 and len(test_pairs) == 96
     asked = {p.chosen[0]["content"].split()[2] for p in train_pairs}  # "What is the ...", "Write this word ..."
     assert "word" not in asked  # uppercase stays out of the preference data

@@ -92,6 +92,13 @@ def test_two_processes_under_torchrun_give_the_adapter_of_one_process(world, tmp
     assert any(one[name].abs().max() > 1e-4 for name in one if "lora_B" in name)  # training moved B off zero
 
 
+def checkpoint_step(path: Path) -> int:
+    try:
+        return torch.load(path, weights_only=True)["step"]
+    except (FileNotFoundError, RuntimeError, EOFError):  # not written yet
+        return 0
+
+
 def test_a_run_killed_five_times_at_random_moments_resumes_to_the_adapter_of_an_uninterrupted_run(world, tmp_path):
     model_dir, data = world
     flags = ["--model", model_dir, "--data", data, "--batch_size", 4, "--micro_batch_size", 1, "--max_steps", 30,
@@ -104,14 +111,13 @@ def test_a_run_killed_five_times_at_random_moments_resumes_to_the_adapter_of_an_
     killed_at = []
     for _ in range(5):
         resume = ["--resume"] if checkpoint.exists() else []
-        last_write = checkpoint.stat().st_mtime_ns if checkpoint.exists() else 0
         process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, flags), "--out", str(out), *resume],
                                    cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 60  # wait until this run is training (it has written a checkpoint) ...
-        while process.poll() is None and time.time() < deadline and (
-                not checkpoint.exists() or checkpoint.stat().st_mtime_ns == last_write):
-            time.sleep(0.002)
-        time.sleep(moments.uniform(0.0, 1.0))  # ... then kill it at a random moment
+        target = checkpoint_step(checkpoint) + moments.randint(1, 5)  # wait until this run has checkpointed that step ...
+        deadline = time.time() + 60
+        while process.poll() is None and time.time() < deadline and checkpoint_step(checkpoint) < target:
+            time.sleep(0.005)
+        time.sleep(moments.uniform(0.0, 0.03))  # ... then kill it at a random moment within a step
         process.send_signal(signal.SIGKILL)
         process.wait()
         if checkpoint.exists():

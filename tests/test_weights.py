@@ -26,7 +26,7 @@ def test_logits_match_transformers_golden_logits(fixture):
 
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("shards", [1, 3])
-@pytest.mark.parametrize("rope_form", ["classic", "rope_parameters"])
+@pytest.mark.parametrize("rope_form", ["classic", "parameters"])
 def test_every_tensor_arrives_where_the_checkpoint_name_says(tmp_path, tied, shards, rope_form):
     args = tiny_args(tie_word_embeddings=tied)
     state = random_hf_state(args)

@@ -1,0 +1,88 @@
+"""What every script shares: the device and dtype, files written whole or not at all, small JSON files,
+--help with defaults, and how a script ends on a user's mistake or on Ctrl-C."""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from qadapter_min import UserError
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+_UMASK = os.umask(0)  # read the process's umask (os.umask sets and returns it) ...
+os.umask(_UMASK)  # ... and put it back
+
+
+def default_device(local_rank: int = 0) -> torch.device:
+    """The GPU of this process when there is one, else the CPU."""
+    return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+
+
+def choose_dtype(flag: str | None, device: torch.device) -> torch.dtype:
+    """--dtype as given; without it bf16 on a GPU (the paper's Llama-3.1 runs) and fp32 on a CPU (exact, and
+    bf16 matrix products are slow on most CPUs)."""
+    return DTYPES[flag or ("bf16" if device.type == "cuda" else "fp32")]
+
+
+def atomic_write(path: Path, write):
+    """Write through a temporary file in the same directory, then rename: a crash leaves the old file or
+    the new one, never half of one. Every file gets the mode a plain open() would give it (0644 under
+    the usual umask), whatever the writer's own choice."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        write(temporary)
+        os.chmod(temporary, 0o666 & ~_UMASK)
+        os.replace(temporary, path)
+    except BaseException:  # Ctrl-C or a full disk: leave no half-written temporary behind
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, value: dict):
+    atomic_write(path, lambda p: p.write_text(json.dumps(value, indent=2) + "\n"))
+
+
+def read_json_file(path: Path, missing_hint: str, invalid_hint: str) -> dict:
+    """A small JSON file (a config), or a UserError naming it with the hint for a missing or an invalid file."""
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; {missing_hint}")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{path} is not valid JSON ({error}); {invalid_hint}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} does not hold a JSON object; {invalid_hint}")
+    return config
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the module docstring's layout and shows every flag's default."""
+
+
+def run_command_line(main):
+    """Run a script's main() as a command: a UserError prints one line, "error: ...", and exits 2, with no
+    traceback; Ctrl-C prints one line (what was reached, what to do next) and exits 130, as shells expect.
+
+    Under torchrun every rank meets the same data and flags, so rank 0 speaks for all; an error of one
+    rank alone (out of memory) names its rank. A rank that fails leaves at once without the process
+    group's shutdown, which would wait for ranks that wait for it; torchrun then ends the others.
+    """
+    speaks = os.environ.get("RANK", "0") == "0"
+    try:
+        main()
+        return
+    except UserError as error:
+        if speaks or str(error).startswith("rank "):
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        code = 2
+    except KeyboardInterrupt as interrupt:
+        if speaks:
+            print(f"\ninterrupted{': ' + str(interrupt) if str(interrupt) else ''}", file=sys.stderr, flush=True)
+        code = 130
+    if dist.is_initialized():
+        os._exit(code)
+    sys.exit(code)
