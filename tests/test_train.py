@@ -154,3 +154,22 @@ def test_a_batch_size_that_does_not_divide_is_one_clear_error(world, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == ("error: --batch_size 5 is not a multiple of --micro_batch_size (2) x 1 processes; "
                                      "choose a batch size divisible by 2")
+
+
+def test_the_step_plan_covers_each_epoch_once_in_a_seeded_order_and_splits_it_over_ranks():
+    num_pairs, batch_size, seed = 10, 4, 7  # 2 steps per epoch; 2 pairs of each epoch left out
+    plan = {(step, rank, world): train.step_plan(step, rank, world, num_pairs, batch_size, seed)
+            for step in range(6) for world in (1, 2, 4) for rank in range(world)}
+    for step in range(6):
+        whole = plan[step, 0, 1][0]
+        assert len(whole) == batch_size == len(set(whole))
+        for world in (2, 4):  # the ranks' shares, in rank order, are the one-process step
+            assert sum((plan[step, rank, world][0] for rank in range(world)), []) == whole
+    for epoch in range(3):
+        pairs = plan[2 * epoch, 0, 1][0] + plan[2 * epoch + 1, 0, 1][0]
+        assert len(set(pairs)) == 8 and set(pairs) <= set(range(num_pairs))  # no pair twice within an epoch
+    assert plan[0, 0, 1][0] + plan[1, 0, 1][0] != plan[2, 0, 1][0] + plan[3, 0, 1][0]  # each epoch in its own order
+    assert train.step_plan(3, 1, 2, num_pairs, batch_size, seed) == plan[3, 1, 2]  # a pure function
+    assert train.step_plan(0, 0, 1, num_pairs, batch_size, seed + 1)[0] != plan[0, 0, 1][0]  # the seed sets the order
+    seeds = [plan[step, rank, 2][1] for step in range(6) for rank in range(2)]
+    assert len(set(seeds)) == len(seeds)  # every step and rank draws its own dropout
