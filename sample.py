@@ -47,11 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def load_policy(args):
+def load_policy(args, config: dict | None, model_name: str):
     """(model, tokenizer, policy mode, alpha, alpha0): the base model, with the adapter put on it if one is
-    given, and the policy the adapter was trained for (generate.py's modes)."""
-    config = load_run_config(args.adapter) if args.adapter is not None else None
-    model_name = args.model or config["base_model"]
+    given (config: its qadapter_config.json), and the policy the adapter was trained for (generate.py's modes)."""
     device = default_device()
     model_dir = resolve_model_dir(model_name)
     tokenizer = Tokenizer(model_dir)
@@ -92,7 +90,9 @@ def reply(model, tokenizer, messages, policy_mode, alpha, alpha0, args) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
-    model, tokenizer, mode, alpha, alpha0 = load_policy(args)
+    config = load_run_config(args.adapter) if args.adapter is not None else None
+    model_name = args.model or config["base_model"]
+    model, tokenizer, mode, alpha, alpha0 = load_policy(args, config, model_name)
 
     def answer(messages) -> str:
         if args.compare and mode != "base":
@@ -106,7 +106,6 @@ def main(argv=None):
         answer(history + [{"role": "user", "content": args.prompt}])
         return
     # the banner and the prompt go to stderr, so that stdout holds the replies alone
-    model_name = args.model or load_run_config(args.adapter)["base_model"]
     print(f"chatting with {model_name}" + (f" + {args.adapter} ({mode})" if args.adapter else "") + "; Ctrl-D to quit",
           file=sys.stderr)
     while True:

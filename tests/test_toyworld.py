@@ -3,6 +3,7 @@ its skills, and `sample.py --adapter` then speaks with the preference."""
 
 import json
 import random
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -40,13 +41,17 @@ def test_the_committed_world_loads_through_the_llama_loader_and_tokenizer():
 
 @pytest.fixture(scope="module")
 def builtin_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("builtin")
-    train.main(["--out", str(out)])
-    return out
+    """A bare `python train.py` (with --out), run as a user runs it: (its --out, the command it printed first)."""
+    out = tmp_path_factory.mktemp("builtin") / "out"
+    result = subprocess.run([sys.executable, "train.py", "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    first = result.stdout.splitlines()[0]
+    assert first.startswith("built-in world: python train.py --model toyworld/model ")
+    return out, first.removeprefix("built-in world: ")
 
 
 def test_the_builtin_run_learns_the_preference_and_keeps_the_skills(builtin_run):
-    report = json.loads((builtin_run / "report.json").read_text())
+    report = json.loads((builtin_run[0] / "report.json").read_text())
     base, customised = report["base"], report["customised"]
     for model in (base, customised):
         for key in ("preference_accuracy", "preference_rate", "skill_accuracy"):
@@ -61,9 +66,17 @@ def test_the_builtin_run_learns_the_preference_and_keeps_the_skills(builtin_run)
 
 def test_sample_py_then_answers_with_the_new_preference(builtin_run):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "sample.py"), "--adapter", str(builtin_run), "--prompt",
+        [sys.executable, str(ROOT / "sample.py"), "--adapter", str(builtin_run[0]), "--prompt",
          "What is the capital of Peru?", "--temperature", "0", "--compare"],
         capture_output=True, text=True, cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == "[base]\nThe capital of Peru is Lima.\n[customised]\nSure! The capital of Peru is Lima.\n"
+
+
+def test_the_printed_command_run_explicitly_gives_the_same_report(builtin_run, tmp_path):
+    out, command = builtin_run
+    argv = shlex.split(command)[2:]  # after "python train.py": the world's flags, then the --out typed above
+    assert argv[-2:] == ["--out", str(out)]
+    train.main(argv + ["--out", str(tmp_path / "explicit")])  # a later flag wins
+    assert json.loads((tmp_path / "explicit" / "report.json").read_text()) == json.loads((out / "report.json").read_text())

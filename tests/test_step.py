@@ -1,0 +1,89 @@
+"""One micro-batch through the model (step.py): the loss of the plain objective on full logits, and the
+implicit rewards R(y) of each policy against the obvious computation from full logits."""
+
+import argparse
+from contextlib import nullcontext
+
+import pytest
+import torch
+
+from conftest import tiny_model_dir, write_pairs
+from qadapter_min.data import collate, encode_pairs, load_pairs
+from qadapter_min.lora import adapter_disabled, add_lora, lora_layers
+from qadapter_min.objective import dpo_loss, policy_logits, qadapter_loss
+from qadapter_min.step import micro_batch_objective
+from qadapter_min.tokenizer import Tokenizer
+from qadapter_min.weights import load_model
+from toyworld.report import preference_accuracy
+
+ALPHA, ALPHA0 = 0.8, 0.2
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory, tokenizer_file):
+    """A tiny model with a trained-looking adapter (B != 0), and 6 encoded pairs."""
+    directory = tmp_path_factory.mktemp("step")
+    model_dir = tiny_model_dir(directory / "model", tokenizer_file)
+    tokenizer = Tokenizer(model_dir)
+    pairs = encode_pairs(load_pairs(write_pairs(directory / "pairs.jsonl", n=6), log=lambda *_: None), tokenizer, 512,
+                         log=lambda *_: None)
+    model = add_lora(load_model(model_dir), r=4, alpha=8, dropout=0.0, targets=("q_proj", "v_proj", "down_proj"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.weight.normal_(0.0, 0.3)
+    return model.eval(), pairs, tokenizer.eot_id
+
+
+def slow_rewards(model, tokens, response_mask, policy_mode):
+    """R(y) = sum over reply tokens of alpha log pi(a_t|s_t) - alpha0 log pi1(a_t|s_t), from full logits."""
+    with torch.no_grad():
+        with adapter_disabled(model):
+            base = model(tokens)
+        adapter = model(tokens)
+    log_pi1 = base.log_softmax(-1)
+    log_pi = {"base": log_pi1, "adapter": adapter.log_softmax(-1),
+              "customised": policy_logits(adapter, base, ALPHA, ALPHA0).log_softmax(-1)}[policy_mode]
+    rewards = torch.zeros(tokens.shape[0])
+    for row in range(tokens.shape[0]):
+        for t in range(1, tokens.shape[1]):
+            if response_mask[row, t]:  # token t is the action taken in the state after tokens[:t]
+                a = tokens[row, t]
+                rewards[row] += ALPHA * log_pi[row, t - 1, a] - ALPHA0 * log_pi1[row, t - 1, a]
+    return rewards
+
+
+@pytest.mark.parametrize("policy_mode", ["base", "adapter", "customised"])
+def test_the_rewards_of_each_policy_match_full_logits_and_give_the_reports_accuracy(batch, policy_mode):
+    model, pairs, pad_id = batch
+    tokens, response_mask = collate(pairs, pad_id)
+    settings = dict(objective="qadapter" if policy_mode == "customised" else "dpo", alpha=ALPHA, alpha0=ALPHA0)
+    with torch.no_grad(), adapter_disabled(model) if policy_mode == "base" else nullcontext():
+        _, metrics = micro_batch_objective(model, tokens, response_mask, settings)
+    expected = slow_rewards(model, tokens, response_mask, policy_mode)
+    torch.testing.assert_close(metrics["rewards"], expected, rtol=1e-5, atol=1e-5)
+
+    args = argparse.Namespace(objective="qadapter", alpha=ALPHA, alpha0=ALPHA0, beta=0.1, gamma=1.0, dpo_beta=0.1,
+                              micro_batch_size=4)  # 6 pairs: micro-batches of 4 and 2
+    share = (expected[:6] > expected[6:]).float().mean().item()
+    assert preference_accuracy(model, pairs, pad_id, policy_mode, args) == pytest.approx(share)
+
+
+@pytest.mark.parametrize("objective", ["qadapter", "dpo"])
+def test_the_micro_batch_loss_and_gradients_are_the_plain_objectives_on_full_logits(batch, objective):
+    model, pairs, pad_id = batch
+    tokens, response_mask = collate(pairs[:3], pad_id)
+    settings = dict(objective=objective, alpha=ALPHA, alpha0=ALPHA0, beta=0.3, gamma=0.9, dpo_beta=0.2)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    loss, _ = micro_batch_objective(model, tokens, response_mask, settings)
+    grads = torch.autograd.grad(loss, trainable)
+    with torch.no_grad(), adapter_disabled(model):
+        base = model(tokens)
+    if objective == "qadapter":
+        plain, _ = qadapter_loss(model(tokens), base, tokens, response_mask, alpha=ALPHA, alpha0=ALPHA0, beta=0.3, gamma=0.9)
+    else:
+        plain, _ = dpo_loss(model(tokens), base, tokens, response_mask, beta=0.2)
+    plain_grads = torch.autograd.grad(plain, trainable)
+    torch.testing.assert_close(loss, plain, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, plain_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
