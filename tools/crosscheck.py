@@ -13,7 +13,6 @@ sample  sample.py's greedy reply against the customised policy recomputed with t
 """
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qadapter_min.lora import add_lora, lora_layers, save_adapter  # noqa: E402
+from qadapter_min.lora import add_lora, load_run_config, lora_layers, save_adapter  # noqa: E402
 from qadapter_min.tokenizer import Tokenizer  # noqa: E402
 from qadapter_min.weights import load_model  # noqa: E402
 
@@ -86,7 +85,7 @@ def check_sample(adapter_dir, prompts, max_new_tokens=32):
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
-    config = json.loads((Path(adapter_dir) / "qadapter_config.json").read_text())
+    config = load_run_config(adapter_dir)
     model_dir, alpha, alpha0 = config["base_model"], config["alpha"], config["alpha0"]
     tokenizer = Tokenizer(model_dir)  # its chat format was checked against the template by `chat`
     model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32), adapter_dir).eval()

@@ -94,7 +94,3 @@ def format_report(report: dict, objective: str) -> str:
     for skill in SKILLS:
         row(f"  {skill}", "skill_accuracy", skill)
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    build()
