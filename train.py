@@ -35,8 +35,8 @@ import toyworld
 from qadapter_min import UserError
 from qadapter_min.common import HelpFormatter, atomic_write, choose_dtype, default_device, run_command_line, write_json
 from qadapter_min.data import check_data_file, collate, encode_pairs, load_pairs
-from qadapter_min.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PROJECTIONS, RUN_CONFIG, add_lora, check_targets,
-                               save_adapter, save_run_config)
+from qadapter_min.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MASK32, PROJECTIONS, RUN_CONFIG, add_lora,
+                               check_targets, mix32, save_adapter, save_run_config)
 from qadapter_min.memory import training_memory_gib
 from qadapter_min.objective import OBJECTIVE_SETTINGS
 from qadapter_min.step import micro_batch_objective
@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="base weights' dtype (None: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--grad_checkpointing", action="store_true", help="recompute each block in the backward pass to save memory")
     p.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
-    p.add_argument("--seed", type=int, default=1337, help="seed of the data order, the LoRA init and dropout")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the data order, the LoRA init and the dropout masks")
     p.add_argument("--eval_every", type=int, default=0, help="evaluate every N steps and at the end (0: only at the end)")
     p.add_argument("--save_every", type=int, default=0, help="write checkpoint/ every N steps (0: never)")
     p.add_argument("--log_every", type=int, default=1, help="print and log metrics every N steps")
@@ -348,10 +348,9 @@ def print_plan(args, model, train_set, processes: Processes) -> tuple[int, dict]
 # Training
 
 
-def step_plan(step: int, rank: int, world_size: int, num_pairs: int, batch_size: int, seed: int) -> tuple[list[int], int]:
-    """What optimizer step `step` (0-based) does on process `rank`: (the indices of its pairs, the seed
-    of its LoRA dropout). A pure function of its arguments, so a resumed run repeats exactly what an
-    uninterrupted one does without saving random states.
+def step_plan(step: int, rank: int, world_size: int, num_pairs: int, batch_size: int, seed: int) -> list[int]:
+    """The indices of the pairs that optimizer step `step` (0-based) gives to process `rank`: a pure
+    function of its arguments, so a resumed run repeats exactly what an uninterrupted one does.
 
     The step's pairs are a slice of one seeded permutation per epoch, the same whatever the number of
     ranks; rank r takes the r-th share. The last partial batch of an epoch is left out.
@@ -361,7 +360,17 @@ def step_plan(step: int, rank: int, world_size: int, num_pairs: int, batch_size:
     order = torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
     step_pairs = order[index * batch_size : (index + 1) * batch_size]
     per_rank = batch_size // world_size
-    return step_pairs[rank * per_rank : (rank + 1) * per_rank], seed * 1_000_003 + step * 1009 + rank
+    return step_pairs[rank * per_rank : (rank + 1) * per_rank]
+
+
+def dropout_keys(seed: int, step: int, pair_indices: list[int]) -> torch.Tensor:
+    """The LoRA dropout keys (2B,) of a micro-batch's rows, chosen rows then rejected ones as collate
+    orders them: a pure function of (seed, step, pair, side). With the masks drawn from these keys
+    (lora.py's keyed_dropout), the adapter does not depend on which process or micro-batch a pair is
+    in, and a resumed run needs no random state."""
+    step_key = mix32(mix32(torch.tensor(seed) & MASK32) ^ step)
+    pair_keys = mix32(step_key ^ torch.tensor(pair_indices, dtype=torch.int64))  # (B,)
+    return torch.cat([mix32(pair_keys ^ 1), mix32(pair_keys ^ 2)])  # (2B,): the chosen side, the rejected side
 
 
 def train(model, ddp_model, optimizer, train_set, eval_set, pad_id, start_step, total_steps, args, processes: Processes):
@@ -373,10 +382,8 @@ def train(model, ddp_model, optimizer, train_set, eval_set, pad_id, start_step, 
     try:
         for step in range(start_step, total_steps):
             step_started = time.time()
-            my_pairs, dropout_seed = step_plan(step, processes.rank, processes.world_size, len(train_set),
-                                               args.batch_size, args.seed)
-            torch.manual_seed(dropout_seed)
-            means, tokens = run_micro_batches(model, ddp_model, [train_set[i] for i in my_pairs], pad_id, settings, args, processes)
+            my_pairs = step_plan(step, processes.rank, processes.world_size, len(train_set), args.batch_size, args.seed)
+            means, tokens = run_micro_batches(model, ddp_model, train_set, my_pairs, step, pad_id, settings, args, processes)
             lr = lr_at(step, total_steps, args)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -411,17 +418,20 @@ def train(model, ddp_model, optimizer, train_set, eval_set, pad_id, start_step, 
         raise KeyboardInterrupt(how_to_go_on(out, done, total_steps)) from None
 
 
-def run_micro_batches(model, ddp_model, pairs, pad_id, settings, args, processes: Processes):
+def run_micro_batches(model, ddp_model, train_set, pair_indices, step, pad_id, settings, args, processes: Processes):
     """Forward and backward over this rank's pairs of one step, micro-batch by micro-batch, gradients
     all-reduced on the last; (the step's metrics, each a mean over all its pairs, and its token count)."""
-    accumulation = len(pairs) // args.micro_batch_size
+    accumulation = len(pair_indices) // args.micro_batch_size
     sums = torch.zeros(len(METRIC_NAMES) + 1, device=processes.device)  # metric sums over this rank's pairs, then tokens
     for micro in range(accumulation):
-        batch = pairs[micro * args.micro_batch_size : (micro + 1) * args.micro_batch_size]
+        indices = pair_indices[micro * args.micro_batch_size : (micro + 1) * args.micro_batch_size]
+        batch = [train_set[i] for i in indices]
         tokens, response_mask = (t.to(processes.device) for t in collate(batch, pad_id))
+        keys = dropout_keys(args.seed, step, indices).to(processes.device)
         sync = micro == accumulation - 1  # all-reduce the gradients once, on the last micro-step
         with ddp_model.no_sync() if processes.distributed and not sync else nullcontext():
-            loss, metrics = micro_batch_objective(model, tokens, response_mask, settings, adapter_forward=ddp_model)
+            loss, metrics = micro_batch_objective(model, tokens, response_mask, settings, adapter_forward=ddp_model,
+                                                  dropout_keys=keys)
             # the micro-batch loss is a mean over its pairs; the step's loss is the mean over all its pairs
             (loss / accumulation).backward()
         values = [loss.item()] + [metrics[name].item() for name in METRIC_NAMES[1:]]

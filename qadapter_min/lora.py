@@ -52,13 +52,20 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.disabled = False  # True: behave exactly as the base layer
         self.active_rows = None  # a (B,) bool tensor: apply the adapter to these batch rows only
+        self.dropout_keys = None  # a (B,) int64 tensor: draw each row's dropout mask from its key (keyed_dropout)
+        self.index = 0  # this layer's number in the model, set by add_lora: part of its masks' key
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight)
         if self.disabled:
             return out
         # The adapter runs in its own (fp32) dtype; the sum is cast back to the base output's dtype, as PEFT does.
-        update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))) * self.scale
+        x = x.to(self.lora_A.weight.dtype)
+        if self.training and self.dropout_keys is not None and self.dropout.p > 0:
+            x = keyed_dropout(x, self.dropout_keys, self.index, self.dropout.p)
+        else:
+            x = self.dropout(x)
+        update = self.lora_B(self.lora_A(x)) * self.scale
         if self.active_rows is not None:  # (B,) -> (B, 1, ..., 1): rows without the adapter get no update
             update = update * self.active_rows.view(-1, *([1] * (update.dim() - 1)))
         return (out + update).to(out.dtype)
@@ -82,6 +89,8 @@ def add_lora(
                 setattr(module, child_name, LoRALinear(child, r, alpha, dropout, dtype))
     if not lora_layers(model):
         raise UserError(f"the model has no layer named {', '.join(targets)} to put LoRA on")
+    for index, layer in enumerate(lora_layers(model).values()):
+        layer.index = index
     return model
 
 
@@ -124,6 +133,44 @@ def adapter_on_rows(model: nn.Module, rows: torch.Tensor):
     finally:
         for layer in layers:
             layer.active_rows = None
+
+
+def set_dropout_keys(model: nn.Module, keys: torch.Tensor | None):
+    """From now on, training-mode LoRA dropout draws the mask of batch row i from keys[i] (B,), and not
+    from torch's random state (None: back to nn.Dropout). The keys stay until the next call, so that the
+    backward pass of activation checkpointing, which runs the forward again, draws the same masks."""
+    for layer in lora_layers(model).values():
+        layer.dropout_keys = keys
+
+
+# ----------------------------------------------------------------------------------------------------
+# Keyed dropout: a mask that is a pure function of (row key, layer, position, feature), the same on every
+# device and whatever else shares the batch, so that how a step's pairs are split over processes and
+# micro-batches cannot change the adapter. The mask comes from an integer hash, not a random generator.
+
+MASK32 = 0xFFFFFFFF
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective hash of 32-bit integers held in int64 (xorshift-multiply rounds); odd multipliers below
+    2^31 keep every product below 2^63, so nothing overflows."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & MASK32
+    return x ^ (x >> 16)
+
+
+def keyed_dropout(x: torch.Tensor, keys: torch.Tensor, layer_index: int, p: float) -> torch.Tensor:
+    """Dropout of x (B, T, C) at rate p whose mask element (b, t, c) is hash(keys[b], layer, t, c) >= p 2^32:
+    a position's mask does not depend on the padding after it, nor on the other rows."""
+    B, T, C = x.shape
+    assert keys.shape == (B,), f"{B} rows need {B} dropout keys, got {tuple(keys.shape)}"
+    row = mix32(keys.to(x.device) ^ layer_index)  # (B,)
+    position = mix32(row[:, None] ^ torch.arange(T, device=x.device))  # (B, T)
+    uniform32 = mix32(position[:, :, None] ^ torch.arange(C, device=x.device))  # (B, T, C), uniform in [0, 2^32)
+    keep = uniform32 >= int(p * 2**32)
+    return x * keep / (1 - p)
 
 
 def peft_tensor_name(module_name: str, part: str) -> str:

@@ -10,18 +10,21 @@ The base model is the same module with its adapter switched off, so the weights 
 
 import torch
 
-from qadapter_min.lora import adapter_disabled
+from qadapter_min.lora import adapter_disabled, set_dropout_keys
 from qadapter_min.objective import loss_from_hidden
 
 
-def micro_batch_objective(model, tokens, response_mask, settings: dict | None = None, adapter_forward=None):
+def micro_batch_objective(model, tokens, response_mask, settings: dict | None = None, adapter_forward=None,
+                          dropout_keys=None):
     """(loss, metrics) of one micro-batch: tokens and response_mask (2B, T) as `data.collate` makes them.
 
     settings: `objective.OBJECTIVE_SETTINGS` by name (the paper's Q-Adapter without). adapter_forward: what runs the adapter pass (train.py gives
     its DistributedDataParallel wrapper, whose backward all-reduces the LoRA gradients); the model itself
-    by default. Gradients flow only through the adapter pass.
+    by default. dropout_keys (2B,): the key of each row's LoRA dropout masks in training mode (lora.py's
+    keyed_dropout); None draws them from torch's random state. Gradients flow only through the adapter pass.
     """
     with torch.no_grad(), adapter_disabled(model):  # pi1: the same weights with the adapter off
         base_hidden = model(tokens, return_hidden=True)
+    set_dropout_keys(model, dropout_keys)
     hidden = (adapter_forward or model)(tokens, return_hidden=True)
     return loss_from_hidden(model.head_weight, hidden, base_hidden, tokens, response_mask, **(settings or {}))

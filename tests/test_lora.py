@@ -118,3 +118,16 @@ def test_an_adapter_for_another_model_is_refused(model_dir, tmp_path):
 def test_a_directory_without_an_adapter_is_named(model_dir, tmp_path):
     with pytest.raises(UserError, match=r"adapter_config\.json does not exist"):
         load_adapter(load_model(model_dir), tmp_path)
+
+
+def test_keyed_dropout_drops_at_its_rate_and_a_rows_mask_depends_on_its_key_and_position_only():
+    from qadapter_min.lora import keyed_dropout
+
+    x = torch.ones(3, 40, 500)
+    keys = torch.tensor([11, 12, 13])
+    y = keyed_dropout(x, keys, layer_index=2, p=0.2)
+    assert abs((y == 0).float().mean().item() - 0.2) < 0.01 and torch.allclose(y[y != 0], torch.tensor(1 / 0.8))
+    shorter = keyed_dropout(torch.ones(2, 25, 500), keys[[2, 0]], layer_index=2, p=0.2)  # other rows, less padding
+    assert torch.equal(shorter, y[[2, 0], :25])
+    other_layer = keyed_dropout(x, keys, layer_index=3, p=0.2)
+    assert 0.6 < (other_layer == y).float().mean().item() < 0.7  # independent masks agree on 0.8^2 + 0.2^2 = 0.68

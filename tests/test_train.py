@@ -75,21 +75,45 @@ def test_outputs_and_the_metrics_schema(world, tmp_path):
     assert len(config["base_model_fingerprint"]) == 16 and config["args"]["batch_size"] == 4
 
 
-def test_two_processes_under_torchrun_give_the_adapter_of_one_process(world, tmp_path):
-    model_dir, data = world
-    flags = ["--model", model_dir, "--data", data, "--batch_size", 4, "--micro_batch_size", 1, "--max_steps", 3,
-             "--dtype", "fp32", "--lora_dropout", 0]
-    run_train(*flags, "--out", tmp_path / "one")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(ROOT / "train.py"), *map(str, flags), "--out", str(tmp_path / "two")],
-                            capture_output=True, text=True, cwd=ROOT)
+def assert_same_adapter(out: Path, reference: Path, atol=1e-5):
+    got, want = load_file(out / "adapter_model.safetensors"), load_file(reference / "adapter_model.safetensors")
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=atol)
+    assert any(want[name].abs().max() > 1e-4 for name in want if "lora_B" in name)  # training moved B off zero
+
+
+def torchrun(*flags, processes=2):
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+                             str(ROOT / "train.py"), *map(str, flags)], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
-    one = load_file(tmp_path / "one" / "adapter_model.safetensors")
-    two = load_file(tmp_path / "two" / "adapter_model.safetensors")
-    assert one.keys() == two.keys()
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5)
-    assert any(one[name].abs().max() > 1e-4 for name in one if "lora_B" in name)  # training moved B off zero
+    return result
+
+
+def test_two_processes_give_the_adapter_of_one_and_continue_its_checkpoint(world, tmp_path, monkeypatch):
+    """At the default LoRA dropout (0.05): each pair's masks do not depend on the process it lands on."""
+    model_dir, data = world
+    flags = ["--model", model_dir, "--data", data, "--batch_size", 4, "--micro_batch_size", 1, "--max_steps", 4,
+             "--save_every", 2, "--dtype", "fp32"]
+    run_train(*flags, "--out", tmp_path / "one")
+    torchrun(*flags, "--out", tmp_path / "two")
+    assert_same_adapter(tmp_path / "two", tmp_path / "one")
+
+    # one process stops after its step-2 checkpoint; two processes resume it
+    monkeypatch.setattr(train, "save_adapter", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("power cut")))
+    with pytest.raises(RuntimeError):
+        train.main(strings(flags + ["--out", tmp_path / "mixed"]))
+    torchrun(*flags, "--out", tmp_path / "mixed", "--resume")
+    assert_same_adapter(tmp_path / "mixed", tmp_path / "one")
+
+
+@pytest.mark.parametrize("split", [["--micro_batch_size", 4], ["--micro_batch_size", 2, "--grad_checkpointing"]])
+def test_micro_batches_and_recomputed_blocks_give_the_adapter_of_one_pair_at_a_time(world, tmp_path, split):
+    model_dir, data = world
+    flags = ["--model", model_dir, "--data", data, "--batch_size", 4, "--max_steps", 3, "--dtype", "fp32"]
+    train.main(strings(flags + ["--micro_batch_size", 1, "--out", tmp_path / "one"]))
+    train.main(strings(flags + split + ["--out", tmp_path / "split"]))
+    assert_same_adapter(tmp_path / "split", tmp_path / "one")
 
 
 def checkpoint_step(path: Path) -> int:
@@ -161,15 +185,21 @@ def test_the_step_plan_covers_each_epoch_once_in_a_seeded_order_and_splits_it_ov
     plan = {(step, rank, world): train.step_plan(step, rank, world, num_pairs, batch_size, seed)
             for step in range(6) for world in (1, 2, 4) for rank in range(world)}
     for step in range(6):
-        whole = plan[step, 0, 1][0]
+        whole = plan[step, 0, 1]
         assert len(whole) == batch_size == len(set(whole))
         for world in (2, 4):  # the ranks' shares, in rank order, are the one-process step
-            assert sum((plan[step, rank, world][0] for rank in range(world)), []) == whole
+            assert sum((plan[step, rank, world] for rank in range(world)), []) == whole
     for epoch in range(3):
-        pairs = plan[2 * epoch, 0, 1][0] + plan[2 * epoch + 1, 0, 1][0]
+        pairs = plan[2 * epoch, 0, 1] + plan[2 * epoch + 1, 0, 1]
         assert len(set(pairs)) == 8 and set(pairs) <= set(range(num_pairs))  # no pair twice within an epoch
-    assert plan[0, 0, 1][0] + plan[1, 0, 1][0] != plan[2, 0, 1][0] + plan[3, 0, 1][0]  # each epoch in its own order
+    assert plan[0, 0, 1] + plan[1, 0, 1] != plan[2, 0, 1] + plan[3, 0, 1]  # each epoch in its own order
     assert train.step_plan(3, 1, 2, num_pairs, batch_size, seed) == plan[3, 1, 2]  # a pure function
-    assert train.step_plan(0, 0, 1, num_pairs, batch_size, seed + 1)[0] != plan[0, 0, 1][0]  # the seed sets the order
-    seeds = [plan[step, rank, 2][1] for step in range(6) for rank in range(2)]
-    assert len(set(seeds)) == len(seeds)  # every step and rank draws its own dropout
+    assert train.step_plan(0, 0, 1, num_pairs, batch_size, seed + 1) != plan[0, 0, 1]  # the seed sets the order
+
+
+def test_a_pairs_dropout_keys_depend_on_seed_step_pair_and_side_only():
+    keys = train.dropout_keys(7, 3, [5, 2, 9])  # (6,): chosen rows of pairs 5, 2, 9, then their rejected rows
+    assert keys.shape == (6,) and len(set(keys.tolist())) == 6
+    alone = [train.dropout_keys(7, 3, [i]).tolist() for i in (5, 2, 9)]  # each pair in a micro-batch of its own
+    assert keys.tolist() == [k[0] for k in alone] + [k[1] for k in alone]
+    assert train.dropout_keys(7, 4, [5])[0] != keys[0] and train.dropout_keys(8, 3, [5])[0] != keys[0]
