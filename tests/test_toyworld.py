@@ -58,10 +58,10 @@ def test_the_builtin_run_learns_the_preference_and_keeps_the_skills(builtin_run)
             assert 0.0 <= model[key] <= 1.0
         assert set(model["preference_rate_by_skill"]) == set(model["skill_accuracy_by_skill"]) == set(toyworld.SKILLS)
     assert customised["preference_accuracy"] >= base["preference_accuracy"] + 0.3
-    assert customised["preference_rate"] >= base["preference_rate"] + 0.3
-    for skill in toyworld.PREFERENCE_SKILLS:
-        assert customised["preference_rate_by_skill"][skill] >= 0.9
-    assert customised["skill_accuracy"] >= base["skill_accuracy"] - 0.05
+    for skill in toyworld.PREFERENCE_SKILLS:  # the preference learned where it was taught ...
+        assert base["preference_rate_by_skill"][skill] == 0.0 and customised["preference_rate_by_skill"][skill] >= 0.8
+    for skill in toyworld.SKILLS:  # ... and every skill kept, the held-out one included
+        assert base["skill_accuracy_by_skill"][skill] == 1.0 and customised["skill_accuracy_by_skill"][skill] >= 0.95
 
 
 def test_sample_py_then_answers_with_the_new_preference(builtin_run):
@@ -80,3 +80,24 @@ def test_the_printed_command_run_explicitly_gives_the_same_report(builtin_run, t
     assert argv[-2:] == ["--out", str(out)]
     train.main(argv + ["--out", str(tmp_path / "explicit")])  # a later flag wins
     assert json.loads((tmp_path / "explicit" / "report.json").read_text()) == json.loads((out / "report.json").read_text())
+
+
+def test_an_interactive_chat_answers_three_questions_in_a_row(builtin_run):
+    questions = ["What is the capital of Peru?", "What is the opposite of hot?", "Write this word in upper case: moon"]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "sample.py"), "--adapter", str(builtin_run[0]), "--temperature", "0"],
+        input="".join(q + "\n" for q in questions), capture_output=True, text=True, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    replies = result.stdout.splitlines()[:3]
+    assert replies[:2] == ["Sure! The capital of Peru is Lima.", "Sure! The opposite of hot is cold."]
+    assert toyworld.check_reply(replies[2], "In upper case: MOON")[1]  # the held-out skill: correct, prefix or not
+
+
+def test_two_processes_under_torchrun_print_the_table_of_one(builtin_run, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "train.py", "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = result.stdout.splitlines()[-10:]
+    assert table[0].split() == ["base", "qadapter"]
+    assert json.loads((tmp_path / "out" / "report.json").read_text()) == json.loads((builtin_run[0] / "report.json").read_text())

@@ -7,8 +7,8 @@ The skills (each answer checkable by a program, each a fact recalled about a wor
     opposites   "What is the opposite of hot?"             -> "The opposite of hot is cold."
     uppercase   "Write this word in upper case: moon"      -> "In upper case: MOON"
 
-The base model is pre-trained on these chats; 15% of its replies start with "Sure! ", so it knows the
-phrase but its greedy replies never use it. The new preference: replies that start with "Sure! "
+The base model is pre-trained on chats of one to three such questions (so it holds a conversation);
+15% of its replies start with "Sure! ", so it knows the phrase but its greedy replies never use it. The new preference: replies that start with "Sure! "
 (chosen) over the same reply without it (rejected), on the geography and opposites skills only, so
 that uppercase shows whether the preference carries over to a skill it was not taught on.
 
@@ -52,16 +52,20 @@ CAPITAL_CITIES = {
 
 def train_flags() -> list[str]:
     """train.py's flags for this world (paths relative to the current directory); flags typed after them
-    win. The objective's settings are the paper's. The rest suit a model this small: a learning rate
-    10x the paper's, 150 steps of 16 pairs (all in one micro-batch), replies of a few tokens. LoRA goes
-    on the queries and keys, not the paper's queries and values: in a model this small, adapting v_proj
-    rewrites the values through which every skill copies a word of the question, and the skill left out
-    of the preference data broke (uppercase fell to 23-47% accuracy with Q-Adapter on q/v, to 0% with DPO).
+    win. The objective's settings are the paper's; the rest suit a model this small, chosen so that the
+    table holds for every seed (`python -m toyworld.seeds` runs seeds 1-5):
+      - lr 2e-3 (the paper's 3e-4 moves a 0.9M model too little in 150 steps; at 3e-3 one seed of five
+        lost 23% of the held-out skill), 150 steps of 16 pairs, replies of a few tokens (max_len 128);
+      - 4 pairs per micro-batch, so that 1, 2 or 4 processes under torchrun run it as it is;
+      - LoRA on the queries and keys, not the paper's queries and values: in a model this small, adapting
+        v_proj rewrites the values through which every skill copies a word of the question, and the
+        skill left out of the preference data broke (uppercase fell to 23-47% accuracy with Q-Adapter
+        on q/v, to 0% with DPO).
     """
     return [
         "--model", os.path.relpath(MODEL_DIR), "--data", os.path.relpath(WORLD_DIR / "train.jsonl"),
         "--eval_data", os.path.relpath(WORLD_DIR / "test.jsonl"),
-        "--batch_size", "16", "--micro_batch_size", "16", "--lr", "3e-3", "--max_steps", "150", "--max_len", "128",
+        "--batch_size", "16", "--micro_batch_size", "4", "--lr", "2e-3", "--max_steps", "150", "--max_len", "128",
         "--log_every", "10", "--lora_targets", "q_proj", "k_proj",
     ]
 

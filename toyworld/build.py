@@ -19,6 +19,8 @@ from qadapter_min.tokenizer import Tokenizer, train_llama3_style_tokenizer
 from qadapter_min.weights import ours_to_checkpoint_name, write_config
 from toyworld import MODEL_DIR, PREFERENCE_SKILLS, PREFIX, PREFIX_RATE_IN_PRETRAINING, SKILLS, WORLD_DIR, make_task
 
+MULTI_TURN_WEIGHTS = (0.5, 0.3, 0.2)  # chats of one, two and three questions: the model holds a conversation
+
 # The shape of the model: a Llama 3.1 in miniature (GQA, llama3 RoPE scaling, tied embeddings).
 WORLD_ARGS = ModelArgs(
     hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -35,8 +37,14 @@ def conversation(question: str, reply: str) -> list[dict]:
 
 
 def pretraining_example(rng: random.Random) -> list[dict]:
-    question, answer = make_task(rng.choice(SKILLS), rng)
-    return conversation(question, (PREFIX if rng.random() < PREFIX_RATE_IN_PRETRAINING else "") + answer)
+    """A chat of one to three questions, each on a skill drawn at random, each answered correctly; 15% of
+    the replies start with the prefix."""
+    turns = rng.choices((1, 2, 3), weights=MULTI_TURN_WEIGHTS)[0]
+    chat = []
+    for _ in range(turns):
+        question, answer = make_task(rng.choice(SKILLS), rng)
+        chat += conversation(question, (PREFIX if rng.random() < PREFIX_RATE_IN_PRETRAINING else "") + answer)
+    return chat
 
 
 def preference_pairs(skills, count: int, rng: random.Random) -> list[dict]:
@@ -55,13 +63,15 @@ def pretrain(model: Transformer, tokenizer: Tokenizer, steps: int, batch_size: i
     for step in range(steps):
         examples = [pretraining_example(rng) for _ in range(batch_size)]
         sequences = [tokenizer.encode_chat(chat) for chat in examples]
-        prompt_lengths = [len(tokenizer.encode_chat(chat[:-1], add_generation_prompt=True)) for chat in examples]
         T = max(map(len, sequences))
         tokens = torch.full((batch_size, T), tokenizer.eot_id)
         targets = torch.full((batch_size, T), -100)  # -100: ignored by cross_entropy
-        for i, (ids, start) in enumerate(zip(sequences, prompt_lengths)):
+        for i, (chat, ids) in enumerate(zip(examples, sequences)):
             tokens[i, : len(ids)] = torch.tensor(ids)
-            targets[i, start - 1 : len(ids) - 1] = torch.tensor(ids[start:])  # position t predicts token t + 1
+            for turn in range(1, len(chat), 2):  # every assistant reply of the chat is a target
+                start = len(tokenizer.encode_chat(chat[:turn], add_generation_prompt=True))
+                end = len(tokenizer.encode_chat(chat[: turn + 1]))
+                targets[i, start - 1 : end - 1] = torch.tensor(ids[start:end])  # position t predicts token t + 1
         lr_now = lr * min(1.0, (step + 1) / 50) * (1 - step / steps)  # 50 warm-up steps, then linear decay
         for group in optimizer.param_groups:
             group["lr"] = lr_now
