@@ -18,10 +18,11 @@ def micro_batch_objective(model, tokens, response_mask, settings: dict | None = 
                           dropout_keys=None):
     """(loss, metrics) of one micro-batch: tokens and response_mask (2B, T) as `data.collate` makes them.
 
-    settings: `objective.OBJECTIVE_SETTINGS` by name (the paper's Q-Adapter without). adapter_forward: what runs the adapter pass (train.py gives
-    its DistributedDataParallel wrapper, whose backward all-reduces the LoRA gradients); the model itself
-    by default. dropout_keys (2B,): the key of each row's LoRA dropout masks in training mode (lora.py's
-    keyed_dropout); None draws them from torch's random state. Gradients flow only through the adapter pass.
+    settings: `objective.OBJECTIVE_SETTINGS` by name (none: the paper's Q-Adapter).
+    adapter_forward: what runs the adapter pass (train.py gives its DistributedDataParallel wrapper, whose
+    backward all-reduces the LoRA gradients); the model itself by default.
+    dropout_keys (2B,): the key of each row's LoRA dropout masks in training mode (lora.py's keyed_dropout);
+    None draws them from torch's random state. Gradients flow only through the adapter pass.
     """
     with torch.no_grad(), adapter_disabled(model):  # pi1: the same weights with the adapter off
         base_hidden = model(tokens, return_hidden=True)
