@@ -125,11 +125,12 @@ def decode_speed(model, policy_mode, combined, new_tokens, prompt_length=32):
     """Tokens per second of greedy decoding after a prefill (the stop ids are ignored)."""
     prompt = list(range(1, prompt_length + 1))
     decoder = Decoder(model, policy_mode, max_seq_len=prompt_length + new_tokens + 1, combined=combined)
-    logits = decoder.feed(prompt)
+    device = next(model.parameters()).device
+    logits = decoder.feed(torch.tensor([prompt], device=device))[0]
     synchronize(model)
     started = time.perf_counter()
     for _ in range(new_tokens):
-        logits = decoder.feed([int(logits.argmax())])
+        logits = decoder.feed(torch.tensor([[int(logits.argmax())]], device=device))[0]
     synchronize(model)
     return new_tokens / (time.perf_counter() - started)
 

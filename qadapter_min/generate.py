@@ -39,52 +39,73 @@ def sample_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: fl
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
 
 
-def next_token_logits(model: Transformer, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+def next_token_logits(model: Transformer, tokens: torch.Tensor, cache: KVCache, positions=None) -> torch.Tensor:
     """Run tokens (rows, T) through the model over its cache; the logits (rows, V) of the last position only.
 
     The LM head is the largest matrix read per token (V x C). Written as W @ h^T, the product runs as one
     matrix-matrix multiply that streams W once for all rows; F.linear(h, W) with two rows runs as two
     matrix-vector products on some CPU BLAS builds (MKL among them), reading W twice.
     """
-    hidden = model(tokens, kv_cache=cache, return_hidden=True)[:, -1]  # (rows, C)
+    hidden = model(tokens, kv_cache=cache, return_hidden=True, positions=positions)[:, -1]  # (rows, C)
     return (model.head_weight @ hidden.T).T  # (rows, V)
 
 
 class Decoder:
-    """Runs the model one step at a time over a KV cache, giving next-token logits of the chosen policy."""
+    """Runs the model one step at a time over a KV cache for a batch of B sequences, giving each one's
+    next-token logits under the chosen policy. The customised policy puts the batch in twice, the adapter
+    on for the first copy (Q) and off for the second (pi1): one forward pass, the weights read once."""
 
     def __init__(
         self, model: Transformer, policy_mode: str, alpha: float = 1.0, alpha0: float = 0.01,
-        max_seq_len: int = 4096, combined: bool = True,
+        max_seq_len: int = 4096, combined: bool = True, batch_size: int = 1, padded: bool = False,
     ):
         """combined=False computes the customised policy with two caches and two forward passes per
-        token (Q, then pi1 with the adapter off): the plain way, kept to check and time the batch."""
+        token (Q, then pi1 with the adapter off): the plain way, kept to check and time the batch.
+        padded=True: the sequences may hold padding (`feed`'s valid), kept out of attention, and each
+        row's RoPE positions count its own tokens only."""
         assert policy_mode in ("base", "adapter", "customised")
         self.model, self.policy_mode, self.alpha, self.alpha0 = model, policy_mode, alpha, alpha0
         param = next(model.parameters())
+        self.batch_size = batch_size
         self.two_passes = policy_mode == "customised" and not combined
-        self.rows = 2 if policy_mode == "customised" and combined else 1
-        self.cache = KVCache(model.args, self.rows, max_seq_len, param.dtype, param.device)
-        self.base_cache = KVCache(model.args, 1, max_seq_len, param.dtype, param.device) if self.two_passes else None
-        self.adapter_rows = torch.tensor([True, False], device=param.device)  # row 0 Q, row 1 pi1
+        copies = 2 if policy_mode == "customised" and combined else 1
+        self.cache = KVCache(model.args, copies * batch_size, max_seq_len, param.dtype, param.device)
+        self.base_cache = KVCache(model.args, batch_size, max_seq_len, param.dtype, param.device) if self.two_passes else None
+        self.caches = [c for c in (self.cache, self.base_cache) if c is not None]
+        self.lengths = None  # (B,) tokens of each row so far, when padded
+        if padded:
+            for cache in self.caches:
+                cache.valid = torch.zeros(cache.keys.shape[1], max_seq_len, dtype=torch.bool, device=param.device)
+            self.lengths = torch.zeros(batch_size, dtype=torch.long, device=param.device)
+        self.adapter_rows = torch.arange(copies * batch_size, device=param.device) < batch_size  # the first copy: Q
 
     @torch.no_grad()
-    def feed(self, ids: list[int]) -> torch.Tensor:
-        """Append ids to the sequence (prefill or one step); the policy's logits (V,) for the next token."""
-        tokens = torch.tensor([ids] * self.rows, device=self.cache.keys.device)  # (rows, T)
+    def feed(self, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Append tokens (B, T) to the sequences (prefill or one step); the policy's logits (B, V) for the
+        next token of each. valid (B, T), for a padded decoder: False where a token is padding."""
+        B, T = tokens.shape
+        positions = None
+        if self.lengths is not None:
+            valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid
+            positions = (self.lengths[:, None] + valid.cumsum(1) - 1).clamp(min=0)  # (B, T): padding repeats a position
+            self.lengths += valid.sum(1)
+            for cache in self.caches:
+                copies = cache.keys.shape[1] // B
+                cache.valid[:, cache.length : cache.length + T] = valid.repeat(copies, 1)
         if self.policy_mode == "base":
             with adapter_disabled(self.model):
-                return next_token_logits(self.model, tokens, self.cache)[0].float()
+                return next_token_logits(self.model, tokens, self.cache, positions).float()
         if self.policy_mode == "adapter":
-            return next_token_logits(self.model, tokens, self.cache)[0].float()
+            return next_token_logits(self.model, tokens, self.cache, positions).float()
         if self.two_passes:
-            q = next_token_logits(self.model, tokens, self.cache)[0]
+            q = next_token_logits(self.model, tokens, self.cache, positions)
             with adapter_disabled(self.model):
-                base = next_token_logits(self.model, tokens, self.base_cache)[0]
+                base = next_token_logits(self.model, tokens, self.base_cache, positions)
             return policy_logits(q, base, self.alpha, self.alpha0)
+        twice = None if positions is None else positions.repeat(2, 1)
         with adapter_on_rows(self.model, self.adapter_rows):
-            logits = next_token_logits(self.model, tokens, self.cache)  # (2, V): Q, then the base logits
-        return policy_logits(logits[0], logits[1], self.alpha, self.alpha0)
+            logits = next_token_logits(self.model, tokens.repeat(2, 1), self.cache, twice)  # (2B, V): Q, then base
+        return policy_logits(logits[:B], logits[B:], self.alpha, self.alpha0)
 
 
 def generate(
@@ -104,11 +125,61 @@ def generate(
 ):
     """Yield the reply's token ids one at a time, stopping at a stop id (not yielded) or max_new_tokens."""
     decoder = Decoder(model, policy_mode, alpha, alpha0, max_seq_len=len(prompt_ids) + max_new_tokens, combined=combined)
-    logits = decoder.feed(prompt_ids)  # prefill
+    device = decoder.cache.keys.device
+    logits = decoder.feed(torch.tensor([prompt_ids], device=device))[0]  # prefill
     for step in range(max_new_tokens):
         token = sample_token(logits, temperature, top_k, top_p, generator)
         if token in stop_ids:
             return
         yield token
         if step + 1 < max_new_tokens:
-            logits = decoder.feed([token])
+            logits = decoder.feed(torch.tensor([[token]], device=device))[0]
+
+
+def generate_batch(
+    model: Transformer,
+    prompts: list[list[int]],
+    *,
+    stop_ids,
+    max_new_tokens: int = 256,
+    policy_mode: str = "base",
+    alpha: float = 1.0,
+    alpha0: float = 0.01,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generators: list[torch.Generator] | None = None,
+) -> list[list[int]]:
+    """The replies (token ids, stop id left out) to B prompts of any lengths, decoded together: each the
+    reply `generate` gives that prompt alone, with generators[i] (one per prompt) drawing prompt i's tokens.
+
+    The prompts are left-padded to the longest, so every row's next token lands in the same column; the
+    padding is masked out of attention and each row's positions count its own tokens. A row that has
+    finished keeps being computed, masked, until every row has: simplest, and it costs only its share of
+    the batch's activations; the weights, read once per step for all rows, are the cost that matters.
+    """
+    B, longest = len(prompts), max(len(p) for p in prompts)
+    device = next(model.parameters()).device
+    tokens = torch.zeros(B, longest, dtype=torch.long, device=device)
+    valid = torch.zeros(B, longest, dtype=torch.bool, device=device)
+    for i, prompt in enumerate(prompts):
+        tokens[i, longest - len(prompt) :] = torch.tensor(prompt, device=device)
+        valid[i, longest - len(prompt) :] = True
+    decoder = Decoder(model, policy_mode, alpha, alpha0, max_seq_len=longest + max_new_tokens, batch_size=B, padded=True)
+    logits = decoder.feed(tokens, valid)  # prefill: (B, V)
+    replies, running = [[] for _ in range(B)], [True] * B
+    for step in range(max_new_tokens):
+        next_tokens = torch.zeros(B, 1, dtype=torch.long, device=device)
+        for i in range(B):
+            if not running[i]:
+                continue
+            token = sample_token(logits[i], temperature, top_k, top_p, generators[i] if generators else None)
+            if token in stop_ids:
+                running[i] = False
+                continue
+            replies[i].append(token)
+            next_tokens[i, 0] = token
+        if not any(running) or step + 1 == max_new_tokens:
+            break
+        logits = decoder.feed(next_tokens, torch.tensor(running, device=device)[:, None])
+    return replies

@@ -118,8 +118,9 @@ def rope_frequencies(args: ModelArgs, device=None) -> torch.Tensor:
 
 
 def rope_cos_sin(freqs: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotation angles position * f, each (T, head_dim), in fp32."""
-    angles = positions.float()[:, None] * freqs[None, :]  # (T, head_dim/2)
+    """cos and sin of the rotation angles position * f, each (T, head_dim) for positions (T,), or
+    (B, T, head_dim) for positions (B, T); in fp32."""
+    angles = positions.float()[..., None] * freqs  # (..., T, head_dim/2)
     # rotate-half pairs channel i with channel i + head_dim/2, so both halves share one angle
     angles = torch.cat([angles, angles], dim=-1)  # (T, head_dim)
     return angles.cos(), angles.sin()
@@ -166,6 +167,9 @@ class KVCache:
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0
+        # (B, max_seq_len) bool: which positions hold a token of the row (False: the left padding of a
+        # prompt shorter than the batch's longest), set by the generation code; None: all do.
+        self.valid = None
 
     @property
     def max_seq_len(self) -> int:
@@ -207,10 +211,13 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_index, k, v)  # (B, KV, S, D), S = cached + T
         S = k.shape[2]
-        if S == T:  # no cached prefix: plain causal mask
+        if S == T and (kv_cache is None or kv_cache.valid is None):  # no cached prefix: plain causal mask
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:  # query i sits at position S - T + i and sees keys 0 .. S - T + i
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+        else:  # query i sits at column S - T + i and sees keys 0 .. S - T + i
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)  # (T, S)
+            if kv_cache.valid is not None:  # and no padding key; a padding query sees itself, so no row is empty
+                itself = torch.arange(S, device=x.device) == torch.arange(S - T, S, device=x.device)[:, None]
+                mask = (mask & kv_cache.valid[:, None, None, :S]) | itself  # (B, 1, T, S)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H*D)
         return self.o_proj(y)
@@ -258,19 +265,25 @@ class Transformer(nn.Module):
         # per-block activation checkpointing for training: recompute each block in the backward pass
         self.gradient_checkpointing = False
 
-    def forward(self, tokens: torch.Tensor, kv_cache: KVCache | None = None, return_hidden: bool = False):
+    def forward(self, tokens: torch.Tensor, kv_cache: KVCache | None = None, return_hidden: bool = False,
+                positions: torch.Tensor | None = None):
         """Logits (B, T, V) for tokens (B, T), or the final normed hidden states (B, T, C).
 
-        With a kv_cache, tokens are the next T positions after the cached ones. With return_hidden,
-        the caller applies `logits_from_hidden` itself, for example over chunks of positions.
+        With a kv_cache, tokens are the next T columns after the cached ones. With return_hidden, the
+        caller applies `logits_from_hidden` itself, for example over chunks of positions. positions
+        (B, T): each row's RoPE positions, for a batch whose rows are padded differently (the
+        generation code's); by default every row counts from the cache's length.
         """
         B, T = tokens.shape
-        start = kv_cache.length if kv_cache is not None else 0
-        positions = torch.arange(start, start + T, device=tokens.device)
+        if positions is None:
+            start = kv_cache.length if kv_cache is not None else 0
+            positions = torch.arange(start, start + T, device=tokens.device)  # (T,), shared by the rows
         # The RoPE tables are recomputed on every call (a few hundred numbers) rather than kept in a
         # buffer: they stay fp32 whatever .to(dtype) does to the module, and need no set-up after a
         # model is built on the meta device.
-        cos, sin = rope_cos_sin(rope_frequencies(self.args, tokens.device), positions)  # (T, D) each
+        cos, sin = rope_cos_sin(rope_frequencies(self.args, tokens.device), positions)  # (T, D) or (B, T, D)
+        if positions.dim() == 2:
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D): the same angles for every head
         x = self.embed_tokens(tokens)  # (B, T, C)
         for layer in self.layers:
             if self.gradient_checkpointing and torch.is_grad_enabled() and kv_cache is None:

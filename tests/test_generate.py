@@ -9,7 +9,7 @@ import torch
 
 import train
 from conftest import tiny_args, tiny_model_dir, write_pairs
-from qadapter_min.generate import Decoder, generate, sample_token
+from qadapter_min.generate import Decoder, generate, generate_batch, sample_token
 from qadapter_min.lora import adapter_disabled, add_lora, load_adapter, lora_layers
 from qadapter_min.model import Transformer
 from qadapter_min.objective import policy_logits
@@ -67,11 +67,11 @@ def test_the_combined_batch_equals_two_caches_and_two_passes():
     model = random_model_with_adapter()
     combined = Decoder(model, "customised", alpha=1.0, alpha0=0.2, max_seq_len=64, combined=True)
     two_passes = Decoder(model, "customised", alpha=1.0, alpha0=0.2, max_seq_len=64, combined=False)
-    a, b = combined.feed(PROMPT), two_passes.feed(PROMPT)
+    a, b = combined.feed(torch.tensor([PROMPT]))[0], two_passes.feed(torch.tensor([PROMPT]))[0]
     for _ in range(25):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         token = int(a.argmax())
-        a, b = combined.feed([token]), two_passes.feed([token])
+        a, b = combined.feed(torch.tensor([[token]]))[0], two_passes.feed(torch.tensor([[token]]))[0]
 
 
 def test_generation_stops_at_a_stop_id_without_emitting_it():
@@ -148,3 +148,52 @@ def test_sample_py_refuses_an_adapter_trained_on_another_base_model(trained, tmp
     result = run_sample("--adapter", adapter, "--model", other, "--prompt", "hi")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith(f"error: {adapter} was trained on another base model")
+
+
+def mixed_prompts(count=20, seed=0):
+    """Prompts of 3 to 30 tokens: the longest ten times the shortest."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = [3, 30] + [int(torch.randint(3, 31, (1,), generator=generator)) for _ in range(count - 2)]
+    return [torch.randint(3, 101, (n,), generator=generator).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("policy_mode", ["base", "adapter", "customised"])
+def test_a_batch_of_prompts_of_mixed_lengths_gets_exactly_the_replies_of_one_prompt_at_a_time(policy_mode):
+    model = random_model_with_adapter()
+    prompts = mixed_prompts()
+    settings = dict(stop_ids=[1, 2], max_new_tokens=12, policy_mode=policy_mode, alpha=1.0, alpha0=0.3)
+    alone = [list(generate(model, prompt, **settings)) for prompt in prompts]
+    assert len({len(reply) for reply in alone}) > 1  # some rows stop early, so finished rows are exercised
+    for batch_size in (1, 3, 8):
+        batched = []
+        for start in range(0, len(prompts), batch_size):
+            batched += generate_batch(model, prompts[start : start + batch_size], **settings)
+        assert batched == alone, batch_size
+
+
+def test_the_first_logits_of_a_padded_batch_are_those_of_each_prompt_alone():
+    model = random_model_with_adapter()
+    prompts = mixed_prompts(count=8)
+    longest = max(map(len, prompts))
+    tokens = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
+    valid = torch.tensor([[False] * (longest - len(p)) + [True] * len(p) for p in prompts])
+    for policy_mode in ("base", "adapter", "customised"):
+        batched = Decoder(model, policy_mode, alpha0=0.3, max_seq_len=64, batch_size=8, padded=True).feed(tokens, valid)
+        for i, prompt in enumerate(prompts):
+            alone = Decoder(model, policy_mode, alpha0=0.3, max_seq_len=64).feed(torch.tensor([prompt]))[0]
+            torch.testing.assert_close(batched[i], alone, rtol=1e-5, atol=1e-5)  # logits up to ~10: fp32 rounding
+
+
+def test_with_sampling_a_prompts_reply_does_not_depend_on_its_batch():
+    model = random_model_with_adapter()
+    prompts = mixed_prompts(count=6)
+    settings = dict(stop_ids=[1, 2], max_new_tokens=10, policy_mode="customised", alpha0=0.3, temperature=1.0, top_p=0.9)
+
+    def seeded(indices):
+        return [torch.Generator().manual_seed(1000 + i) for i in indices]  # one generator per prompt, by its number
+
+    together = generate_batch(model, prompts, generators=seeded(range(6)), **settings)
+    alone = [generate_batch(model, [prompts[i]], generators=seeded([i]), **settings)[0] for i in range(6)]
+    reordered = generate_batch(model, prompts[::-1], generators=seeded(range(5, -1, -1)), **settings)[::-1]
+    assert together == alone == reordered
+    assert len({tuple(reply) for reply in together}) > 1  # sampling, not one fixed reply
