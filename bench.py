@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from qadapter_min.generate import Decoder
+from qadapter_min.generate import Decoder, generate, generate_batch
 from qadapter_min.lora import adapter_disabled, add_lora, lora_layers
 from qadapter_min.memory import training_memory_gib
 from qadapter_min.model import PRESETS, ModelArgs, Transformer, init_random_weights
@@ -156,6 +156,37 @@ def decoding(model, new_tokens, bandwidth_gbs=None):
               f"base reaches {base / limit:.0%}, combined {combined / limit:.0%}")
 
 
+def batched_decoding(model, new_tokens, prompts_count=32, batch_sizes=(1, 8, 32)):
+    """Greedy replies to prompts of 16 to 48 tokens, one prompt at a time and in batches: tokens/s, the
+    replies checked equal, and the KV cache per row (each prompt is one row, two for the customised policy)."""
+    model.eval()
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(16, 49, (prompts_count,), generator=generator).tolist()
+    prompts = [torch.randint(1, model.args.vocab_size, (n,), generator=generator).tolist() for n in lengths]
+    args = model.args
+    row_bytes = 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * (48 + new_tokens) * \
+        next(model.parameters()).element_size()
+    print(f"batched decoding, {new_tokens} greedy tokens after each of {prompts_count} prompts of 16-48 tokens "
+          f"(KV cache {row_bytes / 2**20:.1f} MiB per row)")
+    for policy_mode in ("base", "customised"):
+        settings = dict(stop_ids=[], max_new_tokens=new_tokens, policy_mode=policy_mode)
+        synchronize(model)
+        started = time.perf_counter()
+        alone = [list(generate(model, prompt, **settings)) for prompt in prompts]
+        synchronize(model)
+        one_at_a_time = prompts_count * new_tokens / (time.perf_counter() - started)
+        line = f"  {policy_mode:10} one prompt at a time {one_at_a_time:7.1f} tokens/s"
+        for batch_size in batch_sizes:
+            synchronize(model)
+            started = time.perf_counter()
+            replies = [r for i in range(0, prompts_count, batch_size)
+                       for r in generate_batch(model, prompts[i : i + batch_size], **settings)]
+            synchronize(model)
+            speed = prompts_count * new_tokens / (time.perf_counter() - started)
+            line += f" | batch {batch_size}: {speed:7.1f} ({speed / one_at_a_time:.1f}x{'' if replies == alone else ', REPLIES DIFFER'})"
+        print(line)
+
+
 def preset_run(name, device, peak_tflops, bandwidth_gbs, repeats, decode_tokens):
     """One training step and decoding at a published shape, random bf16 weights (a GPU; a CPU runs it slowly)."""
     args = PRESETS[name]
@@ -187,6 +218,7 @@ def preset_run(name, device, peak_tflops, bandwidth_gbs, repeats, decode_tokens)
     else:
         print(f"  memory model {modelled:.2f} GiB ({detail})")
     decoding(model, decode_tokens, bandwidth_gbs=bandwidth_gbs)
+    batched_decoding(model, new_tokens=decode_tokens)
 
 
 def main():
@@ -208,7 +240,9 @@ def main():
                    args.repeats, args.decode_tokens)
         return
     cpu_training_step(args.repeats)
-    decoding(build(CPU_ARGS, "cpu", torch.float32), args.decode_tokens)
+    model = build(CPU_ARGS, "cpu", torch.float32)
+    decoding(model, args.decode_tokens)
+    batched_decoding(model, new_tokens=16)
 
 
 if __name__ == "__main__":
