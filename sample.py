@@ -4,21 +4,33 @@
     python sample.py --adapter DIR --prompt "Hi" --temperature 0
     python sample.py --adapter --compare --prompt "Hi"   # the base reply, then the customised one
     python sample.py --model meta-llama/Llama-3.1-8B-Instruct
+    python sample.py --adapter --prompts prompts.jsonl --out replies.jsonl --batch_size 16   # many prompts at once
 
 A Q-Adapter adapter is sampled from the customised policy softmax((Q + alpha0 * log pi1) / alpha) at
 every step (docs/method.md), never from the adapter's logits alone; `--alpha0` changes the trade-off
 between the new preference and the base model at inference time. A DPO adapter is sampled from the
-adapter-on model. Without --prompt, an interactive multi-turn chat starts.
+adapter-on model. Without --prompt or --prompts, an interactive multi-turn chat starts.
+
+--prompts reads JSON Lines: {"messages": [...]} ending with a user turn, {"prompt": "text"}, or a record
+of a preference file (its prompt is used), and writes each record back with "reply" added (and
+"base_reply" with --compare), in input order, decoding --batch_size prompts together. Run again after
+an interruption, the same command continues after the last complete line. Each prompt samples from its
+own generator, seeded by --seed and its number in the file, so its reply does not depend on its batch.
 """
 
 import argparse
+import json
+import os
 import sys
+import time
+from pathlib import Path
 
 import torch
 
 from qadapter_min import UserError
 from qadapter_min.common import HelpFormatter, choose_dtype, default_device, run_command_line
-from qadapter_min.generate import generate
+from qadapter_min.data import load_prompts
+from qadapter_min.generate import generate, generate_batch
 from qadapter_min.lora import load_adapter, load_run_config
 from qadapter_min.objective import POLICY_OF_OBJECTIVE
 from qadapter_min.tokenizer import Tokenizer
@@ -39,11 +51,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--alpha0", type=float, default=None, help="weight of log pi1 in the customised policy (None: as trained)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="weights' dtype (None: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--compare", action="store_true", help="print the base model's reply, then the customised one")
+    p.add_argument("--prompts", default=None, help="a JSON Lines file of prompts to reply to, all of them")
+    p.add_argument("--out", default=None, help="with --prompts: the JSON Lines file of replies (- for stdout)")
+    p.add_argument("--batch_size", type=int, default=8, help="with --prompts: prompts decoded together")
     args = p.parse_args(argv)
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.max_new_tokens <= 0:
-        raise UserError("--temperature must be >= 0, --top_p in (0, 1], --top_k >= 0 and --max_new_tokens > 0")
+    for flag, bad, rule in [("temperature", args.temperature < 0, ">= 0"), ("top_p", not 0 < args.top_p <= 1, "in (0, 1]"),
+                            ("top_k", args.top_k < 0, ">= 0"), ("max_new_tokens", args.max_new_tokens <= 0, "> 0"),
+                            ("batch_size", args.batch_size <= 0, "> 0"),
+                            ("alpha0", args.alpha0 is not None and args.alpha0 < 0, ">= 0")]:
+        if bad:
+            raise UserError(f"--{flag} must be {rule}, got {getattr(args, flag)}")
     if args.adapter is None and args.model is None:
         raise UserError("pass --adapter [DIR] for a customised model, or --model M for a base model alone")
+    if (args.prompts is None) != (args.out is None):
+        raise UserError("--prompts FILE and --out FILE.jsonl go together: the prompts to reply to, and where the replies go")
     return args
 
 
@@ -61,6 +82,9 @@ def load_policy(args, config: dict | None, model_name: str):
             f"{args.adapter} was trained on another base model than {model_name} (its config, tensor shapes or "
             f"weights differ); pass the adapter's own base model with --model, or train the adapter again"
         )
+    if args.alpha0 is not None and config["objective"] != "qadapter":
+        raise UserError(f"--alpha0 weighs pi1 in Q-Adapter's customised policy, and {args.adapter} is a "
+                        f"{config['objective']} adapter, sampled with the adapter on; drop --alpha0")
     load_adapter(model, args.adapter)
     model.eval()  # the LoRA layers just added: no dropout
     alpha0 = args.alpha0 if args.alpha0 is not None else config["alpha0"]
@@ -88,11 +112,72 @@ def reply(model, tokenizer, messages, policy_mode, alpha, alpha0, args) -> str:
     return text
 
 
+def reply_to_prompts(items, model, tokenizer, mode, alpha, alpha0, args):
+    """Replies to every prompt of --prompts, --batch_size at a time, appended to --out line by line; a run
+    that was interrupted continues after the last complete line."""
+    to_stdout = args.out == "-"
+    done = 0 if to_stdout else completed_lines(Path(args.out), items)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    device = next(model.parameters()).device
+    out = sys.stdout if to_stdout else open(args.out, "a", encoding="utf-8")
+    started, tokens = time.time(), 0
+    for start in range(done, len(items), args.batch_size):
+        batch = items[start : start + args.batch_size]
+        prompts = [tokenizer.encode_chat((system if m[0]["role"] != "system" else []) + m, add_generation_prompt=True)
+                   for _, m in batch]
+        for (index, prompt) in enumerate(prompts, start=start):
+            if len(prompt) + args.max_new_tokens > model.args.max_position_embeddings:
+                raise UserError(f"{args.prompts}: line {index + 1}'s prompt has {len(prompt)} tokens, more than the "
+                                f"model's context leaves for --max_new_tokens {args.max_new_tokens}; shorten it")
+        replies = {}
+        for key, policy_mode in [("reply", mode)] + ([("base_reply", "base")] if args.compare and mode != "base" else []):
+            generators = [torch.Generator(device).manual_seed(args.seed + index) for index in range(start, start + len(batch))]
+            ids = generate_batch(model, prompts, stop_ids=tokenizer.stop_ids, max_new_tokens=args.max_new_tokens,
+                                 policy_mode=policy_mode, alpha=alpha, alpha0=alpha0, temperature=args.temperature,
+                                 top_k=args.top_k, top_p=args.top_p, generators=generators)
+            replies[key] = [tokenizer.decode(r) for r in ids]
+            tokens += sum(map(len, ids))
+        out.write("".join(json.dumps({**record, **{k: v[i] for k, v in replies.items()}}) + "\n"
+                          for i, (record, _) in enumerate(batch)))
+        out.flush()
+        if not to_stdout:
+            os.fsync(out.fileno())  # a line on disk is a whole line: a crash loses at most this batch
+        finished, elapsed = start + len(batch), time.time() - started
+        eta = elapsed / (finished - done) * (len(items) - finished)
+        print(f"\r{finished}/{len(items)} prompts, {tokens / elapsed:.0f} tokens/s, ETA {eta:.0f}s", end="",
+              file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+
+
+def completed_lines(path: Path, items) -> int:
+    """How many prompts an earlier run of the same command has already answered in --out; a half-written
+    last line is cut off. Refuses an --out that holds replies to other prompts."""
+    if not path.exists():
+        return 0
+    data = path.read_bytes()
+    whole = data[: data.rfind(b"\n") + 1]
+    if len(whole) != len(data):
+        path.write_bytes(whole)
+    lines = whole.decode("utf-8", errors="replace").splitlines()
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = {k: v for k, v in json.loads(line).items() if k not in ("reply", "base_reply")}
+        except (json.JSONDecodeError, AttributeError):
+            record = None
+        if number > len(items) or record != items[number - 1][0]:
+            raise UserError(f"--out {path} holds replies to other prompts (line {number}); pass another --out")
+    return len(lines)
+
+
 def main(argv=None):
     args = parse_args(argv)
     config = load_run_config(args.adapter) if args.adapter is not None else None
     model_name = args.model or config["base_model"]
+    items = load_prompts(args.prompts) if args.prompts else None  # a bad prompts file is refused before loading
     model, tokenizer, mode, alpha, alpha0 = load_policy(args, config, model_name)
+    if items is not None:
+        reply_to_prompts(items, model, tokenizer, mode, alpha, alpha0, args)
+        return
 
     def answer(messages) -> str:
         if args.compare and mode != "base":

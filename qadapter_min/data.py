@@ -170,6 +170,63 @@ def load_pairs(path, domain: str | None = None, log=print) -> list[Pair]:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Prompts to reply to (sample.py --prompts)
+
+
+def prompt_of(record) -> list[dict] | None:
+    """The conversation a record asks a reply to, or None: {"messages": [...]} ending with a user turn
+    (a leading system message allowed), {"prompt": "text"}, or a record of a preference format, whose
+    prompt is its conversation without the last reply."""
+    if not isinstance(record, dict):
+        return None
+    if isinstance(record.get("prompt"), str):
+        return [{"role": "user", "content": record["prompt"].strip()}]
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            return None
+        if not all(isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages):
+            return None
+        if messages[-1]["role"] != "user" or any(m["role"] == "system" for m in messages[1:]):
+            return None
+        return [{"role": m["role"], "content": m["content"].strip()} for m in messages]
+    try:  # a preference record; DSP's needs a domain only to pick its pairs, and its prompt is the same for all
+        return record_to_pairs(record, DSP_DOMAINS[0], "")[0].chosen[:-1]
+    except (Skip, UserError, IndexError):
+        return None
+
+
+def load_prompts(path) -> list[tuple[dict, list[dict]]]:
+    """(record, conversation to reply to) for every line of a JSON Lines prompts file, in order; a file
+    that cannot be used is refused in one sentence naming it and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--prompts {path} does not exist; pass a JSON Lines file, one prompt record per line")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"--prompts {path} is not UTF-8 text; pass a JSON Lines file") from None
+    items = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path}: line {number} is not JSON ({error.msg}); --prompts takes JSON Lines") from None
+        messages = prompt_of(record)
+        if messages is None:
+            raise UserError(
+                f'{path}: line {number} holds no conversation to reply to; expected {{"messages": [...]}} ending '
+                f'with a user turn, {{"prompt": "..."}}, or a preference record'
+            )
+        items.append((record, messages))
+    if not items:
+        raise UserError(f"--prompts {path} is empty; pass a JSON Lines file, one prompt record per line")
+    return items
+
+
+# ----------------------------------------------------------------------------------------------------
 # Encoding and batching
 
 

@@ -1,7 +1,11 @@
 """Decoding: cached equals recomputed, the combined batch equals two passes, sampling controls, sample.py."""
 
+import json
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -197,3 +201,59 @@ def test_with_sampling_a_prompts_reply_does_not_depend_on_its_batch():
     reordered = generate_batch(model, prompts[::-1], generators=seeded(range(5, -1, -1)), **settings)[::-1]
     assert together == alone == reordered
     assert len({tuple(reply) for reply in together}) > 1  # sampling, not one fixed reply
+
+
+def write_prompts(path: Path, count: int) -> Path:
+    path.write_text("".join(json.dumps({"prompt": f"What is {i} plus {i % 7}? " * (1 + i % 5)}) + "\n" for i in range(count)))
+    return path
+
+
+def test_a_prompts_run_killed_midway_continues_to_the_output_of_an_uninterrupted_run(trained, tmp_path):
+    _, adapter = trained
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 24)
+    flags = ["--adapter", adapter, "--prompts", prompts, "--batch_size", 3, "--max_new_tokens", 12]  # sampling at 0.6
+    whole = run_sample(*flags, "--out", tmp_path / "whole.jsonl")
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "killed.jsonl"
+    process = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), *map(str, flags), "--out", str(out)], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while process.poll() is None and time.time() < deadline and not (out.exists() and out.read_text().count("\n") >= 6):
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert 0 < out.read_text().count("\n") < 24  # killed in the middle
+    with open(out, "a") as f:
+        f.write('{"prompt": "a half-writ')  # as if the kill had landed inside a write
+    resumed = run_sample(*flags, "--out", out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert out.read_text() == (tmp_path / "whole.jsonl").read_text()
+
+
+@pytest.mark.parametrize("text, message", [
+    (None, r"does not exist"),
+    ("", r"is empty"),
+    ('{"prompt": "hi"}\nnot json\n', r"line 2 is not JSON"),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n',
+     r"line 1 holds no conversation to reply to"),
+])
+def test_a_bad_prompts_file_is_refused_in_one_line_naming_it(trained, tmp_path, text, message):
+    _, adapter = trained
+    path = tmp_path / "prompts.jsonl"
+    if text is not None:
+        path.write_text(text)
+    result = run_sample("--adapter", adapter, "--prompts", path, "--out", tmp_path / "r.jsonl")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert re.search(message, result.stderr) and "prompts.jsonl" in result.stderr
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch_size", "0"], "--batch_size must be > 0, got 0"),
+    (["--alpha0", "-1"], "--alpha0 must be >= 0, got -1.0"),
+    (["--top_p", "0"], "--top_p must be in (0, 1], got 0.0"),
+])
+def test_sample_py_names_the_one_bad_flag(trained, flags, message):
+    _, adapter = trained
+    result = run_sample("--adapter", adapter, "--prompt", "hi", *flags)
+    assert result.returncode == 2 and result.stderr == f"error: {message}\n"

@@ -101,3 +101,20 @@ def test_two_processes_under_torchrun_print_the_table_of_one(builtin_run, tmp_pa
     table = result.stdout.splitlines()[-10:]
     assert table[0].split() == ["base", "qadapter"]
     assert json.loads((tmp_path / "out" / "report.json").read_text()) == json.loads((builtin_run[0] / "report.json").read_text())
+
+
+def test_replies_to_a_prompts_file_are_the_replies_of_one_prompt_each(builtin_run, tmp_path):
+    questions = ["What is the capital of Peru?", "What is the opposite of hot?", "Write this word in upper case: moon"]
+    records = [{"prompt": questions[0]}, {"messages": [{"role": "user", "content": questions[1]}]},
+               {"chosen": [{"role": "user", "content": questions[2]}, {"role": "assistant", "content": "a"}],
+                "rejected": [{"role": "user", "content": questions[2]}, {"role": "assistant", "content": "b"}]}]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    sample = [sys.executable, str(ROOT / "sample.py"), "--adapter", str(builtin_run[0]), "--temperature", "0"]
+    batch = subprocess.run(sample + ["--prompts", str(tmp_path / "prompts.jsonl"), "--out", str(tmp_path / "replies.jsonl"),
+                                     "--batch_size", "2"], capture_output=True, text=True, cwd=ROOT)
+    assert batch.returncode == 0, batch.stderr
+    lines = [json.loads(line) for line in (tmp_path / "replies.jsonl").read_text().splitlines()]
+    assert [{k: v for k, v in line.items() if k != "reply"} for line in lines] == records  # input order, records kept
+    for question, line in zip(questions, lines):
+        alone = subprocess.run(sample + ["--prompt", question], capture_output=True, text=True, cwd=ROOT)
+        assert line["reply"] + "\n" == alone.stdout
