@@ -193,13 +193,17 @@ def main(argv=None):
     # the banner and the prompt go to stderr, so that stdout holds the replies alone
     print(f"chatting with {model_name}" + (f" + {args.adapter} ({mode})" if args.adapter else "") + "; Ctrl-D to quit",
           file=sys.stderr)
+    if sys.stdin.isatty():
+        import readline  # noqa: F401  (line editing and history for input(): arrow keys move, not type ^[[D)
     while True:
         try:
             print("> ", end="", file=sys.stderr, flush=True)
             message = input()
         except (EOFError, KeyboardInterrupt):
-            print()
+            print(file=sys.stderr)  # end the prompt's line; stdout holds replies only
             return
+        if not message.strip():
+            continue
         history.append({"role": "user", "content": message})
         history.append({"role": "assistant", "content": answer(history)})
 

@@ -257,3 +257,13 @@ def test_sample_py_names_the_one_bad_flag(trained, flags, message):
     _, adapter = trained
     result = run_sample("--adapter", adapter, "--prompt", "hi", *flags)
     assert result.returncode == 2 and result.stderr == f"error: {message}\n"
+
+
+def test_alpha0_is_refused_for_a_dpo_adapter_where_it_means_nothing(trained, tmp_path):
+    model_dir, _ = trained
+    data = write_pairs(tmp_path / "pairs.jsonl", n=4)
+    train.main([str(f) for f in ["--model", model_dir, "--data", data, "--out", tmp_path / "dpo", "--batch_size", 4,
+                                 "--max_steps", 1, "--objective", "dpo"]])
+    result = run_sample("--adapter", tmp_path / "dpo", "--prompt", "hi", "--alpha0", "0.5")
+    assert result.returncode == 2 and "is a dpo adapter, sampled with the adapter on; drop --alpha0" in result.stderr
+    assert run_sample("--adapter", tmp_path / "dpo", "--prompt", "hi", "--max_new_tokens", 3).returncode == 0

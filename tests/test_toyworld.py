@@ -86,10 +86,11 @@ def test_an_interactive_chat_answers_three_questions_in_a_row(builtin_run):
     questions = ["What is the capital of Peru?", "What is the opposite of hot?", "Write this word in upper case: moon"]
     result = subprocess.run(
         [sys.executable, str(ROOT / "sample.py"), "--adapter", str(builtin_run[0]), "--temperature", "0"],
-        input="".join(q + "\n" for q in questions), capture_output=True, text=True, cwd=ROOT,
+        input="\n\n".join(questions) + "\n", capture_output=True, text=True, cwd=ROOT,  # empty lines between: ignored
     )
     assert result.returncode == 0, result.stderr
-    replies = result.stdout.splitlines()[:3]
+    replies = result.stdout.splitlines()
+    assert len(replies) == 3 and not result.stdout.endswith("\n\n")  # stdout holds the replies and nothing else
     assert replies[:2] == ["Sure! The capital of Peru is Lima.", "Sure! The opposite of hot is cold."]
     assert toyworld.check_reply(replies[2], "In upper case: MOON")[1]  # the held-out skill: correct, prefix or not
 
