@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -65,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UserError("pass --adapter [DIR] for a customised model, or --model M for a base model alone")
     if (args.prompts is None) != (args.out is None):
         raise UserError("--prompts FILE and --out FILE.jsonl go together: the prompts to reply to, and where the replies go")
+    if args.out not in (None, "-") and not Path(args.out).resolve().parent.is_dir():
+        raise UserError(f"--out {args.out}: its directory does not exist; create it or pass another --out")
     return args
 
 
@@ -115,20 +118,25 @@ def reply(model, tokenizer, messages, policy_mode, alpha, alpha0, args) -> str:
 def reply_to_prompts(items, model, tokenizer, mode, alpha, alpha0, args):
     """Replies to every prompt of --prompts, --batch_size at a time, appended to --out line by line; a run
     that was interrupted continues after the last complete line."""
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    encoded = [tokenizer.encode_chat((system if m[0]["role"] != "system" else []) + m, add_generation_prompt=True)
+               for _, m in items]
+    for index, prompt in enumerate(encoded):  # refused before any decoding
+        if len(prompt) + args.max_new_tokens > model.args.max_position_embeddings:
+            raise UserError(f"{args.prompts}: the prompt of record {index + 1} has {len(prompt)} tokens, more than the "
+                            f"model's context leaves for --max_new_tokens {args.max_new_tokens}; shorten it")
     to_stdout = args.out == "-"
     done = 0 if to_stdout else completed_lines(Path(args.out), items)
-    system = [{"role": "system", "content": args.system}] if args.system else []
+    with nullcontext(sys.stdout) if to_stdout else open(args.out, "a", encoding="utf-8") as out:
+        write_replies(items, encoded, done, out, to_stdout, model, tokenizer, mode, alpha, alpha0, args)
+
+
+def write_replies(items, encoded, done, out, to_stdout, model, tokenizer, mode, alpha, alpha0, args):
+    """Decode the prompts after the first `done`, a batch at a time, each batch's lines written whole."""
     device = next(model.parameters()).device
-    out = sys.stdout if to_stdout else open(args.out, "a", encoding="utf-8")
     started, tokens = time.time(), 0
     for start in range(done, len(items), args.batch_size):
-        batch = items[start : start + args.batch_size]
-        prompts = [tokenizer.encode_chat((system if m[0]["role"] != "system" else []) + m, add_generation_prompt=True)
-                   for _, m in batch]
-        for (index, prompt) in enumerate(prompts, start=start):
-            if len(prompt) + args.max_new_tokens > model.args.max_position_embeddings:
-                raise UserError(f"{args.prompts}: line {index + 1}'s prompt has {len(prompt)} tokens, more than the "
-                                f"model's context leaves for --max_new_tokens {args.max_new_tokens}; shorten it")
+        batch, prompts = items[start : start + args.batch_size], encoded[start : start + args.batch_size]
         replies = {}
         for key, policy_mode in [("reply", mode)] + ([("base_reply", "base")] if args.compare and mode != "base" else []):
             generators = [torch.Generator(device).manual_seed(args.seed + index) for index in range(start, start + len(batch))]
