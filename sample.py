@@ -66,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UserError("pass --adapter [DIR] for a customised model, or --model M for a base model alone")
     if (args.prompts is None) != (args.out is None):
         raise UserError("--prompts FILE and --out FILE.jsonl go together: the prompts to reply to, and where the replies go")
+    if args.out not in (None, "-") and Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is a directory; pass a file such as replies.jsonl")
     if args.out not in (None, "-") and not Path(args.out).resolve().parent.is_dir():
         raise UserError(f"--out {args.out}: its directory does not exist; create it or pass another --out")
     return args

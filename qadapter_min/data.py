@@ -201,7 +201,8 @@ def load_prompts(path) -> list[tuple[dict, list[dict]]]:
     that cannot be used is refused in one sentence naming it and the line."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"--prompts {path} does not exist; pass a JSON Lines file, one prompt record per line")
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise UserError(f"--prompts {path} {what}; pass a JSON Lines file, one prompt record per line")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
