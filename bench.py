@@ -185,6 +185,31 @@ def batched_decoding(model, new_tokens, prompts_count=32, batch_sizes=(1, 8, 32)
             speed = prompts_count * new_tokens / (time.perf_counter() - started)
             line += f" | batch {batch_size}: {speed:7.1f} ({speed / one_at_a_time:.1f}x{'' if replies == alone else ', REPLIES DIFFER'})"
         print(line)
+    head_product_gains(model, batch_sizes)
+
+
+def head_product_gains(model, batch_sizes, repeats=20):
+    """The gain that batching can give at most where the LM head dominates: the time per prompt of the head's
+    matrix product alone (the BLAS library, no model code) for a batch of B prompts against one prompt,
+    with one row per prompt for the base model and two for the customised policy."""
+    weight = model.head_weight.detach()
+
+    def seconds(rows):
+        hidden = torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
+        weight @ hidden.T
+        synchronize(model)
+        started = time.perf_counter()
+        for _ in range(repeats):
+            weight @ hidden.T
+        synchronize(model)
+        return (time.perf_counter() - started) / repeats
+
+    line = "  LM head product alone, per prompt against one prompt:"
+    for policy_mode, rows_per_prompt in (("base", 1), ("customised", 2)):
+        alone = seconds(max(rows_per_prompt, 2))  # one row runs as two (generate.next_token_logits)
+        gains = ", ".join(f"batch {b} {b * alone / seconds(b * rows_per_prompt):.1f}x" for b in batch_sizes[1:])
+        line += f" {policy_mode} {gains};"
+    print(line.rstrip(";"))
 
 
 def preset_run(name, device, peak_tflops, bandwidth_gbs, repeats, decode_tokens):

@@ -186,6 +186,13 @@ class KVCache:
     def advance(self, num_positions: int):
         self.length += num_positions
 
+    def keep_rows(self, rows: torch.Tensor):
+        """Keep only the batch rows listed in rows (a 1-D index tensor), in that order: the others' keys,
+        values and padding are dropped, so later steps neither compute nor attend over them."""
+        self.keys, self.values = self.keys[:, rows], self.values[:, rows]
+        if self.valid is not None:
+            self.valid = self.valid[rows]
+
 
 class Attention(nn.Module):
     """Causal grouped-query attention: KV key/value heads, each shared by H / KV query heads."""
