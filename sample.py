@@ -32,10 +32,10 @@ from qadapter_min import UserError
 from qadapter_min.common import HelpFormatter, choose_dtype, default_device, run_command_line
 from qadapter_min.data import load_prompts
 from qadapter_min.generate import generate, generate_batch
-from qadapter_min.lora import load_adapter, load_run_config
-from qadapter_min.objective import POLICY_OF_OBJECTIVE
+from qadapter_min.lora import load_adapter
+from qadapter_min.policy import BASE, Policy, check_base, read_policy
 from qadapter_min.tokenizer import Tokenizer
-from qadapter_min.weights import load_model, model_fingerprint, resolve_model_dir
+from qadapter_min.weights import load_model, resolve_model_dir
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,27 +73,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def load_policy(args, config: dict | None, model_name: str):
-    """(model, tokenizer, policy mode, alpha, alpha0): the base model, with the adapter put on it if one is
-    given (config: its qadapter_config.json), and the policy the adapter was trained for (generate.py's modes)."""
+def read_adapter_policy(args) -> Policy:
+    """The policy to sample: the adapter's (read from its qadapter_config.json) or the base model's."""
+    if args.adapter is None:
+        return BASE
+    policy = read_policy(args.adapter, args.alpha0)
+    if args.alpha0 is not None and policy.mode != "customised":
+        raise UserError(f"--alpha0 weighs pi1 in Q-Adapter's customised policy, and {args.adapter} is a "
+                        f"{policy.settings['objective']} adapter, sampled with the adapter on; drop --alpha0")
+    return policy
+
+
+def load_policy(args, policy: Policy, model_name: str):
+    """(model, tokenizer): the base model, with the policy's adapter put on it, if it has one."""
     device = default_device()
     model_dir = resolve_model_dir(model_name)
     tokenizer = Tokenizer(model_dir)
     model = load_model(model_dir, dtype=choose_dtype(args.dtype, device), device=device)
-    if config is None:
-        return model, tokenizer, "base", 1.0, 0.01
-    if model_fingerprint(model) != config["base_model_fingerprint"]:
-        raise UserError(
-            f"{args.adapter} was trained on another base model than {model_name} (its config, tensor shapes or "
-            f"weights differ); pass the adapter's own base model with --model, or train the adapter again"
-        )
-    if args.alpha0 is not None and config["objective"] != "qadapter":
-        raise UserError(f"--alpha0 weighs pi1 in Q-Adapter's customised policy, and {args.adapter} is a "
-                        f"{config['objective']} adapter, sampled with the adapter on; drop --alpha0")
-    load_adapter(model, args.adapter)
+    check_base(model, policy, model_name)
+    if policy.adapter is not None:
+        load_adapter(model, policy.adapter)
     model.eval()  # the LoRA layers just added: no dropout
-    alpha0 = args.alpha0 if args.alpha0 is not None else config["alpha0"]
-    return model, tokenizer, POLICY_OF_OBJECTIVE[config["objective"]], config["alpha"], alpha0
+    return model, tokenizer
 
 
 def reply(model, tokenizer, messages, policy_mode, alpha, alpha0, args) -> str:
@@ -181,10 +182,11 @@ def completed_lines(path: Path, items) -> int:
 
 def main(argv=None):
     args = parse_args(argv)
-    config = load_run_config(args.adapter) if args.adapter is not None else None
-    model_name = args.model or config["base_model"]
+    policy = read_adapter_policy(args)
+    model_name = args.model or policy.base_model
     items = load_prompts(args.prompts) if args.prompts else None  # a bad prompts file is refused before loading
-    model, tokenizer, mode, alpha, alpha0 = load_policy(args, config, model_name)
+    model, tokenizer = load_policy(args, policy, model_name)
+    mode, alpha, alpha0 = policy.mode, policy.alpha, policy.alpha0
     if items is not None:
         reply_to_prompts(items, model, tokenizer, mode, alpha, alpha0, args)
         return

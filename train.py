@@ -15,7 +15,6 @@ evaluates and checkpoints.
 """
 
 import argparse
-import gc
 import json
 import math
 import os
@@ -24,7 +23,6 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,15 +31,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 import toyworld
 from qadapter_min import UserError
-from qadapter_min.common import HelpFormatter, atomic_write, choose_dtype, default_device, run_command_line, write_json
+from qadapter_min.common import HelpFormatter, atomic_write, choose_dtype, run_command_line, write_json
 from qadapter_min.data import check_data_file, collate, encode_pairs, load_pairs
 from qadapter_min.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MASK32, PROJECTIONS, RUN_CONFIG, add_lora,
                                check_targets, mix32, save_adapter, save_run_config)
 from qadapter_min.memory import training_memory_gib
 from qadapter_min.objective import OBJECTIVE_SETTINGS
+from qadapter_min.processes import Processes, leave_processes, start_processes
 from qadapter_min.step import micro_batch_objective
 from qadapter_min.tokenizer import Tokenizer
-from qadapter_min.weights import load_model, read_config, resolve_model_dir
+from qadapter_min.weights import load_model, read_config
 from toyworld.report import compare, format_report
 
 CHECKPOINT = "checkpoint/state.pt"
@@ -51,7 +50,7 @@ OUTPUTS = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, RUN_CONFIG, METRICS, REPORT, "checkp
 # Flags that may change when a run is resumed: where it writes and how often. Every other flag, present or
 # future, must be the one the checkpoint was made with.
 MAY_DIFFER_ON_RESUME = ("out", "resume", "overwrite", "log_every", "eval_every", "save_every", "eval_data")
-METRIC_NAMES = ("loss", "pref_loss", "chi2_loss", "accuracy", "margin")
+METRIC_NAMES = ("loss", "pref_loss", "chi2_loss", "preference_accuracy", "preference_margin")
 MAX_NON_FINITE_STEPS = 3  # non-finite steps in a row that stop a run
 
 
@@ -94,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="base model: a directory with config.json, tokenizer.json and safetensors, or a Hub id")
     p.add_argument("--data", default=None, nargs="+", help="preference files: conversational, HH-RLHF or DSP (JSON / JSON Lines, .gz ok)")
     p.add_argument("--domain", default=None, help="for DSP files: the preferred domain (academy, business, entertainment, literature)")
-    p.add_argument("--eval_data", nargs="+", default=None, help="held-out preference files for eval_loss and eval_accuracy")
+    p.add_argument("--eval_data", nargs="+", default=None, help="held-out preference files for the eval rows (eval_loss, eval_preference_accuracy, eval_preference_margin)")
     p.add_argument("--out", default="out", help="output directory: adapter, configs, metrics.jsonl, checkpoint/")
     p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out (kept until this run starts training)")
     p.add_argument("--objective", choices=["qadapter", "dpo"], default="qadapter", help="Q-Adapter, or the DPO baseline")
@@ -218,60 +217,9 @@ def changed_flags(saved: dict, now: dict) -> list[str]:
 # Processes, data and model
 
 
-@dataclass
-class Processes:
-    """This process's place in the run: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain
-    `python train.py` is rank 0 of 1. Only rank 0 (the master) prints and writes."""
-
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def distributed(self) -> bool:
-        return dist.is_initialized()
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-    def log(self, *text):
-        if self.master:
-            print(*text, flush=True)
-
-
-def start_processes() -> Processes:
-    if "RANK" not in os.environ:
-        return Processes(0, 0, 1, default_device())
-    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    local_rank = int(os.environ["LOCAL_RANK"])
-    processes = Processes(dist.get_rank(), local_rank, dist.get_world_size(), default_device(local_rank))
-    if processes.device.type == "cuda":
-        torch.cuda.set_device(processes.device)
-    return processes
-
-
-def leave_processes(processes: Processes):
-    """Leave together and end the process group while the interpreter is whole. Everything that holds
-    the group (the DDP wrapper, through its reducer) must be gone first: otherwise the gloo backend
-    outlives destroy_process_group and is torn down in the interpreter's own exit, where its threads
-    sometimes abort the process ("terminate called without an active exception") after all the work
-    is done, and torchrun reports the run failed (1 of 48 two-process CPU runs here; 0 of 96 since)."""
-    if processes.distributed:
-        gc.collect()  # the DDP wrapper and its reducer refer to each other: free them now, not at exit
-        dist.barrier()  # leave together, rank 0's files written
-        dist.destroy_process_group()
-
-
 def read_data(args, processes: Processes):
     """(model directory, tokenizer, training pairs, eval pairs), the pairs encoded; every rank reads the same."""
-    if processes.master:  # rank 0 downloads a Hub model; the others then find it in the cache
-        model_dir = resolve_model_dir(args.model)
-    if processes.distributed:
-        dist.barrier()
-    if not processes.master:
-        model_dir = resolve_model_dir(args.model)
+    model_dir = processes.resolve_model_dir(args.model)
     model_args = read_config(model_dir)  # a wrong model is refused before the data are read
     tokenizer = Tokenizer(model_dir)
     if tokenizer.vocab_size > model_args.vocab_size:
@@ -403,14 +351,14 @@ def train(model, ddp_model, optimizer, train_set, eval_set, pad_id, start_step, 
                        "tokens_per_s": tokens / (time.time() - step_started)}
                 eta = (time.time() - started) / (done - start_step) * (total_steps - done)
                 processes.log(
-                    f"step {done}/{total_steps} | loss {means['loss']:.4f} | accuracy {means['accuracy']:.2f} | "
-                    f"margin {means['margin']:.3f} | {row['tokens_per_s']:.0f} tokens/s | ETA {eta:.0f}s"
+                    f"step {done}/{total_steps} | loss {means['loss']:.4f} | preference_accuracy {means['preference_accuracy']:.2f} | "
+                    f"preference_margin {means['preference_margin']:.3f} | {row['tokens_per_s']:.0f} tokens/s | ETA {eta:.0f}s"
                 )
                 append_metrics(out, row, processes)
             if eval_set and ((args.eval_every and done % args.eval_every == 0) or done == total_steps):
                 row = {"step": done, **evaluate(model, eval_set, pad_id, settings, args, processes)}
                 processes.log(f"step {done}/{total_steps} | eval_loss {row['eval_loss']:.4f} | "
-                              f"eval_accuracy {row['eval_accuracy']:.2f}")
+                              f"eval_preference_accuracy {row['eval_preference_accuracy']:.2f}")
                 append_metrics(out, row, processes)
             if args.save_every and done % args.save_every == 0 and done < total_steps and processes.master:
                 save_checkpoint(out, model, optimizer, done, args)
@@ -443,21 +391,23 @@ def run_micro_batches(model, ddp_model, train_set, pair_indices, step, pad_id, s
 
 
 def evaluate(model, eval_set, pad_id, settings, args, processes: Processes) -> dict:
-    """eval_loss and eval_accuracy over the eval pairs, each rank taking every world_size-th micro-batch."""
+    """eval_loss, eval_preference_accuracy and eval_preference_margin over the eval pairs (means over pairs),
+    each rank taking every world_size-th micro-batch."""
     model.eval()
-    totals = torch.zeros(3, device=processes.device)  # loss sum, accuracy sum, pairs
+    names = ("loss", "preference_accuracy", "preference_margin")
+    totals = torch.zeros(len(names) + 1, device=processes.device)  # sums over pairs, then the pairs
     with torch.no_grad():
         first, stride = processes.rank * args.micro_batch_size, processes.world_size * args.micro_batch_size
         for i in range(first, len(eval_set), stride):
             batch = eval_set[i : i + args.micro_batch_size]
             tokens, response_mask = (t.to(processes.device) for t in collate(batch, pad_id))
             loss, metrics = micro_batch_objective(model, tokens, response_mask, settings)
-            totals += torch.tensor([loss.item() * len(batch), metrics["accuracy"].item() * len(batch), len(batch)],
-                                   device=processes.device)
+            values = [loss.item()] + [metrics[name].item() for name in names[1:]]
+            totals += torch.tensor([v * len(batch) for v in values] + [len(batch)], device=processes.device)
     if processes.distributed:
         dist.all_reduce(totals)
     model.train()
-    return {"eval_loss": (totals[0] / totals[2]).item(), "eval_accuracy": (totals[1] / totals[2]).item()}
+    return {f"eval_{name}": (totals[i] / totals[-1]).item() for i, name in enumerate(names)}
 
 
 def lr_at(step: int, total_steps: int, args) -> float:

@@ -86,3 +86,14 @@ def run_command_line(main):
     if dist.is_initialized():
         os._exit(code)
     sys.exit(code)
+
+
+def format_table(names: list[str], rows: list[tuple[str, list[float]]]) -> str:
+    """A table of numbers with a column per name and a labelled row each: [(label, [value per column])]."""
+    widths = [max(8 if i == 0 else 12, len(name) + 2) for i, name in enumerate(names)]
+    lines = [f"{'':42}" + "".join(f"{name:>{w}}" for name, w in zip(names, widths))]
+    def number(v, w):  # two decimals, or three significant digits for what is too large for them
+        return f"{v:{w}.2f}" if abs(v) < 1e4 else f"{v:{w}.3g}"
+
+    lines += [f"{label:42}" + "".join(number(v, w) for v, w in zip(values, widths)) for label, values in rows]
+    return "\n".join(lines)

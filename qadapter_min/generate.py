@@ -166,9 +166,12 @@ def generate_batch(
     top_k: int = 0,
     top_p: float = 1.0,
     generators: list[torch.Generator] | None = None,
+    finished=None,
 ) -> list[list[int]]:
     """The replies (token ids, stop id left out) to B prompts of any lengths, decoded together: each the
     reply `generate` gives that prompt alone, with generators[i] (one per prompt) drawing prompt i's tokens.
+    finished(i, reply so far), if given, ends prompt i's reply early when it returns True (e.g. once its
+    text holds a stop string).
 
     The prompts are left-padded to the longest, so every row's next token lands in the same column; the
     padding is masked out of attention and each row's positions count its own tokens. A row that has
@@ -192,8 +195,10 @@ def generate_batch(
         next_tokens, still_running = [], []
         for j, i in enumerate(running):
             token = sample_token(logits[j], temperature, top_k, top_p, generators[i] if generators else None)
-            if token not in stop_ids:
-                replies[i].append(token)
+            if token in stop_ids:
+                continue
+            replies[i].append(token)
+            if finished is None or not finished(i, replies[i]):
                 next_tokens.append(token)
                 still_running.append(j)
         if not still_running or step + 1 == max_new_tokens:

@@ -234,8 +234,10 @@ def loss_from_hidden(
     The metrics also hold `rewards` (2B,), each reply's implicit reward
         R(y) = sum over its actions of alpha * log pi(a_t|s_t) - alpha0 * log pi1(a_t|s_t)
     for the policy the objective trains: pi~ for Q-Adapter (then R is equation (4) at gamma = 1), the
-    adapter-on model for DPO. Preference accuracy is the share of pairs with R(y_w) > R(y_l); one
-    definition for every policy, so that a Q-Adapter, a DPO adapter and the base model compare.
+    adapter-on model for DPO. preference_accuracy is the share of pairs with R(y_w) > R(y_l), and
+    preference_margin the mean of R(y_w) - R(y_l): one definition for every policy, so that a Q-Adapter,
+    a DPO adapter and the base model compare (the objectives' own `accuracy` and `margin`, of DPO's
+    reward or of equation (4) with its gamma, stay internal).
     """
     if objective == "qadapter":
         (r, q_taken, v, log_pi1), scored = token_values_from_hidden(
@@ -250,5 +252,8 @@ def loss_from_hidden(
         )
         loss, metrics = dpo_loss_from_token_values(log_pi, log_pi1, scored, beta=dpo_beta)
         metrics["chi2_loss"] = torch.zeros((), device=loss.device)  # DPO has no such term; logged as 0
-    metrics["rewards"] = torch.where(scored, alpha * log_pi.detach() - alpha0 * log_pi1, 0.0).sum(dim=1)
+    rewards = torch.where(scored, alpha * log_pi.detach() - alpha0 * log_pi1, 0.0).sum(dim=1)  # (2B,)
+    B = rewards.shape[0] // 2
+    metrics.update(rewards=rewards, preference_accuracy=(rewards[:B] > rewards[B:]).float().mean(),
+                   preference_margin=(rewards[:B] - rewards[B:]).mean())
     return loss, metrics

@@ -73,9 +73,18 @@ class Tokenizer:
         """Token ids of plain text: no BOS added, special-token spellings kept as text."""
         return self._tokenizer.encode(text, add_special_tokens=False).ids
 
-    def decode(self, ids: list[int]) -> str:
-        """Text of token ids; special tokens are written out by their spelling."""
-        return self._tokenizer.decode(list(ids), skip_special_tokens=False)
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        """Text of token ids; special tokens are written out by their spelling, or left out."""
+        return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def encode_rendered(self, text: str) -> list[int]:
+        """Token ids of a string in which special-token spellings stand for the tokens, as a chat template
+        renders them: what Hugging Face's tokenizer gives for such a string, without adding a BOS."""
+        self._tokenizer.encode_special_tokens = False
+        try:
+            return self._tokenizer.encode(text, add_special_tokens=False).ids
+        finally:
+            self._tokenizer.encode_special_tokens = True
 
     def _turn(self, role: str, text: str) -> list[int]:
         """<|start_header_id|>{role}<|end_header_id|> then the text "\\n\\n" + text, without the <|eot_id|>."""
@@ -93,20 +102,36 @@ class Tokenizer:
         message goes into the system block, which is there even without one. Contents are stripped.
         add_generation_prompt: end with the assistant header, ready for the model's reply.
         """
-        messages = list(messages)
-        for message in messages:
-            if message.get("role") not in CHAT_ROLES or not isinstance(message.get("content"), str):
-                raise ValueError(f"a chat message needs a role in {CHAT_ROLES} and string content, got {message!r}")
-        system = ""
-        if messages and messages[0]["role"] == "system":
-            system = messages.pop(0)["content"].strip()
-        system_text = f"Cutting Knowledge Date: December 2023\nToday Date: {date_string}\n\n{system}"
-        ids = [self.bos_id, *self._turn("system", system_text), self.eot_id]
-        for message in messages:
-            ids += [*self._turn(message["role"], message["content"].strip()), self.eot_id]
+        ids = [self.bos_id]
+        for role, text in chat_turns(messages, date_string):
+            ids += [*self._turn(role, text), self.eot_id]
         if add_generation_prompt:
             ids += self._turn("assistant", "")
         return ids
+
+    def chat_text(self, messages: list[dict], add_generation_prompt: bool = True, date_string: str = "26 Jul 2024") -> str:
+        """The conversation rendered as the chat template renders it, one string with the special tokens spelt
+        out; `encode_rendered` of it gives encode_chat's ids (unless a message spells a special token).
+        Without the generation prompt the last message is left open (no <|eot_id|>), for the model to continue."""
+        turns = [f"{START_HEADER}{role}{END_HEADER}\n\n{text}" for role, text in chat_turns(messages, date_string)]
+        text = BEGIN_OF_TEXT + "".join(turn + END_OF_TURN for turn in turns)
+        if add_generation_prompt:
+            return text + f"{START_HEADER}assistant{END_HEADER}\n\n"
+        return text.removesuffix(END_OF_TURN)
+
+
+def chat_turns(messages: list[dict], date_string: str) -> list[tuple[str, str]]:
+    """(role, text) of each turn of the chat format: the system block first (there even without a system
+    message), then every message, contents stripped."""
+    messages = list(messages)
+    for message in messages:
+        if message.get("role") not in CHAT_ROLES or not isinstance(message.get("content"), str):
+            raise ValueError(f"a chat message needs a role in {CHAT_ROLES} and string content, got {message!r}")
+    system = ""
+    if messages and messages[0]["role"] == "system":
+        system = messages.pop(0)["content"].strip()
+    system_text = f"Cutting Knowledge Date: December 2023\nToday Date: {date_string}\n\n{system}"
+    return [("system", system_text)] + [(m["role"], m["content"].strip()) for m in messages]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 
 import train
 from conftest import tiny_model_dir, write_pairs
-from qadapter_min import UserError
+from qadapter_min import UserError, processes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,8 +35,9 @@ def nothing_may_be_read(monkeypatch):
     def read(*args, **kwargs):
         raise AssertionError("a model or data file was read before the refusal")
 
-    for name in ("resolve_model_dir", "load_model", "load_pairs", "read_config"):
+    for name in ("load_model", "load_pairs", "read_config"):
         monkeypatch.setattr(train, name, read)
+    monkeypatch.setattr(processes, "resolve_model_dir", read)  # where train.py's ranks find the model
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 """One micro-batch through the model (step.py): the loss of the plain objective on full logits, and the
 implicit rewards R(y) of each policy against the obvious computation from full logits."""
 
-import argparse
 from contextlib import nullcontext
 
 import pytest
@@ -14,7 +13,7 @@ from qadapter_min.objective import dpo_loss, policy_logits, qadapter_loss
 from qadapter_min.step import micro_batch_objective
 from qadapter_min.tokenizer import Tokenizer
 from qadapter_min.weights import load_model
-from toyworld.report import preference_accuracy
+from qadapter_min.policy import Policy, log_probs, preference_metrics
 
 ALPHA, ALPHA0 = 0.8, 0.2
 
@@ -63,10 +62,10 @@ def test_the_rewards_of_each_policy_match_full_logits_and_give_the_reports_accur
     expected = slow_rewards(model, tokens, response_mask, policy_mode)
     torch.testing.assert_close(metrics["rewards"], expected, rtol=1e-5, atol=1e-5)
 
-    args = argparse.Namespace(objective="qadapter", alpha=ALPHA, alpha0=ALPHA0, beta=0.1, gamma=1.0, dpo_beta=0.1,
-                              micro_batch_size=4)  # 6 pairs: micro-batches of 4 and 2
-    share = (expected[:6] > expected[6:]).float().mean().item()
-    assert preference_accuracy(model, pairs, pad_id, policy_mode, args) == pytest.approx(share)
+    policy = Policy(policy_mode, policy_mode, alpha=ALPHA, alpha0=ALPHA0)
+    measured = preference_metrics(model, policy, pairs, pad_id, micro_batch_size=4)  # 6 pairs: micro-batches of 4 and 2
+    assert measured["preference_accuracy"] == pytest.approx((expected[:6] > expected[6:]).float().mean().item())
+    assert measured["preference_margin"] == pytest.approx((expected[:6] - expected[6:]).mean().item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("objective", ["qadapter", "dpo"])
@@ -87,3 +86,33 @@ def test_the_micro_batch_loss_and_gradients_are_the_plain_objectives_on_full_log
     torch.testing.assert_close(loss, plain, rtol=1e-5, atol=1e-6)
     for got, want in zip(grads, plain_grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("policy_mode", ["base", "adapter", "customised"])
+def test_log_probs_of_each_policy_are_those_of_full_logits(batch, policy_mode):
+    model, _, _ = batch
+
+    def slow_log_pi(sequence):  # (len, V): log pi(. | the first i + 1 tokens)
+        tokens = torch.tensor([sequence])
+        with torch.no_grad():
+            with adapter_disabled(model):
+                base = model(tokens)[0]
+            adapter = model(tokens)[0]
+        logits = {"base": base, "adapter": adapter, "customised": policy_logits(adapter, base, ALPHA, ALPHA0)}[policy_mode]
+        return logits.log_softmax(-1)
+
+    generator = torch.Generator().manual_seed(3)
+    sequences = [torch.randint(3, 101, (n,), generator=generator).tolist() for n in (7, 31, 12, 31, 2, 20)]
+    num_scored = [3, 10, 1, 30, 1, 5]
+    for i in (2, 4):  # one scored token each, made the policy's greedy choice
+        sequences[i][-1] = int(slow_log_pi(sequences[i])[-2].argmax())
+    sequences += [sequences[2][:-1] + [5], sequences[1][:-1] + [9]]  # options that differ in their last token only
+    num_scored += [1, 10]
+    policy = Policy(policy_mode, policy_mode, alpha=ALPHA, alpha0=ALPHA0)
+    got = log_probs(model, policy, sequences, num_scored, batch_size=4, chunk_size=7)  # batches of 4 and 2, chunks split rows
+    for sequence, n, (log_prob, greedy) in zip(sequences, num_scored, got):
+        log_pi = slow_log_pi(sequence)[len(sequence) - n - 1 : -1]
+        targets = torch.tensor(sequence[len(sequence) - n :])
+        assert log_prob == pytest.approx(log_pi.gather(1, targets[:, None]).sum().item(), abs=1e-5, rel=1e-5)
+        assert greedy == bool((log_pi.argmax(1) == targets).all())
+    assert [greedy for _, greedy in got] == [False, False, True, False, True, False, False, False]

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 import toyworld
-import train
 from qadapter_min.data import load_pairs
 from qadapter_min.tokenizer import Tokenizer
 
@@ -74,14 +73,6 @@ def test_sample_py_then_answers_with_the_new_preference(builtin_run):
     assert result.stdout == "[base]\nThe capital of Peru is Lima.\n[customised]\nSure! The capital of Peru is Lima.\n"
 
 
-def test_the_printed_command_run_explicitly_gives_the_same_report(builtin_run, tmp_path):
-    out, command = builtin_run
-    argv = shlex.split(command)[2:]  # after "python train.py": the world's flags, then the --out typed above
-    assert argv[-2:] == ["--out", str(out)]
-    train.main(argv + ["--out", str(tmp_path / "explicit")])  # a later flag wins
-    assert json.loads((tmp_path / "explicit" / "report.json").read_text()) == json.loads((out / "report.json").read_text())
-
-
 def test_an_interactive_chat_answers_three_questions_in_a_row(builtin_run):
     questions = ["What is the capital of Peru?", "What is the opposite of hot?", "Write this word in upper case: moon"]
     result = subprocess.run(
@@ -95,13 +86,16 @@ def test_an_interactive_chat_answers_three_questions_in_a_row(builtin_run):
     assert toyworld.check_reply(replies[2], "In upper case: MOON")[1]  # the held-out skill: correct, prefix or not
 
 
-def test_two_processes_under_torchrun_print_the_table_of_one(builtin_run, tmp_path):
+def test_the_printed_command_under_torchrun_with_two_processes_gives_the_bare_runs_report(builtin_run, tmp_path):
+    out, command = builtin_run
+    argv = shlex.split(command)[2:]  # after "python train.py": the world's flags, then the --out typed above
+    assert argv[-2:] == ["--out", str(out)]
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "train.py", "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT)
+                             "train.py", *argv[:-2], "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     table = result.stdout.splitlines()[-10:]
     assert table[0].split() == ["base", "qadapter"]
-    assert json.loads((tmp_path / "out" / "report.json").read_text()) == json.loads((builtin_run[0] / "report.json").read_text())
+    assert json.loads((tmp_path / "out" / "report.json").read_text()) == json.loads((out / "report.json").read_text())
 
 
 def test_replies_to_a_prompts_file_are_the_replies_of_one_prompt_each(builtin_run, tmp_path):
@@ -119,3 +113,19 @@ def test_replies_to_a_prompts_file_are_the_replies_of_one_prompt_each(builtin_ru
     for question, line in zip(questions, lines):
         alone = subprocess.run(sample + ["--prompt", question], capture_output=True, text=True, cwd=ROOT)
         assert line["reply"] + "\n" == alone.stdout
+
+
+def test_evaluate_py_gives_the_numbers_of_train_pys_report_for_q_adapter_and_dpo(builtin_run, tmp_path):
+    out_dpo = tmp_path / "out-dpo"
+    trained = subprocess.run([sys.executable, "train.py", "--objective", "dpo", "--max_steps", "50", "--out", str(out_dpo)],
+                             capture_output=True, text=True, cwd=ROOT)
+    assert trained.returncode == 0, trained.stderr
+    result = subprocess.run([sys.executable, "evaluate.py", "--adapter", str(builtin_run[0]), str(out_dpo),
+                             "--output", str(tmp_path / "results.json")], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    base, qadapter, dpo = json.loads((tmp_path / "results.json").read_text())["models"]
+    for measured, out in ((qadapter, builtin_run[0]), (dpo, out_dpo)):
+        report = json.loads((out / "report.json").read_text())
+        for column, name in ((base, "base"), (measured, "customised")):
+            assert {"preference_accuracy": column["preference"]["preference_accuracy"], **column["world"]} == report[name]
+    assert result.stdout.splitlines()[0].split() == ["base", str(builtin_run[0]), str(out_dpo)]

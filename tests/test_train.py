@@ -67,7 +67,7 @@ def test_outputs_and_the_metrics_schema(world, tmp_path):
     eval_rows = [r for r in rows if "eval_loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3] and [r["step"] for r in eval_rows] == [2, 3]
     for row in train_rows:
-        assert set(row) == {"step", "loss", "pref_loss", "chi2_loss", "accuracy", "margin", "lr", "grad_norm", "tokens_per_s"}
+        assert set(row) == {"step", "loss", "pref_loss", "chi2_loss", "preference_accuracy", "preference_margin", "lr", "grad_norm", "tokens_per_s"}
         assert row["loss"] == pytest.approx(row["pref_loss"] + row["chi2_loss"], rel=1e-5)
     assert [r["lr"] for r in train_rows] == pytest.approx([3e-4, 2e-4, 1e-4])  # linear decay to 0 after step 3
     config = json.loads((tmp_path / "qadapter_config.json").read_text())

@@ -1,0 +1,221 @@
+"""Measure the base model and any number of adapters side by side, on both axes of the paper.
+
+    python evaluate.py                                   # the built-in world: out/ against its base model
+    python evaluate.py --adapter out out-dpo             # the built-in table, a column per adapter
+    python evaluate.py --adapter out/academy --pairs test.jsonl
+
+Every adapter is measured as the policy it was trained for: a Q-Adapter adapter as the customised
+policy pi~ = softmax((Q + alpha0 log pi1) / alpha) with its own alpha and alpha0 (--alpha0 overrides
+alpha0 for Q-Adapter adapters), a DPO adapter as the adapter-on model. The base model is always the
+first column. Without --model the base is the adapters' own (they must share it).
+
+What the model learned, on held-out preference pairs (--pairs, any format train.py reads):
+  preference_accuracy   share of pairs with R(chosen) > R(rejected), where
+                        R(y) = sum over the reply of alpha log pi(a_t|s_t) - alpha0 log pi1(a_t|s_t)
+                        for the policy pi (the base model: alpha 1, alpha0 0, its log-likelihood)
+  preference_margin     mean of R(chosen) - R(rejected)
+On the built-in world's model (held-out pairs: its test.jsonl unless --pairs), also its checks of
+greedy replies (README, "The built-in world"):
+  preference_rate       share of greedy replies that take the preferred prefix, per skill
+  skill_accuracy        share of greedy replies that answer correctly, per skill
+
+What it kept, with lm-evaluation-harness (pip install -r requirements-eval.txt): --tasks and lm-eval's other
+flags, under their own names; every log-likelihood and reply is the evaluated policy's.
+
+The table goes to stdout, a column per model and a row per metric; --output FILE writes
+{"models": [{"name", "policy", "adapter", "lm_eval": {task: {metric: value}}, "preference": {...},
+"world": {...}}, ...]}. Under torchrun (torchrun --nproc_per_node=4 evaluate.py ...) lm-eval splits its
+requests over the processes; the other measurements run whole on each, and rank 0 prints and writes.
+"""
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+
+import toyworld
+from qadapter_min import UserError
+from qadapter_min.common import HelpFormatter, choose_dtype, format_table, run_command_line, write_json
+from qadapter_min.data import check_data_file, encode_pairs, load_pairs
+from qadapter_min.policy import BASE, Policy, check_base, policy_applied, preference_metrics, read_policy
+from qadapter_min.processes import leave_processes, start_processes
+from qadapter_min.tokenizer import Tokenizer
+from qadapter_min.weights import load_model
+from toyworld.report import greedy_report, world_rows
+
+WORLD_FLAGS = dict(model=os.path.relpath(toyworld.MODEL_DIR), adapter=["out"], pairs=[os.path.relpath(toyworld.WORLD_DIR / "test.jsonl")])
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--model", default=None, help="base model directory or Hub id (None: the adapters' base model)")
+    p.add_argument("--adapter", nargs="+", default=None, help="output directories of train.py, a column each")
+    p.add_argument("--alpha0", type=float, default=None, help="weight of log pi1 in Q-Adapter adapters' policy (None: as trained)")
+    p.add_argument("--pairs", nargs="+", default=None, help="held-out preference files: preference_accuracy and _margin")
+    p.add_argument("--domain", default=None, help="with --pairs of DSP: the preferred domain (academy, business, entertainment, literature)")
+    p.add_argument("--max_len", type=int, default=1024, help="with --pairs: longest pair in tokens (longer: truncated as train.py does)")
+    p.add_argument("--micro_batch_size", type=int, default=4, help="with --pairs: pairs per forward pass")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="weights' dtype (None: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--output", default=None, help="a JSON file for every number measured")
+    lm = p.add_argument_group("lm-evaluation-harness (pip install -r requirements-eval.txt), under lm-eval's own flag names")
+    lm.add_argument("--tasks", nargs="+", default=None, help="lm-eval task or group names (mmlu gsm8k_cot ...)")
+    lm.add_argument("--num_fewshot", type=int, default=None, help="examples in each prompt (None: each task's own)")
+    lm.add_argument("--limit", type=float, default=None, help="at most this many documents per task (below 1: a share)")
+    lm.add_argument("--apply_chat_template", action="store_true", help="put each prompt in the Llama 3.1 chat format")
+    lm.add_argument("--fewshot_as_multiturn", type=lambda x: x.lower() in ("true", "1", "yes"), nargs="?", const=True,
+                    default=None, metavar="BOOL", help="few-shot examples as earlier turns (None: with --apply_chat_template)")
+    lm.add_argument("--include_path", default=None, help="a directory of task YAMLs of your own")
+    lm.add_argument("--batch_size", type=int, default=8, help="requests per forward pass (sequences, or prompts decoded together)")
+    lm.add_argument("--log_samples", action="store_true", help="keep lm-eval's record of every document in --output")
+    args = p.parse_args(argv)
+    if args.model is None and args.adapter is None and args.pairs is None:  # the built-in world
+        for name, value in WORLD_FLAGS.items():
+            setattr(args, name, value)
+    for flag, bad, rule in [("max_len", args.max_len <= 1, "> 1"), ("micro_batch_size", args.micro_batch_size <= 0, "> 0"),
+                            ("alpha0", args.alpha0 is not None and args.alpha0 < 0, ">= 0"),
+                            ("batch_size", args.batch_size <= 0, "> 0"), ("limit", args.limit is not None and args.limit <= 0, "> 0"),
+                            ("num_fewshot", args.num_fewshot is not None and args.num_fewshot < 0, ">= 0")]:
+        if bad:
+            raise UserError(f"--{flag} must be {rule}, got {getattr(args, flag)}")
+    if args.model is None and args.adapter is None:
+        raise UserError("pass --model M for a base model, --adapter DIR ... for adapters (and their base), or both")
+    for path in args.pairs or []:
+        check_data_file(Path(path))
+    if args.output is not None and Path(args.output).is_dir():
+        raise UserError(f"--output {args.output} is a directory; pass a file such as results.json")
+    if args.include_path is not None and not Path(args.include_path).is_dir():
+        raise UserError(f"--include_path {args.include_path} is not a directory; pass the directory of your task YAMLs")
+    for flag in ("num_fewshot", "limit", "apply_chat_template", "fewshot_as_multiturn", "include_path", "log_samples"):
+        if args.tasks is None and getattr(args, flag) not in (None, False):
+            raise UserError(f"--{flag} sets how lm-eval runs --tasks; pass the tasks too, or drop --{flag}")
+    if args.fewshot_as_multiturn is None:
+        args.fewshot_as_multiturn = args.apply_chat_template
+    return args
+
+
+def task_manager(args):
+    """lm-eval's index of tasks, every one of --tasks found in it, before any model is loaded. The task
+    YAMLs of --include_path are looked in first: lm-eval's own index of thousands takes seconds to build."""
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise UserError("--tasks runs lm-evaluation-harness, which is not installed: pip install -r requirements-eval.txt") from None
+    if args.include_path is not None:
+        manager = TaskManager(include_path=args.include_path, include_defaults=False)
+        if all(manager.match_tasks([task]) for task in args.tasks):
+            return manager
+    manager = TaskManager(include_path=args.include_path)
+    missing = [task for task in args.tasks if not manager.match_tasks([task])]
+    if missing:  # lm-eval's own message, then how to go on
+        raise UserError(f"Tasks not found: {', '.join(missing)}; `lm-eval ls tasks` lists them, "
+                        f"and --include_path adds a directory of your own task YAMLs")
+    return manager
+
+
+def run_lm_eval(model, tokenizer, policy: Policy, manager, args) -> dict:
+    """{"lm_eval": {task: {metric: value}}} (lm-eval's metric names, e.g. "acc,none"), and with --log_samples
+    {"samples": {task: [lm-eval's record of each document]}}; on ranks other than 0, nothing."""
+    from lm_eval import simple_evaluate
+    from lm_eval.utils import handle_non_serializable
+
+    from qadapter_min.harness import PolicyLM
+
+    lm = PolicyLM(model, tokenizer, policy, name=f"{args.model_name}+{policy.name}", batch_size=args.batch_size)
+    out = simple_evaluate(
+        model=lm, tasks=args.tasks, num_fewshot=args.num_fewshot, limit=args.limit, task_manager=manager,
+        apply_chat_template=args.apply_chat_template, fewshot_as_multiturn=args.fewshot_as_multiturn,
+        log_samples=args.log_samples,
+    )
+    if out is None:
+        return {}
+    metrics = {task: {name: value for name, value in values.items() if "," in name}  # "metric,filter"; not "alias"
+               for task, values in out["results"].items()}
+    result = {"lm_eval": metrics}
+    if args.log_samples:
+        result["samples"] = json.loads(json.dumps(out["samples"], default=handle_non_serializable))
+    return result
+
+
+def read_policies(args) -> tuple[str, list[Policy]]:
+    """(the base model's name, the policies to measure: the base model, then each adapter's), read and checked
+    before any model is loaded."""
+    adapters = [read_policy(path, args.alpha0) for path in args.adapter or []]
+    if args.model is not None:
+        return args.model, [BASE, *adapters]
+    first = adapters[0]
+    for other in adapters[1:]:
+        if other.fingerprint != first.fingerprint:
+            raise UserError(f"{other.adapter} was trained on another base model than {first.adapter}; "
+                            f"evaluate adapters of one base model together, or pass --model")
+    return first.base_model, [BASE, *adapters]
+
+
+def read_pairs(args, tokenizer):
+    """The held-out pairs, encoded; an empty file is refused."""
+    if not args.pairs:
+        return []
+    encoded = []
+    for path in args.pairs:
+        pairs = encode_pairs(load_pairs(path, args.domain, log=lambda *_: None), tokenizer, args.max_len, log=lambda *_: None)
+        if not pairs:
+            raise UserError(f"{path} holds no usable preference pair; pass a file of pairs in a format train.py reads")
+        encoded += pairs
+    return encoded
+
+
+def measure(model, tokenizer, policy: Policy, pairs, world: bool, manager, args) -> dict:
+    """Every measurement asked for, of one policy."""
+    result = {"name": policy.name, "policy": policy.mode, "adapter": policy.adapter}
+    if args.tasks:
+        result.update(run_lm_eval(model, tokenizer, policy, manager, args))
+    if pairs:
+        result["preference"] = preference_metrics(model, policy, pairs, tokenizer.eot_id, args.micro_batch_size)
+    if world:
+        result["world"] = greedy_report(model, tokenizer, policy)
+    return result
+
+
+def table(results: list[dict]) -> str:
+    """A column per model, a row per metric."""
+    rows = []
+    for task, metrics in results[0].get("lm_eval", {}).items():
+        rows += [(f"{task} {metric.split(',')[0]}", [r["lm_eval"][task][metric] for r in results])
+                 for metric in metrics if "_stderr" not in metric]
+    if "preference" in results[0]:
+        rows += [("preference accuracy (held out)", [r["preference"]["preference_accuracy"] for r in results]),
+                 ("preference margin (held out)", [r["preference"]["preference_margin"] for r in results])]
+    if "world" in results[0]:
+        rows += world_rows([r["world"] for r in results])
+    return format_table([r["name"] for r in results], rows)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    model_name, policies = read_policies(args)
+    args.model_name = model_name
+    manager = task_manager(args) if args.tasks else None
+    processes = start_processes()
+    model_dir = processes.resolve_model_dir(model_name)
+    tokenizer = Tokenizer(model_dir)
+    world = toyworld.is_world_model(model_dir)
+    if world and args.pairs is None:
+        args.pairs = WORLD_FLAGS["pairs"]
+    pairs = read_pairs(args, tokenizer)
+    model = load_model(model_dir, dtype=choose_dtype(args.dtype, processes.device), device=processes.device)
+    for policy in policies:
+        check_base(model, policy, model_name)
+    results = []
+    for policy in policies:
+        with policy_applied(model, policy):
+            results.append(measure(model, tokenizer, policy, pairs, world, manager, args))
+    processes.log(table(results))
+    if args.output is not None and processes.master:
+        write_json(Path(args.output), {"models": results})
+    leave_processes(processes)
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    run_command_line(main)

@@ -1,0 +1,156 @@
+"""lm-evaluation-harness's model API over qadapter-min's own model: any policy (policy.py) on lm-eval's tasks.
+
+lm-eval asks a model three things, each for a list of requests:
+    loglikelihood(context, continuation)  log pi(continuation | context) and whether greedy decoding
+                                          would produce it (multiple-choice tasks: MMLU, ...)
+    loglikelihood_rolling(text)           log pi(text), in windows of the context length (perplexity)
+    generate_until(context, kwargs)       a reply, cut at the first of kwargs["until"] (GSM8K, IFEval, ...)
+For a Q-Adapter adapter every number is of the customised policy pi~ = softmax((Q + alpha0 log pi1) / alpha)
+(the adapter's logits alone would be a different model); for a DPO adapter, of the adapter-on model.
+
+Tokens follow lm-eval's Hugging Face backend, so scores compare with it: a text gets a BOS unless it starts
+with one (a chat-templated text does), an empty context is the BOS alone, and special-token spellings in a
+text (those a chat template writes) are read as the tokens. lm-eval is an optional dependency
+(requirements-eval.txt); only evaluate.py imports this module.
+"""
+
+import json
+
+import torch
+import torch.distributed as dist
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import normalize_gen_kwargs
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from qadapter_min.generate import generate_batch
+from qadapter_min.policy import Policy, log_probs
+from qadapter_min.tokenizer import BEGIN_OF_TEXT, Tokenizer
+
+MAX_GEN_TOKS = 256  # lm-eval's default reply length when a task sets none
+
+
+@register_model("qadapter-min")
+class PolicyLM(TemplateLM):
+    """One policy of a loaded model, as an lm-eval model. Requests are split over torch.distributed's ranks
+    by lm-eval itself; each rank scores its share with its own copy of the model."""
+
+    def __init__(self, model, tokenizer: Tokenizer, policy: Policy, name: str, batch_size: int = 8, max_length: int | None = None):
+        super().__init__()
+        self.model, self.qtokenizer, self.policy, self.name = model, tokenizer, policy, name
+        self.batch_size = batch_size
+        self.max_length = max_length or model.args.max_position_embeddings
+        self._device = next(model.parameters()).device
+        if dist.is_initialized():
+            self._rank, self._world_size = dist.get_rank(), dist.get_world_size()
+
+    # ---- tokens, as lm-eval's Hugging Face backend makes them
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.qtokenizer.eot_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        return self.qtokenizer.bos_id
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None, **kwargs) -> list[int]:
+        ids = self.qtokenizer.encode_rendered(string)
+        if add_special_tokens or (add_special_tokens is None and not string.startswith(BEGIN_OF_TEXT)):
+            ids = [self.qtokenizer.bos_id] + ids
+        return ids[-left_truncate_len:] if left_truncate_len else ids
+
+    def tok_decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.qtokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.name.replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str:
+        return "llama-3.1-instruct"  # the format Tokenizer.chat_text writes; lm-eval records it with the results
+
+    def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+        return self.qtokenizer.chat_text(chat_history, add_generation_prompt=add_generation_prompt)
+
+    # ---- the three requests
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """requests: ((context, continuation), context ids, continuation ids); a sequence longer than the
+        context length loses tokens from the left, as lm-eval's Hugging Face backend does."""
+        sequences = [(context + continuation)[-(self.max_length + 1) :] for _, context, continuation in requests]
+        results = log_probs(self.model, self.policy, sequences, [len(c) for _, _, c in requests], self.batch_size)
+        for (key, _, _), result in zip(requests, results):
+            if key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, result)
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        windows, owners = [], []
+        for index, request in enumerate(requests):
+            ids = self.tok_encode(request.args[0])
+            for window in get_rolling_token_windows(ids, self.prefix_token_id, self.max_length, context_len=1):
+                windows.append((None, *make_disjoint_window(window)))
+                owners.append(index)
+        totals = [0.0] * len(requests)
+        for owner, (log_prob, _) in zip(owners, self._loglikelihood_tokens(windows)):
+            totals[owner] += log_prob
+        for request, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
+        return totals
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Replies through generate_batch, batch_size prompts at a time (longest first, requests with equal
+        generation settings together), each stopped at the model's stop tokens, max_gen_toks, or as soon as
+        its text holds one of the `until` strings, and cut there."""
+        replies = [None] * len(requests)
+        groups = {}
+        for index, request in enumerate(requests):
+            groups.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(index)
+        for key, indices in groups.items():
+            settings = normalize_gen_kwargs(json.loads(key), MAX_GEN_TOKS)  # lm-eval's reading of them
+            until, max_new_tokens = [u for u in settings["until"] if u], settings["max_gen_toks"]
+            temperature = float(settings["temperature"]) if settings["do_sample"] else 0.0
+            top_p, top_k = float(settings.get("top_p") or 1.0), int(settings.get("top_k") or 0)
+            prompts = {i: self.tok_encode(requests[i].args[0], left_truncate_len=self.max_length - max_new_tokens)
+                       for i in indices}
+            indices.sort(key=lambda i: -len(prompts[i]))
+            for start in range(0, len(indices), self.batch_size):
+                batch = indices[start : start + self.batch_size]
+                generators = [torch.Generator(self._device).manual_seed(1234 + i) for i in batch] if temperature else None
+                ids = generate_batch(
+                    self.model, [prompts[i] for i in batch], stop_ids=self.qtokenizer.stop_ids,
+                    max_new_tokens=max_new_tokens, policy_mode=self.policy.mode, alpha=self.policy.alpha,
+                    alpha0=self.policy.alpha0, temperature=temperature, top_p=top_p, top_k=top_k, generators=generators,
+                    finished=(lambda _, reply: any(stop in self.tok_decode(reply) for stop in until)) if until else None,
+                )
+                for i, reply in zip(batch, ids):
+                    replies[i] = cut_at_first(self.tok_decode(reply), until)
+                    self.cache_hook.add_partial("generate_until", requests[i].args, replies[i])
+        return replies
+
+    # ---- over torch.distributed, for lm-eval's split of the requests
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return tensor
+        parts = [torch.zeros_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(parts, tensor)
+        return torch.stack(parts) if tensor.dim() == 0 else torch.cat(parts)
+
+    def gather_object(self, obj, dst: int = 0):
+        if self.world_size == 1:
+            return [obj]
+        gathered = [None] * self.world_size if self.rank == dst else None
+        dist.gather_object(obj, gathered, dst=dst)
+        return gathered
+
+    def barrier(self):
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def cut_at_first(text: str, stops: list[str]) -> str:
+    """text up to the earliest occurrence of any of the stop strings."""
+    ends = [text.index(stop) for stop in stops if stop and stop in text]
+    return text[: min(ends)] if ends else text

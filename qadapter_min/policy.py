@@ -1,0 +1,176 @@
+"""The policies a model can be measured as, and what every measurement asks of one.
+
+A base model with an adapter on it defines a policy by the objective the adapter was trained with:
+    Q-Adapter (qadapter_config.json objective "qadapter") -> pi~ = softmax((Q + alpha0 log pi1) / alpha)
+    DPO                                                    -> the adapter-on model, softmax(logits)
+    no adapter                                             -> the base model pi1
+(the "customised", "adapter" and "base" modes of generate.py). The measurements:
+
+    log_probs            log pi(a_t | s_t) of given tokens, for lm-eval's log-likelihoods
+    preference_metrics   accuracy and margin of the implicit reward R on held-out pairs
+
+R(y) = sum over the reply of alpha log pi(a_t|s_t) - alpha0 log pi1(a_t|s_t), the reward that
+objective.loss_from_hidden defines; for the base model alpha = 1 and alpha0 = 0, so R is its
+log-likelihood of the reply. Preference accuracy is the share of pairs with R(chosen) > R(rejected);
+preference margin the mean of R(chosen) - R(rejected).
+"""
+
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from qadapter_min import UserError
+from qadapter_min.data import collate
+from qadapter_min.lora import adapter_disabled, adapter_on_rows, load_adapter, load_run_config, lora_layers
+from qadapter_min.objective import CHUNK_SIZE, OBJECTIVE_SETTINGS, POLICY_OF_OBJECTIVE, policy_logits
+from qadapter_min.step import micro_batch_objective
+from qadapter_min.weights import model_fingerprint
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A distribution to decode or score: the base model, or an adapter under the policy it was trained for."""
+
+    name: str  # "base", or the adapter's path as given
+    mode: str = "base"  # generate.py's policy modes: "base", "adapter", "customised"
+    adapter: str | None = None
+    alpha: float = 1.0
+    alpha0: float = 0.0
+    settings: dict = field(default_factory=dict)  # the run's objective settings (objective.OBJECTIVE_SETTINGS)
+    base_model: str | None = None  # the base model the adapter was trained on, as train.py was given it
+    fingerprint: str | None = None  # and a fingerprint of it (weights.model_fingerprint)
+
+
+BASE = Policy("base")
+
+
+def read_policy(adapter: str, alpha0: float | None = None) -> Policy:
+    """The policy an output directory of train.py defines; alpha0 (if given) overrides a Q-Adapter's own."""
+    config = load_run_config(adapter)
+    mode = POLICY_OF_OBJECTIVE.get(config["objective"], "adapter")
+    if alpha0 is None or mode != "customised":
+        alpha0 = config["alpha0"]
+    settings = {name: config[name] for name in OBJECTIVE_SETTINGS if name in config}
+    settings["alpha0"] = alpha0
+    return Policy(str(adapter), mode, str(adapter), config["alpha"], alpha0, settings, config["base_model"],
+                  config["base_model_fingerprint"])
+
+
+def check_base(model: nn.Module, policy: Policy, model_name: str):
+    """Refuse an adapter trained on another base model than this one."""
+    if policy.adapter is not None and model_fingerprint(model) != policy.fingerprint:
+        raise UserError(
+            f"{policy.adapter} was trained on another base model than {model_name} (its config, tensor shapes or "
+            f"weights differ); pass the adapter's own base model with --model, or train the adapter again"
+        )
+
+
+def remove_lora(model: nn.Module):
+    """Take every LoRA layer off the model, leaving the plain linear layers with their frozen weights."""
+    for name, layer in lora_layers(model).items():
+        parent_name, _, child_name = name.rpartition(".")
+        plain = nn.Linear(layer.weight.shape[1], layer.weight.shape[0], bias=False, device="meta")
+        plain.weight = layer.weight
+        setattr(model.get_submodule(parent_name), child_name, plain)
+
+
+@contextmanager
+def policy_applied(model: nn.Module, policy: Policy):
+    """Inside this block the model carries the policy's adapter (none for the base model), in eval mode;
+    afterwards it is the bare base model again."""
+    assert not lora_layers(model), "the model already carries an adapter"
+    if policy.adapter is not None:
+        load_adapter(model, policy.adapter)
+    model.eval()
+    try:
+        yield model
+    finally:
+        remove_lora(model)
+
+
+def policy_hidden(model: nn.Module, policy: Policy, tokens: torch.Tensor):
+    """The final hidden states (B, T, C) the policy's logits come from, and for the customised policy those of
+    the base model too (one forward pass over both copies of the batch); else None."""
+    if policy.mode == "customised":
+        rows = torch.arange(2 * tokens.shape[0], device=tokens.device) < tokens.shape[0]
+        with adapter_on_rows(model, rows):
+            both = model(tokens.repeat(2, 1), return_hidden=True)
+        return both[: tokens.shape[0]], both[tokens.shape[0] :]
+    with adapter_disabled(model) if policy.mode == "base" else nullcontext():
+        return model(tokens, return_hidden=True), None
+
+
+def log_softmax_of_policy(model: nn.Module, policy: Policy, hidden: torch.Tensor, base_hidden) -> torch.Tensor:
+    """log pi(. | s) (N, V) in fp32 from final hidden states (N, C) (and the base model's, for pi~)."""
+    logits = (hidden @ model.head_weight.T).float()
+    if base_hidden is not None:
+        logits = policy_logits(logits, base_hidden @ model.head_weight.T, policy.alpha, policy.alpha0)
+    return logits.log_softmax(dim=-1)
+
+
+@torch.no_grad()
+def log_probs(model: nn.Module, policy: Policy, sequences: list[list[int]], num_scored: list[int],
+              batch_size: int = 8, chunk_size: int = CHUNK_SIZE) -> list[tuple[float, bool]]:
+    """For each token sequence, the summed log pi(a_t | s_t) of its last num_scored tokens given all before
+    them, and whether each of those tokens is the policy's most likely one (greedy).
+
+    The model reads each sequence without its last token, so sequences that differ only in their last
+    token (the options of a multiple-choice question, one token each) share one forward pass. Those
+    inputs run longest first, right-padded, batch_size at a time; the LM head is applied only at the
+    scored positions, chunk_size at a time."""
+    device = next(model.parameters()).device
+    shared = {}  # (input, num_scored) -> the sequences that have it
+    for i, (sequence, n) in enumerate(zip(sequences, num_scored)):
+        shared.setdefault((tuple(sequence[:-1]), n), []).append(i)
+    inputs = sorted(shared, key=lambda key: -len(key[0]))
+    results = [None] * len(sequences)
+    for start in range(0, len(inputs), batch_size):
+        batch = inputs[start : start + batch_size]
+        tokens = torch.zeros(len(batch), len(batch[0][0]), dtype=torch.long, device=device)
+        rows, positions, targets = [], [], []  # per scored state; targets: (states, most sequences sharing it)
+        width = max(len(shared[key]) for key in batch)
+        for row, (inp, n) in enumerate(batch):
+            tokens[row, : len(inp)] = torch.tensor(inp, device=device)
+            members = [sequences[i] for i in shared[(inp, n)]]
+            for p in range(len(inp) - n, len(inp)):  # the states before the scored tokens
+                rows.append(row)
+                positions.append(p)
+                column = [m[p + 1] for m in members]
+                targets.append(column + column[-1:] * (width - len(column)))
+        hidden, base_hidden = policy_hidden(model, policy, tokens)
+        rows, positions = torch.tensor(rows, device=device), torch.tensor(positions, device=device)
+        targets = torch.tensor(targets, device=device)
+        taken, greedy = [], []
+        for chunk in range(0, len(rows), chunk_size):
+            r, p, t = (x[chunk : chunk + chunk_size] for x in (rows, positions, targets))
+            log_pi = log_softmax_of_policy(model, policy, hidden[r, p], None if base_hidden is None else base_hidden[r, p])
+            taken.append(log_pi.gather(1, t))
+            greedy.append(log_pi.argmax(dim=1, keepdim=True) == t)
+        taken, greedy = torch.cat(taken).double(), torch.cat(greedy)  # (states, width)
+        first = 0
+        for inp, n in batch:
+            for column, i in enumerate(shared[(inp, n)]):
+                results[i] = (float(taken[first : first + n, column].sum()), bool(greedy[first : first + n, column].all()))
+            first += n
+    return results
+
+
+@torch.no_grad()
+def preference_metrics(model: nn.Module, policy: Policy, encoded_pairs, pad_id: int, micro_batch_size: int = 4) -> dict:
+    """preference_accuracy and preference_margin (module docstring) over encoded pairs (data.encode_pairs),
+    computed by the micro-batch function train.py runs."""
+    settings = {**policy.settings, "alpha": policy.alpha, "alpha0": policy.alpha0}
+    settings["objective"] = "qadapter" if policy.mode == "customised" else "dpo"  # whose policy R is of
+    device = next(model.parameters()).device
+    wins, margin = 0, 0.0
+    for start in range(0, len(encoded_pairs), micro_batch_size):
+        batch = encoded_pairs[start : start + micro_batch_size]
+        tokens, response_mask = (t.to(device) for t in collate(batch, pad_id))
+        with adapter_disabled(model) if policy.mode == "base" else nullcontext():
+            _, metrics = micro_batch_objective(model, tokens, response_mask, settings)
+        rewards = metrics["rewards"].double()
+        wins += int((rewards[: len(batch)] > rewards[len(batch) :]).sum())
+        margin += float((rewards[: len(batch)] - rewards[len(batch) :]).sum())
+    return {"preference_accuracy": wins / len(encoded_pairs), "preference_margin": margin / len(encoded_pairs)}

@@ -1,0 +1,84 @@
+"""evaluate.py: every policy measured as it was trained, the base model beside it, and bad input refused
+before any model is loaded."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import evaluate
+import train
+from conftest import tiny_model_dir, write_pairs
+from qadapter_min import UserError
+from qadapter_min.data import encode_pairs, load_pairs
+from qadapter_min.lora import load_adapter
+from qadapter_min.policy import Policy, preference_metrics
+from qadapter_min.tokenizer import Tokenizer
+from qadapter_min.weights import load_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, tokenizer_file):
+    """A tiny model, held-out pairs, and a Q-Adapter and a DPO adapter train.py trained on it."""
+    directory = tmp_path_factory.mktemp("evaluate")
+    model_dir = tiny_model_dir(directory / "model", tokenizer_file)
+    data, held_out = write_pairs(directory / "pairs.jsonl", n=8), write_pairs(directory / "held_out.jsonl", n=6)
+    for objective in ("qadapter", "dpo"):
+        train.main([str(f) for f in ["--model", model_dir, "--data", data, "--out", directory / objective, "--batch_size", 4,
+                                     "--max_steps", 4, "--lr", 0.05, "--objective", objective]])
+    return model_dir, held_out, directory / "qadapter", directory / "dpo"
+
+
+def test_each_adapter_is_measured_as_the_policy_it_was_trained_for(adapters, tmp_path, capsys):
+    model_dir, held_out, qadapter, dpo = adapters
+    evaluate.main(["--adapter", str(qadapter), str(dpo), "--pairs", str(held_out), "--alpha0", "0.3",
+                   "--output", str(tmp_path / "results.json")])
+    results = json.loads((tmp_path / "results.json").read_text())["models"]
+    assert [(r["name"], r["policy"], r["adapter"]) for r in results] == [
+        ("base", "base", None), (str(qadapter), "customised", str(qadapter)), (str(dpo), "adapter", str(dpo))]
+    tokenizer = Tokenizer(model_dir)
+    pairs = encode_pairs(load_pairs(held_out, log=lambda *_: None), tokenizer, 1024, log=lambda *_: None)
+    expected = [
+        (None, Policy("base")),
+        (qadapter, Policy("q", "customised", alpha=1.0, alpha0=0.3)),  # --alpha0 overrides the trained 0.01
+        (dpo, Policy("d", "adapter", alpha=1.0, alpha0=0.01)),  # and leaves a DPO adapter as it was
+    ]
+    for result, (adapter, policy) in zip(results, expected):
+        model = load_model(model_dir)
+        if adapter is not None:
+            load_adapter(model, adapter)
+        assert result["preference"] == pytest.approx(preference_metrics(model.eval(), policy, pairs, tokenizer.eot_id), rel=1e-6)
+    header = capsys.readouterr().out.splitlines()[0].split()
+    assert header == ["base", str(qadapter), str(dpo)]
+
+
+def test_an_adapter_of_another_base_model_is_refused_naming_it(adapters, tmp_path, tokenizer_file):
+    model_dir, held_out, qadapter, _ = adapters
+    other = tiny_model_dir(tmp_path / "other", tokenizer_file, seed=7)
+    with pytest.raises(UserError, match=f"^{qadapter} was trained on another base model than {other}"):
+        evaluate.main(["--model", str(other), "--adapter", str(qadapter), "--pairs", str(held_out)])
+    train.main([str(f) for f in ["--model", other, "--data", held_out, "--out", tmp_path / "out", "--batch_size", 2,
+                                 "--max_steps", 1]])
+    with pytest.raises(UserError, match=f"^{tmp_path / 'out'} was trained on another base model than {qadapter}"):
+        evaluate.main(["--adapter", str(qadapter), str(tmp_path / "out"), "--pairs", str(held_out)])
+
+
+@pytest.mark.parametrize("case", ["not an adapter", "empty pairs", "missing pairs", "output is a directory"])
+def test_bad_input_is_refused_in_one_sentence_with_exit_code_2_and_nothing_written(adapters, tmp_path, case):
+    model_dir, held_out, qadapter, _ = adapters
+    (tmp_path / "empty.jsonl").write_text("")
+    flags, message = {
+        "not an adapter": (["--adapter", str(model_dir)], f"{model_dir}/qadapter_config.json does not exist"),
+        "empty pairs": (["--adapter", str(qadapter), "--pairs", str(tmp_path / "empty.jsonl")], f"{tmp_path / 'empty.jsonl'} holds no usable preference pair"),
+        "missing pairs": (["--adapter", str(qadapter), "--pairs", str(tmp_path / "nowhere.jsonl")], f"{tmp_path / 'nowhere.jsonl'} does not exist"),
+        "output is a directory": (["--adapter", str(qadapter), "--output", str(tmp_path)], f"--output {tmp_path} is a directory"),
+    }[case]
+    output = [] if case == "output is a directory" else ["--output", str(tmp_path / "results.json")]
+    result = subprocess.run([sys.executable, "evaluate.py", *flags, *output], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith(f"error: {message}") and result.stderr.count("\n") == 1, result.stderr
+    assert not (tmp_path / "results.json").exists()
