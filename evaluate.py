@@ -19,6 +19,11 @@ greedy replies (README, "The built-in world"):
   preference_rate       share of greedy replies that take the preferred prefix, per skill
   skill_accuracy        share of greedy replies that answer correctly, per skill
 
+Judged replies: --prompts FILE --reward_model RM gives every model's greedy reply to each prompt, its
+reward under RM (a Llama in the LlamaForSequenceClassification layout, read at the conversation's last
+token), the mean reward and the win rate against the base model (ties count half); the replies and
+rewards of every prompt go beside --output (results.json -> results.replies.jsonl).
+
 What it kept, with lm-evaluation-harness (pip install -r requirements-eval.txt): --tasks and lm-eval's other
 flags, under their own names; every log-likelihood and reply is the evaluated policy's.
 
@@ -37,10 +42,12 @@ import torch
 
 import toyworld
 from qadapter_min import UserError
-from qadapter_min.common import HelpFormatter, choose_dtype, format_table, run_command_line, write_json
-from qadapter_min.data import check_data_file, encode_pairs, load_pairs
+from qadapter_min.common import HelpFormatter, atomic_write, choose_dtype, format_table, run_command_line, write_json
+from qadapter_min.data import check_data_file, encode_pairs, load_pairs, load_prompts
+from qadapter_min.generate import generate_batch
 from qadapter_min.policy import BASE, Policy, check_base, policy_applied, preference_metrics, read_policy
 from qadapter_min.processes import leave_processes, start_processes
+from qadapter_min.reward import check_reward_model, load_reward_model, rewards, win_rate
 from qadapter_min.tokenizer import Tokenizer
 from qadapter_min.weights import load_model
 from toyworld.report import greedy_report, world_rows
@@ -57,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--domain", default=None, help="with --pairs of DSP: the preferred domain (academy, business, entertainment, literature)")
     p.add_argument("--max_len", type=int, default=1024, help="with --pairs: longest pair in tokens (longer: truncated as train.py does)")
     p.add_argument("--micro_batch_size", type=int, default=4, help="with --pairs: pairs per forward pass")
+    p.add_argument("--prompts", default=None, help="with --reward_model: a JSON Lines file of prompts (as sample.py reads)")
+    p.add_argument("--reward_model", default=None, help="a reward model (LlamaForSequenceClassification layout) to judge replies")
+    p.add_argument("--max_new_tokens", type=int, default=256, help="with --prompts: longest greedy reply in tokens")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="weights' dtype (None: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--output", default=None, help="a JSON file for every number measured")
     lm = p.add_argument_group("lm-evaluation-harness (pip install -r requirements-eval.txt), under lm-eval's own flag names")
@@ -76,6 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag, bad, rule in [("max_len", args.max_len <= 1, "> 1"), ("micro_batch_size", args.micro_batch_size <= 0, "> 0"),
                             ("alpha0", args.alpha0 is not None and args.alpha0 < 0, ">= 0"),
                             ("batch_size", args.batch_size <= 0, "> 0"), ("limit", args.limit is not None and args.limit <= 0, "> 0"),
+                            ("max_new_tokens", args.max_new_tokens <= 0, "> 0"),
                             ("num_fewshot", args.num_fewshot is not None and args.num_fewshot < 0, ">= 0")]:
         if bad:
             raise UserError(f"--{flag} must be {rule}, got {getattr(args, flag)}")
@@ -85,6 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         check_data_file(Path(path))
     if args.output is not None and Path(args.output).is_dir():
         raise UserError(f"--output {args.output} is a directory; pass a file such as results.json")
+    if (args.prompts is None) != (args.reward_model is None):
+        raise UserError("--prompts FILE and --reward_model RM go together: the prompts to reply to, and the model that judges the replies")
     if args.include_path is not None and not Path(args.include_path).is_dir():
         raise UserError(f"--include_path {args.include_path} is not a directory; pass the directory of your task YAMLs")
     for flag in ("num_fewshot", "limit", "apply_chat_template", "fewshot_as_multiturn", "include_path", "log_samples"):
@@ -165,7 +178,7 @@ def read_pairs(args, tokenizer):
     return encoded
 
 
-def measure(model, tokenizer, policy: Policy, pairs, world: bool, manager, args) -> dict:
+def measure(model, tokenizer, policy: Policy, pairs, world: bool, prompts, manager, args) -> dict:
     """Every measurement asked for, of one policy."""
     result = {"name": policy.name, "policy": policy.mode, "adapter": policy.adapter}
     if args.tasks:
@@ -174,7 +187,38 @@ def measure(model, tokenizer, policy: Policy, pairs, world: bool, manager, args)
         result["preference"] = preference_metrics(model, policy, pairs, tokenizer.eot_id, args.micro_batch_size)
     if world:
         result["world"] = greedy_report(model, tokenizer, policy)
+    if prompts:
+        result["replies"] = greedy_replies(model, tokenizer, policy, prompts, args)
     return result
+
+
+def greedy_replies(model, tokenizer, policy: Policy, prompts, args) -> list[str]:
+    """The policy's greedy reply to each prompt, --batch_size prompts decoded together."""
+    replies = []
+    for start in range(0, len(prompts), args.batch_size):
+        batch = [tokenizer.encode_chat(messages, add_generation_prompt=True) for _, messages in prompts[start : start + args.batch_size]]
+        for ids in generate_batch(model, batch, stop_ids=tokenizer.stop_ids, max_new_tokens=args.max_new_tokens,
+                                  policy_mode=policy.mode, alpha=policy.alpha, alpha0=policy.alpha0):
+            replies.append(tokenizer.decode(ids, skip_special_tokens=True))
+    return replies
+
+
+def judge(results: list[dict], prompts, reward_model_dir, device, args) -> list[dict]:
+    """Each model's mean reward and win rate against the base model (the first), into its result; and a
+    record per prompt: the conversation, every model's reply and reward."""
+    reward_model = load_reward_model(reward_model_dir, dtype=choose_dtype(args.dtype, device), device=device)
+    tokenizer = Tokenizer(reward_model_dir)  # the conversation as the reward model reads it
+    scores = {}
+    for result in results:
+        conversations = [messages + [{"role": "assistant", "content": reply}]
+                         for (_, messages), reply in zip(prompts, result["replies"])]
+        scores[result["name"]] = rewards(reward_model, [tokenizer.encode_chat(c) for c in conversations], args.batch_size)
+    base = scores[results[0]["name"]]
+    for result in results:
+        mine = scores[result["name"]]
+        result["reward"] = {"mean": sum(mine) / len(mine), "win_rate_against_base": win_rate(mine, base)}
+    return [{"messages": messages, "replies": {r["name"]: r["replies"][i] for r in results},
+             "rewards": {r["name"]: scores[r["name"]][i] for r in results}} for i, (_, messages) in enumerate(prompts)]
 
 
 def table(results: list[dict]) -> str:
@@ -188,7 +232,15 @@ def table(results: list[dict]) -> str:
                  ("preference margin (held out)", [r["preference"]["preference_margin"] for r in results])]
     if "world" in results[0]:
         rows += world_rows([r["world"] for r in results])
+    if "reward" in results[0]:
+        rows += [("reward (mean)", [r["reward"]["mean"] for r in results]),
+                 ("win rate against the base model", [r["reward"]["win_rate_against_base"] for r in results])]
     return format_table([r["name"] for r in results], rows)
+
+
+def replies_path(output) -> Path:
+    """Where the replies and rewards of every prompt go: beside --output, results.json -> results.replies.jsonl."""
+    return Path(output).with_suffix(".replies.jsonl")
 
 
 def main(argv=None):
@@ -196,6 +248,8 @@ def main(argv=None):
     model_name, policies = read_policies(args)
     args.model_name = model_name
     manager = task_manager(args) if args.tasks else None
+    prompts = load_prompts(args.prompts) if args.prompts else None
+    reward_model_dir = check_reward_model(args.reward_model) if args.reward_model else None
     processes = start_processes()
     model_dir = processes.resolve_model_dir(model_name)
     tokenizer = Tokenizer(model_dir)
@@ -209,10 +263,19 @@ def main(argv=None):
     results = []
     for policy in policies:
         with policy_applied(model, policy):
-            results.append(measure(model, tokenizer, policy, pairs, world, manager, args))
+            results.append(measure(model, tokenizer, policy, pairs, world, prompts, manager, args))
+    if prompts:
+        del model  # the reward model takes its place in memory
+        judged = judge(results, prompts, reward_model_dir, processes.device, args)
+        for result in results:
+            del result["replies"]  # they go to the replies file, beside the numbers
     processes.log(table(results))
     if args.output is not None and processes.master:
         write_json(Path(args.output), {"models": results})
+        if prompts:
+            replies = replies_path(args.output)
+            atomic_write(replies, lambda p: Path(p).write_text("".join(json.dumps(record) + "\n" for record in judged)))
+            processes.log(f"replies and rewards of every prompt: {replies}")
     leave_processes(processes)
 
 

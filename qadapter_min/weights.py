@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -198,20 +198,31 @@ def load_model(
     path_or_repo_id: str | os.PathLike,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    score_head: bool = False,
 ) -> Transformer:
-    """A Transformer with the checkpoint's weights, in eval mode, every base weight frozen."""
+    """A Transformer with the checkpoint's weights, in eval mode, every base weight frozen.
+
+    score_head: the checkpoint is a reward model in the LlamaForSequenceClassification layout, whose head is
+    `score.weight` (one row: the reward) in place of the LM head; the model's head is then that row, so its
+    "logits" (B, T, 1) are the reward read at each position."""
     model_dir = resolve_model_dir(path_or_repo_id)
     args = read_config(model_dir)
+    files = safetensors_files(model_dir)
+    if score_head:
+        args = replace(args, tie_word_embeddings=False)
+        check_score_head(model_dir, files)
     with torch.device("meta"):
         model = Transformer(args)  # shapes only, no memory
+        if score_head:
+            model.lm_head = torch.nn.Linear(args.hidden_size, 1, bias=False)
     expected_shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
     state = {}
-    for path, names in safetensors_files(model_dir).items():
+    for path, names in files.items():
         with open_safetensors(path) as f:
             present = set(f.keys())
             for hf_name in names:
-                name = checkpoint_name_to_ours(hf_name)
+                name = "lm_head.weight" if score_head and hf_name == "score.weight" else checkpoint_name_to_ours(hf_name)
                 if name.endswith("rotary_emb.inv_freq"):  # a buffer some old checkpoints saved; we recompute it
                     continue
                 if name == "lm_head.weight" and args.tie_word_embeddings:  # a tied head is the embedding
@@ -243,6 +254,19 @@ def load_model(
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False)
     return model.eval()
+
+
+def check_score_head(model_dir: Path, files: dict[Path, list[str]]):
+    """Refuse a reward model whose head is not one row `score.weight` (one label: the reward)."""
+    for path, names in files.items():
+        if "score.weight" in names:
+            with open_safetensors(path) as f:
+                labels = f.get_slice("score.weight").get_shape()[0]
+            if labels != 1:
+                raise UserError(f"{path}: score.weight has {labels} labels; a reward model has one (its reward)")
+            return
+    raise UserError(f"{model_dir} has no score.weight; a reward model is a Llama in the LlamaForSequenceClassification "
+                    f"layout (the model.* tensors and score.weight)")
 
 
 def model_fingerprint(model) -> str:

@@ -4,20 +4,23 @@ The test suite checks our Llama against these files without needing transformers
 (on a machine of your own; transformers is not a dependency of qadapter-min):
 
     python -m venv /tmp/xcheck --system-site-packages && /tmp/xcheck/bin/pip install transformers
-    /tmp/xcheck/bin/python tools/make_golden.py
+    /tmp/xcheck/bin/python tools/make_golden.py [fixture names; all by default]
 
 Each fixture directory holds what `save_pretrained` wrote (config.json, safetensors) and
 golden.safetensors with `input_ids` (2, 80) and the float32 `logits` (2, 80, V) of transformers'
 eager-attention LlamaForCausalLM. The sequences are longer than the llama3 scaling's
 original_max_position_embeddings (32), so all three frequency bands of the scaling are exercised.
+tiny-reward-llama is a LlamaForSequenceClassification reward model with golden.json: conversations, their
+ids and transformers' reward of each.
 """
 
 import json
+import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32)
@@ -50,8 +53,49 @@ def make(name: str, classic_config: bool, max_shard_size: str, **shape):
     print(name, sorted(p.name for p in out.iterdir()))
 
 
+def make_reward(name: str, tokenizer_dir: Path):
+    """A reward model in the LlamaForSequenceClassification layout (num_labels 1), with the tokenizer of
+    tokenizer_dir, and golden.json: conversations, their ids in the Llama 3.1 chat format (encode_chat,
+    checked against the official template elsewhere) and transformers' reward of each, scored alone."""
+    sys.path.insert(0, str(FIXTURES.parent.parent))
+    from qadapter_min.tokenizer import Tokenizer
+
+    torch.manual_seed(sum(map(ord, name)))
+    tokenizer = Tokenizer(tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=256, rope_theta=500000.0, num_labels=1,
+        bos_token_id=tokenizer.bos_id, tie_word_embeddings=False, attn_implementation="eager",
+    )
+    model = LlamaForSequenceClassification(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.2) if param.dim() > 1 else param.uniform_(0.5, 1.5)
+    out = FIXTURES / name
+    model.save_pretrained(out)
+    (out / "tokenizer.json").write_bytes((tokenizer_dir / "tokenizer.json").read_bytes())
+    conversations = [
+        [{"role": "user", "content": "What is the capital of Peru?"}, {"role": "assistant", "content": "Lima."}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
+         {"role": "assistant", "content": "Blue, the colour of a clear sky on a summer day."}],
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
+         {"role": "user", "content": "Say a word."}, {"role": "assistant", "content": "moon"}],
+    ]
+    input_ids = [tokenizer.encode_chat(c) for c in conversations]
+    with torch.no_grad():
+        rewards = [model(torch.tensor([ids])).logits[0, 0].item() for ids in input_ids]
+    (out / "golden.json").write_text(json.dumps({"conversations": conversations, "input_ids": input_ids, "rewards": rewards}))
+    print(name, sorted(p.name for p in out.iterdir()))
+
+
 if __name__ == "__main__":
-    # untied, explicit head_dim (24 != 64/4), sharded, the config as recent transformers writes it
-    make("tiny-llama-untied-sharded", classic_config=False, max_shard_size="200KB", head_dim=24, tie_word_embeddings=False)
-    # tied (Llama 3.2 style), head_dim implied, one file, the classic config form
-    make("tiny-llama-tied", classic_config=True, max_shard_size="10GB", tie_word_embeddings=True)
+    names = sys.argv[1:] or ["tiny-llama-untied-sharded", "tiny-llama-tied", "tiny-reward-llama"]
+    if "tiny-llama-untied-sharded" in names:
+        # untied, explicit head_dim (24 != 64/4), sharded, the config as recent transformers writes it
+        make("tiny-llama-untied-sharded", classic_config=False, max_shard_size="200KB", head_dim=24, tie_word_embeddings=False)
+    if "tiny-llama-tied" in names:
+        # tied (Llama 3.2 style), head_dim implied, one file, the classic config form
+        make("tiny-llama-tied", classic_config=True, max_shard_size="10GB", tie_word_embeddings=True)
+    if "tiny-reward-llama" in names:
+        # a reward model, with the tokenizer of the lm-eval fixture (tools/make_lm_eval_golden.py)
+        make_reward("tiny-reward-llama", FIXTURES / "lm-eval-llama" / "model")
