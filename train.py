@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 import toyworld
 from qadapter_min import UserError
 from qadapter_min.common import HelpFormatter, atomic_write, choose_dtype, run_command_line, write_json
-from qadapter_min.data import check_data_file, collate, encode_pairs, load_pairs
+from qadapter_min.data import check_data_file, collate, encode_conversations, encode_pairs, load_conversations, load_pairs
 from qadapter_min.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MASK32, PROJECTIONS, RUN_CONFIG, add_lora,
                                check_targets, mix32, save_adapter, save_run_config)
 from qadapter_min.memory import training_memory_gib
@@ -50,7 +50,11 @@ OUTPUTS = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, RUN_CONFIG, METRICS, REPORT, "checkp
 # Flags that may change when a run is resumed: where it writes and how often. Every other flag, present or
 # future, must be the one the checkpoint was made with.
 MAY_DIFFER_ON_RESUME = ("out", "resume", "overwrite", "log_every", "eval_every", "save_every", "eval_data")
-METRIC_NAMES = ("loss", "pref_loss", "chi2_loss", "preference_accuracy", "preference_margin")
+METRIC_NAMES = ("loss", "pref_loss", "chi2_loss", "preference_accuracy", "preference_margin")  # SFT: the loss alone
+
+
+def metric_names(objective: str) -> tuple[str, ...]:
+    return METRIC_NAMES[:1] if objective == "sft" else METRIC_NAMES
 MAX_NON_FINITE_STEPS = 3  # non-finite steps in a row that stop a run
 
 
@@ -75,7 +79,7 @@ def main(argv=None):
         write_outputs(model, args, total_steps, len(train_set))
         processes.log(f"adapter written to {args.out}/ ({time.time() - started:.0f}s)")
         if toyworld.is_world_model(model_dir):  # show both axes: the new preference learned, the old skills kept
-            report = compare(model, tokenizer, eval_set, pad_id, args)
+            report = compare(model, tokenizer, pad_id, args)
             processes.log(format_report(report, args.objective))
             write_json(Path(args.out) / REPORT, report)
     del ddp_model, optimizer, model  # DDP holds the process group: let it go before leave_processes ends the group
@@ -96,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_data", nargs="+", default=None, help="held-out preference files for the eval rows (eval_loss, eval_preference_accuracy, eval_preference_margin)")
     p.add_argument("--out", default="out", help="output directory: adapter, configs, metrics.jsonl, checkpoint/")
     p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out (kept until this run starts training)")
-    p.add_argument("--objective", choices=["qadapter", "dpo"], default="qadapter", help="Q-Adapter, or the DPO baseline")
+    p.add_argument("--objective", choices=["qadapter", "dpo", "sft"], default="qadapter",
+                   help="Q-Adapter, or a baseline: DPO, or SFT on the chosen replies (or on {\"messages\"} records)")
     p.add_argument("--alpha", type=float, default=1.0, help="Q-Adapter: temperature of the customised policy")
     p.add_argument("--alpha0", type=float, default=0.01, help="Q-Adapter: weight of the base model's log-probabilities (lambda)")
     p.add_argument("--beta", type=float, default=0.1, help="Q-Adapter: weight of the chi2 (squared reward) term")
@@ -229,6 +234,9 @@ def read_data(args, processes: Processes):
         )
 
     def encoded(paths):
+        if args.objective == "sft":  # conversations, each ending with the reply to learn
+            conversations = [c for path in paths for c in load_conversations(path, args.domain, log=processes.log)]
+            return encode_conversations(conversations, tokenizer, args.max_len, log=processes.log)
         pairs = [pair for path in paths for pair in load_pairs(path, args.domain, log=processes.log)]
         return encode_pairs(pairs, tokenizer, args.max_len, log=processes.log)
 
@@ -311,14 +319,15 @@ def step_plan(step: int, rank: int, world_size: int, num_pairs: int, batch_size:
     return step_pairs[rank * per_rank : (rank + 1) * per_rank]
 
 
-def dropout_keys(seed: int, step: int, pair_indices: list[int]) -> torch.Tensor:
+def dropout_keys(seed: int, step: int, pair_indices: list[int], sides: int = 2) -> torch.Tensor:
     """The LoRA dropout keys (2B,) of a micro-batch's rows, chosen rows then rejected ones as collate
-    orders them: a pure function of (seed, step, pair, side). With the masks drawn from these keys
+    orders them (SFT, sides 1: (B,), one row per record): a pure function of (seed, step, pair, side).
+    With the masks drawn from these keys
     (lora.py's keyed_dropout), the adapter does not depend on which process or micro-batch a pair is
     in, and a resumed run needs no random state."""
     step_key = mix32(mix32(torch.tensor(seed) & MASK32) ^ step)
     pair_keys = mix32(step_key ^ torch.tensor(pair_indices, dtype=torch.int64))  # (B,)
-    return torch.cat([mix32(pair_keys ^ 1), mix32(pair_keys ^ 2)])  # (2B,): the chosen side, the rejected side
+    return torch.cat([mix32(pair_keys ^ side) for side in range(1, sides + 1)])  # (2B,): the chosen side, the rejected side
 
 
 def train(model, ddp_model, optimizer, train_set, eval_set, pad_id, start_step, total_steps, args, processes: Processes):
@@ -350,15 +359,15 @@ def train(model, ddp_model, optimizer, train_set, eval_set, pad_id, start_step, 
                 row = {"step": done, **means, "lr": lr, "grad_norm": grad_norm.item(),
                        "tokens_per_s": tokens / (time.time() - step_started)}
                 eta = (time.time() - started) / (done - start_step) * (total_steps - done)
-                processes.log(
-                    f"step {done}/{total_steps} | loss {means['loss']:.4f} | preference_accuracy {means['preference_accuracy']:.2f} | "
-                    f"preference_margin {means['preference_margin']:.3f} | {row['tokens_per_s']:.0f} tokens/s | ETA {eta:.0f}s"
-                )
+                shown = "" if args.objective == "sft" else (f" | preference_accuracy {means['preference_accuracy']:.2f} "
+                                                            f"| preference_margin {means['preference_margin']:.3f}")
+                processes.log(f"step {done}/{total_steps} | loss {means['loss']:.4f}{shown} | "
+                              f"{row['tokens_per_s']:.0f} tokens/s | ETA {eta:.0f}s")
                 append_metrics(out, row, processes)
             if eval_set and ((args.eval_every and done % args.eval_every == 0) or done == total_steps):
                 row = {"step": done, **evaluate(model, eval_set, pad_id, settings, args, processes)}
-                processes.log(f"step {done}/{total_steps} | eval_loss {row['eval_loss']:.4f} | "
-                              f"eval_preference_accuracy {row['eval_preference_accuracy']:.2f}")
+                shown = "" if args.objective == "sft" else f" | eval_preference_accuracy {row['eval_preference_accuracy']:.2f}"
+                processes.log(f"step {done}/{total_steps} | eval_loss {row['eval_loss']:.4f}{shown}")
                 append_metrics(out, row, processes)
             if args.save_every and done % args.save_every == 0 and done < total_steps and processes.master:
                 save_checkpoint(out, model, optimizer, done, args)
@@ -370,31 +379,32 @@ def run_micro_batches(model, ddp_model, train_set, pair_indices, step, pad_id, s
     """Forward and backward over this rank's pairs of one step, micro-batch by micro-batch, gradients
     all-reduced on the last; (the step's metrics, each a mean over all its pairs, and its token count)."""
     accumulation = len(pair_indices) // args.micro_batch_size
-    sums = torch.zeros(len(METRIC_NAMES) + 1, device=processes.device)  # metric sums over this rank's pairs, then tokens
+    names = metric_names(args.objective)
+    sums = torch.zeros(len(names) + 1, device=processes.device)  # metric sums over this rank's pairs, then tokens
     for micro in range(accumulation):
         indices = pair_indices[micro * args.micro_batch_size : (micro + 1) * args.micro_batch_size]
         batch = [train_set[i] for i in indices]
         tokens, response_mask = (t.to(processes.device) for t in collate(batch, pad_id))
-        keys = dropout_keys(args.seed, step, indices).to(processes.device)
+        keys = dropout_keys(args.seed, step, indices, sides=1 if args.objective == "sft" else 2).to(processes.device)
         sync = micro == accumulation - 1  # all-reduce the gradients once, on the last micro-step
         with ddp_model.no_sync() if processes.distributed and not sync else nullcontext():
             loss, metrics = micro_batch_objective(model, tokens, response_mask, settings, adapter_forward=ddp_model,
                                                   dropout_keys=keys)
             # the micro-batch loss is a mean over its pairs; the step's loss is the mean over all its pairs
             (loss / accumulation).backward()
-        values = [loss.item()] + [metrics[name].item() for name in METRIC_NAMES[1:]]
+        values = [loss.item()] + [metrics[name].item() for name in names[1:]]
         lengths = response_mask.shape[1] - response_mask.flip(1).int().argmax(1)  # unpadded length of each row
         sums += torch.tensor([v * len(batch) for v in values] + [int(lengths.sum())], device=processes.device)
     if processes.distributed:
         dist.all_reduce(sums)
-    return {name: (sums[i] / args.batch_size).item() for i, name in enumerate(METRIC_NAMES)}, sums[-1].item()
+    return {name: (sums[i] / args.batch_size).item() for i, name in enumerate(names)}, sums[-1].item()
 
 
 def evaluate(model, eval_set, pad_id, settings, args, processes: Processes) -> dict:
     """eval_loss, eval_preference_accuracy and eval_preference_margin over the eval pairs (means over pairs),
     each rank taking every world_size-th micro-batch."""
     model.eval()
-    names = ("loss", "preference_accuracy", "preference_margin")
+    names = ("loss",) if args.objective == "sft" else ("loss", "preference_accuracy", "preference_margin")
     totals = torch.zeros(len(names) + 1, device=processes.device)  # sums over pairs, then the pairs
     with torch.no_grad():
         first, stride = processes.rank * args.micro_batch_size, processes.world_size * args.micro_batch_size

@@ -1,12 +1,15 @@
 """Preference pairs from the files people have, encoded in the chat format and batched.
 
-A pair is one prompt (a conversation ending with a user turn) and two assistant replies. Three file
+A pair is one prompt (a conversation ending with a user turn) and two assistant replies. These file
 formats are read, as a JSON array or JSON Lines, optionally gzipped:
     1. conversational (TRL, the Q-Adapter authors' *.json):
            {"chosen": [{"role", "content"}, ...], "rejected": [...]}   prompt = all but the last message
-    2. Anthropic HH-RLHF as published:
+    2. TRL's explicit prompt, conversational or plain text (a user message and assistant replies):
+           {"prompt": [messages], "chosen": [{"role": "assistant", ...}], "rejected": [...]}
+           {"prompt": "text", "chosen": "text", "rejected": "text"}
+    3. Anthropic HH-RLHF as published:
            {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": "..."}
-    3. DSP: {"query": str, "responses": {"academy", "business", "entertainment", "literature", "normal"}}
+    4. DSP: {"query": str, "responses": {"academy", "business", "entertainment", "literature", "normal"}}
            for a domain D, four pairs: the D response preferred over each of the other four.
 
 Records that cannot be used (an empty reply, a last message not from the assistant, an unknown role,
@@ -121,10 +124,18 @@ def parse_hh(text: str) -> list[dict]:
 
 
 def record_to_pairs(record, domain: str | None, where: str) -> list[Pair]:
-    """The pairs in one record, in any of the three formats; a record in no known format is refused."""
+    """The pairs in one record, in any of the known formats; a record in no known format is refused."""
     if isinstance(record, dict) and "chosen" in record and "rejected" in record:
         chosen, rejected = record["chosen"], record["rejected"]
-        if isinstance(chosen, str) and isinstance(rejected, str):  # HH-RLHF
+        if "prompt" in record:  # TRL's explicit prompt: the conversation so far, then each reply
+            prompt = record["prompt"]
+            if all(isinstance(x, str) for x in (prompt, chosen, rejected)):  # its plain-text form
+                prompt = [{"role": "user", "content": prompt}]
+                chosen, rejected = [{"role": "assistant", "content": chosen}], [{"role": "assistant", "content": rejected}]
+            if not all(isinstance(x, list) for x in (prompt, chosen, rejected)):
+                raise Skip("prompt and replies that are neither all text nor all messages")
+            chosen, rejected = prompt + chosen, prompt + rejected
+        elif isinstance(chosen, str) and isinstance(rejected, str):  # HH-RLHF
             chosen, rejected = parse_hh(chosen), parse_hh(rejected)
         return [Pair(check_conversation(chosen), check_conversation(rejected), where)]
     if isinstance(record, dict) and "query" in record and "responses" in record:  # DSP
@@ -143,30 +154,53 @@ def record_to_pairs(record, domain: str | None, where: str) -> list[Pair]:
                 pairs.append(Pair(check_conversation(chosen), check_conversation(rejected), where))
         return pairs
     raise UserError(
-        f"{where} is in no known preference format; expected chosen/rejected (conversations or HH-RLHF text) "
-        f"or DSP's query/responses"
+        f"{where} is in no known preference format; expected chosen/rejected (conversations, HH-RLHF text, or "
+        f"TRL's with a prompt) or DSP's query/responses"
     )
+
+
+def record_to_conversations(record, domain: str | None, where: str) -> list[list[dict]]:
+    """The conversations to fine-tune on (SFT) in one record: {"messages": [...]} ending with the
+    assistant's reply, or the chosen conversation of each pair of a preference record."""
+    if isinstance(record, dict) and "messages" in record and "chosen" not in record:
+        messages = record["messages"]
+        if isinstance(messages, list) and messages and isinstance(messages[-1], dict) and messages[-1].get("role") != "assistant":
+            raise UserError(f"{where}: its last message is not the assistant's; a record to fine-tune on ends with "
+                            f"the reply to learn")
+        return [check_conversation(messages)]
+    return [pair.chosen for pair in record_to_pairs(record, domain, where)]
 
 
 def load_pairs(path, domain: str | None = None, log=print) -> list[Pair]:
     """All usable pairs of one file; prints how many were read and why any were skipped."""
+    return load_items(path, domain, log, record_to_pairs, "preference pair", "pairs")
+
+
+def load_conversations(path, domain: str | None = None, log=print) -> list[list[dict]]:
+    """All usable conversations of one file to fine-tune on (SFT): {"messages": [...]} records and the
+    chosen conversations of preference records; prints how many were read and why any were skipped."""
+    return load_items(path, domain, log, record_to_conversations, "conversation ending with a reply", "conversations")
+
+
+def load_items(path, domain: str | None, log, items_of_record, one: str, many: str) -> list:
+    """items_of_record(record, domain, where) over every record of a file, skipped records counted."""
     path = Path(path)
     if domain is not None and domain not in DSP_DOMAINS:
         raise UserError(f"--domain {domain!r} is not a DSP domain; choose one of {', '.join(DSP_DOMAINS)}")
-    pairs, skipped = [], Counter()
+    items, skipped = [], Counter()
     for where, record in read_records(path):
         try:
-            pairs += record_to_pairs(record, domain, f"{path}: {where}")
+            items += items_of_record(record, domain, f"{path}: {where}")
         except Skip as reason:
             skipped[str(reason)] += 1
     reasons = ", ".join(f"{n} {why}" for why, n in skipped.most_common())
-    if not pairs:
+    if not items:
         raise UserError(
-            f"{path} holds no usable preference pair" + (f" ({reasons})" if reasons else " (it is empty)")
+            f"{path} holds no usable {one}" + (f" ({reasons})" if reasons else " (it is empty)")
             + "; fix its records or pass another file"
         )
-    log(f"{path}: {len(pairs)} pairs" + (f", {sum(skipped.values())} records skipped ({reasons})" if skipped else ""))
-    return pairs
+    log(f"{path}: {len(items)} {many}" + (f", {sum(skipped.values())} records skipped ({reasons})" if skipped else ""))
+    return items
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -241,6 +275,14 @@ class EncodedPair:
     rejected_prompt_len: int
 
 
+@dataclass
+class EncodedConversation:
+    """Token ids of one conversation to fine-tune on (SFT); the reply starts at prompt_len."""
+
+    ids: list[int]
+    prompt_len: int
+
+
 def encode_conversation(messages: list[dict], tokenizer: Tokenizer, max_len: int):
     """(ids, prompt length, what truncation did) for prompt + reply, at most max_len tokens; None if
     not even the system block, the assistant header and one reply token fit.
@@ -305,11 +347,32 @@ def encode_pairs(pairs: list[Pair], tokenizer: Tokenizer, max_len: int, log=prin
     return encoded
 
 
-def collate(batch: list[EncodedPair], pad_id: int):
-    """tokens (2B, T) and response_mask (2B, T): the B chosen sequences, then their rejected partners
-    in the same order, right-padded to the longest. Causal attention never looks at the right
-    padding, and the mask leaves it out of the loss."""
-    rows = [(p.chosen, p.chosen_prompt_len) for p in batch] + [(p.rejected, p.rejected_prompt_len) for p in batch]
+def encode_conversations(conversations: list[list[dict]], tokenizer: Tokenizer, max_len: int, log=print) -> list[EncodedConversation]:
+    """Encode every conversation to fine-tune on, truncated as pairs are; prints what truncation did."""
+    encoded, counts = [], Counter()
+    for conversation in conversations:
+        result = encode_conversation(conversation, tokenizer, max_len)
+        if result is None:
+            counts["skipped"] += 1
+            continue
+        encoded.append(EncodedConversation(result[0], result[1]))
+        counts.update(result[2])
+    log(
+        f"{len(encoded)} of {len(conversations)} conversations encoded at max_len {max_len}: "
+        f"{counts['dropped_turns']} lost their oldest turns, {counts['prompt_cut']} had the prompt cut, "
+        f"{counts['reply_cut']} had the reply cut, {counts['skipped']} skipped (too long even when cut)"
+    )
+    return encoded
+
+
+def collate(batch: list[EncodedPair] | list[EncodedConversation], pad_id: int):
+    """tokens and response_mask, right-padded to the longest: for pairs (2B, T), the B chosen sequences,
+    then their rejected partners in the same order; for conversations (SFT) (B, T). Causal attention
+    never looks at the right padding, and the mask leaves it out of the loss."""
+    if isinstance(batch[0], EncodedConversation):
+        rows = [(c.ids, c.prompt_len) for c in batch]
+    else:
+        rows = [(p.chosen, p.chosen_prompt_len) for p in batch] + [(p.rejected, p.rejected_prompt_len) for p in batch]
     T = max(len(ids) for ids, _ in rows)
     tokens = torch.full((len(rows), T), pad_id, dtype=torch.long)
     response_mask = torch.zeros(len(rows), T, dtype=torch.bool)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 # What defines an objective: the flags of train.py and the keys of qadapter_config.json of the same names.
 OBJECTIVE_SETTINGS = ("objective", "alpha", "alpha0", "beta", "gamma", "dpo_beta")
 # The policy an adapter trained with each objective defines (generate.py's policy modes).
-POLICY_OF_OBJECTIVE = {"qadapter": "customised", "dpo": "adapter"}
+POLICY_OF_OBJECTIVE = {"qadapter": "customised", "dpo": "adapter", "sft": "adapter"}
 
 
 def policy_logits(q_logits: torch.Tensor, base_logits: torch.Tensor, alpha: float = 1.0, alpha0: float = 0.01) -> torch.Tensor:
@@ -155,6 +155,26 @@ def dpo_loss(
     return dpo_loss_from_token_values(policy_logp, reference_logp, response_mask[:, 1:], beta=beta)
 
 
+def sft_loss(logits: torch.Tensor, tokens: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Supervised fine-tuning on the replies (the SFT baseline; with the base model's own replies added to
+    the data, the Replay baseline).
+
+    logits: (B, T, V) adapter on; tokens, response_mask: (B, T), one conversation per row.
+    loss = mean over records of (mean over the record's reply tokens, its closing <|eot_id|> included, of
+    -log pi(a_t|s_t)). Each record weighs the same, however long its reply: a token-level mean over the
+    whole batch would weigh long replies more and change with how records are grouped into micro-batches;
+    this one does not depend on the micro-batch size, the padding or the number of processes.
+    """
+    log_pi = logits[:, :-1].float().log_softmax(-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)  # (B, T-1)
+    return sft_loss_from_token_values(log_pi, response_mask[:, 1:])
+
+
+def sft_loss_from_token_values(log_pi: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """The SFT loss from log pi(a_t|s_t) (B, T-1) and which actions are reply tokens (B, T-1)."""
+    per_record = torch.where(scored, -log_pi, 0.0).sum(dim=1) / scored.sum(dim=1).clamp(min=1)
+    return per_record.mean()
+
+
 # ----------------------------------------------------------------------------------------------------
 # The memory-lean path for training. At Llama 3's vocabulary (128256) the fp32 logits of one 512-token
 # pair are 2 x 512 x 128256 x 4 bytes = 0.5 GB for each pass, more than the activations of the whole
@@ -188,8 +208,12 @@ class ChunkedTokenValues(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             h, a = hidden[start : start + chunk_size], actions[start : start + chunk_size]
             z = (h @ weight.T).float()  # (n, V) Q(s_t, .)
-            log_pi1 = (base_hidden[start : start + chunk_size] @ weight.T).float().log_softmax(-1)  # (n, V)
-            combined = (z + alpha0 * log_pi1) / alpha
+            if base_hidden is None:  # SFT: no base model term (alpha0 0)
+                log_pi1 = torch.zeros_like(z[:, :1])
+                combined = z / alpha
+            else:
+                log_pi1 = (base_hidden[start : start + chunk_size] @ weight.T).float().log_softmax(-1)  # (n, V)
+                combined = (z + alpha0 * log_pi1) / alpha
             log_normaliser = torch.logsumexp(combined, dim=-1, keepdim=True)  # (n, 1)
             v = alpha * log_normaliser.squeeze(-1)  # V(s_t), equation (2)
             q_taken = z.gather(-1, a[:, None]).squeeze(-1)  # Q(s_t, a_t)
@@ -197,7 +221,8 @@ class ChunkedTokenValues(torch.autograd.Function):
             dvalue_dz = (combined - log_normaliser).exp_().mul_(-gamma)  # -gamma * p_t, in place: (n, V)
             dvalue_dz[torch.arange(len(a), device=a.device), a] += 1.0  # + onehot(a_t)
             directions.append(dvalue_dz.to(weight.dtype) @ weight)  # u_t (n, C)
-            outputs.append(torch.stack([value, q_taken, v, log_pi1.gather(-1, a[:, None]).squeeze(-1)]))
+            log_pi1_taken = log_pi1.gather(-1, a[:, None]).squeeze(-1) if base_hidden is not None else torch.zeros_like(v)
+            outputs.append(torch.stack([value, q_taken, v, log_pi1_taken]))
         ctx.save_for_backward(torch.cat(directions))
         ctx.hidden_dtype = hidden.dtype
         value, q_taken, v, log_pi1_taken = torch.cat(outputs, dim=1)
@@ -212,12 +237,13 @@ class ChunkedTokenValues(torch.autograd.Function):
 
 
 def token_values_from_hidden(weight, hidden, base_hidden, tokens, response_mask, alpha, alpha0, gamma, chunk_size=CHUNK_SIZE):
-    """ChunkedTokenValues at the scored positions, spread back to (2B, T-1) tensors (zero elsewhere)."""
+    """ChunkedTokenValues at the scored positions, spread back to (rows, T-1) tensors (zero elsewhere);
+    base_hidden None: no base-model term (SFT)."""
     assert not weight.requires_grad, "the LM head is frozen: its gradient is not computed"
     scored = response_mask[:, 1:]  # (2B, T-1)
     assert scored.any(), "a batch without a single reply token to score"
     values = ChunkedTokenValues.apply(
-        hidden[:, :-1][scored], base_hidden[:, :-1][scored], weight, tokens[:, 1:][scored],
+        hidden[:, :-1][scored], None if base_hidden is None else base_hidden[:, :-1][scored], weight, tokens[:, 1:][scored],
         alpha, alpha0, gamma, chunk_size,
     )  # four (N,) tensors
     spread = [torch.zeros(scored.shape, device=hidden.device).masked_scatter(scored, x) for x in values]
@@ -228,8 +254,9 @@ def loss_from_hidden(
     head_weight, hidden, base_hidden, tokens, response_mask, *,
     objective="qadapter", alpha=1.0, alpha0=0.01, beta=0.1, gamma=1.0, dpo_beta=0.1, chunk_size=CHUNK_SIZE,
 ):
-    """qadapter_loss or dpo_loss (by `objective`), with the same value and gradients, from hidden states
-    (2B, T, C) and the LM head's weight (V, C), without (2B, T, V) logits.
+    """qadapter_loss, dpo_loss or sft_loss (by `objective`), with the same value and gradients, from hidden
+    states (2B, T, C) (SFT: (B, T, C), base_hidden None) and the LM head's weight (V, C), without (2B, T, V)
+    logits.
 
     The metrics also hold `rewards` (2B,), each reply's implicit reward
         R(y) = sum over its actions of alpha * log pi(a_t|s_t) - alpha0 * log pi1(a_t|s_t)
@@ -239,6 +266,9 @@ def loss_from_hidden(
     a DPO adapter and the base model compare (the objectives' own `accuracy` and `margin`, of DPO's
     reward or of equation (4) with its gamma, stay internal).
     """
+    if objective == "sft":  # rows are single conversations, and there is no base pass
+        (log_pi, _, _, _), scored = token_values_from_hidden(head_weight, hidden, None, tokens, response_mask, 1.0, 0.0, 1.0, chunk_size)
+        return sft_loss_from_token_values(log_pi, scored), {}
     if objective == "qadapter":
         (r, q_taken, v, log_pi1), scored = token_values_from_hidden(
             head_weight, hidden, base_hidden, tokens, response_mask, alpha, alpha0, gamma, chunk_size

@@ -16,7 +16,8 @@ from qadapter_min.objective import loss_from_hidden
 
 def micro_batch_objective(model, tokens, response_mask, settings: dict | None = None, adapter_forward=None,
                           dropout_keys=None):
-    """(loss, metrics) of one micro-batch: tokens and response_mask (2B, T) as `data.collate` makes them.
+    """(loss, metrics) of one micro-batch: tokens and response_mask (2B, T) as `data.collate` makes them
+    (for SFT, (B, T): one conversation per row).
 
     settings: `objective.OBJECTIVE_SETTINGS` by name (none: the paper's Q-Adapter).
     adapter_forward: what runs the adapter pass (train.py gives its DistributedDataParallel wrapper, whose
@@ -24,8 +25,10 @@ def micro_batch_objective(model, tokens, response_mask, settings: dict | None = 
     dropout_keys (2B,): the key of each row's LoRA dropout masks in training mode (lora.py's keyed_dropout);
     None draws them from torch's random state. Gradients flow only through the adapter pass.
     """
-    with torch.no_grad(), adapter_disabled(model):  # pi1: the same weights with the adapter off
-        base_hidden = model(tokens, return_hidden=True)
+    base_hidden = None  # SFT learns the replies alone, without the base model
+    if (settings or {}).get("objective") != "sft":
+        with torch.no_grad(), adapter_disabled(model):  # pi1: the same weights with the adapter off
+            base_hidden = model(tokens, return_hidden=True)
     set_dropout_keys(model, dropout_keys)
     hidden = (adapter_forward or model)(tokens, return_hidden=True)
     return loss_from_hidden(model.head_weight, hidden, base_hidden, tokens, response_mask, **(settings or {}))

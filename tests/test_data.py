@@ -88,6 +88,22 @@ def test_messy_records_are_skipped_and_counted(tmp_path):
     ]
 
 
+def test_trls_explicit_prompt_form_loads_into_the_conversations_of_the_conversational_form(tmp_path):
+    explicit = {"prompt": HH_AS_CONVERSATIONS["chosen"][:-1], "chosen": HH_AS_CONVERSATIONS["chosen"][-1:],
+                "rejected": HH_AS_CONVERSATIONS["rejected"][-1:]}
+    [got] = load_pairs(write_jsonl(tmp_path / "trl.jsonl", [explicit]), log=quiet)
+    [want] = load_pairs(write_jsonl(tmp_path / "conv.jsonl", [HH_AS_CONVERSATIONS]), log=quiet)
+    assert (got.chosen, got.rejected) == (want.chosen, want.rejected)
+
+
+def test_trls_plain_text_form_is_one_user_message_and_two_assistant_replies(tmp_path):
+    plain = {"prompt": "What is 2+2? ", "chosen": " It is 4.", "rejected": "Five."}
+    conversational = {"chosen": [user("What is 2+2?"), assistant("It is 4.")], "rejected": [user("What is 2+2?"), assistant("Five.")]}
+    [got] = load_pairs(write_jsonl(tmp_path / "trl.jsonl", [plain]), log=quiet)
+    [want] = load_pairs(write_jsonl(tmp_path / "conv.jsonl", [conversational]), log=quiet)
+    assert (got.chosen, got.rejected) == (want.chosen, want.rejected)
+
+
 def test_a_malformed_line_is_named_with_its_number(tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text(json.dumps(HH_AS_CONVERSATIONS) + "\n" + '{"chosen": [oops\n')

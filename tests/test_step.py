@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_model_dir, write_pairs
 from qadapter_min.data import collate, encode_pairs, load_pairs
 from qadapter_min.lora import adapter_disabled, add_lora, lora_layers
-from qadapter_min.objective import dpo_loss, policy_logits, qadapter_loss
+from qadapter_min.objective import dpo_loss, policy_logits, qadapter_loss, sft_loss
 from qadapter_min.step import micro_batch_objective
 from qadapter_min.tokenizer import Tokenizer
 from qadapter_min.weights import load_model
@@ -68,7 +68,7 @@ def test_the_rewards_of_each_policy_match_full_logits_and_give_the_reports_accur
     assert measured["preference_margin"] == pytest.approx((expected[:6] - expected[6:]).mean().item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("objective", ["qadapter", "dpo"])
+@pytest.mark.parametrize("objective", ["qadapter", "dpo", "sft"])
 def test_the_micro_batch_loss_and_gradients_are_the_plain_objectives_on_full_logits(batch, objective):
     model, pairs, pad_id = batch
     tokens, response_mask = collate(pairs[:3], pad_id)
@@ -80,8 +80,10 @@ def test_the_micro_batch_loss_and_gradients_are_the_plain_objectives_on_full_log
         base = model(tokens)
     if objective == "qadapter":
         plain, _ = qadapter_loss(model(tokens), base, tokens, response_mask, alpha=ALPHA, alpha0=ALPHA0, beta=0.3, gamma=0.9)
-    else:
+    elif objective == "dpo":
         plain, _ = dpo_loss(model(tokens), base, tokens, response_mask, beta=0.2)
+    else:  # SFT: the rows are conversations of their own; the chosen and rejected ones serve as six of them
+        plain = sft_loss(model(tokens), tokens, response_mask)
     plain_grads = torch.autograd.grad(plain, trainable)
     torch.testing.assert_close(loss, plain, rtol=1e-5, atol=1e-6)
     for got, want in zip(grads, plain_grads):

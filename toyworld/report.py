@@ -9,12 +9,13 @@ from contextlib import nullcontext
 import torch
 
 from qadapter_min.common import format_table
+from qadapter_min.data import encode_pairs, load_pairs
 from qadapter_min.generate import generate_batch
 from qadapter_min.lora import adapter_disabled
 from qadapter_min.objective import OBJECTIVE_SETTINGS, POLICY_OF_OBJECTIVE
 from qadapter_min.policy import BASE, Policy, preference_metrics
 from qadapter_min.tokenizer import Tokenizer
-from toyworld import PREFERENCE_SKILLS, SKILLS, check_reply, make_task
+from toyworld import PREFERENCE_SKILLS, SKILLS, WORLD_DIR, check_reply, make_task
 
 
 def evaluation_prompts(per_skill: int = 30, seed: int = 1234) -> list[tuple[str, str, str]]:
@@ -46,9 +47,16 @@ def greedy_report(model, tokenizer: Tokenizer, policy: Policy, per_skill: int = 
     }
 
 
-def compare(model, tokenizer: Tokenizer, eval_pairs, pad_id: int, args) -> dict:
-    """train.py's report: the base model beside the policy just trained (the adapter on the model), in the
-    same numbers as evaluate.py gives for the saved adapter."""
+def held_out_pairs(tokenizer: Tokenizer, max_len: int):
+    """The world's held-out preference pairs (test.jsonl), encoded."""
+    pairs = load_pairs(WORLD_DIR / "test.jsonl", log=lambda *_: None)
+    return encode_pairs(pairs, tokenizer, max_len, log=lambda *_: None)
+
+
+def compare(model, tokenizer: Tokenizer, pad_id: int, args) -> dict:
+    """train.py's report: the base model beside the policy just trained (the adapter on the model), on the
+    world's held-out pairs and prompts, in the same numbers as evaluate.py gives for the saved adapter."""
+    eval_pairs = held_out_pairs(tokenizer, args.max_len)
     settings = {name: getattr(args, name) for name in OBJECTIVE_SETTINGS}
     trained = Policy("customised", POLICY_OF_OBJECTIVE[args.objective], None, args.alpha, args.alpha0, settings)
     model.eval()
