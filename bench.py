@@ -212,6 +212,18 @@ def head_product_gains(model, batch_sizes, repeats=20):
     print(line.rstrip(";"))
 
 
+def memory_plans(presets=("llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b"), ranks=(4, 8, 16)):
+    """The memory model's estimate per rank (GiB) of one training step: 1 pair x 512 tokens, bf16 weights,
+    gradient checkpointing, LoRA r 8 on q_proj and v_proj; each rank a whole copy (DDP) or a shard (FSDP)."""
+    print("memory per rank (GiB, estimated), 1 pair x 512 tokens, bf16, gradient checkpointing, LoRA r 8 on q/v")
+    print(f"{'':16}{'DDP':>8}" + "".join(f"{f'FSDP x{r}':>10}" for r in ranks))
+    for name in presets:
+        args = PRESETS[name]
+        lora = args.num_hidden_layers * 8 * (2 * args.hidden_size + (args.num_attention_heads + args.num_key_value_heads) * args.head_dim)
+        plans = [training_memory_gib(args, lora, 1, 512)] + [training_memory_gib(args, lora, 1, 512, fsdp_ranks=r) for r in ranks]
+        print(f"{name:16}" + "".join(f"{sum(plan.values()):{8 if i == 0 else 10}.1f}" for i, plan in enumerate(plans)))
+
+
 def preset_run(name, device, peak_tflops, bandwidth_gbs, repeats, decode_tokens):
     """One training step and decoding at a published shape, random bf16 weights (a GPU; a CPU runs it slowly)."""
     args = PRESETS[name]
@@ -254,7 +266,11 @@ def main():
     p.add_argument("--decode_tokens", type=int, default=64, help="tokens decoded per decoding measurement")
     p.add_argument("--peak_tflops", type=float, default=None, help="the card's dense bf16 peak (default: looked up by name)")
     p.add_argument("--bandwidth_gbs", type=float, default=None, help="the card's memory bandwidth (default: looked up)")
+    p.add_argument("--plan", action="store_true", help="print the memory plan per rank of the large presets, DDP and FSDP")
     args = p.parse_args()
+    if args.plan:
+        memory_plans()
+        return
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no GPU is visible; run on a machine with one, or use --device cpu")
     if args.preset:

@@ -16,6 +16,10 @@ of a preference file (its prompt is used), and writes each record back with "rep
 "base_reply" with --compare), in input order, decoding --batch_size prompts together. Run again after
 an interruption, the same command continues after the last complete line. Each prompt samples from its
 own generator, seeded by --seed and its number in the file, so its reply does not depend on its batch.
+train.py --objective sft reads such a line back as its prompt and its "reply": the Replay baseline's data
+
+    python sample.py --model M --prompts train.jsonl --out replay.jsonl --temperature 0 --unique
+    python train.py --model M --objective sft --data train.jsonl replay.jsonl
 """
 
 import argparse
@@ -55,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompts", default=None, help="a JSON Lines file of prompts to reply to, all of them")
     p.add_argument("--out", default=None, help="with --prompts: the JSON Lines file of replies (- for stdout)")
     p.add_argument("--batch_size", type=int, default=8, help="with --prompts: prompts decoded together")
+    p.add_argument("--unique", action="store_true", help="with --prompts: reply once to each distinct prompt (its first record)")
     args = p.parse_args(argv)
     for flag, bad, rule in [("temperature", args.temperature < 0, ">= 0"), ("top_p", not 0 < args.top_p <= 1, "in (0, 1]"),
                             ("top_k", args.top_k < 0, ">= 0"), ("max_new_tokens", args.max_new_tokens <= 0, "> 0"),
@@ -64,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise UserError(f"--{flag} must be {rule}, got {getattr(args, flag)}")
     if args.adapter is None and args.model is None:
         raise UserError("pass --adapter [DIR] for a customised model, or --model M for a base model alone")
+    if args.unique and args.prompts is None:
+        raise UserError("--unique picks the distinct prompts of a --prompts file; pass --prompts FILE --out FILE.jsonl too")
     if (args.prompts is None) != (args.out is None):
         raise UserError("--prompts FILE and --out FILE.jsonl go together: the prompts to reply to, and where the replies go")
     if args.out not in (None, "-") and Path(args.out).is_dir():
@@ -184,7 +191,7 @@ def main(argv=None):
     args = parse_args(argv)
     policy = read_adapter_policy(args)
     model_name = args.model or policy.base_model
-    items = load_prompts(args.prompts) if args.prompts else None  # a bad prompts file is refused before loading
+    items = load_prompts(args.prompts, args.unique) if args.prompts else None  # a bad prompts file is refused before loading
     model, tokenizer = load_policy(args, policy, model_name)
     mode, alpha, alpha0 = policy.mode, policy.alpha, policy.alpha0
     if items is not None:

@@ -161,7 +161,13 @@ def record_to_pairs(record, domain: str | None, where: str) -> list[Pair]:
 
 def record_to_conversations(record, domain: str | None, where: str) -> list[list[dict]]:
     """The conversations to fine-tune on (SFT) in one record: {"messages": [...]} ending with the
-    assistant's reply, or the chosen conversation of each pair of a preference record."""
+    assistant's reply; a line of sample.py --prompts's output, its prompt and its "reply" (Replay's data);
+    or the chosen conversation of each pair of a preference record."""
+    if isinstance(record, dict) and isinstance(record.get("reply"), str):
+        prompt = prompt_of({k: v for k, v in record.items() if k not in ("reply", "base_reply")})
+        if prompt is None:
+            raise Skip("reply without a prompt")
+        return [check_conversation(prompt + [{"role": "assistant", "content": record["reply"]}])]
     if isinstance(record, dict) and "messages" in record and "chosen" not in record:
         messages = record["messages"]
         if isinstance(messages, list) and messages and isinstance(messages[-1], dict) and messages[-1].get("role") != "assistant":
@@ -230,9 +236,10 @@ def prompt_of(record) -> list[dict] | None:
         return None
 
 
-def load_prompts(path) -> list[tuple[dict, list[dict]]]:
-    """(record, conversation to reply to) for every line of a JSON Lines prompts file, in order; a file
-    that cannot be used is refused in one sentence naming it and the line."""
+def load_prompts(path, unique: bool = False) -> list[tuple[dict, list[dict]]]:
+    """(record, conversation to reply to) for every line of a JSON Lines prompts file, in order (unique:
+    only the first record of each distinct conversation); a file that cannot be used is refused in one
+    sentence naming it and the line."""
     path = Path(path)
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
@@ -258,6 +265,11 @@ def load_prompts(path) -> list[tuple[dict, list[dict]]]:
         items.append((record, messages))
     if not items:
         raise UserError(f"--prompts {path} is empty; pass a JSON Lines file, one prompt record per line")
+    if unique:
+        first = {}
+        for record, messages in items:
+            first.setdefault(json.dumps(messages), (record, messages))
+        items = list(first.values())
     return items
 
 

@@ -7,6 +7,12 @@
     objective      one chunk of fp32 (n, V) tensors inside the lean objective (logits of both passes, the
                    base log-softmax, the policy's probabilities), plus the (N, C) gradient directions
 The estimate leaves out the CUDA context and allocator slack (about 0.5-1 GiB on a GPU).
+
+Sharded over R ranks (FSDP, one unit per transformer block), a rank holds 1/R of the weights and of
+LoRA + AdamW, and a weight in full only while it is in use:
+    in_flight      the largest of what is gathered at once: two blocks in the forward and backward passes
+                   (the one computing and the next, fetched ahead), the embedding and the first block at
+                   the start, and the LM head with the objective's chunk between the passes
 """
 
 from qadapter_min.model import ModelArgs
@@ -23,8 +29,10 @@ def training_memory_gib(
     weight_bytes: int = 2,
     checkpointing: bool = True,
     chunk_size: int = CHUNK_SIZE,
+    fsdp_ranks: int | None = None,
 ) -> dict:
-    """Estimated peak bytes per rank, by part, for one micro-batch of pairs of max_len tokens."""
+    """Estimated peak bytes per rank, by part, for one micro-batch of pairs of max_len tokens; with
+    fsdp_ranks, for the model sharded over that many ranks (module docstring)."""
     total_parameters = args.vocab_size * args.hidden_size * (1 if args.tie_word_embeddings else 2)
     per_block = (
         args.hidden_size * args.head_dim * (2 * args.num_attention_heads + 2 * args.num_key_value_heads)
@@ -43,9 +51,18 @@ def training_memory_gib(
         activations = tokens * args.num_hidden_layers * block_activations
     scored = tokens // 2  # about half of the positions are reply tokens
     objective = min(chunk_size, scored) * args.vocab_size * 4 * 5 + scored * args.hidden_size * weight_bytes
+    if fsdp_ranks is None:
+        return {
+            "weights": total_parameters * weight_bytes / GIB,
+            "lora_adam": trainable_parameters * 16 / GIB,
+            "activations": activations / GIB,
+            "objective": objective / GIB,
+        }
+    matrix = args.vocab_size * args.hidden_size * weight_bytes  # the embedding, and the LM head (the same when tied)
+    block = per_block * weight_bytes
     return {
-        "weights": total_parameters * weight_bytes / GIB,
-        "lora_adam": trainable_parameters * 16 / GIB,
+        "weights_shard": total_parameters * weight_bytes / fsdp_ranks / GIB,
+        "lora_adam_shard": trainable_parameters * 16 / fsdp_ranks / GIB,
         "activations": activations / GIB,
-        "objective": objective / GIB,
+        "in_flight": max(2 * block, matrix + block, matrix + objective) / GIB,
     }

@@ -208,6 +208,18 @@ def write_prompts(path: Path, count: int) -> Path:
     return path
 
 
+def test_unique_replies_once_to_each_distinct_prompt(trained, tmp_path):
+    _, adapter = trained
+    prompts = tmp_path / "prompts.jsonl"
+    records = [{"prompt": "a"}, {"messages": [{"role": "user", "content": "b"}]}, {"prompt": " a "}, {"prompt": "b"}]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = run_sample("--adapter", adapter, "--prompts", prompts, "--out", tmp_path / "out.jsonl", "--unique",
+                        "--max_new_tokens", 3, "--temperature", 0)
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [{k: v for k, v in line.items() if k != "reply"} for line in lines] == records[:2]  # " a " is "a"; "b" is b's
+
+
 def test_a_prompts_run_killed_midway_continues_to_the_output_of_an_uninterrupted_run(trained, tmp_path):
     _, adapter = trained
     prompts = write_prompts(tmp_path / "prompts.jsonl", 24)

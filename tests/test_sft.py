@@ -97,3 +97,16 @@ def test_two_processes_and_a_run_killed_and_resumed_give_the_sft_adapter_of_one_
     assert 5 <= checkpoint_step(out / "checkpoint" / "state.pt") < 12
     run_train(*flags, "--out", out, "--resume")
     assert_same_adapter(out, tmp_path / "one", atol=1e-7)
+
+
+def test_replay_data_is_sample_pys_output_read_back_as_each_prompt_and_its_reply(tmp_path):
+    prompt = [{"role": "user", "content": "What is 2+2?"}]
+    lines = [
+        {"prompt": "What is 2+2?", "reply": "4."},  # sample.py's output for a {"prompt"} record
+        {"messages": prompt, "reply": "4.", "base_reply": "Four."},  # ... for a {"messages"} record, with --compare
+        {"chosen": prompt + [{"role": "assistant", "content": "It is 4."}],  # ... for a preference record
+         "rejected": prompt + [{"role": "assistant", "content": "5"}], "reply": "4."},
+    ]
+    path = tmp_path / "replay.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert load_conversations(path, log=lambda *_: None) == [prompt + [{"role": "assistant", "content": "4."}]] * 3

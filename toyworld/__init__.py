@@ -18,6 +18,7 @@ that uppercase shows whether the preference carries over to a skill it was not t
     toyworld/build.py     makes all of the above (python -m toyworld.build, about 3 minutes on 2 cores)
     toyworld/report.py    the table train.py prints after a run on this model
     toyworld/seeds.py     that run over seeds 1-5, Q-Adapter and DPO (python -m toyworld.seeds)
+    toyworld/baselines.py Q-Adapter, DPO, SFT and Replay in one table (python -m toyworld.baselines)
 
 The qadapter_min package knows nothing of this world; train.py runs it when given no --model and no
 --data, with the flags of `train_flags()`.
