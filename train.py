@@ -22,7 +22,7 @@ import shlex
 import shutil
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -31,16 +31,17 @@ from torch.nn.parallel import DistributedDataParallel
 
 import toyworld
 from qadapter_min import UserError
-from qadapter_min.common import HelpFormatter, atomic_write, choose_dtype, run_command_line, write_json
+from qadapter_min.common import HelpFormatter, atomic_write, choose_dtype, full, like, run_command_line, write_json
 from qadapter_min.data import check_data_file, collate, encode_conversations, encode_pairs, load_conversations, load_pairs
 from qadapter_min.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MASK32, PROJECTIONS, RUN_CONFIG, add_lora,
-                               check_targets, mix32, save_adapter, save_run_config)
+                               adapter_tensors, check_targets, load_adapter, mix32, save_adapter, save_run_config)
 from qadapter_min.memory import training_memory_gib
 from qadapter_min.objective import OBJECTIVE_SETTINGS
 from qadapter_min.processes import Processes, leave_processes, start_processes
+from qadapter_min.sharding import full_optimizer_state, load_optimizer_state, shard_model
 from qadapter_min.step import micro_batch_objective
 from qadapter_min.tokenizer import Tokenizer
-from qadapter_min.weights import load_model, read_config
+from qadapter_min.weights import load_model, model_fingerprint, read_config
 from toyworld.report import compare, format_report
 
 CHECKPOINT = "checkpoint/state.pt"
@@ -49,7 +50,7 @@ REPORT = "report.json"
 OUTPUTS = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, RUN_CONFIG, METRICS, REPORT, "checkpoint")  # what a run writes to --out
 # Flags that may change when a run is resumed: where it writes and how often. Every other flag, present or
 # future, must be the one the checkpoint was made with.
-MAY_DIFFER_ON_RESUME = ("out", "resume", "overwrite", "log_every", "eval_every", "save_every", "eval_data")
+MAY_DIFFER_ON_RESUME = ("out", "resume", "overwrite", "log_every", "eval_every", "save_every", "eval_data", "fsdp")
 METRIC_NAMES = ("loss", "pref_loss", "chi2_loss", "preference_accuracy", "preference_margin")  # SFT: the loss alone
 
 
@@ -75,10 +76,13 @@ def main(argv=None):
     started = time.time()
     with out_of_memory_advice(memory, processes):
         train(model, ddp_model, optimizer, train_set, eval_set, pad_id, start_step, total_steps, args, processes)
-    if processes.master:  # the outputs appear only now, complete: a run that fails early leaves none
-        write_outputs(model, args, total_steps, len(train_set))
+    write_outputs(model, args, total_steps, len(train_set), processes)  # they appear only now, complete
+    if processes.master:
         processes.log(f"adapter written to {args.out}/ ({time.time() - started:.0f}s)")
         if toyworld.is_world_model(model_dir):  # show both axes: the new preference learned, the old skills kept
+            if sharded(args, processes):  # rank 0 alone cannot run a sharded model: the small world's model, whole
+                model = load_model(model_dir)
+                load_adapter(model, args.out)
             report = compare(model, tokenizer, pad_id, args)
             processes.log(format_report(report, args.objective))
             write_json(Path(args.out) / REPORT, report)
@@ -120,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora_targets", nargs="+", default=["q_proj", "v_proj"], help=f"layers to adapt, from {' '.join(PROJECTIONS)}")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="base weights' dtype (None: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--grad_checkpointing", action="store_true", help="recompute each block in the backward pass to save memory")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun, shard the weights, LoRA and AdamW over every rank (FSDP2), "
+                   "for models larger than one GPU")
     p.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
     p.add_argument("--seed", type=int, default=1337, help="seed of the data order, the LoRA init and the dropout masks")
     p.add_argument("--eval_every", type=int, default=0, help="evaluate every N steps and at the end (0: only at the end)")
@@ -249,16 +255,27 @@ def read_data(args, processes: Processes):
     return model_dir, tokenizer, train_set, eval_set
 
 
+def sharded(args, processes: Processes) -> bool:
+    """--fsdp under torchrun: the model is split over the ranks (one process alone holds it whole)."""
+    return args.fsdp and processes.distributed
+
+
 def build_model(model_dir: Path, args, processes: Processes):
     """The frozen base weights in the run's dtype with fp32 LoRA on the target projections (the same init on
-    every rank), the DDP wrapper that syncs their gradients, and AdamW over them."""
+    every rank), the DDP wrapper that syncs their gradients (under --fsdp, the model sharded), and AdamW
+    over them."""
     model = load_model(model_dir, dtype=choose_dtype(args.dtype, processes.device), device=processes.device)
     torch.manual_seed(args.seed)
     add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=tuple(args.lora_targets))
     model.gradient_checkpointing = args.grad_checkpointing
     model.train()
-    device_ids = [processes.local_rank] if processes.device.type == "cuda" else None
-    ddp_model = DistributedDataParallel(model, device_ids=device_ids) if processes.distributed else model
+    if sharded(args, processes):
+        ddp_model = shard_model(model)  # FSDP: weights, LoRA, gradients and AdamW's state split over the ranks
+    elif processes.distributed:
+        device_ids = [processes.local_rank] if processes.device.type == "cuda" else None
+        ddp_model = DistributedDataParallel(model, device_ids=device_ids)
+    else:
+        ddp_model = model
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     return model, ddp_model, optimizer
 
@@ -268,8 +285,8 @@ def restore(state: dict, model, optimizer, out: Path, processes: Processes) -> i
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.requires_grad:
-                p.copy_(state["lora"][name])
-    optimizer.load_state_dict(state["optimizer"])
+                p.copy_(like(state["lora"][name], p))  # under --fsdp, this rank's shard of it
+    load_optimizer_state(optimizer, state["optimizer"])
     if processes.master:  # rows of the steps this run does again go
         keep_metrics_up_to(out / METRICS, state["step"])
     processes.log(f"resumed from {out / CHECKPOINT} at step {state['step']}")
@@ -283,8 +300,9 @@ def print_plan(args, model, train_set, processes: Processes) -> tuple[int, dict]
     total_steps = args.max_steps or max(1, math.floor(args.epochs * steps_per_epoch))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     dtype = next(p for p in model.parameters() if not p.requires_grad).dtype
-    memory = training_memory_gib(model.args, trainable, args.micro_batch_size, args.max_len,
-                                 weight_bytes=dtype.itemsize, checkpointing=args.grad_checkpointing)
+    memory = training_memory_gib(model.args, trainable, args.micro_batch_size, args.max_len, weight_bytes=dtype.itemsize,
+                                 checkpointing=args.grad_checkpointing,
+                                 fsdp_ranks=processes.world_size if sharded(args, processes) else None)
     processes.log(
         f"model: {args.model} ({model.args.num_hidden_layers} layers, width {model.args.hidden_size}, "
         f"{model.num_parameters() / 1e6:.1f}M parameters, {str(dtype).removeprefix('torch.')}) "
@@ -344,7 +362,7 @@ def train(model, ddp_model, optimizer, train_set, eval_set, pad_id, start_step, 
             lr = lr_at(step, total_steps, args)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else float("inf"))
+            grad_norm = full(torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else float("inf")))
             done = step + 1
             # Every rank sees the same all-reduced loss and gradient norm, so all skip the same steps.
             if not (math.isfinite(means["loss"]) and math.isfinite(grad_norm.item())):
@@ -369,8 +387,8 @@ def train(model, ddp_model, optimizer, train_set, eval_set, pad_id, start_step, 
                 shown = "" if args.objective == "sft" else f" | eval_preference_accuracy {row['eval_preference_accuracy']:.2f}"
                 processes.log(f"step {done}/{total_steps} | eval_loss {row['eval_loss']:.4f}{shown}")
                 append_metrics(out, row, processes)
-            if args.save_every and done % args.save_every == 0 and done < total_steps and processes.master:
-                save_checkpoint(out, model, optimizer, done, args)
+            if args.save_every and done % args.save_every == 0 and done < total_steps and (processes.master or args.fsdp):
+                save_checkpoint(out, model, optimizer, done, args, processes)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(how_to_go_on(out, done, total_steps)) from None
 
@@ -387,7 +405,7 @@ def run_micro_batches(model, ddp_model, train_set, pair_indices, step, pad_id, s
         tokens, response_mask = (t.to(processes.device) for t in collate(batch, pad_id))
         keys = dropout_keys(args.seed, step, indices, sides=1 if args.objective == "sft" else 2).to(processes.device)
         sync = micro == accumulation - 1  # all-reduce the gradients once, on the last micro-step
-        with ddp_model.no_sync() if processes.distributed and not sync else nullcontext():
+        with gradient_sync(ddp_model, sync, args, processes):
             loss, metrics = micro_batch_objective(model, tokens, response_mask, settings, adapter_forward=ddp_model,
                                                   dropout_keys=keys)
             # the micro-batch loss is a mean over its pairs; the step's loss is the mean over all its pairs
@@ -400,20 +418,39 @@ def run_micro_batches(model, ddp_model, train_set, pair_indices, step, pad_id, s
     return {name: (sums[i] / args.batch_size).item() for i, name in enumerate(names)}, sums[-1].item()
 
 
+@contextmanager
+def gradient_sync(ddp_model, sync: bool, args, processes: Processes):
+    """A micro-step whose backward reduces the gradients over the ranks (sync) or only accumulates them."""
+    if not processes.distributed or sync:
+        yield
+    elif sharded(args, processes):
+        ddp_model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            ddp_model.set_requires_gradient_sync(True)
+    else:
+        with ddp_model.no_sync():
+            yield
+
+
 def evaluate(model, eval_set, pad_id, settings, args, processes: Processes) -> dict:
     """eval_loss, eval_preference_accuracy and eval_preference_margin over the eval pairs (means over pairs),
-    each rank taking every world_size-th micro-batch."""
+    each rank taking every world_size-th micro-batch. Under --fsdp every rank runs as many micro-batches
+    (a sharded forward pass needs them all), those past the end counted with weight 0."""
     model.eval()
     names = ("loss",) if args.objective == "sft" else ("loss", "preference_accuracy", "preference_margin")
     totals = torch.zeros(len(names) + 1, device=processes.device)  # sums over pairs, then the pairs
     with torch.no_grad():
         first, stride = processes.rank * args.micro_batch_size, processes.world_size * args.micro_batch_size
-        for i in range(first, len(eval_set), stride):
-            batch = eval_set[i : i + args.micro_batch_size]
+        rounds = math.ceil(len(eval_set) / stride) if sharded(args, processes) else len(range(first, len(eval_set), stride))
+        for i in range(first, first + rounds * stride, stride):
+            batch = eval_set[i : i + args.micro_batch_size] or eval_set[: args.micro_batch_size]  # past the end: weight 0
+            weight = len(eval_set[i : i + args.micro_batch_size])
             tokens, response_mask = (t.to(processes.device) for t in collate(batch, pad_id))
             loss, metrics = micro_batch_objective(model, tokens, response_mask, settings)
             values = [loss.item()] + [metrics[name].item() for name in names[1:]]
-            totals += torch.tensor([v * len(batch) for v in values] + [len(batch)], device=processes.device)
+            totals += torch.tensor([v * weight for v in values] + [weight], device=processes.device)
     if processes.distributed:
         dist.all_reduce(totals)
     model.train()
@@ -459,7 +496,7 @@ def out_of_memory_advice(memory: dict, processes: Processes):
         raise UserError(
             f"rank {processes.rank} ran out of GPU memory on {processes.device}; the plan estimated "
             f"{sum(memory.values()):.1f} GiB per rank (" + ", ".join(f"{k} {v:.2f}" for k, v in memory.items())
-            + "); add --grad_checkpointing, lower --micro_batch_size or --max_len, or use --dtype bf16"
+            + "); add --grad_checkpointing, lower --micro_batch_size or --max_len, use --dtype bf16, or shard with --fsdp"
         ) from None
 
 
@@ -491,26 +528,32 @@ def remove_outputs(out: Path):
             path.unlink(missing_ok=True)
 
 
-def save_checkpoint(out: Path, model, optimizer, step: int, args):
+def save_checkpoint(out: Path, model, optimizer, step: int, args, processes: Processes):
     """Everything --resume needs, in one file written atomically: the LoRA weights, AdamW's state, the step
     and every flag. The step fixes the position in the data and the dropout seeds; the learning rate is a
-    function of it."""
+    function of it. The tensors are whole (under --fsdp gathered by every rank, written by rank 0), so
+    any number of ranks, sharded or not, can resume it."""
     state = {
         "step": step,
-        "lora": {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad},
-        "optimizer": optimizer.state_dict(),
+        "lora": {name: full(p).detach().cpu() for name, p in model.named_parameters() if p.requires_grad},
+        "optimizer": full_optimizer_state(optimizer),
         "flags": vars(args),
     }
-    (out / "checkpoint").mkdir(parents=True, exist_ok=True)
-    atomic_write(out / CHECKPOINT, lambda p: torch.save(state, p))
+    if processes.master:
+        (out / "checkpoint").mkdir(parents=True, exist_ok=True)
+        atomic_write(out / CHECKPOINT, lambda p: torch.save(state, p))
 
 
-def write_outputs(model, args, total_steps: int, num_pairs: int):
-    """The adapter (PEFT's layout) and qadapter_config.json; the checkpoint goes, the run being complete."""
+def write_outputs(model, args, total_steps: int, num_pairs: int, processes: Processes):
+    """The adapter (PEFT's layout) and qadapter_config.json, written by rank 0 (under --fsdp from tensors
+    every rank gathers); the checkpoint goes, the run being complete."""
     out = Path(args.out)
-    save_adapter(model, out, base_model_name_or_path=args.model)
-    save_run_config(out, model, vars(args), steps=total_steps, epochs=total_steps * args.batch_size / num_pairs)
-    shutil.rmtree(out / "checkpoint", ignore_errors=True)
+    tensors, fingerprint = adapter_tensors(model), model_fingerprint(model)
+    if processes.master:
+        save_adapter(model, out, base_model_name_or_path=args.model, tensors=tensors)
+        save_run_config(out, model, vars(args), steps=total_steps, epochs=total_steps * args.batch_size / num_pairs,
+                        fingerprint=fingerprint)
+        shutil.rmtree(out / "checkpoint", ignore_errors=True)
 
 
 if __name__ == "__main__":

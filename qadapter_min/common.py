@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from qadapter_min import UserError
 
@@ -97,3 +98,15 @@ def format_table(names: list[str], rows: list[tuple[str, list[float]]]) -> str:
 
     lines += [f"{label:42}" + "".join(number(v, w) for v, w in zip(values, widths)) for label, values in rows]
     return "\n".join(lines)
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: gathered from the ranks if it is sharded (a DTensor, under train.py --fsdp; every
+    rank must call this), else the tensor itself."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def like(whole: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A whole tensor laid out as param is: this rank's shard of it if param is sharded, else itself."""
+    whole = whole.to(device=param.device, dtype=param.dtype)
+    return distribute_tensor(whole, param.device_mesh, param.placements) if isinstance(param, DTensor) else whole

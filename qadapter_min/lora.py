@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from qadapter_min import UserError
-from qadapter_min.common import atomic_write, read_json_file, write_json
+from qadapter_min.common import atomic_write, full, read_json_file, write_json
 from qadapter_min.objective import OBJECTIVE_SETTINGS
 from qadapter_min.weights import model_fingerprint, ours_to_checkpoint_name
 
@@ -178,16 +178,20 @@ def peft_tensor_name(module_name: str, part: str) -> str:
     return f"base_model.model.{ours_to_checkpoint_name(module_name)}.{part}.weight"
 
 
-def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str = "") -> Path:
-    """Write adapter_model.safetensors and adapter_config.json (PEFT's LoRA layout) to out_dir."""
+def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA weights under PEFT's names, whole, fp32, on the CPU (a collective when they are sharded)."""
+    return {peft_tensor_name(name, part): full(getattr(layer, part).weight).detach().float().cpu().contiguous()
+            for name, layer in lora_layers(model).items() for part in ("lora_A", "lora_B")}
+
+
+def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str = "", tensors: dict | None = None) -> Path:
+    """Write adapter_model.safetensors and adapter_config.json (PEFT's LoRA layout) to out_dir; tensors:
+    adapter_tensors(model), when they were gathered beforehand (under --fsdp, on every rank)."""
     layers = lora_layers(model)
     assert layers, "the model has no LoRA layers to save"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for name, layer in layers.items():
-        tensors[peft_tensor_name(name, "lora_A")] = layer.lora_A.weight.detach().float().cpu().contiguous()
-        tensors[peft_tensor_name(name, "lora_B")] = layer.lora_B.weight.detach().float().cpu().contiguous()
+    tensors = adapter_tensors(model) if tensors is None else tensors
     first = next(iter(layers.values()))
     config = {
         "peft_type": "LORA",
@@ -260,12 +264,13 @@ def load_adapter(model: nn.Module, adapter_dir, dtype=torch.float32) -> dict:
     return config
 
 
-def save_run_config(out_dir: Path, model: nn.Module, flags: dict, steps: int, epochs: float):
+def save_run_config(out_dir: Path, model: nn.Module, flags: dict, steps: int, epochs: float, fingerprint: str | None = None):
     """Write qadapter_config.json: the objective's settings (alpha and alpha0 define the customised
-    policy), the base model and a fingerprint of it (an adapter fits only the model it was trained on),
-    the steps and epochs actually run, and every flag of the run."""
+    policy), the base model and a fingerprint of it (an adapter fits only the model it was trained on;
+    given when computed beforehand, under --fsdp on every rank), the steps and epochs actually run, and
+    every flag of the run."""
     config = {name: flags[name] for name in OBJECTIVE_SETTINGS}
-    config.update(base_model=flags["model"], base_model_fingerprint=model_fingerprint(model), steps=steps,
+    config.update(base_model=flags["model"], base_model_fingerprint=fingerprint or model_fingerprint(model), steps=steps,
                   epochs=round(epochs, 4), args=flags)
     write_json(Path(out_dir) / RUN_CONFIG, config)
 

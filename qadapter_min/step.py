@@ -10,6 +10,7 @@ The base model is the same module with its adapter switched off, so the weights 
 
 import torch
 
+from qadapter_min.common import full
 from qadapter_min.lora import adapter_disabled, set_dropout_keys
 from qadapter_min.objective import loss_from_hidden
 
@@ -31,4 +32,5 @@ def micro_batch_objective(model, tokens, response_mask, settings: dict | None = 
             base_hidden = model(tokens, return_hidden=True)
     set_dropout_keys(model, dropout_keys)
     hidden = (adapter_forward or model)(tokens, return_hidden=True)
-    return loss_from_hidden(model.head_weight, hidden, base_hidden, tokens, response_mask, **(settings or {}))
+    head = full(model.head_weight)  # under --fsdp gathered while the objective needs it, then let go
+    return loss_from_hidden(head, hidden, base_hidden, tokens, response_mask, **(settings or {}))

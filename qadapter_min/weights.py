@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from qadapter_min import UserError
-from qadapter_min.common import read_json_file
+from qadapter_min.common import full, read_json_file
 from qadapter_min.model import ModelArgs, Transformer
 
 CONFIG_FILE = "config.json"
@@ -274,6 +274,6 @@ def model_fingerprint(model) -> str:
     bf16, so the load dtype does not matter): an adapter only fits the model it was trained on, and
     two checkpoints of one shape (a base and an Instruct model) differ in their weights."""
     shapes = sorted((name, list(p.shape)) for name, p in model.named_parameters() if "lora_" not in name)
-    norm = model.norm.weight.detach().to(torch.bfloat16).float().cpu().tolist()
+    norm = full(model.norm.weight).detach().to(torch.bfloat16).float().cpu().tolist()  # gathered, when sharded
     blob = json.dumps({"args": asdict(model.args), "shapes": shapes, "norm": norm}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import sample as sample_py
 import toyworld
 from qadapter_min.data import load_pairs
 from qadapter_min.tokenizer import Tokenizer
@@ -98,7 +99,7 @@ def test_the_printed_command_under_torchrun_with_two_processes_gives_the_bare_ru
     assert json.loads((tmp_path / "out" / "report.json").read_text()) == json.loads((out / "report.json").read_text())
 
 
-def test_replies_to_a_prompts_file_are_the_replies_of_one_prompt_each(builtin_run, tmp_path):
+def test_replies_to_a_prompts_file_are_the_replies_of_one_prompt_each(builtin_run, tmp_path, capsys, monkeypatch):
     questions = ["What is the capital of Peru?", "What is the opposite of hot?", "Write this word in upper case: moon"]
     records = [{"prompt": questions[0]}, {"messages": [{"role": "user", "content": questions[1]}]},
                {"chosen": [{"role": "user", "content": questions[2]}, {"role": "assistant", "content": "a"}],
@@ -110,14 +111,16 @@ def test_replies_to_a_prompts_file_are_the_replies_of_one_prompt_each(builtin_ru
     assert batch.returncode == 0, batch.stderr
     lines = [json.loads(line) for line in (tmp_path / "replies.jsonl").read_text().splitlines()]
     assert [{k: v for k, v in line.items() if k != "reply"} for line in lines] == records  # input order, records kept
+    monkeypatch.chdir(ROOT)
+    capsys.readouterr()
     for question, line in zip(questions, lines):
-        alone = subprocess.run(sample + ["--prompt", question], capture_output=True, text=True, cwd=ROOT)
-        assert line["reply"] + "\n" == alone.stdout
+        sample_py.main(sample[2:] + ["--prompt", question])  # python sample.py --adapter OUT --temperature 0 --prompt Q
+        assert line["reply"] + "\n" == capsys.readouterr().out
 
 
 def test_evaluate_py_gives_the_numbers_of_train_pys_report_for_q_adapter_and_dpo(builtin_run, tmp_path):
     out_dpo = tmp_path / "out-dpo"
-    trained = subprocess.run([sys.executable, "train.py", "--objective", "dpo", "--max_steps", "50", "--out", str(out_dpo)],
+    trained = subprocess.run([sys.executable, "train.py", "--objective", "dpo", "--max_steps", "25", "--out", str(out_dpo)],
                              capture_output=True, text=True, cwd=ROOT)
     assert trained.returncode == 0, trained.stderr
     result = subprocess.run([sys.executable, "evaluate.py", "--adapter", str(builtin_run[0]), str(out_dpo),
