@@ -118,15 +118,17 @@ def test_an_unknown_task_or_a_missing_lm_eval_is_refused_before_any_model_is_loa
         evaluate.main(["--model", "nowhere", "--tasks", "tiny_mc"])
 
 
-def test_two_processes_under_torchrun_split_the_requests_and_give_the_numbers_of_one(tmp_path):
-    flags = ["evaluate.py", "--model", str(MODEL), "--adapter", str(ADAPTER), "--tasks", "tiny_mc", "tiny_gen", "tiny_ppl",
-             "--include_path", "tests/lm_eval_tasks", "--batch_size", "3"]
-    one = run_evaluate(tmp_path, *flags[1:])
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *flags,
+def test_two_processes_under_torchrun_split_the_requests_and_still_give_lm_evals_numbers(tmp_path):
+    golden = json.loads((FIXTURE / "golden.json").read_text())
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "evaluate.py",
+                             "--model", str(MODEL), "--adapter", str(ADAPTER), "--tasks", "tiny_mc", "tiny_gen", *TASK_FLAGS,
                              "--output", str(tmp_path / "two.json")], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
-    two = json.loads((tmp_path / "two.json").read_text())["models"]
-    for a, b in zip(one, two, strict=True):
-        for task, metrics in a["lm_eval"].items():
-            assert b["lm_eval"][task] == pytest.approx(metrics, rel=1e-6)
+    for model, expected in zip(json.loads((tmp_path / "two.json").read_text())["models"], (golden["base"], golden["adapter"])):
+        samples = model["samples"]  # gathered from both ranks
+        assert sorted(s["doc_id"] for s in samples["tiny_mc"]) == sorted(map(int, expected["tiny_mc"]))
+        for sample_ in samples["tiny_mc"]:
+            for (got,), (hf,) in zip(sample_["resps"], expected["tiny_mc"][str(sample_["doc_id"])], strict=True):
+                assert got[0] == pytest.approx(hf[0], abs=1e-4) and got[1] == hf[1]
+        assert {str(s["doc_id"]): s["resps"] for s in samples["tiny_gen"]} == expected["tiny_gen"]
     assert result.stdout.count("tiny_mc acc") == 1  # rank 0 alone prints the table

@@ -81,7 +81,7 @@ def test_a_record_whose_last_message_is_not_the_assistants_is_refused_naming_its
 def test_two_processes_and_a_run_killed_and_resumed_give_the_sft_adapter_of_one_uninterrupted_process(world, tmp_path):
     model_dir, pairs, messages = world
     flags = ["--model", model_dir, "--data", pairs, messages, "--objective", "sft", "--batch_size", 4, "--micro_batch_size", 1,
-             "--max_steps", 12, "--save_every", 1, "--lr", 0.01, "--dtype", "fp32"]  # the default LoRA dropout, 0.05
+             "--max_steps", 8, "--save_every", 1, "--lr", 0.01, "--dtype", "fp32"]  # the default LoRA dropout, 0.05
     run_train(*flags, "--out", tmp_path / "one")
     torchrun(*flags, "--out", tmp_path / "two")
     assert_same_adapter(tmp_path / "two", tmp_path / "one")
@@ -90,11 +90,11 @@ def test_two_processes_and_a_run_killed_and_resumed_give_the_sft_adapter_of_one_
     process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, flags), "--out", str(out)], cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
-    while process.poll() is None and time.time() < deadline and checkpoint_step(out / "checkpoint" / "state.pt") < 5:
+    while process.poll() is None and time.time() < deadline and checkpoint_step(out / "checkpoint" / "state.pt") < 3:
         time.sleep(0.005)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert 5 <= checkpoint_step(out / "checkpoint" / "state.pt") < 12
+    assert 3 <= checkpoint_step(out / "checkpoint" / "state.pt") < 8
     run_train(*flags, "--out", out, "--resume")
     assert_same_adapter(out, tmp_path / "one", atol=1e-7)
 

@@ -123,9 +123,9 @@ def checkpoint_step(path: Path) -> int:
         return 0
 
 
-def test_a_run_killed_five_times_at_random_moments_resumes_to_the_adapter_of_an_uninterrupted_run(world, tmp_path):
+def test_a_run_killed_three_times_at_random_moments_resumes_to_the_adapter_of_an_uninterrupted_run(world, tmp_path):
     model_dir, data = world
-    flags = ["--model", model_dir, "--data", data, "--batch_size", 4, "--micro_batch_size", 1, "--max_steps", 30,
+    flags = ["--model", model_dir, "--data", data, "--batch_size", 4, "--micro_batch_size", 1, "--max_steps", 24,
              "--save_every", 1, "--log_every", 10]
     run_train(*flags, "--out", tmp_path / "whole")
 
@@ -133,7 +133,7 @@ def test_a_run_killed_five_times_at_random_moments_resumes_to_the_adapter_of_an_
     checkpoint = out / "checkpoint" / "state.pt"
     moments = random.Random(0)
     killed_at = []
-    for _ in range(5):
+    for _ in range(3):
         resume = ["--resume"] if checkpoint.exists() else []
         process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, flags), "--out", str(out), *resume],
                                    cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -146,7 +146,7 @@ def test_a_run_killed_five_times_at_random_moments_resumes_to_the_adapter_of_an_
         process.wait()
         if checkpoint.exists():
             killed_at.append(torch.load(checkpoint, weights_only=True)["step"])
-    assert any(0 < step < 30 for step in killed_at), killed_at  # some kills landed mid-run
+    assert any(0 < step < 24 for step in killed_at), killed_at  # some kills landed mid-run
 
     run_train(*flags, "--out", out, *(["--resume"] if checkpoint.exists() else []))
     whole = load_file(tmp_path / "whole" / "adapter_model.safetensors")
