@@ -6,7 +6,7 @@
 
 Every adapter is measured as the policy it was trained for: a Q-Adapter adapter as the customised
 policy pi~ = softmax((Q + alpha0 log pi1) / alpha) with its own alpha and alpha0 (--alpha0 overrides
-alpha0 for Q-Adapter adapters), a DPO adapter as the adapter-on model. The base model is always the
+alpha0 for Q-Adapter adapters), a DPO or SFT adapter as the adapter-on model. The base model is always the
 first column. Without --model the base is the adapters' own (they must share it).
 
 What the model learned, on held-out preference pairs (--pairs, any format train.py reads):
@@ -15,7 +15,7 @@ What the model learned, on held-out preference pairs (--pairs, any format train.
                         for the policy pi (the base model: alpha 1, alpha0 0, its log-likelihood)
   preference_margin     mean of R(chosen) - R(rejected)
 On the built-in world's model (held-out pairs: its test.jsonl unless --pairs), also its checks of
-greedy replies (README, "The built-in world"):
+greedy replies (README, "What `python train.py` shows"):
   preference_rate       share of greedy replies that take the preferred prefix, per skill
   skill_accuracy        share of greedy replies that answer correctly, per skill
 
@@ -29,7 +29,7 @@ flags, under their own names; every log-likelihood and reply is the evaluated po
 
 The table goes to stdout, a column per model and a row per metric; --output FILE writes
 {"models": [{"name", "policy", "adapter", "lm_eval": {task: {metric: value}}, "preference": {...},
-"world": {...}}, ...]}. Under torchrun (torchrun --nproc_per_node=4 evaluate.py ...) lm-eval splits its
+"reward": {...}, "world": {...}}, ...]}, each key there when it was measured. Under torchrun (torchrun --nproc_per_node=4 evaluate.py ...) lm-eval splits its
 requests over the processes; the other measurements run whole on each, and rank 0 prints and writes.
 """
 

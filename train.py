@@ -1,8 +1,9 @@
-"""Customise a pre-trained Llama to new preferences with Q-Adapter (or the DPO baseline).
+"""Customise a pre-trained Llama to new preferences with Q-Adapter (or a baseline: DPO, SFT, Replay).
 
 Built-in world:        python train.py           (a tiny pre-trained model and a preference: offline, CPU, a minute)
 One process:           python train.py --model DIR_OR_HUB_ID --data pairs.json
 One node, 4 GPUs:      torchrun --nproc_per_node=4 train.py --model meta-llama/Llama-3.1-8B-Instruct --data ...
+Sharded (FSDP2):       torchrun --nproc_per_node=4 train.py ... --fsdp   (models larger than one GPU)
 
 With neither --model nor --data, train.py runs the built-in world of toyworld/ with the flags it prints
 first (flags you add win), and ends with a table of what the model learned and what it kept.

@@ -39,12 +39,16 @@ class Processes:
             print(*text, flush=True)
 
     def resolve_model_dir(self, name: str) -> Path:
-        """The model's local directory: rank 0 downloads a Hub model, the others then find it in the cache."""
+        """The model's local directory. Node by node: rank 0 downloads a Hub model, then the first rank of
+        every other node (which finds it there if the nodes share the cache), then all the others."""
         if self.master:
             model_dir = resolve_model_dir(name)
         if self.distributed:
             dist.barrier()
-        return model_dir if self.master else resolve_model_dir(name)
+            if self.local_rank == 0 and not self.master:
+                model_dir = resolve_model_dir(name)
+            dist.barrier()
+        return model_dir if self.local_rank == 0 else resolve_model_dir(name)
 
 
 def start_processes() -> Processes:
