@@ -42,7 +42,8 @@ import torch
 
 import toyworld
 from qadapter_min import UserError
-from qadapter_min.common import HelpFormatter, atomic_write, choose_dtype, format_table, run_command_line, write_json
+from qadapter_min.common import (HelpFormatter, atomic_write, choose_dtype, format_table, refuse_out_of_range, run_command_line,
+                                 write_json)
 from qadapter_min.data import check_data_file, encode_pairs, load_pairs, load_prompts
 from qadapter_min.generate import generate_batch
 from qadapter_min.policy import BASE, Policy, check_base, policy_applied, preference_metrics, read_policy
@@ -83,13 +84,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.model is None and args.adapter is None and args.pairs is None:  # the built-in world
         for name, value in WORLD_FLAGS.items():
             setattr(args, name, value)
-    for flag, bad, rule in [("max_len", args.max_len <= 1, "> 1"), ("micro_batch_size", args.micro_batch_size <= 0, "> 0"),
-                            ("alpha0", args.alpha0 is not None and args.alpha0 < 0, ">= 0"),
-                            ("batch_size", args.batch_size <= 0, "> 0"), ("limit", args.limit is not None and args.limit <= 0, "> 0"),
-                            ("max_new_tokens", args.max_new_tokens <= 0, "> 0"),
-                            ("num_fewshot", args.num_fewshot is not None and args.num_fewshot < 0, ">= 0")]:
-        if bad:
-            raise UserError(f"--{flag} must be {rule}, got {getattr(args, flag)}")
+    refuse_out_of_range(args, [
+        ("max_len", args.max_len <= 1, "> 1"), ("micro_batch_size", args.micro_batch_size <= 0, "> 0"),
+        ("alpha0", args.alpha0 is not None and args.alpha0 < 0, ">= 0"), ("batch_size", args.batch_size <= 0, "> 0"),
+        ("limit", args.limit is not None and args.limit <= 0, "> 0"), ("max_new_tokens", args.max_new_tokens <= 0, "> 0"),
+        ("num_fewshot", args.num_fewshot is not None and args.num_fewshot < 0, ">= 0"),
+    ])
     if args.model is None and args.adapter is None:
         raise UserError("pass --model M for a base model, --adapter DIR ... for adapters (and their base), or both")
     for path in args.pairs or []:

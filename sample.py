@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from qadapter_min import UserError
-from qadapter_min.common import HelpFormatter, choose_dtype, default_device, run_command_line
+from qadapter_min.common import HelpFormatter, choose_dtype, default_device, refuse_out_of_range, run_command_line
 from qadapter_min.data import load_prompts
 from qadapter_min.generate import generate, generate_batch
 from qadapter_min.lora import load_adapter
@@ -61,12 +61,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=8, help="with --prompts: prompts decoded together")
     p.add_argument("--unique", action="store_true", help="with --prompts: reply once to each distinct prompt (its first record)")
     args = p.parse_args(argv)
-    for flag, bad, rule in [("temperature", args.temperature < 0, ">= 0"), ("top_p", not 0 < args.top_p <= 1, "in (0, 1]"),
-                            ("top_k", args.top_k < 0, ">= 0"), ("max_new_tokens", args.max_new_tokens <= 0, "> 0"),
-                            ("batch_size", args.batch_size <= 0, "> 0"),
-                            ("alpha0", args.alpha0 is not None and args.alpha0 < 0, ">= 0")]:
-        if bad:
-            raise UserError(f"--{flag} must be {rule}, got {getattr(args, flag)}")
+    refuse_out_of_range(args, [
+        ("temperature", args.temperature < 0, ">= 0"), ("top_p", not 0 < args.top_p <= 1, "in (0, 1]"),
+        ("top_k", args.top_k < 0, ">= 0"), ("max_new_tokens", args.max_new_tokens <= 0, "> 0"),
+        ("batch_size", args.batch_size <= 0, "> 0"), ("alpha0", args.alpha0 is not None and args.alpha0 < 0, ">= 0"),
+    ])
     if args.adapter is None and args.model is None:
         raise UserError("pass --adapter [DIR] for a customised model, or --model M for a base model alone")
     if args.unique and args.prompts is None:

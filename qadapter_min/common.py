@@ -89,6 +89,14 @@ def run_command_line(main):
     sys.exit(code)
 
 
+def refuse_out_of_range(args, rules):
+    """rules: (flag, whether its value is out of range, the range in words); the first flag out of range is
+    refused in one sentence naming it."""
+    for flag, bad, rule in rules:
+        if bad:
+            raise UserError(f"--{flag} must be {rule}, got {getattr(args, flag)}")
+
+
 def format_table(names: list[str], rows: list[tuple[str, list[float]]]) -> str:
     """A table of numbers with a column per name and a labelled row each: [(label, [value per column])]."""
     widths = [max(8 if i == 0 else 12, len(name) + 2) for i, name in enumerate(names)]

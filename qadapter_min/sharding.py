@@ -7,7 +7,7 @@ all-gather with the frozen bf16 base), then each transformer block, then the res
 LM head) at the root. The gradients of the LoRA weights are reduce-scattered, so each rank also keeps
 1/R of them and of AdamW's state.
 
-What leaves the ranks is always whole: `full` gathers a tensor (a collective: every rank calls it), so
+What leaves the ranks is always whole: `full` (common.py) gathers a tensor (a collective: every rank calls it), so
 checkpoints and adapters hold full tensors, written by rank 0, and a run can resume on another number of
 ranks.
 """

@@ -11,10 +11,10 @@ import pytest
 import evaluate
 import train
 from conftest import tiny_model_dir, write_pairs
+from test_step import slow_rewards
 from qadapter_min import UserError
-from qadapter_min.data import encode_pairs, load_pairs
+from qadapter_min.data import collate, encode_pairs, load_pairs
 from qadapter_min.lora import load_adapter
-from qadapter_min.policy import Policy, preference_metrics
 from qadapter_min.tokenizer import Tokenizer
 from qadapter_min.weights import load_model
 
@@ -42,16 +42,20 @@ def test_each_adapter_is_measured_as_the_policy_it_was_trained_for(adapters, tmp
         ("base", "base", None), (str(qadapter), "customised", str(qadapter)), (str(dpo), "adapter", str(dpo))]
     tokenizer = Tokenizer(model_dir)
     pairs = encode_pairs(load_pairs(held_out, log=lambda *_: None), tokenizer, 1024, log=lambda *_: None)
-    expected = [
-        (None, Policy("base")),
-        (qadapter, Policy("q", "customised", alpha=1.0, alpha0=0.3)),  # --alpha0 overrides the trained 0.01
-        (dpo, Policy("d", "adapter", alpha=1.0, alpha0=0.01)),  # and leaves a DPO adapter as it was
+    tokens, response_mask = collate(pairs, tokenizer.eot_id)
+    expected = [  # the definition, from full logits: R = sum alpha log pi - alpha0 log pi1 of the policy
+        (None, "base", 1.0, 0.0),  # the base model: its log-likelihood
+        (qadapter, "customised", 1.0, 0.3),  # --alpha0 overrides the trained 0.01
+        (dpo, "adapter", 1.0, 0.01),  # and leaves a DPO adapter as it was
     ]
-    for result, (adapter, policy) in zip(results, expected):
+    for result, (adapter, mode, alpha, alpha0) in zip(results, expected):
         model = load_model(model_dir)
         if adapter is not None:
             load_adapter(model, adapter)
-        assert result["preference"] == pytest.approx(preference_metrics(model.eval(), policy, pairs, tokenizer.eot_id), rel=1e-6)
+        rewards = slow_rewards(model.eval(), tokens, response_mask, mode, alpha, alpha0)
+        chosen, rejected = rewards[: len(pairs)], rewards[len(pairs) :]
+        assert result["preference"]["preference_accuracy"] == pytest.approx((chosen > rejected).float().mean().item())
+        assert result["preference"]["preference_margin"] == pytest.approx((chosen - rejected).mean().item(), rel=1e-5)
     header = capsys.readouterr().out.splitlines()[0].split()
     assert header == ["base", str(qadapter), str(dpo)]
 

@@ -34,7 +34,7 @@ def batch(tmp_path_factory, tokenizer_file):
     return model.eval(), pairs, tokenizer.eot_id
 
 
-def slow_rewards(model, tokens, response_mask, policy_mode):
+def slow_rewards(model, tokens, response_mask, policy_mode, alpha=ALPHA, alpha0=ALPHA0):
     """R(y) = sum over reply tokens of alpha log pi(a_t|s_t) - alpha0 log pi1(a_t|s_t), from full logits."""
     with torch.no_grad():
         with adapter_disabled(model):
@@ -42,13 +42,13 @@ def slow_rewards(model, tokens, response_mask, policy_mode):
         adapter = model(tokens)
     log_pi1 = base.log_softmax(-1)
     log_pi = {"base": log_pi1, "adapter": adapter.log_softmax(-1),
-              "customised": policy_logits(adapter, base, ALPHA, ALPHA0).log_softmax(-1)}[policy_mode]
+              "customised": policy_logits(adapter, base, alpha, alpha0).log_softmax(-1)}[policy_mode]
     rewards = torch.zeros(tokens.shape[0])
     for row in range(tokens.shape[0]):
         for t in range(1, tokens.shape[1]):
             if response_mask[row, t]:  # token t is the action taken in the state after tokens[:t]
                 a = tokens[row, t]
-                rewards[row] += ALPHA * log_pi[row, t - 1, a] - ALPHA0 * log_pi1[row, t - 1, a]
+                rewards[row] += alpha * log_pi[row, t - 1, a] - alpha0 * log_pi1[row, t - 1, a]
     return rewards
 
 
