@@ -39,7 +39,7 @@ from qadapter_min.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MASK32, PROJECTI
 from qadapter_min.memory import training_memory_gib
 from qadapter_min.objective import OBJECTIVE_SETTINGS
 from qadapter_min.processes import Processes, leave_processes, start_processes
-from qadapter_min.sharding import full_optimizer_state, load_optimizer_state, shard_model
+from qadapter_min.sharding import full_optimizer_state, load_optimizer_state, load_sharded_model
 from qadapter_min.step import micro_batch_objective
 from qadapter_min.tokenizer import Tokenizer
 from qadapter_min.weights import load_model, model_fingerprint, read_config
@@ -265,18 +265,22 @@ def build_model(model_dir: Path, args, processes: Processes):
     """The frozen base weights in the run's dtype with fp32 LoRA on the target projections (the same init on
     every rank), the DDP wrapper that syncs their gradients (under --fsdp, the model sharded), and AdamW
     over them."""
-    model = load_model(model_dir, dtype=choose_dtype(args.dtype, processes.device), device=processes.device)
-    torch.manual_seed(args.seed)
-    add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=tuple(args.lora_targets))
+    dtype = choose_dtype(args.dtype, processes.device)
+    lora = dict(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=tuple(args.lora_targets))
+    if sharded(args, processes):  # FSDP: weights, LoRA, gradients and AdamW's state split over the ranks
+        torch.manual_seed(args.seed)
+        model = ddp_model = load_sharded_model(model_dir, dtype, processes.device, **lora)  # never whole on a rank
+    else:
+        model = load_model(model_dir, dtype=dtype, device=processes.device)
+        torch.manual_seed(args.seed)
+        add_lora(model, **lora)
+        if processes.distributed:
+            device_ids = [processes.local_rank] if processes.device.type == "cuda" else None
+            ddp_model = DistributedDataParallel(model, device_ids=device_ids)
+        else:
+            ddp_model = model
     model.gradient_checkpointing = args.grad_checkpointing
     model.train()
-    if sharded(args, processes):
-        ddp_model = shard_model(model)  # FSDP: weights, LoRA, gradients and AdamW's state split over the ranks
-    elif processes.distributed:
-        device_ids = [processes.local_rank] if processes.device.type == "cuda" else None
-        ddp_model = DistributedDataParallel(model, device_ids=device_ids)
-    else:
-        ddp_model = model
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     return model, ddp_model, optimizer
 

@@ -39,12 +39,12 @@ class LoRALinear(nn.Module):
     leaves the model exactly as it was.
     """
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float, dtype=torch.float32):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float, dtype=torch.float32, device=None):
         super().__init__()
         self.weight = base.weight  # (out, in), frozen
         self.r, self.alpha = r, alpha
         self.scale = alpha / r
-        device = base.weight.device
+        device = device or base.weight.device
         self.lora_A = nn.Linear(base.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(r, base.out_features, bias=False, device=device, dtype=dtype)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's and nn.Linear's init
@@ -78,15 +78,19 @@ def add_lora(
     dropout: float = 0.05,
     targets=("q_proj", "v_proj"),
     dtype=torch.float32,
+    device=None,
 ) -> nn.Module:
     """Wrap every linear layer named in targets (checkpoint names: q/k/v/o/gate/up/down _proj) in a
-    LoRALinear. Afterwards only the LoRA parameters require grad."""
+    LoRALinear. Afterwards only the LoRA parameters require grad.
+
+    The LoRA weights go on `device` (default: each base weight's own), so a model built on the meta device
+    can get real LoRA weights, drawn exactly as on a loaded model (sharding.load_sharded_model)."""
     check_targets(targets)
     model.requires_grad_(False)
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if child_name in targets and isinstance(child, nn.Linear):
-                setattr(module, child_name, LoRALinear(child, r, alpha, dropout, dtype))
+                setattr(module, child_name, LoRALinear(child, r, alpha, dropout, dtype, device))
     if not lora_layers(model):
         raise UserError(f"the model has no layer named {', '.join(targets)} to put LoRA on")
     for index, layer in enumerate(lora_layers(model).values()):

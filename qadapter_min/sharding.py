@@ -7,17 +7,25 @@ all-gather with the frozen bf16 base), then each transformer block, then the res
 LM head) at the root. The gradients of the LoRA weights are reduce-scattered, so each rank also keeps
 1/R of them and of AdamW's state.
 
+Loading never needs a whole copy on a rank (`load_sharded_model`): the model is built on the meta device
+(shapes, no memory), sharded, and only then given memory, each rank its shards; the checkpoint is read one
+tensor at a time and each rank copies its own rows of it. Host memory per rank stays near its shard of the
+weights plus one tensor, where whole copies would need R times the checkpoint on a node of R ranks.
+
 What leaves the ranks is always whole: `full` (common.py) gathers a tensor (a collective: every rank calls it), so
 checkpoints and adapters hold full tensors, written by rank 0, and a run can resume on another number of
 ranks.
 """
+
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torch.distributed.fsdp import fully_shard
 
 from qadapter_min.common import full, like
-from qadapter_min.lora import lora_layers
+from qadapter_min.lora import add_lora, lora_layers
+from qadapter_min.weights import checkpoint_tensors, empty_model
 
 
 def shard_model(model: nn.Module) -> nn.Module:
@@ -28,6 +36,31 @@ def shard_model(model: nn.Module) -> nn.Module:
     for block in model.layers:
         fully_shard(block)
     fully_shard(model)
+    return model
+
+
+def load_sharded_model(model_dir: Path, dtype: torch.dtype, device: torch.device, **lora) -> nn.Module:
+    """The checkpoint's model sharded over the ranks with LoRA (add_lora's keyword arguments) on every target,
+    the base weights frozen in dtype, the LoRA in fp32 with the very values add_lora draws on a loaded model
+    (the same calls on the same device's generator), so a sharded run starts where an unsharded one does."""
+    model = empty_model(model_dir).to(dtype)  # meta: no memory yet
+    add_lora(model, device=device, **lora)  # real LoRA weights: small, and drawn as train.py always draws them
+    shard_model(model)
+    adapter = {name: p.to_local().clone() for name, p in model.named_parameters() if p.requires_grad}
+    model.to_empty(device=device)  # memory for this rank's shards only, the LoRA's included (copied back below)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, shard in adapter.items():
+            params[name].to_local().copy_(shard)
+        for name, whole in checkpoint_tensors(model_dir, model):
+            param = params[name]
+            # fully_shard splits dim 0 as torch.chunk does, rank i keeping chunk i (none past the last)
+            mesh = param.device_mesh
+            chunks = whole.chunk(mesh.size(), dim=0)
+            rank = mesh.get_local_rank()
+            if rank < len(chunks):
+                param.to_local().copy_(chunks[rank])  # converted to the run's dtype and device shard by shard
+            del whole, chunks
     return model
 
 

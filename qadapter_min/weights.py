@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -206,18 +207,34 @@ def load_model(
     `score.weight` (one row: the reward) in place of the LM head; the model's head is then that row, so its
     "logits" (B, T, 1) are the reward read at each position."""
     model_dir = resolve_model_dir(path_or_repo_id)
+    model = empty_model(model_dir, score_head)
+    state = {name: tensor.to(device=device, dtype=dtype) for name, tensor in checkpoint_tensors(model_dir, model, score_head)}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def empty_model(model_dir: Path, score_head: bool = False) -> Transformer:
+    """The checkpoint's model on the meta device: every shape, no memory, no values."""
     args = read_config(model_dir)
-    files = safetensors_files(model_dir)
     if score_head:
         args = replace(args, tie_word_embeddings=False)
-        check_score_head(model_dir, files)
     with torch.device("meta"):
-        model = Transformer(args)  # shapes only, no memory
+        model = Transformer(args)
         if score_head:
             model.lm_head = torch.nn.Linear(args.hidden_size, 1, bias=False)
-    expected_shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    return model
 
-    state = {}
+
+def checkpoint_tensors(model_dir: Path, model: Transformer, score_head: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors one at a time, each (our name, the tensor as stored, on the CPU), checked
+    against the model's shapes; refuses a checkpoint that lacks one of the model's tensors once all are read.
+    A caller that keeps only part of each tensor (sharding.load_sharded_model) never holds two at once."""
+    files = safetensors_files(model_dir)
+    if score_head:
+        check_score_head(model_dir, files)
+    expected_shapes = {name: tuple(t.shape) for name, t in model.state_dict().items() if ".lora_" not in name}  # the base's
+    read = set()
     for path, names in files.items():
         with open_safetensors(path) as f:
             present = set(f.keys())
@@ -225,7 +242,7 @@ def load_model(
                 name = "lm_head.weight" if score_head and hf_name == "score.weight" else checkpoint_name_to_ours(hf_name)
                 if name.endswith("rotary_emb.inv_freq"):  # a buffer some old checkpoints saved; we recompute it
                     continue
-                if name == "lm_head.weight" and args.tie_word_embeddings:  # a tied head is the embedding
+                if name == "lm_head.weight" and model.args.tie_word_embeddings:  # a tied head is the embedding
                     continue
                 if name not in expected_shapes:
                     raise UserError(
@@ -241,19 +258,19 @@ def load_model(
                         f"the weights and config.json come from different models"
                     )
                 try:
-                    state[name] = f.get_tensor(hf_name).to(device=device, dtype=dtype)
+                    tensor = f.get_tensor(hf_name)
                 except (SafetensorError, OSError, RuntimeError) as error:
                     raise UserError(f"{path}: tensor {hf_name} cannot be read ({error}); download the file again") from None
-    missing = sorted(set(expected_shapes) - set(state))
+                read.add(name)
+                yield name, tensor
+                del tensor  # the caller's copy of it is the only one left
+    missing = sorted(set(expected_shapes) - read)
     if missing:
         raise UserError(
             f"{model_dir} lacks the tensor {ours_to_checkpoint_name(missing[0])}"
             + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
             + "; the checkpoint is incomplete or is not a Llama model of this config.json"
         )
-    model.load_state_dict(state, strict=True, assign=True)
-    model.requires_grad_(False)
-    return model.eval()
 
 
 def check_score_head(model_dir: Path, files: dict[Path, list[str]]):
