@@ -51,13 +51,21 @@ def build(args: ModelArgs, device, dtype, seed=0) -> Transformer:
     return model
 
 
-def pair_batch(vocab_size, length=512, prompt=256, device="cpu"):
-    """One pair: chosen and rejected, `length` tokens each, the last length - prompt of them the reply."""
+def pair_batch(vocab_size, length=512, prompt=256, device="cpu", pairs=1):
+    """Pairs of chosen and rejected replies, (2 * pairs, length) tokens, the last length - prompt of each row
+    the reply."""
     generator = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, vocab_size, (2, length), generator=generator)
-    response_mask = torch.zeros(2, length, dtype=torch.bool)
+    tokens = torch.randint(0, vocab_size, (2 * pairs, length), generator=generator)
+    response_mask = torch.zeros(2 * pairs, length, dtype=torch.bool)
     response_mask[:, prompt:] = True
     return tokens.to(device), response_mask.to(device)
+
+
+def matmul_parameters(model) -> int:
+    """N in the FLOP count 2N per token per pass: the base weights that enter matrix products (the
+    embedding is a lookup, unless it is also the tied LM head)."""
+    n = sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name and "embed_tokens" not in name)
+    return n + (model.embed_tokens.weight.numel() if model.args.tie_word_embeddings else 0)
 
 
 def our_step(model, tokens, response_mask):
@@ -237,14 +245,14 @@ def preset_run(name, device, peak_tflops, bandwidth_gbs, repeats, decode_tokens)
         torch.cuda.reset_peak_memory_stats()
     model.train()
     seconds, loss, _ = time_step(our_step, model, tokens, response_mask, repeats, torch.cuda.synchronize if cuda else (lambda: None))
-    parameters = sum(p.numel() for name_, p in model.named_parameters() if "lora_" not in name_)
+    parameters = matmul_parameters(model)
     tokens_per_s = tokens.numel() / seconds
     print(f"{name}, random bf16 weights, 1 pair x 512 tokens, gradient checkpointing, "
           f"{torch.cuda.get_device_name() if cuda else 'CPU'}")
     line = f"  step {seconds * 1000:.0f} ms, {tokens_per_s:.0f} tokens/s (loss {loss:.3f})"
     if peak_tflops:
         # 6N FLOPs per token: 2N for the adapter pass forward, 2N for its backward through the activations
-        # (the frozen weights need no weight gradients), 2N for the base pass.
+        # (the frozen weights need no weight gradients), 2N for the base pass (checkpointing adds 2N more).
         line += f", MFU {6 * parameters * tokens_per_s / (peak_tflops * 1e12):.1%} of {peak_tflops} TFLOP/s"
     print(line)
     modelled = sum(estimate.values())

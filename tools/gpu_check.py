@@ -1,0 +1,357 @@
+"""The GPU check: one prepared command for a bare machine with one GPU, reporting what a user asks first.
+
+    tools/gpu_check.sh OUT_DIR         # on a GPU: bf16 parity, the 8B step in 24 GiB, MFU, decoding
+    tools/gpu_check.sh --cpu OUT_DIR   # the same parts on the CPU at a tiny shape (a test runs it)
+
+Its parts run in this order, and each adds its numbers to OUT_DIR/summary.json and OUT_DIR/summary.md as
+soon as it has them, so a run cut short still reports the parts it finished:
+
+1. parity    the test fixtures' logits on the device against fp32 on the CPU (max and mean absolute
+             difference, top-1 agreement), the objective's loss and LoRA gradients, and greedy decoding of
+             the customised policy. On a GPU the device runs fp32 (the code, compared) and bf16 (what a run
+             uses); with --cpu, bf16 on the CPU against fp32.
+2. step      one training step (train.py's, step.py) at the llama-3.1-8b shape, random bf16 weights,
+             pairs of 512 tokens (256 of them the reply): micro-batch 1 with gradient checkpointing in a
+             24 GiB memory cap (a 4090's memory), then micro-batch 4 without the cap, with and without
+             checkpointing. Time, tokens/s, MFU and peak memory against the memory plan.
+3. decoding  greedy tokens/s at batch 1, 8 and 32, base model and customised policy, against the limit
+             memory bandwidth sets (each decoding step reads every weight once).
+
+MFU counts 6N FLOPs per token, N the base model's parameters without the embedding (a lookup, not a
+product; bench.matmul_parameters): the usual convention, and here also the real count of a step without checkpointing (2N for
+the adapter pass, 2N for its backward, which needs no weight gradients for the frozen weights, and 2N
+for the base pass). With checkpointing each block runs forward once more: 8N, the hardware FLOPs (HFU).
+Both overcount slightly: the objective applies the LM head at the reply positions alone.
+
+Sized for 8 minutes on one H200 from a fresh checkout: building the 8B model takes seconds, a step of 4
+pairs about a second, 64 decoding steps under a second at batch 1 to a few at batch 32; about two
+minutes in all, most of it start-up and warm-up, leaving room for a slower card.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import CARDS, build, matmul_parameters, our_step, pair_batch, time_step  # noqa: E402
+from qadapter_min.generate import generate, generate_batch  # noqa: E402
+from qadapter_min.lora import add_lora, lora_layers  # noqa: E402
+from qadapter_min.memory import training_memory_gib  # noqa: E402
+from qadapter_min.model import PRESETS, ModelArgs  # noqa: E402
+from qadapter_min.step import micro_batch_objective  # noqa: E402
+from qadapter_min.weights import load_model  # noqa: E402
+
+FIXTURES = ROOT / "tests" / "fixtures"
+PARITY_MODELS = ("tiny-llama-tied", "tiny-llama-untied-sharded", "lm-eval-llama/model")
+CPU_SHAPE = ModelArgs(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=4096, rope_scaling=PRESETS["llama-3.1-8b"].rope_scaling)
+CAP_GIB = 23.5  # an RTX 4090's 24 GiB less about 0.5 GiB that CUDA's context takes outside PyTorch's allocator
+
+
+class Summary:
+    """The numbers so far, rewritten to summary.json and summary.md after every part."""
+
+    def __init__(self, out: Path, facts: dict):
+        self.out, self.data = out, {**facts, "parts": {}}
+        out.mkdir(parents=True, exist_ok=True)
+        self.write()
+
+    def add(self, part: str, numbers):
+        self.data["parts"][part] = numbers
+        self.write()
+
+    def write(self):
+        (self.out / "summary.json").write_text(json.dumps(self.data, indent=2) + "\n")
+        (self.out / "summary.md").write_text(markdown(self.data))
+
+
+def gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def synchronize():
+    if gpu():
+        torch.cuda.synchronize()
+
+
+def seconds_of(work, repeats: int) -> float:
+    """Median seconds of work() after one warm-up."""
+    times = []
+    for _ in range(repeats + 1):
+        synchronize()
+        started = time.perf_counter()
+        work()
+        synchronize()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[1:])
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Parity
+
+
+def parity(device: str) -> dict:
+    forms = [("fp32", torch.float32), ("bf16", torch.bfloat16)] if device == "cuda" else [("bf16", torch.bfloat16)]
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 on the GPU means fp32
+    tokens = torch.randint(3, 100, (2, 48), generator=torch.Generator().manual_seed(0))
+    numbers = {"logits": {}, "objective": {}, "greedy": {}}
+    for fixture in PARITY_MODELS:
+        reference = load_model(FIXTURES / fixture)(tokens)
+        for form, dtype in forms:
+            logits = load_model(FIXTURES / fixture, dtype=dtype, device=device)(tokens.to(device)).float().cpu()
+            numbers["logits"][f"{fixture} {form}"] = {
+                "max_abs_diff": (logits - reference).abs().max().item(),
+                "mean_abs_diff": (logits - reference).abs().mean().item(),
+                "top1_agreement": (logits.argmax(-1) == reference.argmax(-1)).float().mean().item(),
+            }
+    response_mask = torch.zeros_like(tokens, dtype=torch.bool)
+    response_mask[:, 24:] = True
+    reference_loss, reference_grads = objective_and_grads(torch.float32, "cpu", tokens, response_mask)
+    prompts = [torch.randint(3, 100, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 9, 13, 17)]
+    reference_replies = greedy_replies(adapted_model(torch.float32, "cpu"), prompts)
+    for form, dtype in forms:
+        loss, grads = objective_and_grads(dtype, device, tokens, response_mask)
+        numbers["objective"][form] = {
+            "loss_relative_diff": abs(loss - reference_loss) / abs(reference_loss),
+            "grad_max_relative_diff": max((g - r).abs().max().item() / r.abs().max().item() for g, r in zip(grads, reference_grads)),
+        }
+        replies = greedy_replies(adapted_model(dtype, device), prompts)
+        agree = [next((i for i, (a, b) in enumerate(zip(r, ref)) if a != b), len(ref)) for r, ref in zip(replies, reference_replies)]
+        numbers["greedy"][form] = {"identical_replies": f"{sum(a == 32 for a in agree)}/{len(prompts)}",
+                                   "tokens_before_first_difference": agree}
+    return numbers
+
+
+def adapted_model(dtype, device):
+    """The lm-eval fixture's model with LoRA whose B is drawn at random, not zero: Q differs from pi1."""
+    torch.manual_seed(0)
+    model = add_lora(load_model(FIXTURES / "lm-eval-llama/model", dtype=dtype, device=device), r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=torch.Generator().manual_seed(layer.index)))
+    return model
+
+
+def objective_and_grads(dtype, device, tokens, response_mask):
+    model = adapted_model(dtype, device)
+    loss, _ = micro_batch_objective(model, tokens.to(device), response_mask.to(device))
+    loss.backward()
+    return loss.item(), [p.grad.float().cpu() for p in model.parameters() if p.requires_grad]
+
+
+def greedy_replies(model, prompts):
+    return [list(generate(model, p, stop_ids=[], max_new_tokens=32, policy_mode="customised")) for p in prompts]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. The training step
+
+
+def training_steps(args: ModelArgs, device: str, peak_tflops, repeats: int, configurations):
+    """(the model, N, a row of numbers per configuration (pairs, checkpointing, memory cap in GiB or None))."""
+    model = build(args, device, torch.bfloat16)
+    model.train()
+    if gpu():
+        torch.cuda.empty_cache()  # build's fp32 staging copy, so the cap below counts the model alone
+    parameters = matmul_parameters(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    rows = []
+    for pairs, checkpointing, cap_gib in configurations:
+        model.gradient_checkpointing = checkpointing
+        tokens, response_mask = pair_batch(args.vocab_size, pairs=pairs, device=device)
+        row = {"micro_batch_pairs": pairs, "gradient_checkpointing": checkpointing, "memory_cap_gib": cap_gib,
+               "tokens_per_step": tokens.numel()}
+        if gpu():
+            total = torch.cuda.get_device_properties(0).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 1024**3 / total) if cap_gib else 1.0)
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            seconds, loss, _ = time_step(our_step, model, tokens, response_mask, repeats, synchronize)
+        except torch.OutOfMemoryError:
+            row["error"] = f"out of memory under the {cap_gib} GiB cap" if cap_gib else "out of memory"
+            rows.append(row)
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            continue
+        tokens_per_s = tokens.numel() / seconds
+        plan = training_memory_gib(args, trainable, pairs, tokens.shape[1], weight_bytes=2, checkpointing=checkpointing)
+        row.update(step_ms=seconds * 1000, tokens_per_s=tokens_per_s, loss=loss, plan_gib=sum(plan.values()),
+                   plan_parts_gib=plan)
+        row["mfu"] = 6 * parameters * tokens_per_s / (peak_tflops * 1e12)
+        row["hfu"] = (8 if checkpointing else 6) * parameters * tokens_per_s / (peak_tflops * 1e12)
+        if gpu():
+            row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 1024**3
+            row["measured_over_plan"] = row["peak_memory_gib"] / row["plan_gib"]
+        rows.append(row)
+        model.zero_grad(set_to_none=True)
+    if gpu():
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    return model, parameters, rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Decoding
+
+
+def decoding(model, bandwidth_gbs: float, new_tokens: int, batch_sizes=(1, 8, 32)) -> dict:
+    """Greedy tokens/s (all rows together) for prompts of 32 tokens; the limit: every weight read once per step."""
+    model.eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    steps_per_s_limit = bandwidth_gbs * 1e9 / weight_bytes
+    generator = torch.Generator().manual_seed(0)
+    numbers = {"weight_gb": weight_bytes / 1e9, "new_tokens": new_tokens, "rows": []}
+    for policy_mode in ("base", "customised"):
+        for batch_size in batch_sizes:
+            prompts = [torch.randint(3, model.args.vocab_size, (32,), generator=generator).tolist() for _ in range(batch_size)]
+            seconds = seconds_of(lambda: generate_batch(model, prompts, stop_ids=[], max_new_tokens=new_tokens,
+                                                        policy_mode=policy_mode), repeats=1)
+            tokens_per_s = batch_size * new_tokens / seconds
+            limit = batch_size * steps_per_s_limit
+            numbers["rows"].append({"policy": policy_mode, "batch": batch_size, "tokens_per_s": tokens_per_s,
+                                    "bandwidth_limit_tokens_per_s": limit, "of_limit": tokens_per_s / limit})
+    return numbers
+
+
+def copy_bandwidth_gbs(device: str) -> float:
+    """Measured memory bandwidth: bytes read and written by a large device-to-device copy, per second."""
+    n = (1 << 28) if device == "cuda" else (1 << 25)  # 1 GiB or 128 MiB of fp32
+    source, target = torch.empty(n, device=device).fill_(1.0), torch.empty(n, device=device)
+    return 2 * 4 * n / seconds_of(lambda: target.copy_(source), repeats=5) / 1e9
+
+
+def matmul_tflops(device: str) -> float:
+    """Measured bf16 matrix-product speed: what MFU's peak can be compared with."""
+    n = 8192 if device == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    return 2 * n**3 / seconds_of(lambda: a @ a, repeats=5) / 1e12
+
+
+# ----------------------------------------------------------------------------------------------------
+# The summary
+
+
+def markdown(data: dict) -> str:
+    stated = (f"stated peak {data['stated_peak_tflops']} TFLOP/s bf16 and {data['stated_bandwidth_gbs']} GB/s"
+              if data["stated_peak_tflops"] else "no stated peak (not a card bench.py lists): the measured numbers stand in")
+    lines = [f"# GPU check: {data['device']}", "",
+             f"{data['date']}; torch {data['torch']}, CUDA {data['cuda']}, Python {data['python']}; {stated}", ""]
+    parts = {name: numbers for name, numbers in data["parts"].items() if "error" not in numbers}
+    for name, numbers in data["parts"].items():
+        if "error" in numbers:
+            lines += [f"**{name} failed** after {numbers['seconds']:.0f} s: {numbers['error']}", ""]
+    if "device" in parts:
+        d = parts["device"]
+        lines += [f"Measured: bf16 matrix product {d['matmul_tflops']:.1f} TFLOP/s; copy bandwidth {d['copy_bandwidth_gbs']:.0f} GB/s "
+                  f"({d['seconds']:.0f} s)", ""]
+    if "parity" in parts:
+        p = parts["parity"]
+        lines += ["## 1. Parity against fp32 on the CPU", "", "| logits of | max abs diff | mean abs diff | top-1 agreement |",
+                  "|---|---|---|---|"]
+        lines += [f"| {k} | {v['max_abs_diff']:.2e} | {v['mean_abs_diff']:.2e} | {v['top1_agreement']:.1%} |" for k, v in p["logits"].items()]
+        lines += ["", "| form | loss relative diff | LoRA grad max relative diff | greedy replies identical (32 tokens) | tokens before the first difference |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {form} | {v['loss_relative_diff']:.2e} | {v['grad_max_relative_diff']:.2e} | "
+                  f"{p['greedy'][form]['identical_replies']} | {p['greedy'][form]['tokens_before_first_difference']} |"
+                  for form, v in p["objective"].items()]
+        lines += ["", f"({p['seconds']:.0f} s)", ""]
+    if "step" in parts:
+        s = parts["step"]
+        lines += [f"## 2. Training step: {s['shape']}, N = {s['parameters'] / 1e6:,.1f}M parameters without the embedding, "
+                  f"bf16; MFU and HFU against the {s['peak_source']} {s['peak_tflops']:.1f} TFLOP/s", "",
+                  "| pairs x 512 | checkpointing | cap | step | tokens/s | MFU (6N) | HFU | peak memory | plan | peak / plan |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in s["rows"]:
+            if "error" in r:
+                lines.append(f"| {r['micro_batch_pairs']} | {r['gradient_checkpointing']} | {r['memory_cap_gib']} | {r['error']} |")
+                continue
+            lines.append(
+                f"| {r['micro_batch_pairs']} | {'on' if r['gradient_checkpointing'] else 'off'} | "
+                f"{str(r['memory_cap_gib']) + ' GiB' if r['memory_cap_gib'] else 'none'} | {r['step_ms']:.0f} ms | "
+                f"{r['tokens_per_s']:.0f} | {r['mfu']:.1%} | {r['hfu']:.1%} | "
+                f"{fmt_gib(r.get('peak_memory_gib'))} | {r['plan_gib']:.2f} GiB | {fmt_ratio(r.get('measured_over_plan'))} |")
+        lines += ["", f"({s['seconds']:.0f} s)", ""]
+    if "decoding" in parts:
+        d = parts["decoding"]
+        lines += [f"## 3. Decoding: {d['new_tokens']} greedy tokens after 32-token prompts, {d['weight_gb']:.2f} GB of weights, "
+                  f"limit at {d['bandwidth_gbs']:.0f} GB/s ({d['bandwidth_source']})", "",
+                  "| policy | batch | tokens/s | bandwidth limit | of the limit |", "|---|---|---|---|---|"]
+        lines += [f"| {r['policy']} | {r['batch']} | {r['tokens_per_s']:.1f} | {r['bandwidth_limit_tokens_per_s']:.1f} | "
+                  f"{r['of_limit']:.0%} |" for r in d["rows"]]
+        lines += ["", f"({d['seconds']:.0f} s)", ""]
+    return "\n".join(lines) + "\n"
+
+
+def fmt_gib(x):
+    return "n/a" if x is None else f"{x:.2f} GiB"
+
+
+def fmt_ratio(x):
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", type=Path, help="directory for summary.json and summary.md")
+    p.add_argument("--cpu", action="store_true", help="run every part on the CPU at a tiny shape")
+    args = p.parse_args()
+    device = "cpu" if args.cpu else "cuda"
+    if device == "cuda" and not gpu():
+        p.error("no GPU is visible; run on a machine with one, or add --cpu")
+    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "CPU"
+    stated_peak, stated_bandwidth = next((v for k, v in CARDS.items() if k in name), (None, None)) if device == "cuda" else (None, None)
+    summary = Summary(args.out, {
+        "device": name, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "cuda": torch.version.cuda,
+        "python": platform.python_version(), "stated_peak_tflops": stated_peak, "stated_bandwidth_gbs": stated_bandwidth,
+    })
+
+    def part(name, work):
+        """Run one part and write its numbers; a part that fails is reported and the next still runs."""
+        started = time.perf_counter()
+        print(f"{name} ...", flush=True)
+        try:
+            numbers = work()
+        except Exception as error:  # noqa: BLE001 (a scarce GPU run reports what it can)
+            traceback.print_exc()
+            numbers = {"error": f"{type(error).__name__}: {error}"}
+        numbers["seconds"] = time.perf_counter() - started
+        summary.add(name, numbers)
+
+    part("device", lambda: {"matmul_tflops": matmul_tflops(device), "copy_bandwidth_gbs": copy_bandwidth_gbs(device)})
+    part("parity", lambda: parity(device))
+    shape, decode_tokens = (CPU_SHAPE, 16) if args.cpu else (PRESETS["llama-3.1-8b"], 64)
+    configurations = [(1, True, None if args.cpu else CAP_GIB), (4, True, None), (4, False, None)]
+    held = {}
+
+    measured = summary.data["parts"]["device"]
+    peak, peak_source = (stated_peak, "stated peak") if stated_peak else (measured.get("matmul_tflops"), "measured bf16 product's")
+
+    def step():
+        held["model"], parameters, rows = training_steps(shape, device, peak, 1 if args.cpu else 3, configurations)
+        return {"shape": "tiny (CPU)" if args.cpu else "llama-3.1-8b", "parameters": parameters, "rows": rows,
+                "peak_tflops": peak, "peak_source": peak_source}
+
+    part("step", step)
+    bandwidth, source = (stated_bandwidth, "stated") if stated_bandwidth else (measured.get("copy_bandwidth_gbs"), "measured by a copy")
+
+    def decode():
+        model = held.get("model") or build(shape, device, torch.bfloat16)  # built here if the step part failed
+        return {**decoding(model, bandwidth, decode_tokens), "bandwidth_gbs": bandwidth, "bandwidth_source": source}
+
+    part("decoding", decode)
+    print((args.out / "summary.md").read_text())
+    failed = [name for name, numbers in summary.data["parts"].items() if "error" in numbers]
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)} (the summaries hold the errors)")
+
+
+if __name__ == "__main__":
+    main()
