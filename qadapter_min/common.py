@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from qadapter_min import UserError
 
@@ -108,13 +107,24 @@ def format_table(names: list[str], rows: list[tuple[str, list[float]]]) -> str:
     return "\n".join(lines)
 
 
+def sharded(tensor: torch.Tensor) -> bool:
+    """Whether tensor is a DTensor (sharded over the ranks, under train.py --fsdp). The DTensor module takes
+    half a second to import, so it is looked up only once something (sharding.py) has imported it: until
+    then no tensor can be one."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(tensor, dtensor.DTensor)
+
+
 def full(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor: gathered from the ranks if it is sharded (a DTensor, under train.py --fsdp; every
-    rank must call this), else the tensor itself."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    """The whole tensor: gathered from the ranks if it is sharded (every rank must call this), else the
+    tensor itself."""
+    return tensor.full_tensor() if sharded(tensor) else tensor
 
 
 def like(whole: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """A whole tensor laid out as param is: this rank's shard of it if param is sharded, else itself."""
     whole = whole.to(device=param.device, dtype=param.dtype)
-    return distribute_tensor(whole, param.device_mesh, param.placements) if isinstance(param, DTensor) else whole
+    if not sharded(param):
+        return whole
+    from torch.distributed.tensor import distribute_tensor  # loaded already: param is a DTensor
+    return distribute_tensor(whole, param.device_mesh, param.placements)

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from torch.distributed.fsdp import fully_shard
 
 from qadapter_min.common import full, like
 from qadapter_min.lora import add_lora, lora_layers
@@ -30,6 +29,7 @@ from qadapter_min.weights import checkpoint_tensors, empty_model
 
 def shard_model(model: nn.Module) -> nn.Module:
     """Shard the model in place: the LoRA matrices, each block, then the root."""
+    from torch.distributed.fsdp import fully_shard  # imported on use: most of a second that runs without --fsdp skip
     for layer in lora_layers(model).values():
         fully_shard(layer.lora_A)
         fully_shard(layer.lora_B)
