@@ -304,13 +304,18 @@ def encode_conversation(messages: list[dict], tokenizer: Tokenizer, max_len: int
     """
     system = messages[:1] if messages[0]["role"] == "system" else []
     turns, reply = messages[len(system) : -1], messages[-1]
+    # ChatML keeps contents as they are: a reply's leading whitespace would merge with the header's newline
+    # into other tokens than the model sees when it starts a reply after the generation prompt
+    reply = {**reply, "content": reply["content"].lstrip()}
     done = set()
 
     def encode(turns):
         prompt = tokenizer.encode_chat(system + turns, add_generation_prompt=True)
         full = tokenizer.encode_chat(system + turns + [reply])
         assert full[: len(prompt)] == prompt, "the prompt must be a token prefix of the conversation"
-        return prompt, full[len(prompt) :]
+        reply_ids = full[len(prompt) :]
+        # the reply ends with its end-of-turn token (ChatML's template writes a newline after it, which no reply generates)
+        return prompt, reply_ids[: len(reply_ids) - reply_ids[::-1].index(tokenizer.eot_id)]
 
     prompt, reply_ids = encode(turns)
     while len(prompt) + len(reply_ids) > max_len and len(turns) > 1:
@@ -322,7 +327,9 @@ def encode_conversation(messages: list[dict], tokenizer: Tokenizer, max_len: int
     if len(prompt) + len(reply_ids) <= max_len:
         return prompt + reply_ids, len(prompt), done
 
-    system_block = tokenizer.encode_chat(system)  # <|begin_of_text|> + the system turn
+    if not system and tokenizer.default_system is not None:  # ChatML: the template's default system turn leads
+        system = [{"role": "system", "content": tokenizer.default_system}]
+    system_block = tokenizer.encode_chat(system)  # the system turn (Llama 3.1: <|begin_of_text|> + the system block)
     header = len(tokenizer.encode_chat(system, add_generation_prompt=True)) - len(system_block)  # assistant header
     room = max_len - len(system_block) - len(reply_ids)  # prompt tokens after the system block that fit
     if room >= header:

@@ -51,13 +51,14 @@ class PolicyLM(TemplateLM):
         return self.qtokenizer.eot_id
 
     @property
-    def prefix_token_id(self) -> int:
-        return self.qtokenizer.bos_id
+    def prefix_token_id(self) -> int:  # what precedes an empty context: the BOS, or for ChatML the end of a turn
+        return self.qtokenizer.eot_id if self.qtokenizer.bos_id is None else self.qtokenizer.bos_id
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None, **kwargs) -> list[int]:
         ids = self.qtokenizer.encode_rendered(string)
-        if add_special_tokens or (add_special_tokens is None and not string.startswith(BEGIN_OF_TEXT)):
-            ids = [self.qtokenizer.bos_id] + ids
+        bos = self.qtokenizer.bos_id  # None for ChatML, whose tokenizers add nothing
+        if bos is not None and (add_special_tokens or (add_special_tokens is None and not string.startswith(BEGIN_OF_TEXT))):
+            ids = [bos] + ids
         return ids[-left_truncate_len:] if left_truncate_len else ids
 
     def tok_decode(self, ids, skip_special_tokens: bool = True) -> str:
@@ -68,7 +69,7 @@ class PolicyLM(TemplateLM):
         return self.name.replace("/", "__")
 
     def chat_template(self, chat_template: bool | str = False) -> str:
-        return "llama-3.1-instruct"  # the format Tokenizer.chat_text writes; lm-eval records it with the results
+        return self.qtokenizer.chat_format  # the format Tokenizer.chat_text writes; lm-eval records it with the results
 
     def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
         return self.qtokenizer.chat_text(chat_history, add_generation_prompt=add_generation_prompt)

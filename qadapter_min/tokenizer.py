@@ -1,20 +1,32 @@
-"""The Llama 3 tokenizer (a `tokenizers` BPE read from tokenizer.json) and the Llama-3.1-Instruct chat format.
+"""The tokenizer (a `tokenizers` BPE read from tokenizer.json) and the two chat formats it may speak,
+found from its special tokens.
 
-The chat format, as the official template renders a conversation without tools:
+Llama-3.1-Instruct, as the official template renders a conversation without tools:
 
     <|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\n
     Cutting Knowledge Date: December 2023\\nToday Date: {date}\\n\\n{system}<|eot_id|>
     <|start_header_id|>{role}<|end_header_id|>\\n\\n{content stripped}<|eot_id|>      (each message)
     <|start_header_id|>assistant<|end_header_id|>\\n\\n                              (generation prompt)
 
-The template renders one string and the tokenizer splits it at the special tokens before BPE, so each
+ChatML (SmolLM2, Qwen2), for a tokenizer with <|im_start|> and <|im_end|>; no BOS, contents as they are:
+
+    <|im_start|>system\\n{system}<|im_end|>\\n      (the model's default system message if none is given)
+    <|im_start|>{role}\\n{content}<|im_end|>\\n     (each message)
+    <|im_start|>assistant\\n                       (generation prompt)
+
+The default system message is the one the model's chat template writes (tokenizer_config.json beside
+tokenizer.json); a template without one gets no system turn unless the conversation has one.
+
+A template renders one string and the tokenizer splits it at the special tokens before BPE, so each
 stretch of text between two special tokens is encoded on its own. `encode_chat` builds exactly those
 stretches and puts the special-token ids between them. Unlike the template, the text of a message is
 always text: a message that contains the characters "<|eot_id|>" is encoded as those characters,
 never as the control token.
 """
 
+import json
 import os
+import re
 from pathlib import Path
 
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
@@ -28,11 +40,13 @@ START_HEADER = "<|start_header_id|>"
 END_HEADER = "<|end_header_id|>"
 END_OF_TURN = "<|eot_id|>"
 END_OF_MESSAGE = "<|eom_id|>"  # ends a tool call in ipython mode
+IM_START, IM_END, CHATML_END_OF_TEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 CHAT_ROLES = ("system", "user", "assistant")
+LLAMA_3_1, CHATML = "llama-3.1-instruct", "chatml"  # the chat formats
 
 
 class Tokenizer:
-    """encode / decode text and encode chats, over a Llama 3 tokenizer.json."""
+    """encode / decode text and encode chats, over a tokenizer.json of Llama 3 or of a ChatML model."""
 
     def __init__(self, path: str | os.PathLike):
         """path: a model directory holding tokenizer.json, or the tokenizer.json file itself."""
@@ -51,13 +65,22 @@ class Tokenizer:
             for token_id, token in self._tokenizer.get_added_tokens_decoder().items()
             if token.special
         }
-        for name in (BEGIN_OF_TEXT, START_HEADER, END_HEADER, END_OF_TURN):
-            if name not in self.special_ids:
-                raise UserError(f"{file} has no special token {name}; qadapter-min needs a Llama 3 tokenizer")
-        self.bos_id = self.special_ids[BEGIN_OF_TEXT]
-        self.eot_id = self.special_ids[END_OF_TURN]
-        # generation stops at the end of a turn, of a tool message, or of the text
-        self.stop_ids = [self.special_ids[t] for t in (END_OF_TURN, END_OF_MESSAGE, END_OF_TEXT) if t in self.special_ids]
+        if all(name in self.special_ids for name in (BEGIN_OF_TEXT, START_HEADER, END_HEADER, END_OF_TURN)):
+            self.chat_format = LLAMA_3_1
+            self.bos_id = self.special_ids[BEGIN_OF_TEXT]
+            self.eot_id = self.special_ids[END_OF_TURN]  # closes every turn, so every reply
+            stops = (END_OF_TURN, END_OF_MESSAGE, END_OF_TEXT)  # the end of a turn, of a tool message, of the text
+            self.default_system = None
+        elif IM_START in self.special_ids and IM_END in self.special_ids:
+            self.chat_format = CHATML
+            self.bos_id = None  # ChatML models start with the first turn
+            self.eot_id = self.special_ids[IM_END]
+            stops = (IM_END, CHATML_END_OF_TEXT)
+            self.default_system = default_system_message(file.parent / "tokenizer_config.json")
+        else:
+            raise UserError(f"{file} has neither Llama 3's special tokens ({START_HEADER}, {END_OF_TURN}, ...) nor ChatML's "
+                            f"({IM_START}, {IM_END}); qadapter-min speaks those two chat formats")
+        self.stop_ids = [self.special_ids[t] for t in stops if t in self.special_ids]
 
     @property
     def vocab_size(self) -> int:
@@ -87,8 +110,18 @@ class Tokenizer:
             self._tokenizer.encode_special_tokens = True
 
     def _turn(self, role: str, text: str) -> list[int]:
-        """<|start_header_id|>{role}<|end_header_id|> then the text "\\n\\n" + text, without the <|eot_id|>."""
+        """A turn's opening and text, without what closes it (module docstring)."""
+        if self.chat_format == CHATML:
+            return [self.special_ids[IM_START], *self.encode(f"{role}\n{text}")]
         return [self.special_ids[START_HEADER], *self.encode(role), self.special_ids[END_HEADER], *self.encode("\n\n" + text)]
+
+    def _end_of_turn(self) -> list[int]:
+        return [self.eot_id, *self.encode("\n")] if self.chat_format == CHATML else [self.eot_id]
+
+    def _turns(self, messages: list[dict], date_string: str) -> list[tuple[str, str]]:
+        if self.chat_format == CHATML:
+            return chatml_turns(messages, self.default_system)
+        return chat_turns(messages, date_string)
 
     def encode_chat(
         self,
@@ -96,15 +129,16 @@ class Tokenizer:
         add_generation_prompt: bool = False,
         date_string: str = "26 Jul 2024",
     ) -> list[int]:
-        """Token ids of a conversation in the Llama-3.1-Instruct chat format (module docstring).
+        """Token ids of a conversation in the tokenizer's chat format (module docstring).
 
         messages: [{"role": "system" | "user" | "assistant", "content": str}, ...]; a leading system
-        message goes into the system block, which is there even without one. Contents are stripped.
+        message goes into the system block (Llama 3.1: there even without one, contents stripped).
         add_generation_prompt: end with the assistant header, ready for the model's reply.
+        date_string: Llama 3.1's system block only.
         """
-        ids = [self.bos_id]
-        for role, text in chat_turns(messages, date_string):
-            ids += [*self._turn(role, text), self.eot_id]
+        ids = [] if self.bos_id is None else [self.bos_id]
+        for role, text in self._turns(messages, date_string):
+            ids += [*self._turn(role, text), *self._end_of_turn()]
         if add_generation_prompt:
             ids += self._turn("assistant", "")
         return ids
@@ -112,26 +146,60 @@ class Tokenizer:
     def chat_text(self, messages: list[dict], add_generation_prompt: bool = True, date_string: str = "26 Jul 2024") -> str:
         """The conversation rendered as the chat template renders it, one string with the special tokens spelt
         out; `encode_rendered` of it gives encode_chat's ids (unless a message spells a special token).
-        Without the generation prompt the last message is left open (no <|eot_id|>), for the model to continue."""
-        turns = [f"{START_HEADER}{role}{END_HEADER}\n\n{text}" for role, text in chat_turns(messages, date_string)]
-        text = BEGIN_OF_TEXT + "".join(turn + END_OF_TURN for turn in turns)
+        Without the generation prompt the last message is left open (no end of turn), for the model to continue."""
+        if self.chat_format == CHATML:
+            opening, end, bos = "{IM_START}{role}\n{text}", f"{IM_END}\n", ""
+        else:
+            opening, end, bos = "{START_HEADER}{role}{END_HEADER}\n\n{text}", END_OF_TURN, BEGIN_OF_TEXT
+        names = dict(IM_START=IM_START, START_HEADER=START_HEADER, END_HEADER=END_HEADER)
+        turns = [opening.format(role=role, text=text, **names) for role, text in self._turns(messages, date_string)]
+        text = bos + "".join(turn + end for turn in turns)
         if add_generation_prompt:
-            return text + f"{START_HEADER}assistant{END_HEADER}\n\n"
-        return text.removesuffix(END_OF_TURN)
+            return text + opening.format(role="assistant", text="", **names)
+        return text.removesuffix(end)
+
+
+def check_messages(messages: list[dict]):
+    for message in messages:
+        if message.get("role") not in CHAT_ROLES or not isinstance(message.get("content"), str):
+            raise ValueError(f"a chat message needs a role in {CHAT_ROLES} and string content, got {message!r}")
 
 
 def chat_turns(messages: list[dict], date_string: str) -> list[tuple[str, str]]:
     """(role, text) of each turn of the chat format: the system block first (there even without a system
     message), then every message, contents stripped."""
     messages = list(messages)
-    for message in messages:
-        if message.get("role") not in CHAT_ROLES or not isinstance(message.get("content"), str):
-            raise ValueError(f"a chat message needs a role in {CHAT_ROLES} and string content, got {message!r}")
+    check_messages(messages)
     system = ""
     if messages and messages[0]["role"] == "system":
         system = messages.pop(0)["content"].strip()
     system_text = f"Cutting Knowledge Date: December 2023\nToday Date: {date_string}\n\n{system}"
     return [("system", system_text)] + [(m["role"], m["content"].strip()) for m in messages]
+
+
+def chatml_turns(messages: list[dict], default_system: str | None) -> list[tuple[str, str]]:
+    """(role, text) of each turn of ChatML: the default system message first when the conversation has no
+    system message (and the template has one), then every message as it is. Unlike the template, an empty
+    conversation gets the default system turn too, so that a prompt's ids always begin its conversation's."""
+    check_messages(messages)
+    system = [("system", default_system)] if default_system is not None and (not messages or messages[0]["role"] != "system") else []
+    return system + [(m["role"], m["content"]) for m in messages]
+
+
+def default_system_message(config_path: Path) -> str | None:
+    """The system message a ChatML chat template writes when a conversation has none: the text it puts
+    between "<|im_start|>system\\n" and "<|im_end|>" as a literal (SmolLM2's "You are a helpful AI
+    assistant named SmolLM, trained by Hugging Face"). None without a tokenizer_config.json or such a text."""
+    try:
+        template = json.loads(config_path.read_text()).get("chat_template")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(template, list):  # several named templates: the default one
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+    if not isinstance(template, str):
+        return None
+    match = re.search(r"<\|im_start\|>system\n([^'\"{}]*?)<\|im_end\|>", template)
+    return match.group(1) if match else None
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,7 +1,10 @@
 """Shared test helpers: tiny Llama shapes, checkpoints written in the Hugging Face layout, and a tiny
 tokenizer trained with Llama 3's pre-tokenizer and special tokens."""
 
+import contextlib
+import io
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -9,11 +12,26 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer as HFTokenizer
 
+from qadapter_min.common import run_command_line
 from qadapter_min.model import ModelArgs
 from qadapter_min.tokenizer import train_llama3_style_tokenizer
 from qadapter_min.weights import write_config
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def run_script(main, *argv) -> subprocess.CompletedProcess:
+    """A script's main(argv) run as its command line runs it (run_command_line: a refusal is one line on
+    stderr and exit code 2), in this process, which spares each call a second of start-up: the exit code
+    and what it printed. Tests of signals and of torchrun start real processes."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            run_command_line(lambda: main([str(a) for a in argv]))
+        except SystemExit as exit:
+            code = exit.code
+    return subprocess.CompletedProcess(argv, code, stdout.getvalue(), stderr.getvalue())
 
 
 def tiny_args(**overrides) -> ModelArgs:
@@ -97,6 +115,17 @@ def tiny_model_dir(directory: Path, tokenizer_file: Path, seed: int = 0) -> Path
     args = tiny_args(vocab_size=vocab_size)
     write_checkpoint(directory, args, random_hf_state(args, seed=seed))
     (directory / "tokenizer.json").write_bytes(tokenizer_file.read_bytes())
+    return directory
+
+
+def tiny_chatml_model_dir(directory: Path, seed: int = 0) -> Path:
+    """A random tiny Llama with the tiny ChatML tokenizer and SmolLM2's chat template (fixtures/tiny-chatml)."""
+    source = FIXTURES / "tiny-chatml"
+    vocab_size = HFTokenizer.from_file(str(source / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    args = tiny_args(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, rope_scaling=None, tie_word_embeddings=True)
+    write_checkpoint(directory, args, random_hf_state(args, seed=seed))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (directory / name).write_bytes((source / name).read_bytes())
     return directory
 
 

@@ -7,6 +7,7 @@ import pytest
 
 from qadapter_min import UserError
 from qadapter_min.data import EncodedPair, Pair, collate, encode_conversation, encode_pairs, load_pairs
+from conftest import FIXTURES
 from qadapter_min.tokenizer import Tokenizer
 
 
@@ -165,6 +166,25 @@ def test_then_the_prompt_is_cut_from_the_left_behind_the_system_block(tokenizer_
     assert ids[: len(system_block)] == system_block
     assert ids[prompt_len:] == tok.encode_chat(last_turn_only)[-len(tok.encode("the reply")) - 1:]  # whole reply kept
     assert ids[len(system_block):] == tok.encode_chat(last_turn_only)[len(system_block) + 2:]  # 2 prompt tokens cut
+
+
+def test_a_chatml_reply_is_its_text_and_im_end_after_the_templates_own_tokens():
+    """Against transformers' rendering of SmolLM2's template: the conversation's ids are the template's, less
+    the newline the template writes after the last <|im_end|>, which no reply generates."""
+    tok = Tokenizer(FIXTURES / "tiny-chatml")
+    golden = json.loads((FIXTURES / "tiny-chatml" / "golden.json").read_text())
+    newline = tok.encode("\n")
+    checked = 0
+    for conversation, template_ids in zip(golden["conversations"], golden["without_generation_prompt"]):
+        reply = conversation[-1]["content"]
+        if conversation[-1]["role"] != "assistant" or reply != reply.lstrip():  # a reply's leading space is dropped
+            continue
+        ids, prompt_len, done = encode_conversation(conversation, tok, max_len=10_000)
+        assert done == set() and template_ids == ids + newline
+        assert tok.decode(ids[prompt_len:]) == reply + "<|im_end|>"
+        assert tok.decode(ids[:prompt_len]).endswith("<|im_start|>assistant\n")
+        checked += 1
+    assert checked >= 10
 
 
 def test_the_reply_end_is_cut_only_as_the_last_resort(tokenizer_file):

@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import sample
 import train
-from conftest import tiny_model_dir, write_pairs
+from conftest import run_script, tiny_model_dir, write_pairs
 from qadapter_min import UserError, step
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -161,13 +162,12 @@ def test_checkpoints_are_kept_from_a_fresh_start_and_a_damaged_one_is_named(worl
     assert sorted(p.name for p in out.rglob("*")) == ["checkpoint", "state.pt"]  # nothing written, nothing lost
 
 
-def test_sample_py_refuses_a_directory_without_an_adapter(world, tmp_path):
+def test_sample_py_refuses_a_directory_without_an_adapter(world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no out/ here: sample.py without flags reads the built-in run's ./out
     for flags in (["--adapter", str(tmp_path)], []):
-        result = subprocess.run([sys.executable, str(ROOT / "sample.py"), *flags, "--prompt", "hi"],
-                                capture_output=True, text=True, cwd=tmp_path)
-        assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
-    assert "qadapter_config.json does not exist" in subprocess.run(
-        [sys.executable, str(ROOT / "sample.py"), "--adapter", str(tmp_path)], capture_output=True, text=True).stderr
+        result = run_script(sample.main, *flags, "--prompt", "hi")
+        assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "qadapter_config.json does not exist" in run_script(sample.main, "--adapter", str(tmp_path)).stderr
 
 
 def test_non_finite_losses_skip_the_update_and_three_in_a_row_stop_the_run(world, tmp_path, monkeypatch):
@@ -203,6 +203,5 @@ def test_under_torchrun_a_refusal_ends_every_rank_with_a_non_zero_exit(world, tm
 
 
 def test_sample_py_refuses_sampling_flags_out_of_range(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--model", "x", "--top_p", "0", "--prompt", "hi"],
-                            capture_output=True, text=True, cwd=tmp_path)
+    result = run_script(sample.main, "--model", "x", "--top_p", "0", "--prompt", "hi")
     assert result.returncode == 2 and result.stderr == "error: --top_p must be in (0, 1], got 0.0\n"  # before the model is looked up

@@ -2,15 +2,13 @@
 before any model is loaded."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import evaluate
 import train
-from conftest import tiny_model_dir, write_pairs
+from conftest import run_script, tiny_model_dir, write_pairs
 from test_step import slow_rewards
 from qadapter_min import UserError
 from qadapter_min.data import collate, encode_pairs, load_pairs
@@ -82,7 +80,7 @@ def test_bad_input_is_refused_in_one_sentence_with_exit_code_2_and_nothing_writt
         "output is a directory": (["--adapter", str(qadapter), "--output", str(tmp_path)], f"--output {tmp_path} is a directory"),
     }[case]
     output = [] if case == "output is a directory" else ["--output", str(tmp_path / "results.json")]
-    result = subprocess.run([sys.executable, "evaluate.py", *flags, *output], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    result = run_script(evaluate.main, *flags, *output)
+    assert result.returncode == 2, result.stderr
     assert result.stderr.startswith(f"error: {message}") and result.stderr.count("\n") == 1, result.stderr
     assert not (tmp_path / "results.json").exists()

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import sample
 import train
-from conftest import tiny_args, tiny_model_dir, write_pairs
+from conftest import run_script, tiny_args, tiny_chatml_model_dir, tiny_model_dir, write_pairs
 from qadapter_min.generate import Decoder, generate, generate_batch, sample_token
 from qadapter_min.lora import adapter_disabled, add_lora, load_adapter, lora_layers
 from qadapter_min.model import Transformer
@@ -110,23 +111,35 @@ def test_top_k_and_top_p_keep_only_the_most_likely_tokens():
     assert {sample_token(logits, 1.0, 2, 1.0, generator) for _ in range(200)} == {1, 2}
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tokenizer_file):
-    """A tiny model directory and an adapter that train.py trained on it, with a high learning rate."""
-    directory = tmp_path_factory.mktemp("sample")
-    model_dir = tiny_model_dir(directory / "model", tokenizer_file)
+def train_an_adapter(model_dir: Path, directory: Path):
+    """(model_dir, an adapter that train.py trained on it with a high learning rate)."""
     data = write_pairs(directory / "pairs.jsonl", n=8)
     train.main([str(f) for f in ["--model", model_dir, "--data", data, "--out", directory / "out", "--batch_size", 4,
                                  "--max_steps", 6, "--lr", 0.05, "--alpha0", 0.3]])
     return model_dir, directory / "out"
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tokenizer_file):
+    """A tiny model directory (Llama 3.1's chat format) and an adapter trained on it."""
+    directory = tmp_path_factory.mktemp("sample")
+    return train_an_adapter(tiny_model_dir(directory / "model", tokenizer_file), directory)
+
+
+@pytest.fixture(scope="module")
+def trained_chatml(tmp_path_factory):
+    """The same with a ChatML tokenizer (SmolLM2's format)."""
+    directory = tmp_path_factory.mktemp("sample-chatml")
+    return train_an_adapter(tiny_chatml_model_dir(directory / "model"), directory)
+
+
 def run_sample(*flags):
-    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *map(str, flags)], capture_output=True, text=True, cwd=ROOT)
+    return run_script(sample.main, *flags)
 
 
-def test_sample_py_prints_the_customised_policys_greedy_reply(trained):
-    model_dir, adapter = trained
+@pytest.mark.parametrize("setup", ["trained", "trained_chatml"])
+def test_sample_py_prints_the_customised_policys_greedy_reply(setup, request):
+    model_dir, adapter = request.getfixturevalue(setup)
     prompt = "What is 3 plus 3?"
     result = run_sample("--adapter", adapter, "--prompt", prompt, "--temperature", 0, "--max_new_tokens", 24)
     assert result.returncode == 0, result.stderr

@@ -3,14 +3,13 @@ and evaluate.py --prompts --reward_model reports each model's mean reward and wi
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
 
 import evaluate
+from conftest import run_script
 from qadapter_min.generate import generate_batch
 from qadapter_min.lora import load_adapter
 from qadapter_min.reward import load_reward_model, rewards, win_rate
@@ -82,7 +81,6 @@ def test_a_bad_reward_model_or_prompts_file_is_refused_before_any_model_is_loade
         "empty prompts": f"--prompts {prompts} is empty",
         "prompts alone": "--prompts FILE and --reward_model RM go together",
     }[case]
-    result = subprocess.run([sys.executable, "evaluate.py", "--model", "nowhere", *flags, "--output", str(tmp_path / "r.json")],
-                            capture_output=True, text=True, cwd=ROOT)
+    result = run_script(evaluate.main, "--model", "nowhere", *flags, "--output", str(tmp_path / "r.json"))
     assert result.returncode == 2 and result.stderr.startswith(f"error: {message}"), result.stderr
     assert result.stderr.count("\n") == 1 and not (tmp_path / "r.json").exists()

@@ -1,5 +1,5 @@
 """The Llama-3.1-Instruct chat format, on a tokenizer trained here with Llama 3's pre-tokenizer and
-special tokens.
+special tokens; then ChatML, against golden ids of transformers (below).
 
 The expected ids come the way the official template does it: render the whole conversation to one
 string (written out below from the published format), then tokenize that string with special
@@ -12,6 +12,7 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 
 from qadapter_min import UserError
+from conftest import FIXTURES
 from qadapter_min.tokenizer import Tokenizer
 
 
@@ -100,10 +101,48 @@ def test_a_missing_tokenizer_file_is_named(tmp_path):
         Tokenizer(tmp_path)
 
 
-def test_a_tokenizer_without_llama3_special_tokens_is_refused(tmp_path, tokenizer_file):
+def test_a_tokenizer_with_neither_llama3s_nor_chatmls_special_tokens_is_refused(tmp_path, tokenizer_file):
     data = json.loads(tokenizer_file.read_text())
     data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != "<|eot_id|>"]
     path = tmp_path / "tokenizer.json"
     path.write_text(json.dumps(data))
-    with pytest.raises(UserError, match=r"has no special token <\|eot_id\|>"):
+    with pytest.raises(UserError, match=r"has neither Llama 3's special tokens .* nor ChatML's"):
         Tokenizer(path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# ChatML (SmolLM2's format): golden ids from transformers' apply_chat_template with SmolLM2's own template,
+# on a tiny ChatML tokenizer (tools/make_golden.py tiny-chatml)
+
+CHATML = FIXTURES / "tiny-chatml"
+
+
+def chatml_cases():
+    golden = json.loads((CHATML / "golden.json").read_text())
+    for i, conversation in enumerate(golden["conversations"]):
+        yield pytest.param(conversation, False, golden["without_generation_prompt"][i], id=f"{i}")
+        yield pytest.param(conversation, True, golden["with_generation_prompt"][i], id=f"{i}-generation-prompt")
+
+
+@pytest.mark.parametrize("conversation, add_generation_prompt, expected", chatml_cases())
+def test_chatml_encode_chat_gives_the_ids_of_smollm2s_template(conversation, add_generation_prompt, expected):
+    tokenizer = Tokenizer(CHATML)
+    assert tokenizer.encode_chat(conversation, add_generation_prompt=add_generation_prompt) == expected
+    rendered = tokenizer.chat_text(conversation, add_generation_prompt=add_generation_prompt)
+    if add_generation_prompt:  # the string lm-eval's chat path tokenizes gives the same ids
+        assert tokenizer.encode_rendered(rendered) == expected
+
+
+def test_chatml_is_found_from_the_special_tokens_with_its_default_system_message_and_stop_token():
+    tokenizer = Tokenizer(CHATML)
+    assert tokenizer.chat_format == "chatml" and tokenizer.bos_id is None
+    assert tokenizer.default_system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    assert tokenizer.eot_id == tokenizer.special_token_id("<|im_end|>") == tokenizer.stop_ids[0]
+    assert tokenizer.special_token_id("<|endoftext|>") in tokenizer.stop_ids
+
+
+def test_a_chatml_tokenizer_without_a_template_adds_no_system_turn(tmp_path):
+    (tmp_path / "tokenizer.json").write_bytes((CHATML / "tokenizer.json").read_bytes())
+    tokenizer = Tokenizer(tmp_path)
+    ids = tokenizer.encode_chat([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    assert tokenizer.decode(ids) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"

@@ -11,7 +11,9 @@ golden.safetensors with `input_ids` (2, 80) and the float32 `logits` (2, 80, V) 
 eager-attention LlamaForCausalLM. The sequences are longer than the llama3 scaling's
 original_max_position_embeddings (32), so all three frequency bands of the scaling are exercised.
 tiny-reward-llama is a LlamaForSequenceClassification reward model with golden.json: conversations, their
-ids and transformers' reward of each.
+ids and transformers' reward of each. tiny-chatml is a tokenizer of the ChatML kind (SmolLM2's special
+tokens and chat template in tokenizer_config.json) with golden.json: conversations and the ids of
+transformers' apply_chat_template for each, with and without the generation prompt.
 """
 
 import json
@@ -88,8 +90,90 @@ def make_reward(name: str, tokenizer_dir: Path):
     print(name, sorted(p.name for p in out.iterdir()))
 
 
+# SmolLM2-Instruct's chat template, as its tokenizer_config.json holds it
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are "
+    "a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + "
+    "message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def chatml_conversations() -> list[list[dict]]:
+    """Conversations that exercise ChatML: with and without a system message, one to three rounds, contents
+    with edge whitespace, newlines, code, digits, non-Latin text and empty strings."""
+    def u(text):
+        return {"role": "user", "content": text}
+
+    def a(text):
+        return {"role": "assistant", "content": text}
+
+    def s(text):
+        return {"role": "system", "content": text}
+
+    return [
+        [u("What is the capital of Peru?")],
+        [u("What is the capital of Peru?"), a("Lima.")],
+        [s("Be brief."), u("Name a colour.")],
+        [s("Be brief."), u("Name a colour."), a("Blue.")],
+        [u("hi"), a("Hello! How can I help?"), u("Say a word.")],
+        [s("You answer in French."), u("hello"), a("bonjour"), u("thanks"), a("merci"), u("bye")],
+        [u("  padded on both sides  "), a("  so is this  ")],
+        [u("line one\nline two\n\n"), a("\nstarts with a newline")],
+        [u(""), a("")],
+        [u("Grüße, 你好, привет 🌍"), a("¡Hola! ça va?")],
+        [u("12345 + 678 = ?"), a("13023")],
+        [u("Write f."), a("def f(x):\n    return x * 2\n")],
+        [s("A system message alone.")],
+        [a("An assistant message first.")],
+        [s(""), u("An empty system message.")],
+        [u("tabs\tand\ttabs"), a("\t")],
+        [u("word " * 40), a("reply " * 30)],
+        [u("!!! ??? ... ;;; --- ***"), a("(╯°□°)╯︵ ┻━┻")],
+        [u("assistant"), a("user")],
+        [s("One."), u("Two?"), a("Three."), u("Four?")],
+        [s("first system"), s("second system"), u("which one?")],
+        [u("'single' and \"double\" quotes, {braces} and [brackets]")],
+        [u("trailing spaces   "), a("trailing newline\n")],
+        [u("a"), a("b"), u("c"), a("d"), u("e"), a("f")],
+    ]
+
+
+def make_chatml(name: str):
+    """A byte-level BPE with GPT-2's pre-tokenizer and SmolLM2's special tokens (ids 0-2: <|endoftext|>,
+    <|im_start|>, <|im_end|>), SmolLM2's chat template, and the template's ids of every conversation."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    out = FIXTURES / name
+    out.mkdir(parents=True, exist_ok=True)
+    conversations = chatml_conversations()
+    texts = [m["content"] for c in conversations for m in c] * 5 + ["system user assistant You are a helpful AI assistant"]
+    tokenizer = HFTokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GPT2Tokenizer", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+        "pad_token": "<|im_end|>", "unk_token": "<|endoftext|>", "add_prefix_space": False,
+        "chat_template": SMOLLM2_TEMPLATE,
+    }, indent=2))
+    hf = PreTrainedTokenizerFast.from_pretrained(out)
+    golden = {"conversations": conversations, "without_generation_prompt": [], "with_generation_prompt": []}
+    for conversation in conversations:
+        for flag, key in ((False, "without_generation_prompt"), (True, "with_generation_prompt")):
+            ids = hf.apply_chat_template(conversation, tokenize=True, add_generation_prompt=flag, return_dict=False)
+            golden[key].append(list(ids))
+    (out / "golden.json").write_text(json.dumps(golden, ensure_ascii=False))
+    print(name, sorted(p.name for p in out.iterdir()))
+
+
 if __name__ == "__main__":
-    names = sys.argv[1:] or ["tiny-llama-untied-sharded", "tiny-llama-tied", "tiny-reward-llama"]
+    names = sys.argv[1:] or ["tiny-llama-untied-sharded", "tiny-llama-tied", "tiny-reward-llama", "tiny-chatml"]
     if "tiny-llama-untied-sharded" in names:
         # untied, explicit head_dim (24 != 64/4), sharded, the config as recent transformers writes it
         make("tiny-llama-untied-sharded", classic_config=False, max_shard_size="200KB", head_dim=24, tie_word_embeddings=False)
@@ -99,3 +183,5 @@ if __name__ == "__main__":
     if "tiny-reward-llama" in names:
         # a reward model, with the tokenizer of the lm-eval fixture (tools/make_lm_eval_golden.py)
         make_reward("tiny-reward-llama", FIXTURES / "lm-eval-llama" / "model")
+    if "tiny-chatml" in names:
+        make_chatml("tiny-chatml")
