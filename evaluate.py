@@ -25,11 +25,15 @@ token), the mean reward and the win rate against the base model (ties count half
 rewards of every prompt go beside --output (results.json -> results.replies.jsonl).
 
 What it kept, with lm-evaluation-harness (pip install -r requirements-eval.txt): --tasks and lm-eval's other
-flags, under their own names; every log-likelihood and reply is the evaluated policy's.
+flags, under their own names; every log-likelihood and reply is the evaluated policy's. And with
+--reply_nll FILE, conversations ending with a reply (sample.py's output: the base model's own greedy
+replies to unrelated prompts, say): each model's mean negative log-likelihood per reply token, its closing
+end-of-turn token included, and how much it adds to the base model's (how far the model moved from what
+it used to say).
 
 The table goes to stdout, a column per model and a row per metric; --output FILE writes
 {"models": [{"name", "policy", "adapter", "lm_eval": {task: {metric: value}}, "preference": {...},
-"reward": {...}, "world": {...}}, ...]}, each key there when it was measured. Under torchrun (torchrun --nproc_per_node=4 evaluate.py ...) lm-eval splits its
+"reward": {...}, "reply_nll": {...}, "world": {...}}, ...]}, each key there when it was measured. Under torchrun (torchrun --nproc_per_node=4 evaluate.py ...) lm-eval splits its
 requests over the processes; the other measurements run whole on each, and rank 0 prints and writes.
 """
 
@@ -44,9 +48,10 @@ import toyworld
 from qadapter_min import UserError
 from qadapter_min.common import (HelpFormatter, atomic_write, choose_dtype, format_table, refuse_out_of_range, run_command_line,
                                  write_json)
-from qadapter_min.data import check_data_file, encode_pairs, load_pairs, load_prompts
+from qadapter_min.data import (EncodedConversation, check_data_file, encode_conversations, encode_pairs, load_conversations,
+                               load_pairs, load_prompts)
 from qadapter_min.generate import generate_batch
-from qadapter_min.policy import BASE, Policy, check_base, policy_applied, preference_metrics, read_policy
+from qadapter_min.policy import BASE, Policy, check_base, log_probs, policy_applied, preference_metrics, read_policy
 from qadapter_min.processes import leave_processes, start_processes
 from qadapter_min.reward import check_reward_model, load_reward_model, rewards, win_rate
 from qadapter_min.tokenizer import Tokenizer
@@ -63,8 +68,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--alpha0", type=float, default=None, help="weight of log pi1 in Q-Adapter adapters' policy (None: as trained)")
     p.add_argument("--pairs", nargs="+", default=None, help="held-out preference files: preference_accuracy and _margin")
     p.add_argument("--domain", default=None, help="with --pairs of DSP: the preferred domain (academy, business, entertainment, literature)")
-    p.add_argument("--max_len", type=int, default=1024, help="with --pairs: longest pair in tokens (longer: truncated as train.py does)")
+    p.add_argument("--max_len", type=int, default=1024, help="with --pairs or --reply_nll: longest sequence in tokens (longer: truncated as train.py does)")
     p.add_argument("--micro_batch_size", type=int, default=4, help="with --pairs: pairs per forward pass")
+    p.add_argument("--reply_nll", default=None, help="conversations ending with a reply (sample.py's output, or messages "
+                   "records): each model's mean negative log-likelihood per reply token, truncated to --max_len")
     p.add_argument("--prompts", default=None, help="with --reward_model: a JSON Lines file of prompts (as sample.py reads)")
     p.add_argument("--reward_model", default=None, help="a reward model (LlamaForSequenceClassification layout) to judge replies")
     p.add_argument("--max_new_tokens", type=int, default=256, help="with --prompts: longest greedy reply in tokens")
@@ -178,13 +185,33 @@ def read_pairs(args, tokenizer):
     return encoded
 
 
-def measure(model, tokenizer, policy: Policy, pairs, world: bool, prompts, manager, args) -> dict:
+def read_replies(args, tokenizer) -> list[EncodedConversation]:
+    """--reply_nll's conversations, encoded (truncated as train.py truncates); an empty file is refused."""
+    if args.reply_nll is None:
+        return []
+    conversations = load_conversations(args.reply_nll, log=lambda *_: None)  # a file with none is refused there
+    encoded = encode_conversations(conversations, tokenizer, args.max_len, log=lambda *_: None)
+    if not encoded:
+        raise UserError(f"--reply_nll {args.reply_nll}: no conversation fits --max_len {args.max_len}; raise it")
+    return encoded
+
+
+def reply_nll(model, policy: Policy, conversations: list[EncodedConversation], batch_size: int) -> dict:
+    """The policy's mean negative log-likelihood per reply token over the conversations."""
+    scored = [len(c.ids) - c.prompt_len for c in conversations]
+    sums = log_probs(model, policy, [c.ids for c in conversations], scored, batch_size)
+    return {"nll_per_token": -sum(total for total, _ in sums) / sum(scored), "tokens": sum(scored)}
+
+
+def measure(model, tokenizer, policy: Policy, pairs, world: bool, prompts, replies, manager, args) -> dict:
     """Every measurement asked for, of one policy."""
     result = {"name": policy.name, "policy": policy.mode, "adapter": policy.adapter}
     if args.tasks:
         result.update(run_lm_eval(model, tokenizer, policy, manager, args))
     if pairs:
         result["preference"] = preference_metrics(model, policy, pairs, tokenizer.eot_id, args.micro_batch_size)
+    if replies:
+        result["reply_nll"] = reply_nll(model, policy, replies, args.batch_size)
     if world:
         result["world"] = greedy_report(model, tokenizer, policy)
     if prompts:
@@ -232,6 +259,9 @@ def table(results: list[dict]) -> str:
                  ("preference margin (held out)", [r["preference"]["preference_margin"] for r in results])]
     if "world" in results[0]:
         rows += world_rows([r["world"] for r in results])
+    if "reply_nll" in results[0]:
+        rows += [("NLL per reply token (--reply_nll)", [r["reply_nll"]["nll_per_token"] for r in results]),
+                 ("  added to the base model's", [r["reply_nll"]["added_to_base"] for r in results])]
     if "reward" in results[0]:
         rows += [("reward (mean)", [r["reward"]["mean"] for r in results]),
                  ("win rate against the base model", [r["reward"]["win_rate_against_base"] for r in results])]
@@ -257,13 +287,16 @@ def main(argv=None):
     if world and args.pairs is None:
         args.pairs = WORLD_FLAGS["pairs"]
     pairs = read_pairs(args, tokenizer)
+    replies = read_replies(args, tokenizer)
     model = load_model(model_dir, dtype=choose_dtype(args.dtype, processes.device), device=processes.device)
     for policy in policies:
         check_base(model, policy, model_name)
     results = []
     for policy in policies:
         with policy_applied(model, policy):
-            results.append(measure(model, tokenizer, policy, pairs, world, prompts, manager, args))
+            results.append(measure(model, tokenizer, policy, pairs, world, prompts, replies, manager, args))
+    for result in results if replies else []:
+        result["reply_nll"]["added_to_base"] = result["reply_nll"]["nll_per_token"] - results[0]["reply_nll"]["nll_per_token"]
     if prompts:
         del model  # the reward model takes its place in memory
         judged = judge(results, prompts, reward_model_dir, processes.device, args)

@@ -37,7 +37,7 @@ from qadapter_min.data import check_data_file, collate, encode_conversations, en
 from qadapter_min.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MASK32, PROJECTIONS, RUN_CONFIG, add_lora,
                                adapter_tensors, check_targets, load_adapter, mix32, save_adapter, save_run_config)
 from qadapter_min.memory import training_memory_gib
-from qadapter_min.objective import OBJECTIVE_SETTINGS
+from qadapter_min.objective import CHI2_FORMS, OBJECTIVE_SETTINGS
 from qadapter_min.processes import Processes, leave_processes, start_processes
 from qadapter_min.sharding import full_optimizer_state, load_optimizer_state, load_sharded_model
 from qadapter_min.step import micro_batch_objective
@@ -53,11 +53,11 @@ OUTPUTS = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, RUN_CONFIG, METRICS, REPORT, "checkp
 # future, must be the one the checkpoint was made with.
 MAY_DIFFER_ON_RESUME = ("out", "resume", "overwrite", "log_every", "eval_every", "save_every", "eval_data", "fsdp")
 METRIC_NAMES = ("loss", "pref_loss", "chi2_loss", "preference_accuracy", "preference_margin")  # SFT: the loss alone
+MAX_NON_FINITE_STEPS = 3  # non-finite steps in a row that stop a run
 
 
 def metric_names(objective: str) -> tuple[str, ...]:
     return METRIC_NAMES[:1] if objective == "sft" else METRIC_NAMES
-MAX_NON_FINITE_STEPS = 3  # non-finite steps in a row that stop a run
 
 
 def main(argv=None):
@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha0", type=float, default=0.01, help="Q-Adapter: weight of the base model's log-probabilities (lambda)")
     p.add_argument("--beta", type=float, default=0.1, help="Q-Adapter: weight of the chi2 (squared reward) term")
     p.add_argument("--gamma", type=float, default=1.0, help="Q-Adapter: discount in r_t = Q(s_t, a_t) - gamma V(s_t)")
+    p.add_argument("--chi2", choices=CHI2_FORMS, default="authors",
+                   help="Q-Adapter: what the chi2 term squares: the authors' r_t, or the soft-Bellman residual "
+                        "Q(s_t, a_t) - gamma V(s_{t+1}) with V = 0 after the reply (bellman)")
     p.add_argument("--dpo_beta", type=float, default=0.1, help="DPO: inverse temperature of the implicit reward")
     p.add_argument("--lr", type=float, default=3e-4, help="peak AdamW learning rate, decayed linearly to 0")
     p.add_argument("--warmup_steps", type=int, default=0, help="linear warm-up steps before the decay")

@@ -21,6 +21,11 @@ comes from in the paper:
                y_w's and y_l's together                                       of every reward towards 0
     loss     = mean over pairs of L_pref + L_chi2                         (8)
 
+With chi2="bellman" (train.py --chi2 bellman), (7) squares the soft-Bellman residual instead,
+    r'_t     = Q(s_t, a_t) - gamma * V(s_{t+1}),  V after the reply's last action = 0      (7')
+the reward of residual Q-learning proper; (3)-(6) stay as they are, so only what the chi2 term pulls
+towards 0 changes.
+
 With gamma = 1, r_t = alpha * log pi~(a_t|s_t) - alpha0 * log pi1(a_t|s_t) by (1) and (2): the reward
 is how much more the customised policy likes the token than the base model does. Summed over a reply
 it differs from the Bellman form Q(s_t, a_t) - V(s_{t+1}) only by V(s_T) - V(s_0), where V(s_0) (the
@@ -36,7 +41,8 @@ import torch
 import torch.nn.functional as F
 
 # What defines an objective: the flags of train.py and the keys of qadapter_config.json of the same names.
-OBJECTIVE_SETTINGS = ("objective", "alpha", "alpha0", "beta", "gamma", "dpo_beta")
+OBJECTIVE_SETTINGS = ("objective", "alpha", "alpha0", "beta", "gamma", "chi2", "dpo_beta")
+CHI2_FORMS = ("authors", "bellman")  # what the chi2 term squares: (3)'s r_t, or (7')'s r'_t
 # The policy an adapter trained with each objective defines (generate.py's policy modes).
 POLICY_OF_OBJECTIVE = {"qadapter": "customised", "dpo": "adapter", "sft": "adapter"}
 
@@ -72,20 +78,25 @@ def _pair_lengths(response_mask: torch.Tensor) -> torch.Tensor:
     return (positions * response_mask).amax(dim=1)
 
 
-def qadapter_loss_from_rewards(r, q_taken, v, scored, *, beta: float, lengths):
-    """Equations (4)-(8) from the per-action rewards of equation (3).
+def bellman_residuals(q_taken, v, scored, gamma: float):
+    """Equation (7'): r'_t = Q(s_t, a_t) - gamma * V(s_{t+1}), with V = 0 after the reply's last action.
+    All (2B, T-1); the reply is one run of scored actions, so s_{t+1} is scored unless a_t ended it."""
+    v_next = torch.where(scored[:, 1:], v[:, 1:], 0.0)  # (2B, T-2) V(s_{t+1}) where the reply goes on
+    return q_taken - gamma * F.pad(v_next, (0, 1))  # (2B, T-1)
 
-    r: (2B, T-1) r_t = Q(s_t, a_t) - gamma V(s_t), with gradient; q_taken, v: (2B, T-1) Q(s_t, a_t) and
-    V(s_t), for the metrics only; scored: (2B, T-1) bool, True where a_t is a reply token; lengths:
-    (2B,) unpadded sequence lengths. Returns (loss, metrics).
-    """
-    B = r.shape[0] // 2
-    r = torch.where(scored, r, 0.0)  # zero where nothing is scored
+
+def qadapter_loss_from_token_values(q_taken, v, scored, *, gamma: float, beta: float, chi2: str, lengths):
+    """Equations (3)-(8) from Q(s_t, a_t) and V(s_t) (2B, T-1), both with gradient; scored: (2B, T-1) bool,
+    True where a_t is a reply token; lengths: (2B,) unpadded sequence lengths. Returns (loss, metrics)."""
+    assert chi2 in CHI2_FORMS, chi2
+    B = q_taken.shape[0] // 2
+    r = torch.where(scored, q_taken - gamma * v, 0.0)  # (3), zero where nothing is scored
+    residual = r if chi2 == "authors" else torch.where(scored, bellman_residuals(q_taken, v, scored, gamma), 0.0)  # (7')
     R = r.sum(dim=1)  # (4) (2B,)
     R_chosen, R_rejected = R[:B], R[B:]
     n = torch.maximum(lengths[:B], lengths[B:]).float() - 1  # (5) (B,)
     pref_loss = -F.logsigmoid((R_chosen - R_rejected) / n)  # (6) (B,)
-    squares = (r**2).sum(dim=1)  # (2B,)
+    squares = (residual**2).sum(dim=1)  # (2B,)
     counts = scored.sum(dim=1)  # (2B,)
     chi2_loss = beta * (squares[:B] + squares[B:]) / (counts[:B] + counts[B:]).clamp(min=1)  # (7) (B,)
     loss = (pref_loss + chi2_loss).mean()  # (8)
@@ -110,16 +121,17 @@ def qadapter_loss(
     alpha0: float = 0.01,
     beta: float = 0.1,
     gamma: float = 1.0,
+    chi2: str = "authors",
 ):
-    """The Q-Adapter loss (module docstring, equations (1)-(8)) and its metrics.
+    """The Q-Adapter loss (module docstring, equations (1)-(8); chi2="bellman": (7')) and its metrics.
 
     q_logits: (2B, T, V) adapter on; base_logits: (2B, T, V) adapter off; tokens, response_mask: (2B, T).
     Returns (loss, metrics) with metrics pref_loss, chi2_loss, accuracy (R_w > R_l), margin
     (mean R_w - R_l), q_mean and v_mean (over scored actions).
     """
     q_taken, v = qadapter_token_values(q_logits[:, :-1], base_logits[:, :-1], tokens[:, 1:], alpha, alpha0)  # (2B, T-1) each
-    r = q_taken - gamma * v  # (3)
-    return qadapter_loss_from_rewards(r, q_taken, v, response_mask[:, 1:], beta=beta, lengths=_pair_lengths(response_mask))
+    return qadapter_loss_from_token_values(q_taken, v, response_mask[:, 1:], gamma=gamma, beta=beta, chi2=chi2,
+                                           lengths=_pair_lengths(response_mask))
 
 
 def dpo_loss_from_token_values(policy_logp, reference_logp, scored, *, beta: float):
@@ -182,29 +194,30 @@ def sft_loss_from_token_values(log_pi: torch.Tensor, scored: torch.Tensor) -> to
 # applied only at the scored positions, a chunk of them at a time, inside one autograd Function that
 # also computes its own gradient, so no (N, V) tensor outlives its chunk and nothing is recomputed.
 #
-# Both objectives need, per scored action, a value of the form
-#     value_t = z_t[a_t] - gamma * alpha * logsumexp((z_t + alpha0 * log pi1_t) / alpha),   z_t = W h_t
-# (Q-Adapter: r_t = Q - gamma V, equations (2)-(3); DPO: log pi(a_t|s_t), with alpha 1, alpha0 0, gamma 1).
-# Its gradient with respect to the logits is onehot(a_t) - gamma * p_t, with p_t = softmax((z_t + alpha0 *
-# log pi1_t) / alpha) the customised policy (for DPO, the policy itself): the familiar "one-hot minus
-# softmax" of cross-entropy. So the gradient with respect to h_t is known in the forward pass up to the
-# scalar dL/dvalue_t:
-#     dL/dh_t = dL/dvalue_t * u_t,   u_t = W^T (onehot(a_t) - gamma * p_t)   (C,)
-# The forward pass keeps u (N, C); the backward pass only scales it.
+# Every objective needs, per scored action, the two values of equations (1)-(2),
+#     Q(s_t, a_t) = z_t[a_t]      V(s_t) = alpha * logsumexp((z_t + alpha0 * log pi1_t) / alpha),   z_t = W h_t
+# (Q-Adapter: r_t = Q(s_t, a_t) - gamma V(s_t), and (7')'s r'_t = Q(s_t, a_t) - gamma V(s_{t+1}); DPO and SFT:
+# log pi(a_t|s_t) = Q - V, with alpha 1 and alpha0 0). Their gradients with respect to the logits are
+# onehot(a_t) and p_t = softmax((z_t + alpha0 * log pi1_t) / alpha), the customised policy (for DPO and SFT,
+# the policy itself): the "one-hot minus softmax" of cross-entropy, in two parts. So the gradient with
+# respect to h_t is known in the forward pass up to the scalars dL/dQ_t and dL/dV_t:
+#     dL/dh_t = dL/dQ_t * W[a_t] + dL/dV_t * W^T p_t
+# The forward pass keeps W^T p_t (N, C); W[a_t] is a row of the head, read again in the backward pass.
 
 CHUNK_SIZE = 256  # scored positions per chunk: five fp32 (256, V) tensors live at once (memory.py counts them)
 
 
 class ChunkedTokenValues(torch.autograd.Function):
-    """value_t, and, for the metrics, Q(s_t, a_t), V(s_t) and log pi1(a_t|s_t), from hidden states.
+    """Q(s_t, a_t) and V(s_t), and, for the metrics, log pi1(a_t|s_t), from hidden states.
 
-    hidden, base_hidden: (N, C) at the N scored states (adapter on / off); weight: (V, C) the frozen LM
-    head; actions: (N,). Returns four (N,) fp32 tensors; only the first carries a gradient (to hidden).
+    hidden, base_hidden: (N, C) at the N scored states (adapter on / off; base_hidden None: no base term,
+    as for SFT); weight: (V, C) the frozen LM head; actions: (N,). Returns three (N,) fp32 tensors; the
+    first two carry a gradient (to hidden).
     """
 
     @staticmethod
-    def forward(ctx, hidden, base_hidden, weight, actions, alpha, alpha0, gamma, chunk_size):
-        outputs, directions = [], []
+    def forward(ctx, hidden, base_hidden, weight, actions, alpha, alpha0, chunk_size):
+        outputs, expected_rows = [], []
         for start in range(0, hidden.shape[0], chunk_size):
             h, a = hidden[start : start + chunk_size], actions[start : start + chunk_size]
             z = (h @ weight.T).float()  # (n, V) Q(s_t, .)
@@ -217,42 +230,40 @@ class ChunkedTokenValues(torch.autograd.Function):
             log_normaliser = torch.logsumexp(combined, dim=-1, keepdim=True)  # (n, 1)
             v = alpha * log_normaliser.squeeze(-1)  # V(s_t), equation (2)
             q_taken = z.gather(-1, a[:, None]).squeeze(-1)  # Q(s_t, a_t)
-            value = q_taken - gamma * v
-            dvalue_dz = (combined - log_normaliser).exp_().mul_(-gamma)  # -gamma * p_t, in place: (n, V)
-            dvalue_dz[torch.arange(len(a), device=a.device), a] += 1.0  # + onehot(a_t)
-            directions.append(dvalue_dz.to(weight.dtype) @ weight)  # u_t (n, C)
+            p = (combined - log_normaliser).exp_()  # p_t, in place: (n, V)
+            expected_rows.append(p.to(weight.dtype) @ weight)  # W^T p_t (n, C)
             log_pi1_taken = log_pi1.gather(-1, a[:, None]).squeeze(-1) if base_hidden is not None else torch.zeros_like(v)
-            outputs.append(torch.stack([value, q_taken, v, log_pi1_taken]))
-        ctx.save_for_backward(torch.cat(directions))
+            outputs.append(torch.stack([q_taken, v, log_pi1_taken]))
+        ctx.save_for_backward(torch.cat(expected_rows), weight, actions)
         ctx.hidden_dtype = hidden.dtype
-        value, q_taken, v, log_pi1_taken = torch.cat(outputs, dim=1)
-        ctx.mark_non_differentiable(q_taken, v, log_pi1_taken)
-        return value, q_taken, v, log_pi1_taken
+        q_taken, v, log_pi1_taken = torch.cat(outputs, dim=1)
+        ctx.mark_non_differentiable(log_pi1_taken)
+        return q_taken, v, log_pi1_taken
 
     @staticmethod
-    def backward(ctx, grad_value, *unused):
-        (directions,) = ctx.saved_tensors
-        grad_hidden = (grad_value[:, None] * directions.float()).to(ctx.hidden_dtype)  # (N, C)
-        return grad_hidden, None, None, None, None, None, None, None
+    def backward(ctx, grad_q, grad_v, unused):
+        expected_rows, weight, actions = ctx.saved_tensors
+        grad_hidden = grad_q[:, None] * weight[actions].float() + grad_v[:, None] * expected_rows.float()  # (N, C)
+        return grad_hidden.to(ctx.hidden_dtype), None, None, None, None, None, None
 
 
-def token_values_from_hidden(weight, hidden, base_hidden, tokens, response_mask, alpha, alpha0, gamma, chunk_size=CHUNK_SIZE):
-    """ChunkedTokenValues at the scored positions, spread back to (rows, T-1) tensors (zero elsewhere);
-    base_hidden None: no base-model term (SFT)."""
+def token_values_from_hidden(weight, hidden, base_hidden, tokens, response_mask, alpha, alpha0, chunk_size=CHUNK_SIZE):
+    """ChunkedTokenValues at the scored positions, spread back to (rows, T-1) tensors (zero elsewhere):
+    (Q(s_t, a_t), V(s_t), log pi1(a_t|s_t)), scored. base_hidden None: no base-model term (SFT)."""
     assert not weight.requires_grad, "the LM head is frozen: its gradient is not computed"
     scored = response_mask[:, 1:]  # (2B, T-1)
     assert scored.any(), "a batch without a single reply token to score"
     values = ChunkedTokenValues.apply(
         hidden[:, :-1][scored], None if base_hidden is None else base_hidden[:, :-1][scored], weight, tokens[:, 1:][scored],
-        alpha, alpha0, gamma, chunk_size,
-    )  # four (N,) tensors
+        alpha, alpha0, chunk_size,
+    )  # three (N,) tensors
     spread = [torch.zeros(scored.shape, device=hidden.device).masked_scatter(scored, x) for x in values]
     return spread, scored
 
 
 def loss_from_hidden(
     head_weight, hidden, base_hidden, tokens, response_mask, *,
-    objective="qadapter", alpha=1.0, alpha0=0.01, beta=0.1, gamma=1.0, dpo_beta=0.1, chunk_size=CHUNK_SIZE,
+    objective="qadapter", alpha=1.0, alpha0=0.01, beta=0.1, gamma=1.0, chi2="authors", dpo_beta=0.1, chunk_size=CHUNK_SIZE,
 ):
     """qadapter_loss, dpo_loss or sft_loss (by `objective`), with the same value and gradients, from hidden
     states (2B, T, C) (SFT: (B, T, C), base_hidden None) and the LM head's weight (V, C), without (2B, T, V)
@@ -267,21 +278,23 @@ def loss_from_hidden(
     reward or of equation (4) with its gamma, stay internal).
     """
     if objective == "sft":  # rows are single conversations, and there is no base pass
-        (log_pi, _, _, _), scored = token_values_from_hidden(head_weight, hidden, None, tokens, response_mask, 1.0, 0.0, 1.0, chunk_size)
-        return sft_loss_from_token_values(log_pi, scored), {}
+        (q_taken, v, _), scored = token_values_from_hidden(head_weight, hidden, None, tokens, response_mask, 1.0, 0.0, chunk_size)
+        return sft_loss_from_token_values(q_taken - v, scored), {}  # log pi(a_t|s_t) = z[a] - logsumexp(z)
     if objective == "qadapter":
-        (r, q_taken, v, log_pi1), scored = token_values_from_hidden(
-            head_weight, hidden, base_hidden, tokens, response_mask, alpha, alpha0, gamma, chunk_size
+        (q_taken, v, log_pi1), scored = token_values_from_hidden(
+            head_weight, hidden, base_hidden, tokens, response_mask, alpha, alpha0, chunk_size
         )
-        loss, metrics = qadapter_loss_from_rewards(r, q_taken, v, scored, beta=beta, lengths=_pair_lengths(response_mask))
+        loss, metrics = qadapter_loss_from_token_values(q_taken, v, scored, gamma=gamma, beta=beta, chi2=chi2,
+                                                        lengths=_pair_lengths(response_mask))
         log_pi = (q_taken + alpha0 * log_pi1 - v) / alpha  # log pi~(a_t|s_t), by (1) and (2)
     else:
-        # with alpha 1, alpha0 0 and gamma 1 the value is z[a] - logsumexp(z) = log pi(a_t|s_t)
-        (log_pi, _, _, log_pi1), scored = token_values_from_hidden(
-            head_weight, hidden, base_hidden, tokens, response_mask, 1.0, 0.0, 1.0, chunk_size
+        # with alpha 1 and alpha0 0, Q - V = z[a] - logsumexp(z) = log pi(a_t|s_t)
+        (q_taken, v, log_pi1), scored = token_values_from_hidden(
+            head_weight, hidden, base_hidden, tokens, response_mask, 1.0, 0.0, chunk_size
         )
-        loss, metrics = dpo_loss_from_token_values(log_pi, log_pi1, scored, beta=dpo_beta)
+        loss, metrics = dpo_loss_from_token_values(q_taken - v, log_pi1, scored, beta=dpo_beta)
         metrics["chi2_loss"] = torch.zeros((), device=loss.device)  # DPO has no such term; logged as 0
+        log_pi = q_taken - v
     rewards = torch.where(scored, alpha * log_pi.detach() - alpha0 * log_pi1, 0.0).sum(dim=1)  # (2B,)
     B = rewards.shape[0] // 2
     metrics.update(rewards=rewards, preference_accuracy=(rewards[:B] > rewards[B:]).float().mean(),

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import evaluate
 import train
@@ -12,7 +13,8 @@ from conftest import run_script, tiny_model_dir, write_pairs
 from test_step import slow_rewards
 from qadapter_min import UserError
 from qadapter_min.data import collate, encode_pairs, load_pairs
-from qadapter_min.lora import load_adapter
+from qadapter_min.lora import adapter_disabled, load_adapter
+from qadapter_min.objective import policy_logits
 from qadapter_min.tokenizer import Tokenizer
 from qadapter_min.weights import load_model
 
@@ -56,6 +58,42 @@ def test_each_adapter_is_measured_as_the_policy_it_was_trained_for(adapters, tmp
         assert result["preference"]["preference_margin"] == pytest.approx((chosen - rejected).mean().item(), rel=1e-5)
     header = capsys.readouterr().out.splitlines()[0].split()
     assert header == ["base", str(qadapter), str(dpo)]
+
+
+def test_reply_nll_is_each_policys_mean_negative_log_likelihood_per_reply_token(adapters, tmp_path):
+    model_dir, _, qadapter, dpo = adapters
+    replies = tmp_path / "replies.jsonl"  # sample.py's output, and a messages record
+    replies.write_text(json.dumps({"prompt": "What is 2 plus 2?", "reply": "Sure! 2 plus 2 is 4."}) + "\n" + json.dumps(
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello! 5 plus 5 is 10."}]}) + "\n")
+    evaluate.main(["--adapter", str(qadapter), str(dpo), "--reply_nll", str(replies), "--alpha0", "0.3",
+                   "--output", str(tmp_path / "results.json")])
+    results = json.loads((tmp_path / "results.json").read_text())["models"]
+    tokenizer = Tokenizer(model_dir)
+    conversations = [[{"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": "Sure! 2 plus 2 is 4."}],
+                     [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello! 5 plus 5 is 10."}]]
+    base_nll = None
+    for result, (adapter, mode) in zip(results, [(None, "base"), (qadapter, "customised"), (dpo, "adapter")]):
+        model = load_model(model_dir)
+        if adapter is not None:
+            load_adapter(model, adapter)
+        model.eval()  # no LoRA dropout
+        total, count = 0.0, 0
+        for conversation in conversations:  # the definition, from full logits of the whole conversation
+            prompt = tokenizer.encode_chat(conversation[:1], add_generation_prompt=True)
+            ids = tokenizer.encode_chat(conversation)  # the reply and its <|eot_id|> after the prompt
+            tokens = torch.tensor([ids])
+            with torch.no_grad():
+                with adapter_disabled(model):
+                    base = model(tokens)[0]
+                q = model(tokens)[0]
+            logits = {"base": base, "adapter": q, "customised": policy_logits(q, base, 1.0, 0.3)}[mode]
+            log_pi = logits.log_softmax(-1)
+            total -= sum(log_pi[t - 1, ids[t]].item() for t in range(len(prompt), len(ids)))
+            count += len(ids) - len(prompt)
+        assert result["reply_nll"]["tokens"] == count
+        assert result["reply_nll"]["nll_per_token"] == pytest.approx(total / count, rel=1e-5)
+        base_nll = base_nll if base_nll is not None else total / count
+        assert result["reply_nll"]["added_to_base"] == pytest.approx(total / count - base_nll, abs=1e-5)
 
 
 def test_an_adapter_of_another_base_model_is_refused_naming_it(adapters, tmp_path, tokenizer_file):

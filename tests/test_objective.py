@@ -50,8 +50,30 @@ def test_qadapter_loss_on_a_hand_worked_example():
     assert metrics["margin"].item() == pytest.approx(2 * r_chosen - r_rejected, rel=1e-6)
 
 
-def slow_qadapter_loss(q_logits, base_logits, tokens, response_mask, alpha, alpha0, beta, gamma):
-    """objective.py's equations (1)-(8) literally: a Python loop over pairs and reply tokens."""
+def test_the_bellman_chi2_term_on_the_same_hand_worked_example():
+    """chi2="bellman" squares r'_t = Q(s_t, a_t) - gamma V(s_{t+1}), V = 0 after the reply; the preference
+    term is unchanged. The example above:
+        chosen   r'0 = Q(s0, 1) - V(s1) = ln2 - (ln4 - 0.5 ln3) = -ln2 + 0.5 ln3;   r'1 = Q(s1, 2) - 0 = ln2
+        rejected r'  = Q(s0, 2) - 0 = 0
+    L_chi2 = 0.1 * ((0.5 ln3 - ln2)^2 + ln2^2 + 0) / 3   ~ 0.016705
+    """
+    tokens = torch.tensor([[0, 1, 2], [0, 2, 0]])
+    response_mask = torch.tensor([[False, True, True], [False, True, False]])
+    q_logits = torch.tensor([
+        [[0.0, LN2, 0.0], [0.0, 0.0, LN2], [9.0, -9.0, 7.0]],
+        [[0.0, 0.0, 0.0], [8.0, 5.0, -6.0], [7.0, 7.0, -7.0]],
+    ])
+    hyper = dict(alpha=1.0, alpha0=0.5, beta=0.1, gamma=1.0)
+    _, authors = qadapter_loss(q_logits, torch.zeros(2, 3, 3), tokens, response_mask, **hyper)
+    loss, metrics = qadapter_loss(q_logits, torch.zeros(2, 3, 3), tokens, response_mask, chi2="bellman", **hyper)
+    chi2 = 0.1 * ((0.5 * LN3 - LN2) ** 2 + LN2**2) / 3
+    assert chi2 == pytest.approx(0.016705, abs=1e-6)
+    assert metrics["chi2_loss"].item() == pytest.approx(chi2, rel=1e-6)
+    assert metrics["pref_loss"] == authors["pref_loss"] and loss.item() == pytest.approx(authors["pref_loss"].item() + chi2, rel=1e-6)
+
+
+def slow_qadapter_loss(q_logits, base_logits, tokens, response_mask, alpha, alpha0, beta, gamma, chi2="authors"):
+    """objective.py's equations (1)-(8) (and (7')) literally: a Python loop over pairs and reply tokens."""
     B = tokens.shape[0] // 2
     total = 0.0
     for i in range(B):
@@ -59,19 +81,22 @@ def slow_qadapter_loss(q_logits, base_logits, tokens, response_mask, alpha, alph
         for row in (i, B + i):
             reply = [t for t in range(tokens.shape[1]) if response_mask[row, t]]
             lengths.append(reply[-1] + 1)
-            R = 0.0
+            R, Q, V = 0.0, [], []
             for t in reply:  # token t is the action taken in the state after tokens[:t]
                 q = q_logits[row, t - 1]
                 log_pi1 = torch.log_softmax(base_logits[row, t - 1], dim=0).detach()
-                V = alpha * torch.logsumexp((q + alpha0 * log_pi1) / alpha, dim=0)
-                r = q[tokens[row, t]] - gamma * V
-                rewards.append(r)
-                R = R + r
+                V.append(alpha * torch.logsumexp((q + alpha0 * log_pi1) / alpha, dim=0))
+                Q.append(q[tokens[row, t]])
+                R = R + Q[-1] - gamma * V[-1]
             returns.append(R)
+            if chi2 == "authors":
+                rewards += [Q[k] - gamma * V[k] for k in range(len(reply))]
+            else:  # the next state's value; none after the last action
+                rewards += [Q[k] - gamma * (V[k + 1] if k + 1 < len(reply) else 0.0) for k in range(len(reply))]
         n = max(lengths) - 1
         pref = -F.logsigmoid((returns[0] - returns[1]) / n)
-        chi2 = beta * sum(r**2 for r in rewards) / len(rewards)
-        total = total + pref + chi2
+        chi2_term = beta * sum(r**2 for r in rewards) / len(rewards)
+        total = total + pref + chi2_term
     return total / B
 
 
@@ -89,8 +114,9 @@ def random_batch(B=3, T=9, V=7, seed=0):
     return q_logits, base_logits, tokens, response_mask
 
 
-def test_qadapter_loss_and_gradient_match_a_slow_loop_over_pairs_and_tokens():
-    hyper = dict(alpha=0.7, alpha0=0.3, beta=0.2, gamma=0.9)
+@pytest.mark.parametrize("chi2", ["authors", "bellman"])
+def test_qadapter_loss_and_gradient_match_a_slow_loop_over_pairs_and_tokens(chi2):
+    hyper = dict(alpha=0.7, alpha0=0.3, beta=0.2, gamma=0.9, chi2=chi2)
     q_logits, base_logits, tokens, response_mask = random_batch()
     q_fast = q_logits.clone().requires_grad_(True)
     loss, _ = qadapter_loss(q_fast, base_logits, tokens, response_mask, **hyper)
@@ -150,7 +176,7 @@ def test_dpo_loss_on_a_hand_worked_example():
     assert metrics["margin"].item() == pytest.approx(0.1 * LN3, rel=1e-6)
 
 
-@pytest.mark.parametrize("objective", ["qadapter", "dpo"])
+@pytest.mark.parametrize("objective", ["qadapter", "qadapter-bellman", "dpo"])
 @pytest.mark.parametrize("chunk_size", [1, 5, 1024])
 def test_the_chunked_path_from_hidden_states_equals_the_plain_loss_in_value_and_gradients(objective, chunk_size):
     torch.manual_seed(0)
@@ -158,8 +184,8 @@ def test_the_chunked_path_from_hidden_states_equals_the_plain_loss_in_value_and_
     head = torch.nn.Linear(6, 13, bias=False).requires_grad_(False)
     hidden = torch.randn(4, 9, 6, requires_grad=True)
     base_hidden = torch.randn(4, 9, 6)
-    if objective == "qadapter":
-        hyper = dict(alpha=0.9, alpha0=0.1, beta=0.3, gamma=1.0)
+    if objective.startswith("qadapter"):
+        hyper = dict(alpha=0.9, alpha0=0.1, beta=0.3, gamma=0.95, chi2="bellman" if objective.endswith("bellman") else "authors")
         plain, _ = qadapter_loss(head(hidden), head(base_hidden), tokens, response_mask, **hyper)
         plain_grad = torch.autograd.grad(plain, hidden)[0]
         lean, _ = loss_from_hidden(head.weight, hidden, base_hidden, tokens, response_mask, chunk_size=chunk_size, **hyper)
