@@ -20,6 +20,7 @@ with its name and line number.
 import gzip
 import json
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,7 +217,8 @@ def load_items(path, domain: str | None, log, items_of_record, one: str, many: s
 def prompt_of(record) -> list[dict] | None:
     """The conversation a record asks a reply to, or None: {"messages": [...]} ending with a user turn
     (a leading system message allowed), {"prompt": "text"}, or a record of a preference format, whose
-    prompt is its conversation without the last reply."""
+    prompt is its conversation without the last reply. A preference record that train.py skips (an empty
+    reply, say) raises Skip with the reason."""
     if not isinstance(record, dict):
         return None
     if isinstance(record.get("prompt"), str):
@@ -232,14 +234,15 @@ def prompt_of(record) -> list[dict] | None:
         return [{"role": m["role"], "content": m["content"].strip()} for m in messages]
     try:  # a preference record; DSP's needs a domain only to pick its pairs, and its prompt is the same for all
         return record_to_pairs(record, DSP_DOMAINS[0], "")[0].chosen[:-1]
-    except (Skip, UserError, IndexError):
+    except (UserError, IndexError):
         return None
 
 
-def load_prompts(path, unique: bool = False) -> list[tuple[dict, list[dict]]]:
+def load_prompts(path, unique: bool = False, log=lambda message: print(message, file=sys.stderr)) -> list[tuple[dict, list[dict]]]:
     """(record, conversation to reply to) for every line of a JSON Lines prompts file, in order (unique:
     only the first record of each distinct conversation); a file that cannot be used is refused in one
-    sentence naming it and the line."""
+    sentence naming it and the line. Preference records that train.py skips are skipped here too, and
+    counted (on stderr: stdout may hold the replies)."""
     path = Path(path)
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
@@ -248,7 +251,7 @@ def load_prompts(path, unique: bool = False) -> list[tuple[dict, list[dict]]]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
         raise UserError(f"--prompts {path} is not UTF-8 text; pass a JSON Lines file") from None
-    items = []
+    items, skipped = [], Counter()
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -256,13 +259,20 @@ def load_prompts(path, unique: bool = False) -> list[tuple[dict, list[dict]]]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise UserError(f"{path}: line {number} is not JSON ({error.msg}); --prompts takes JSON Lines") from None
-        messages = prompt_of(record)
+        try:
+            messages = prompt_of(record)
+        except Skip as reason:
+            skipped[str(reason)] += 1
+            continue
         if messages is None:
             raise UserError(
                 f'{path}: line {number} holds no conversation to reply to; expected {{"messages": [...]}} ending '
                 f'with a user turn, {{"prompt": "..."}}, or a preference record'
             )
         items.append((record, messages))
+    if skipped:
+        log(f"{path}: {sum(skipped.values())} records skipped, as train.py skips them "
+            f"({', '.join(f'{n} {why}' for why, n in skipped.most_common())})")
     if not items:
         raise UserError(f"--prompts {path} is empty; pass a JSON Lines file, one prompt record per line")
     if unique:

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from qadapter_min import UserError
-from qadapter_min.data import EncodedPair, Pair, collate, encode_conversation, encode_pairs, load_pairs
+from qadapter_min.data import EncodedPair, Pair, collate, encode_conversation, encode_pairs, load_pairs, load_prompts
 from conftest import FIXTURES
 from qadapter_min.tokenizer import Tokenizer
 
@@ -215,3 +215,14 @@ def test_collate_puts_chosen_rows_first_pads_right_and_masks_only_replies():
     tokens, response_mask = collate(batch, pad_id=0)
     assert tokens.tolist() == [[1, 2, 3, 4, 0], [1, 6, 7, 0, 0], [1, 2, 5, 0, 0], [1, 8, 9, 9, 9]]
     assert response_mask.int().tolist() == [[0, 0, 1, 1, 0], [0, 1, 1, 0, 0], [0, 0, 1, 0, 0], [0, 0, 0, 1, 1]]
+
+
+def test_preference_records_that_train_py_skips_are_skipped_as_prompts_and_counted(tmp_path):
+    path = tmp_path / "train.jsonl"
+    usable = {"chosen": "\n\nHuman: Hi?\n\nAssistant: Hello.", "rejected": "\n\nHuman: Hi?\n\nAssistant: Go away."}
+    empty_reply = {"chosen": "\n\nHuman: Where?\n\nAssistant: ", "rejected": "\n\nHuman: Where?\n\nAssistant: Here."}
+    path.write_text(json.dumps(usable) + "\n" + json.dumps(empty_reply) + "\n")
+    said = []
+    items = load_prompts(path, log=said.append)
+    assert [messages for _, messages in items] == [[{"role": "user", "content": "Hi?"}]]
+    assert said == [f"{path}: 1 records skipped, as train.py skips them (1 empty reply)"]
