@@ -51,8 +51,9 @@ class PolicyLM(TemplateLM):
         return self.qtokenizer.eot_id
 
     @property
-    def prefix_token_id(self) -> int:  # what precedes an empty context: the BOS, or for ChatML the end of a turn
-        return self.qtokenizer.eot_id if self.qtokenizer.bos_id is None else self.qtokenizer.bos_id
+    def prefix_token_id(self) -> int:  # what precedes an empty context: the declared BOS, else the end of a turn
+        declared = self.qtokenizer.declared_bos_id
+        return self.qtokenizer.eot_id if declared is None else declared
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None, **kwargs) -> list[int]:
         ids = self.qtokenizer.encode_rendered(string)

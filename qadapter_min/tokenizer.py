@@ -71,12 +71,17 @@ class Tokenizer:
             self.eot_id = self.special_ids[END_OF_TURN]  # closes every turn, so every reply
             stops = (END_OF_TURN, END_OF_MESSAGE, END_OF_TEXT)  # the end of a turn, of a tool message, of the text
             self.default_system = None
+            self.declared_bos_id = self.bos_id
         elif IM_START in self.special_ids and IM_END in self.special_ids:
             self.chat_format = CHATML
             self.bos_id = None  # ChatML models start with the first turn
             self.eot_id = self.special_ids[IM_END]
             stops = (IM_END, CHATML_END_OF_TEXT)
-            self.default_system = default_system_message(file.parent / "tokenizer_config.json")
+            config = read_tokenizer_config(file.parent / "tokenizer_config.json")
+            self.default_system = default_system_message(config)
+            # the BOS the tokenizer declares though no template writes it (SmolLM2: <|im_start|>): lm-eval's
+            # Hugging Face backend puts it before an empty context
+            self.declared_bos_id = self.special_ids.get(config.get("bos_token")) if isinstance(config.get("bos_token"), str) else None
         else:
             raise UserError(f"{file} has neither Llama 3's special tokens ({START_HEADER}, {END_OF_TURN}, ...) nor ChatML's "
                             f"({IM_START}, {IM_END}); qadapter-min speaks those two chat formats")
@@ -147,16 +152,18 @@ class Tokenizer:
         """The conversation rendered as the chat template renders it, one string with the special tokens spelt
         out; `encode_rendered` of it gives encode_chat's ids (unless a message spells a special token).
         Without the generation prompt the last message is left open (no end of turn), for the model to continue."""
-        if self.chat_format == CHATML:
-            opening, end, bos = "{IM_START}{role}\n{text}", f"{IM_END}\n", ""
-        else:
-            opening, end, bos = "{START_HEADER}{role}{END_HEADER}\n\n{text}", END_OF_TURN, BEGIN_OF_TEXT
-        names = dict(IM_START=IM_START, START_HEADER=START_HEADER, END_HEADER=END_HEADER)
-        turns = [opening.format(role=role, text=text, **names) for role, text in self._turns(messages, date_string)]
-        text = bos + "".join(turn + end for turn in turns)
+        end = f"{IM_END}\n" if self.chat_format == CHATML else END_OF_TURN
+        bos = "" if self.bos_id is None else BEGIN_OF_TEXT
+        text = bos + "".join(self._turn_text(role, text) + end for role, text in self._turns(messages, date_string))
         if add_generation_prompt:
-            return text + opening.format(role="assistant", text="", **names)
+            return text + self._turn_text("assistant", "")
         return text.removesuffix(end)
+
+    def _turn_text(self, role: str, text: str) -> str:
+        """_turn spelt out as the template writes it."""
+        if self.chat_format == CHATML:
+            return f"{IM_START}{role}\n{text}"
+        return f"{START_HEADER}{role}{END_HEADER}\n\n{text}"
 
 
 def check_messages(messages: list[dict]):
@@ -186,14 +193,20 @@ def chatml_turns(messages: list[dict], default_system: str | None) -> list[tuple
     return system + [(m["role"], m["content"]) for m in messages]
 
 
-def default_system_message(config_path: Path) -> str | None:
+def read_tokenizer_config(path: Path) -> dict:
+    """tokenizer_config.json's fields, or {} where there is no readable one (it is optional)."""
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def default_system_message(config: dict) -> str | None:
     """The system message a ChatML chat template writes when a conversation has none: the text it puts
     between "<|im_start|>system\\n" and "<|im_end|>" as a literal (SmolLM2's "You are a helpful AI
-    assistant named SmolLM, trained by Hugging Face"). None without a tokenizer_config.json or such a text."""
-    try:
-        template = json.loads(config_path.read_text()).get("chat_template")
-    except (OSError, ValueError, AttributeError):
-        return None
+    assistant named SmolLM, trained by Hugging Face"). None without a template or such a text."""
+    template = config.get("chat_template")
     if isinstance(template, list):  # several named templates: the default one
         template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
     if not isinstance(template, str):

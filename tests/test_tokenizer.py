@@ -139,6 +139,7 @@ def test_chatml_is_found_from_the_special_tokens_with_its_default_system_message
     assert tokenizer.default_system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
     assert tokenizer.eot_id == tokenizer.special_token_id("<|im_end|>") == tokenizer.stop_ids[0]
     assert tokenizer.special_token_id("<|endoftext|>") in tokenizer.stop_ids
+    assert tokenizer.declared_bos_id == tokenizer.special_token_id("<|im_start|>")  # tokenizer_config.json's bos_token
 
 
 def test_a_chatml_tokenizer_without_a_template_adds_no_system_turn(tmp_path):
