@@ -100,29 +100,30 @@ def main():
     run([python, "evaluate.py", "--model", args.model, "--adapter", *[str(d) for _, _, d in runs],
          "--pairs", str(held_out), "--max_len", "160", "--reply_nll", str(base_replies),
          "--tasks", "facts_mc", "--include_path", str(STUDY), "--output", str(results_file)])
-    results = {r["name"]: r for r in json.loads(results_file.read_text())["models"]}
+    table = study_table(json.loads(results_file.read_text())["models"], runs) + (
+        f"\n(mean ± standard deviation over seeds {', '.join(map(str, args.seeds))}; the chi2 variants: seed "
+        f"{', '.join(map(str, args.chi2_seeds))}; this call took {(time.time() - started) / 60:.0f} minutes)\n")
+    (out / "table.md").write_text(table)
+    print(table)
+
+
+def study_table(models: list[dict], runs: list[tuple[str, int, Path]]) -> str:
+    """A markdown row per method: each measure's mean over the method's runs, ± their standard deviation."""
+    results = {r["name"]: r for r in models}
 
     def numbers(result):
         return (result["preference"]["preference_accuracy"], result["reply_nll"]["added_to_base"],
                 result["lm_eval"]["facts_mc"]["acc,none"])
 
+    base = numbers(results["base"])
     lines = ["| method | held-out preference accuracy | added NLL per token of the base model's replies | facts accuracy |",
              "|---|---|---|---|",
-             "| base | {:.2f} | 0 | {:.2f} |".format(*[numbers(results["base"])[i] for i in (0, 2)])]
-    for method in flags:
-        rows = [numbers(results[str(d)]) for m, _, d in runs if m == method]
-        if not rows:
-            continue
-        cells = []
-        for column in zip(*rows):
-            spread = statistics.stdev(column) if len(column) > 1 else 0.0
-            cells.append(f"{statistics.mean(column):.2f} ± {spread:.2f}")
+             f"| base | {base[0]:.2f} | 0 | {base[2]:.2f} |"]
+    for method in dict.fromkeys(m for m, _, _ in runs):
+        columns = zip(*[numbers(results[str(d)]) for m, _, d in runs if m == method])
+        cells = [f"{statistics.mean(c):.2f}" + (f" ± {statistics.stdev(c):.2f}" if len(c) > 1 else "") for c in columns]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines) + (f"\n\n(mean ± standard deviation over seeds {', '.join(map(str, args.seeds))}; the chi2 "
-                                 f"variants over seeds {', '.join(map(str, args.chi2_seeds))}; this call took "
-                                 f"{(time.time() - started) / 60:.0f} minutes)\n")
-    (out / "table.md").write_text(table)
-    print(table)
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
