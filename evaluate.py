@@ -101,6 +101,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UserError("pass --model M for a base model, --adapter DIR ... for adapters (and their base), or both")
     for path in args.pairs or []:
         check_data_file(Path(path))
+    if args.reply_nll is not None and not Path(args.reply_nll).is_file():
+        raise UserError(f"--reply_nll {args.reply_nll} is not a file; pass conversations ending with a reply "
+                        f"(sample.py's output, or messages records)")
     if args.output is not None and Path(args.output).is_dir():
         raise UserError(f"--output {args.output} is a directory; pass a file such as results.json")
     if (args.prompts is None) != (args.reward_model is None):

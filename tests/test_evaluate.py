@@ -107,7 +107,7 @@ def test_an_adapter_of_another_base_model_is_refused_naming_it(adapters, tmp_pat
         evaluate.main(["--adapter", str(qadapter), str(tmp_path / "out"), "--pairs", str(held_out)])
 
 
-@pytest.mark.parametrize("case", ["not an adapter", "empty pairs", "missing pairs", "output is a directory"])
+@pytest.mark.parametrize("case", ["not an adapter", "empty pairs", "missing pairs", "output is a directory", "missing replies"])
 def test_bad_input_is_refused_in_one_sentence_with_exit_code_2_and_nothing_written(adapters, tmp_path, case):
     model_dir, held_out, qadapter, _ = adapters
     (tmp_path / "empty.jsonl").write_text("")
@@ -116,6 +116,8 @@ def test_bad_input_is_refused_in_one_sentence_with_exit_code_2_and_nothing_writt
         "empty pairs": (["--adapter", str(qadapter), "--pairs", str(tmp_path / "empty.jsonl")], f"{tmp_path / 'empty.jsonl'} holds no usable preference pair"),
         "missing pairs": (["--adapter", str(qadapter), "--pairs", str(tmp_path / "nowhere.jsonl")], f"{tmp_path / 'nowhere.jsonl'} does not exist"),
         "output is a directory": (["--adapter", str(qadapter), "--output", str(tmp_path)], f"--output {tmp_path} is a directory"),
+        "missing replies": (["--adapter", str(qadapter), "--reply_nll", str(tmp_path / "nowhere.jsonl")],
+                            f"--reply_nll {tmp_path / 'nowhere.jsonl'} is not a file"),
     }[case]
     output = [] if case == "output is a directory" else ["--output", str(tmp_path / "results.json")]
     result = run_script(evaluate.main, *flags, *output)
