@@ -23,17 +23,29 @@ import torch
 
 from qadapter_min.generate import Decoder, generate, generate_batch
 from qadapter_min.lora import adapter_disabled, add_lora, lora_layers
-from qadapter_min.memory import training_memory_gib
-from qadapter_min.model import PRESETS, ModelArgs, Transformer, init_random_weights
-from qadapter_min.objective import qadapter_loss
+from qadapter_min.memory import PRESETS, training_memory_gib
+from qadapter_min.model import ModelArgs, Transformer
+from qadapter_min.objective import loss_from_logits
 from qadapter_min.step import micro_batch_objective
+from qadapter_min.weights import init_random_weights
 
 CPU_ARGS = ModelArgs(
-    hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    vocab_size=128256, rope_scaling=PRESETS["llama-3.1-8b"].rope_scaling,
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128256,
+    rope_scaling=PRESETS["llama-3.1-8b"].rope_scaling,
 )
 # Dense bf16 tensor-core peaks (TFLOP/s) and memory bandwidths (GB/s) of cards people use.
-CARDS = {"H200": (989, 4800), "H100": (989, 3350), "A100": (312, 2039), "4090": (165, 1008), "L40S": (362, 864)}
+CARDS = {
+    "H200": (989, 4800),
+    "H100": (989, 3350),
+    "A100": (312, 2039),
+    "4090": (165, 1008),
+    "L40S": (362, 864),
+}
 
 
 def build(args: ModelArgs, device, dtype, seed=0) -> Transformer:
@@ -64,7 +76,11 @@ def pair_batch(vocab_size, length=512, prompt=256, device="cpu", pairs=1):
 def matmul_parameters(model) -> int:
     """N in the FLOP count 2N per token per pass: the base weights that enter matrix products (the
     embedding is a lookup, unless it is also the tied LM head)."""
-    n = sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name and "embed_tokens" not in name)
+    n = sum(
+        p.numel()
+        for name, p in model.named_parameters()
+        if "lora_" not in name and "embed_tokens" not in name
+    )
     return n + (model.embed_tokens.weight.numel() if model.args.tie_word_embeddings else 0)
 
 
@@ -79,7 +95,7 @@ def naive_step(model, tokens, response_mask):
     with adapter_disabled(model):
         base_logits = model(tokens).float()  # (2, T, V) fp32, outside no_grad
     q_logits = model(tokens).float()  # (2, T, V) fp32
-    loss, _ = qadapter_loss(q_logits, base_logits, tokens, response_mask)
+    loss, _ = loss_from_logits(q_logits, base_logits, tokens, response_mask)
     loss.backward()
     return loss
 
@@ -104,9 +120,13 @@ def cpu_step_worker(which, repeats, queue):
     model = build(CPU_ARGS, "cpu", torch.float32)
     tokens, response_mask = pair_batch(CPU_ARGS.vocab_size)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    seconds, loss, grads = time_step(our_step if which == "ours" else naive_step, model, tokens, response_mask, repeats)
+    seconds, loss, grads = time_step(
+        our_step if which == "ours" else naive_step, model, tokens, response_mask, repeats
+    )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
-    queue.put((seconds, peak / 1024**2, loss, [g.numpy() for g in grads]))  # numpy: pickled by value
+    queue.put(
+        (seconds, peak / 1024**2, loss, [g.numpy() for g in grads])
+    )  # numpy: pickled by value
 
 
 def cpu_training_step(repeats):
@@ -118,21 +138,30 @@ def cpu_training_step(repeats):
         process.start()
         results[which] = queue.get()
         process.join()
-    (t_naive, m_naive, loss_naive, g_naive), (t_ours, m_ours, loss_ours, g_ours) = results["naive"], results["ours"]
+    (t_naive, m_naive, loss_naive, g_naive), (t_ours, m_ours, loss_ours, g_ours) = (
+        results["naive"],
+        results["ours"],
+    )
     loss_error = abs(loss_ours - loss_naive) / abs(loss_naive)
     grad_error = max(abs(a - b).max() / max(abs(b).max(), 1e-30) for a, b in zip(g_ours, g_naive))
-    print(f"training step, 1 pair x 512 tokens, vocabulary {CPU_ARGS.vocab_size}, width {CPU_ARGS.hidden_size}, "
-          f"{CPU_ARGS.num_hidden_layers} layers, fp32, CPU ({torch.get_num_threads()} threads)")
+    print(
+        f"training step, 1 pair x 512 tokens, vocabulary {CPU_ARGS.vocab_size}, width {CPU_ARGS.hidden_size}, "
+        f"{CPU_ARGS.num_hidden_layers} layers, fp32, CPU ({torch.get_num_threads()} threads)"
+    )
     print(f"  naive: {t_naive * 1000:8.0f} ms  peak {m_naive:6.2f} GiB")
     print(f"  ours:  {t_ours * 1000:8.0f} ms  peak {m_ours:6.2f} GiB")
-    print(f"  ratio: time {t_ours / t_naive:.2f}x, peak memory {m_ours / m_naive:.2f}x "
-          f"(same loss to {loss_error:.1e} relative, LoRA gradients to {grad_error:.1e})")
+    print(
+        f"  ratio: time {t_ours / t_naive:.2f}x, peak memory {m_ours / m_naive:.2f}x "
+        f"(same loss to {loss_error:.1e} relative, LoRA gradients to {grad_error:.1e})"
+    )
 
 
 def decode_speed(model, policy_mode, combined, new_tokens, prompt_length=32):
     """Tokens per second of greedy decoding after a prefill (the stop ids are ignored)."""
     prompt = list(range(1, prompt_length + 1))
-    decoder = Decoder(model, policy_mode, max_seq_len=prompt_length + new_tokens + 1, combined=combined)
+    decoder = Decoder(
+        model, policy_mode, max_seq_len=prompt_length + new_tokens + 1, combined=combined
+    )
     device = next(model.parameters()).device
     logits = decoder.feed(torch.tensor([prompt], device=device))[0]
     synchronize(model)
@@ -154,14 +183,22 @@ def decoding(model, new_tokens, bandwidth_gbs=None):
     two_passes = decode_speed(model, "customised", False, new_tokens)
     combined = decode_speed(model, "customised", True, new_tokens)
     print(f"decoding, {new_tokens} tokens after a 32-token prompt, batch 1")
-    print(f"  base model alone:                        {base:8.1f} tokens/s  (1.00x time per token)")
-    print(f"  customised policy, two passes per token:  {two_passes:8.1f} tokens/s  ({base / two_passes:.2f}x)")
-    print(f"  customised policy, combined batch:        {combined:8.1f} tokens/s  ({base / combined:.2f}x)")
+    print(
+        f"  base model alone:                        {base:8.1f} tokens/s  (1.00x time per token)"
+    )
+    print(
+        f"  customised policy, two passes per token:  {two_passes:8.1f} tokens/s  ({base / two_passes:.2f}x)"
+    )
+    print(
+        f"  customised policy, combined batch:        {combined:8.1f} tokens/s  ({base / combined:.2f}x)"
+    )
     if bandwidth_gbs:
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         limit = bandwidth_gbs * 1e9 / weight_bytes
-        print(f"  memory-bandwidth limit (weights read once per token): {limit:.1f} tokens/s; "
-              f"base reaches {base / limit:.0%}, combined {combined / limit:.0%}")
+        print(
+            f"  memory-bandwidth limit (weights read once per token): {limit:.1f} tokens/s; "
+            f"base reaches {base / limit:.0%}, combined {combined / limit:.0%}"
+        )
 
 
 def batched_decoding(model, new_tokens, prompts_count=32, batch_sizes=(1, 8, 32)):
@@ -170,12 +207,22 @@ def batched_decoding(model, new_tokens, prompts_count=32, batch_sizes=(1, 8, 32)
     model.eval()
     generator = torch.Generator().manual_seed(0)
     lengths = torch.randint(16, 49, (prompts_count,), generator=generator).tolist()
-    prompts = [torch.randint(1, model.args.vocab_size, (n,), generator=generator).tolist() for n in lengths]
+    prompts = [
+        torch.randint(1, model.args.vocab_size, (n,), generator=generator).tolist() for n in lengths
+    ]
     args = model.args
-    row_bytes = 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * (48 + new_tokens) * \
-        next(model.parameters()).element_size()
-    print(f"batched decoding, {new_tokens} greedy tokens after each of {prompts_count} prompts of 16-48 tokens "
-          f"(KV cache {row_bytes / 2**20:.1f} MiB per row)")
+    row_bytes = (
+        2
+        * args.num_hidden_layers
+        * args.num_key_value_heads
+        * args.head_dim
+        * (48 + new_tokens)
+        * next(model.parameters()).element_size()
+    )
+    print(
+        f"batched decoding, {new_tokens} greedy tokens after each of {prompts_count} prompts of 16-48 tokens "
+        f"(KV cache {row_bytes / 2**20:.1f} MiB per row)"
+    )
     for policy_mode in ("base", "customised"):
         settings = dict(stop_ids=[], max_new_tokens=new_tokens, policy_mode=policy_mode)
         synchronize(model)
@@ -187,11 +234,15 @@ def batched_decoding(model, new_tokens, prompts_count=32, batch_sizes=(1, 8, 32)
         for batch_size in batch_sizes:
             synchronize(model)
             started = time.perf_counter()
-            replies = [r for i in range(0, prompts_count, batch_size)
-                       for r in generate_batch(model, prompts[i : i + batch_size], **settings)]
+            replies = [
+                r
+                for i in range(0, prompts_count, batch_size)
+                for r in generate_batch(model, prompts[i : i + batch_size], **settings)
+            ]
             synchronize(model)
             speed = prompts_count * new_tokens / (time.perf_counter() - started)
-            line += f" | batch {batch_size}: {speed:7.1f} ({speed / one_at_a_time:.1f}x{'' if replies == alone else ', REPLIES DIFFER'})"
+            differ = "" if replies == alone else ", REPLIES DIFFER"
+            line += f" | batch {batch_size}: {speed:7.1f} ({speed / one_at_a_time:.1f}x{differ})"
         print(line)
     head_product_gains(model, batch_sizes)
 
@@ -215,7 +266,9 @@ def head_product_gains(model, batch_sizes, repeats=20):
     line = "  LM head product alone, per prompt against one prompt:"
     for policy_mode, rows_per_prompt in (("base", 1), ("customised", 2)):
         alone = seconds(max(rows_per_prompt, 2))  # one row runs as two (generate.next_token_logits)
-        gains = ", ".join(f"batch {b} {b * alone / seconds(b * rows_per_prompt):.1f}x" for b in batch_sizes[1:])
+        gains = ", ".join(
+            f"batch {b} {b * alone / seconds(b * rows_per_prompt):.1f}x" for b in batch_sizes[1:]
+        )
         line += f" {policy_mode} {gains};"
     print(line.rstrip(";"))
 
@@ -223,13 +276,29 @@ def head_product_gains(model, batch_sizes, repeats=20):
 def memory_plans(presets=("llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b"), ranks=(4, 8, 16)):
     """The memory model's estimate per rank (GiB) of one training step: 1 pair x 512 tokens, bf16 weights,
     gradient checkpointing, LoRA r 8 on q_proj and v_proj; each rank a whole copy (DDP) or a shard (FSDP)."""
-    print("memory per rank (GiB, estimated), 1 pair x 512 tokens, bf16, gradient checkpointing, LoRA r 8 on q/v")
+    print(
+        "memory per rank (GiB, estimated), 1 pair x 512 tokens, bf16, gradient checkpointing, LoRA r 8 on q/v"
+    )
     print(f"{'':16}{'DDP':>8}" + "".join(f"{f'FSDP x{r}':>10}" for r in ranks))
     for name in presets:
         args = PRESETS[name]
-        lora = args.num_hidden_layers * 8 * (2 * args.hidden_size + (args.num_attention_heads + args.num_key_value_heads) * args.head_dim)
-        plans = [training_memory_gib(args, lora, 1, 512)] + [training_memory_gib(args, lora, 1, 512, fsdp_ranks=r) for r in ranks]
-        print(f"{name:16}" + "".join(f"{sum(plan.values()):{8 if i == 0 else 10}.1f}" for i, plan in enumerate(plans)))
+        lora = (
+            args.num_hidden_layers
+            * 8
+            * (
+                2 * args.hidden_size
+                + (args.num_attention_heads + args.num_key_value_heads) * args.head_dim
+            )
+        )
+        plans = [training_memory_gib(args, lora, 1, 512)] + [
+            training_memory_gib(args, lora, 1, 512, fsdp_ranks=r) for r in ranks
+        ]
+        print(
+            f"{name:16}"
+            + "".join(
+                f"{sum(plan.values()):{8 if i == 0 else 10}.1f}" for i, plan in enumerate(plans)
+            )
+        )
 
 
 def preset_run(name, device, peak_tflops, bandwidth_gbs, repeats, decode_tokens):
@@ -244,11 +313,20 @@ def preset_run(name, device, peak_tflops, bandwidth_gbs, repeats, decode_tokens)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     model.train()
-    seconds, loss, _ = time_step(our_step, model, tokens, response_mask, repeats, torch.cuda.synchronize if cuda else (lambda: None))
+    seconds, loss, _ = time_step(
+        our_step,
+        model,
+        tokens,
+        response_mask,
+        repeats,
+        torch.cuda.synchronize if cuda else (lambda: None),
+    )
     parameters = matmul_parameters(model)
     tokens_per_s = tokens.numel() / seconds
-    print(f"{name}, random bf16 weights, 1 pair x 512 tokens, gradient checkpointing, "
-          f"{torch.cuda.get_device_name() if cuda else 'CPU'}")
+    print(
+        f"{name}, random bf16 weights, 1 pair x 512 tokens, gradient checkpointing, "
+        f"{torch.cuda.get_device_name() if cuda else 'CPU'}"
+    )
     line = f"  step {seconds * 1000:.0f} ms, {tokens_per_s:.0f} tokens/s (loss {loss:.3f})"
     if peak_tflops:
         # 6N FLOPs per token: 2N for the adapter pass forward, 2N for its backward through the activations
@@ -259,7 +337,10 @@ def preset_run(name, device, peak_tflops, bandwidth_gbs, repeats, decode_tokens)
     detail = ", ".join(f"{k} {v:.2f}" for k, v in estimate.items())
     if cuda:
         peak = torch.cuda.max_memory_allocated() / 1024**3
-        print(f"  peak memory {peak:.2f} GiB; memory model {modelled:.2f} GiB ({detail}); measured / model = {peak / modelled:.2f}")
+        print(
+            f"  peak memory {peak:.2f} GiB; memory model {modelled:.2f} GiB ({detail}); "
+            f"measured / model = {peak / modelled:.2f}"
+        )
     else:
         print(f"  memory model {modelled:.2f} GiB ({detail})")
     decoding(model, decode_tokens, bandwidth_gbs=bandwidth_gbs)
@@ -267,14 +348,37 @@ def preset_run(name, device, peak_tflops, bandwidth_gbs, repeats, decode_tokens)
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a published Llama shape, random bf16 weights")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="a published Llama shape, random bf16 weights",
+    )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions after one warm-up")
-    p.add_argument("--decode_tokens", type=int, default=64, help="tokens decoded per decoding measurement")
-    p.add_argument("--peak_tflops", type=float, default=None, help="the card's dense bf16 peak (default: looked up by name)")
-    p.add_argument("--bandwidth_gbs", type=float, default=None, help="the card's memory bandwidth (default: looked up)")
-    p.add_argument("--plan", action="store_true", help="print the memory plan per rank of the large presets, DDP and FSDP")
+    p.add_argument(
+        "--decode_tokens", type=int, default=64, help="tokens decoded per decoding measurement"
+    )
+    p.add_argument(
+        "--peak_tflops",
+        type=float,
+        default=None,
+        help="the card's dense bf16 peak (default: looked up by name)",
+    )
+    p.add_argument(
+        "--bandwidth_gbs",
+        type=float,
+        default=None,
+        help="the card's memory bandwidth (default: looked up)",
+    )
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="print the memory plan per rank of the large presets, DDP and FSDP",
+    )
     args = p.parse_args()
     if args.plan:
         memory_plans()
@@ -284,9 +388,17 @@ def main():
     if args.preset:
         card = (None, None)
         if args.device == "cuda":
-            card = next((v for k, v in CARDS.items() if k in torch.cuda.get_device_name()), (None, None))
-        preset_run(args.preset, args.device, args.peak_tflops or card[0], args.bandwidth_gbs or card[1],
-                   args.repeats, args.decode_tokens)
+            card = next(
+                (v for k, v in CARDS.items() if k in torch.cuda.get_device_name()), (None, None)
+            )
+        preset_run(
+            args.preset,
+            args.device,
+            args.peak_tflops or card[0],
+            args.bandwidth_gbs or card[1],
+            args.repeats,
+            args.decode_tokens,
+        )
         return
     cpu_training_step(args.repeats)
     model = build(CPU_ARGS, "cpu", torch.float32)

@@ -33,8 +33,9 @@ it used to say).
 
 The table goes to stdout, a column per model and a row per metric; --output FILE writes
 {"models": [{"name", "policy", "adapter", "lm_eval": {task: {metric: value}}, "preference": {...},
-"reward": {...}, "reply_nll": {...}, "world": {...}}, ...]}, each key there when it was measured. Under torchrun (torchrun --nproc_per_node=4 evaluate.py ...) lm-eval splits its
-requests over the processes; the other measurements run whole on each, and rank 0 prints and writes.
+"reward": {...}, "reply_nll": {...}, "world": {...}}, ...]}, each key there when it was measured.
+Under torchrun (torchrun --nproc_per_node=4 evaluate.py ...) lm-eval splits its requests over the
+processes; the other measurements run whole on each, and rank 0 prints and writes.
 """
 
 import argparse
@@ -46,73 +47,206 @@ import torch
 
 import toyworld
 from qadapter_min import UserError
-from qadapter_min.common import (HelpFormatter, atomic_write, choose_dtype, format_table, refuse_out_of_range, run_command_line,
-                                 write_json)
-from qadapter_min.data import (EncodedConversation, check_data_file, encode_conversations, encode_pairs, load_conversations,
-                               load_pairs, load_prompts)
+from qadapter_min.common import (
+    HelpFormatter,
+    atomic_write,
+    choose_dtype,
+    format_table,
+    refuse_out_of_range,
+    run_command_line,
+    write_json,
+)
+from qadapter_min.data import (
+    EncodedConversation,
+    check_data_file,
+    encode_conversations,
+    encode_pairs,
+    load_conversations,
+    load_pairs,
+    load_prompts,
+)
 from qadapter_min.generate import generate_batch
-from qadapter_min.policy import BASE, Policy, check_base, log_probs, policy_applied, preference_metrics, read_policy
+from qadapter_min.policy import (
+    BASE,
+    Policy,
+    check_base,
+    log_probs,
+    policy_applied,
+    preference_metrics,
+    read_policy,
+)
 from qadapter_min.processes import leave_processes, start_processes
 from qadapter_min.reward import check_reward_model, load_reward_model, rewards, win_rate
 from qadapter_min.tokenizer import Tokenizer
 from qadapter_min.weights import load_model
 from toyworld.report import greedy_report, world_rows
 
-WORLD_FLAGS = dict(model=os.path.relpath(toyworld.MODEL_DIR), adapter=["out"], pairs=[os.path.relpath(toyworld.WORLD_DIR / "test.jsonl")])
+WORLD_FLAGS = dict(
+    model=os.path.relpath(toyworld.MODEL_DIR),
+    adapter=["out"],
+    pairs=[os.path.relpath(toyworld.WORLD_DIR / "test.jsonl")],
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--model", default=None, help="base model directory or Hub id (None: the adapters' base model)")
-    p.add_argument("--adapter", nargs="+", default=None, help="output directories of train.py, a column each")
-    p.add_argument("--alpha0", type=float, default=None, help="weight of log pi1 in Q-Adapter adapters' policy (None: as trained)")
-    p.add_argument("--pairs", nargs="+", default=None, help="held-out preference files: preference_accuracy and _margin")
-    p.add_argument("--domain", default=None, help="with --pairs of DSP: the preferred domain (academy, business, entertainment, literature)")
-    p.add_argument("--max_len", type=int, default=1024, help="with --pairs or --reply_nll: longest sequence in tokens (longer: truncated as train.py does)")
-    p.add_argument("--micro_batch_size", type=int, default=4, help="with --pairs: pairs per forward pass")
-    p.add_argument("--reply_nll", default=None, help="conversations ending with a reply (sample.py's output, or messages "
-                   "records): each model's mean negative log-likelihood per reply token, truncated to --max_len")
-    p.add_argument("--prompts", default=None, help="with --reward_model: a JSON Lines file of prompts (as sample.py reads)")
-    p.add_argument("--reward_model", default=None, help="a reward model (LlamaForSequenceClassification layout) to judge replies")
-    p.add_argument("--max_new_tokens", type=int, default=256, help="with --prompts: longest greedy reply in tokens")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="weights' dtype (None: bf16 on GPU, fp32 on CPU)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="base model directory or Hub id (None: the adapters' base model)",
+    )
+    p.add_argument(
+        "--adapter", nargs="+", default=None, help="output directories of train.py, a column each"
+    )
+    p.add_argument(
+        "--alpha0",
+        type=float,
+        default=None,
+        help="weight of log pi1 in Q-Adapter adapters' policy (None: as trained)",
+    )
+    p.add_argument(
+        "--pairs",
+        nargs="+",
+        default=None,
+        help="held-out preference files: preference_accuracy and _margin",
+    )
+    p.add_argument(
+        "--domain",
+        default=None,
+        help="with --pairs of DSP: the preferred domain (academy, business, entertainment, literature)",
+    )
+    p.add_argument(
+        "--max_len",
+        type=int,
+        default=1024,
+        help="with --pairs or --reply_nll: longest sequence in tokens (longer: truncated as train.py does)",
+    )
+    p.add_argument(
+        "--micro_batch_size", type=int, default=4, help="with --pairs: pairs per forward pass"
+    )
+    p.add_argument(
+        "--reply_nll",
+        default=None,
+        help="conversations ending with a reply (sample.py's output, or messages "
+        "records): each model's mean negative log-likelihood per reply token, truncated to --max_len",
+    )
+    p.add_argument(
+        "--prompts",
+        default=None,
+        help="with --reward_model: a JSON Lines file of prompts (as sample.py reads)",
+    )
+    p.add_argument(
+        "--reward_model",
+        default=None,
+        help="a reward model (LlamaForSequenceClassification layout) to judge replies",
+    )
+    p.add_argument(
+        "--max_new_tokens",
+        type=int,
+        default=256,
+        help="with --prompts: longest greedy reply in tokens",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["bf16", "fp32"],
+        default=None,
+        help="weights' dtype (None: bf16 on GPU, fp32 on CPU)",
+    )
     p.add_argument("--output", default=None, help="a JSON file for every number measured")
-    lm = p.add_argument_group("lm-evaluation-harness (pip install -r requirements-eval.txt), under lm-eval's own flag names")
-    lm.add_argument("--tasks", nargs="+", default=None, help="lm-eval task or group names (mmlu gsm8k_cot ...)")
-    lm.add_argument("--num_fewshot", type=int, default=None, help="examples in each prompt (None: each task's own)")
-    lm.add_argument("--limit", type=float, default=None, help="at most this many documents per task (below 1: a share)")
-    lm.add_argument("--apply_chat_template", action="store_true", help="put each prompt in the Llama 3.1 chat format")
-    lm.add_argument("--fewshot_as_multiturn", type=lambda x: x.lower() in ("true", "1", "yes"), nargs="?", const=True,
-                    default=None, metavar="BOOL", help="few-shot examples as earlier turns (None: with --apply_chat_template)")
+    lm = p.add_argument_group(
+        "lm-evaluation-harness (pip install -r requirements-eval.txt), under lm-eval's own flag names"
+    )
+    lm.add_argument(
+        "--tasks", nargs="+", default=None, help="lm-eval task or group names (mmlu gsm8k_cot ...)"
+    )
+    lm.add_argument(
+        "--num_fewshot",
+        type=int,
+        default=None,
+        help="examples in each prompt (None: each task's own)",
+    )
+    lm.add_argument(
+        "--limit",
+        type=float,
+        default=None,
+        help="at most this many documents per task (below 1: a share)",
+    )
+    lm.add_argument(
+        "--apply_chat_template",
+        action="store_true",
+        help="put each prompt in the Llama 3.1 chat format",
+    )
+    lm.add_argument(
+        "--fewshot_as_multiturn",
+        type=lambda x: x.lower() in ("true", "1", "yes"),
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="BOOL",
+        help="few-shot examples as earlier turns (None: with --apply_chat_template)",
+    )
     lm.add_argument("--include_path", default=None, help="a directory of task YAMLs of your own")
-    lm.add_argument("--batch_size", type=int, default=8, help="requests per forward pass (sequences, or prompts decoded together)")
-    lm.add_argument("--log_samples", action="store_true", help="keep lm-eval's record of every document in --output")
+    lm.add_argument(
+        "--batch_size",
+        type=int,
+        default=8,
+        help="requests per forward pass (sequences, or prompts decoded together)",
+    )
+    lm.add_argument(
+        "--log_samples",
+        action="store_true",
+        help="keep lm-eval's record of every document in --output",
+    )
     args = p.parse_args(argv)
     if args.model is None and args.adapter is None and args.pairs is None:  # the built-in world
         for name, value in WORLD_FLAGS.items():
             setattr(args, name, value)
-    refuse_out_of_range(args, [
-        ("max_len", args.max_len <= 1, "> 1"), ("micro_batch_size", args.micro_batch_size <= 0, "> 0"),
-        ("alpha0", args.alpha0 is not None and args.alpha0 < 0, ">= 0"), ("batch_size", args.batch_size <= 0, "> 0"),
-        ("limit", args.limit is not None and args.limit <= 0, "> 0"), ("max_new_tokens", args.max_new_tokens <= 0, "> 0"),
-        ("num_fewshot", args.num_fewshot is not None and args.num_fewshot < 0, ">= 0"),
-    ])
+    refuse_out_of_range(
+        args,
+        [
+            ("max_len", args.max_len <= 1, "> 1"),
+            ("micro_batch_size", args.micro_batch_size <= 0, "> 0"),
+            ("alpha0", args.alpha0 is not None and args.alpha0 < 0, ">= 0"),
+            ("batch_size", args.batch_size <= 0, "> 0"),
+            ("limit", args.limit is not None and args.limit <= 0, "> 0"),
+            ("max_new_tokens", args.max_new_tokens <= 0, "> 0"),
+            ("num_fewshot", args.num_fewshot is not None and args.num_fewshot < 0, ">= 0"),
+        ],
+    )
     if args.model is None and args.adapter is None:
-        raise UserError("pass --model M for a base model, --adapter DIR ... for adapters (and their base), or both")
+        raise UserError(
+            "pass --model M for a base model, --adapter DIR ... for adapters (and their base), or both"
+        )
     for path in args.pairs or []:
         check_data_file(Path(path))
     if args.reply_nll is not None and not Path(args.reply_nll).is_file():
-        raise UserError(f"--reply_nll {args.reply_nll} is not a file; pass conversations ending with a reply "
-                        f"(sample.py's output, or messages records)")
+        raise UserError(
+            f"--reply_nll {args.reply_nll} is not a file; pass conversations ending with a reply "
+            f"(sample.py's output, or messages records)"
+        )
     if args.output is not None and Path(args.output).is_dir():
         raise UserError(f"--output {args.output} is a directory; pass a file such as results.json")
     if (args.prompts is None) != (args.reward_model is None):
-        raise UserError("--prompts FILE and --reward_model RM go together: the prompts to reply to, and the model that judges the replies")
+        raise UserError(
+            "--prompts FILE and --reward_model RM go together: the prompts to reply to, and the model "
+            "that judges the replies"
+        )
     if args.include_path is not None and not Path(args.include_path).is_dir():
-        raise UserError(f"--include_path {args.include_path} is not a directory; pass the directory of your task YAMLs")
-    for flag in ("num_fewshot", "limit", "apply_chat_template", "fewshot_as_multiturn", "include_path", "log_samples"):
+        raise UserError(
+            f"--include_path {args.include_path} is not a directory; pass the directory of your task YAMLs"
+        )
+    for flag in (
+        "num_fewshot",
+        "limit",
+        "apply_chat_template",
+        "fewshot_as_multiturn",
+        "include_path",
+        "log_samples",
+    ):
         if args.tasks is None and getattr(args, flag) not in (None, False):
-            raise UserError(f"--{flag} sets how lm-eval runs --tasks; pass the tasks too, or drop --{flag}")
+            raise UserError(
+                f"--{flag} sets how lm-eval runs --tasks; pass the tasks too, or drop --{flag}"
+            )
     if args.fewshot_as_multiturn is None:
         args.fewshot_as_multiturn = args.apply_chat_template
     return args
@@ -124,7 +258,9 @@ def task_manager(args):
     try:
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise UserError("--tasks runs lm-evaluation-harness, which is not installed: pip install -r requirements-eval.txt") from None
+        raise UserError(
+            "--tasks runs lm-evaluation-harness, which is not installed: pip install -r requirements-eval.txt"
+        ) from None
     if args.include_path is not None:
         manager = TaskManager(include_path=args.include_path, include_defaults=False)
         if all(manager.match_tasks([task]) for task in args.tasks):
@@ -132,12 +268,14 @@ def task_manager(args):
     manager = TaskManager(include_path=args.include_path)
     missing = [task for task in args.tasks if not manager.match_tasks([task])]
     if missing:  # lm-eval's own message, then how to go on
-        raise UserError(f"Tasks not found: {', '.join(missing)}; `lm-eval ls tasks` lists them, "
-                        f"and --include_path adds a directory of your own task YAMLs")
+        raise UserError(
+            f"Tasks not found: {', '.join(missing)}; `lm-eval ls tasks` lists them, "
+            f"and --include_path adds a directory of your own task YAMLs"
+        )
     return manager
 
 
-def run_lm_eval(model, tokenizer, policy: Policy, manager, args) -> dict:
+def run_lm_eval(model, tokenizer, policy: Policy, manager, model_name: str, args) -> dict:
     """{"lm_eval": {task: {metric: value}}} (lm-eval's metric names, e.g. "acc,none"), and with --log_samples
     {"samples": {task: [lm-eval's record of each document]}}; on ranks other than 0, nothing."""
     from lm_eval import simple_evaluate
@@ -145,16 +283,31 @@ def run_lm_eval(model, tokenizer, policy: Policy, manager, args) -> dict:
 
     from qadapter_min.harness import PolicyLM
 
-    lm = PolicyLM(model, tokenizer, policy, name=f"{args.model_name}+{policy.name}", batch_size=args.batch_size)
+    lm = PolicyLM(
+        model,
+        tokenizer,
+        policy,
+        name=f"{model_name}+{policy.name}",
+        batch_size=args.batch_size,
+    )
     out = simple_evaluate(
-        model=lm, tasks=args.tasks, num_fewshot=args.num_fewshot, limit=args.limit, task_manager=manager,
-        apply_chat_template=args.apply_chat_template, fewshot_as_multiturn=args.fewshot_as_multiturn,
+        model=lm,
+        tasks=args.tasks,
+        num_fewshot=args.num_fewshot,
+        limit=args.limit,
+        task_manager=manager,
+        apply_chat_template=args.apply_chat_template,
+        fewshot_as_multiturn=args.fewshot_as_multiturn,
         log_samples=args.log_samples,
     )
     if out is None:
         return {}
-    metrics = {task: {name: value for name, value in values.items() if "," in name}  # "metric,filter"; not "alias"
-               for task, values in out["results"].items()}
+    metrics = {
+        task: {
+            name: value for name, value in values.items() if "," in name
+        }  # "metric,filter"; not "alias"
+        for task, values in out["results"].items()
+    }
     result = {"lm_eval": metrics}
     if args.log_samples:
         result["samples"] = json.loads(json.dumps(out["samples"], default=handle_non_serializable))
@@ -170,8 +323,10 @@ def read_policies(args) -> tuple[str, list[Policy]]:
     first = adapters[0]
     for other in adapters[1:]:
         if other.fingerprint != first.fingerprint:
-            raise UserError(f"{other.adapter} was trained on another base model than {first.adapter}; "
-                            f"evaluate adapters of one base model together, or pass --model")
+            raise UserError(
+                f"{other.adapter} was trained on another base model than {first.adapter}; "
+                f"evaluate adapters of one base model together, or pass --model"
+            )
     return first.base_model, [BASE, *adapters]
 
 
@@ -181,9 +336,16 @@ def read_pairs(args, tokenizer):
         return []
     encoded = []
     for path in args.pairs:
-        pairs = encode_pairs(load_pairs(path, args.domain, log=lambda *_: None), tokenizer, args.max_len, log=lambda *_: None)
+        pairs = encode_pairs(
+            load_pairs(path, args.domain, log=lambda *_: None),
+            tokenizer,
+            args.max_len,
+            log=lambda *_: None,
+        )
         if not pairs:
-            raise UserError(f"{path} holds no usable preference pair; pass a file of pairs in a format train.py reads")
+            raise UserError(
+                f"{path} holds no usable preference pair; pass a file of pairs in a format train.py reads"
+            )
         encoded += pairs
     return encoded
 
@@ -192,27 +354,46 @@ def read_replies(args, tokenizer) -> list[EncodedConversation]:
     """--reply_nll's conversations, encoded (truncated as train.py truncates); an empty file is refused."""
     if args.reply_nll is None:
         return []
-    conversations = load_conversations(args.reply_nll, log=lambda *_: None)  # a file with none is refused there
+    conversations = load_conversations(
+        args.reply_nll, log=lambda *_: None
+    )  # a file with none is refused there
     encoded = encode_conversations(conversations, tokenizer, args.max_len, log=lambda *_: None)
     if not encoded:
-        raise UserError(f"--reply_nll {args.reply_nll}: no conversation fits --max_len {args.max_len}; raise it")
+        raise UserError(
+            f"--reply_nll {args.reply_nll}: no conversation fits --max_len {args.max_len}; raise it"
+        )
     return encoded
 
 
-def reply_nll(model, policy: Policy, conversations: list[EncodedConversation], batch_size: int) -> dict:
+def reply_nll(
+    model, policy: Policy, conversations: list[EncodedConversation], batch_size: int
+) -> dict:
     """The policy's mean negative log-likelihood per reply token over the conversations."""
     scored = [len(c.ids) - c.prompt_len for c in conversations]
     sums = log_probs(model, policy, [c.ids for c in conversations], scored, batch_size)
     return {"nll_per_token": -sum(total for total, _ in sums) / sum(scored), "tokens": sum(scored)}
 
 
-def measure(model, tokenizer, policy: Policy, pairs, world: bool, prompts, replies, manager, args) -> dict:
+def measure(
+    model,
+    tokenizer,
+    policy: Policy,
+    pairs,
+    world: bool,
+    prompts,
+    replies,
+    manager,
+    model_name,
+    args,
+) -> dict:
     """Every measurement asked for, of one policy."""
     result = {"name": policy.name, "policy": policy.mode, "adapter": policy.adapter}
     if args.tasks:
-        result.update(run_lm_eval(model, tokenizer, policy, manager, args))
+        result.update(run_lm_eval(model, tokenizer, policy, manager, model_name, args))
     if pairs:
-        result["preference"] = preference_metrics(model, policy, pairs, tokenizer.eot_id, args.micro_batch_size)
+        result["preference"] = preference_metrics(
+            model, policy, pairs, tokenizer.pad_id, args.micro_batch_size
+        )
     if replies:
         result["reply_nll"] = reply_nll(model, policy, replies, args.batch_size)
     if world:
@@ -226,9 +407,19 @@ def greedy_replies(model, tokenizer, policy: Policy, prompts, args) -> list[str]
     """The policy's greedy reply to each prompt, --batch_size prompts decoded together."""
     replies = []
     for start in range(0, len(prompts), args.batch_size):
-        batch = [tokenizer.encode_chat(messages, add_generation_prompt=True) for _, messages in prompts[start : start + args.batch_size]]
-        for ids in generate_batch(model, batch, stop_ids=tokenizer.stop_ids, max_new_tokens=args.max_new_tokens,
-                                  policy_mode=policy.mode, alpha=policy.alpha, alpha0=policy.alpha0):
+        batch = [
+            tokenizer.encode_chat(messages, add_generation_prompt=True)
+            for _, messages in prompts[start : start + args.batch_size]
+        ]
+        for ids in generate_batch(
+            model,
+            batch,
+            stop_ids=tokenizer.stop_ids,
+            max_new_tokens=args.max_new_tokens,
+            policy_mode=policy.mode,
+            alpha=policy.alpha,
+            alpha0=policy.alpha0,
+        ):
             replies.append(tokenizer.decode(ids, skip_special_tokens=True))
     return replies
 
@@ -236,38 +427,74 @@ def greedy_replies(model, tokenizer, policy: Policy, prompts, args) -> list[str]
 def judge(results: list[dict], prompts, reward_model_dir, device, args) -> list[dict]:
     """Each model's mean reward and win rate against the base model (the first), into its result; and a
     record per prompt: the conversation, every model's reply and reward."""
-    reward_model = load_reward_model(reward_model_dir, dtype=choose_dtype(args.dtype, device), device=device)
+    reward_model = load_reward_model(
+        reward_model_dir, dtype=choose_dtype(args.dtype, device), device=device
+    )
     tokenizer = Tokenizer(reward_model_dir)  # the conversation as the reward model reads it
     scores = {}
     for result in results:
-        conversations = [messages + [{"role": "assistant", "content": reply}]
-                         for (_, messages), reply in zip(prompts, result["replies"])]
-        scores[result["name"]] = rewards(reward_model, [tokenizer.encode_chat(c) for c in conversations], args.batch_size)
+        conversations = [
+            messages + [{"role": "assistant", "content": reply}]
+            for (_, messages), reply in zip(prompts, result["replies"])
+        ]
+        scores[result["name"]] = rewards(
+            reward_model, [tokenizer.encode_chat(c) for c in conversations], args.batch_size
+        )
     base = scores[results[0]["name"]]
     for result in results:
         mine = scores[result["name"]]
-        result["reward"] = {"mean": sum(mine) / len(mine), "win_rate_against_base": win_rate(mine, base)}
-    return [{"messages": messages, "replies": {r["name"]: r["replies"][i] for r in results},
-             "rewards": {r["name"]: scores[r["name"]][i] for r in results}} for i, (_, messages) in enumerate(prompts)]
+        result["reward"] = {
+            "mean": sum(mine) / len(mine),
+            "win_rate_against_base": win_rate(mine, base),
+        }
+    return [
+        {
+            "messages": messages,
+            "replies": {r["name"]: r["replies"][i] for r in results},
+            "rewards": {r["name"]: scores[r["name"]][i] for r in results},
+        }
+        for i, (_, messages) in enumerate(prompts)
+    ]
 
 
 def table(results: list[dict]) -> str:
     """A column per model, a row per metric."""
     rows = []
     for task, metrics in results[0].get("lm_eval", {}).items():
-        rows += [(f"{task} {metric.split(',')[0]}", [r["lm_eval"][task][metric] for r in results])
-                 for metric in metrics if "_stderr" not in metric]
+        rows += [
+            (f"{task} {metric.split(',')[0]}", [r["lm_eval"][task][metric] for r in results])
+            for metric in metrics
+            if "_stderr" not in metric
+        ]
     if "preference" in results[0]:
-        rows += [("preference accuracy (held out)", [r["preference"]["preference_accuracy"] for r in results]),
-                 ("preference margin (held out)", [r["preference"]["preference_margin"] for r in results])]
+        rows += [
+            (
+                "preference accuracy (held out)",
+                [r["preference"]["preference_accuracy"] for r in results],
+            ),
+            (
+                "preference margin (held out)",
+                [r["preference"]["preference_margin"] for r in results],
+            ),
+        ]
     if "world" in results[0]:
         rows += world_rows([r["world"] for r in results])
     if "reply_nll" in results[0]:
-        rows += [("NLL per reply token (--reply_nll)", [r["reply_nll"]["nll_per_token"] for r in results]),
-                 ("  added to the base model's", [r["reply_nll"]["added_to_base"] for r in results])]
+        rows += [
+            (
+                "NLL per reply token (--reply_nll)",
+                [r["reply_nll"]["nll_per_token"] for r in results],
+            ),
+            ("  added to the base model's", [r["reply_nll"]["added_to_base"] for r in results]),
+        ]
     if "reward" in results[0]:
-        rows += [("reward (mean)", [r["reward"]["mean"] for r in results]),
-                 ("win rate against the base model", [r["reward"]["win_rate_against_base"] for r in results])]
+        rows += [
+            ("reward (mean)", [r["reward"]["mean"] for r in results]),
+            (
+                "win rate against the base model",
+                [r["reward"]["win_rate_against_base"] for r in results],
+            ),
+        ]
     return format_table([r["name"] for r in results], rows)
 
 
@@ -279,7 +506,6 @@ def replies_path(output) -> Path:
 def main(argv=None):
     args = parse_args(argv)
     model_name, policies = read_policies(args)
-    args.model_name = model_name
     manager = task_manager(args) if args.tasks else None
     prompts = load_prompts(args.prompts) if args.prompts else None
     reward_model_dir = check_reward_model(args.reward_model) if args.reward_model else None
@@ -291,15 +517,32 @@ def main(argv=None):
         args.pairs = WORLD_FLAGS["pairs"]
     pairs = read_pairs(args, tokenizer)
     replies = read_replies(args, tokenizer)
-    model = load_model(model_dir, dtype=choose_dtype(args.dtype, processes.device), device=processes.device)
+    model = load_model(
+        model_dir, dtype=choose_dtype(args.dtype, processes.device), device=processes.device
+    )
     for policy in policies:
         check_base(model, policy, model_name)
     results = []
     for policy in policies:
         with policy_applied(model, policy):
-            results.append(measure(model, tokenizer, policy, pairs, world, prompts, replies, manager, args))
+            results.append(
+                measure(
+                    model,
+                    tokenizer,
+                    policy,
+                    pairs,
+                    world,
+                    prompts,
+                    replies,
+                    manager,
+                    model_name,
+                    args,
+                )
+            )
     for result in results if replies else []:
-        result["reply_nll"]["added_to_base"] = result["reply_nll"]["nll_per_token"] - results[0]["reply_nll"]["nll_per_token"]
+        result["reply_nll"]["added_to_base"] = (
+            result["reply_nll"]["nll_per_token"] - results[0]["reply_nll"]["nll_per_token"]
+        )
     if prompts:
         del model  # the reward model takes its place in memory
         judged = judge(results, prompts, reward_model_dir, processes.device, args)
@@ -309,9 +552,14 @@ def main(argv=None):
     if args.output is not None and processes.master:
         write_json(Path(args.output), {"models": results})
         if prompts:
-            replies = replies_path(args.output)
-            atomic_write(replies, lambda p: Path(p).write_text("".join(json.dumps(record) + "\n" for record in judged)))
-            processes.log(f"replies and rewards of every prompt: {replies}")
+            replies_file = replies_path(args.output)
+            atomic_write(
+                replies_file,
+                lambda p: Path(p).write_text(
+                    "".join(json.dumps(record) + "\n" for record in judged)
+                ),
+            )
+            processes.log(f"replies and rewards of every prompt: {replies_file}")
     leave_processes(processes)
 
 

@@ -33,10 +33,16 @@ from pathlib import Path
 import torch
 
 from qadapter_min import UserError
-from qadapter_min.common import HelpFormatter, choose_dtype, default_device, refuse_out_of_range, run_command_line
+from qadapter_min.adapters import load_adapter
+from qadapter_min.common import (
+    HelpFormatter,
+    choose_dtype,
+    default_device,
+    refuse_out_of_range,
+    run_command_line,
+)
 from qadapter_min.data import load_prompts
 from qadapter_min.generate import generate, generate_batch
-from qadapter_min.lora import load_adapter
 from qadapter_min.policy import BASE, Policy, check_base, read_policy
 from qadapter_min.tokenizer import Tokenizer
 from qadapter_min.weights import load_model, resolve_model_dir
@@ -44,38 +50,97 @@ from qadapter_min.weights import load_model, resolve_model_dir
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--adapter", nargs="?", const="out", default=None, help="an output directory of train.py (alone: out)")
-    p.add_argument("--model", default=None, help="base model directory or Hub id (None: the adapter's base model)")
-    p.add_argument("--prompt", default=None, help="one user message; without it, an interactive chat")
+    p.add_argument(
+        "--adapter",
+        nargs="?",
+        const="out",
+        default=None,
+        help="an output directory of train.py (alone: out)",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="base model directory or Hub id (None: the adapter's base model)",
+    )
+    p.add_argument(
+        "--prompt", default=None, help="one user message; without it, an interactive chat"
+    )
     p.add_argument("--system", default="", help="a system message")
     p.add_argument("--max_new_tokens", type=int, default=256, help="longest reply in tokens")
-    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature; 0 is greedy")
-    p.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling: keep the most likely tokens up to this mass")
-    p.add_argument("--top_k", type=int, default=0, help="keep only the k most likely tokens (0: all)")
+    p.add_argument(
+        "--temperature", type=float, default=0.6, help="sampling temperature; 0 is greedy"
+    )
+    p.add_argument(
+        "--top_p",
+        type=float,
+        default=0.9,
+        help="nucleus sampling: keep the most likely tokens up to this mass",
+    )
+    p.add_argument(
+        "--top_k", type=int, default=0, help="keep only the k most likely tokens (0: all)"
+    )
     p.add_argument("--seed", type=int, default=1337, help="seed of the sampling generator")
-    p.add_argument("--alpha0", type=float, default=None, help="weight of log pi1 in the customised policy (None: as trained)")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="weights' dtype (None: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--compare", action="store_true", help="print the base model's reply, then the customised one")
-    p.add_argument("--prompts", default=None, help="a JSON Lines file of prompts to reply to, all of them")
-    p.add_argument("--out", default=None, help="with --prompts: the JSON Lines file of replies (- for stdout)")
-    p.add_argument("--batch_size", type=int, default=8, help="with --prompts: prompts decoded together")
-    p.add_argument("--unique", action="store_true", help="with --prompts: reply once to each distinct prompt (its first record)")
+    p.add_argument(
+        "--alpha0",
+        type=float,
+        default=None,
+        help="weight of log pi1 in the customised policy (None: as trained)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["bf16", "fp32"],
+        default=None,
+        help="weights' dtype (None: bf16 on GPU, fp32 on CPU)",
+    )
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="print the base model's reply, then the customised one",
+    )
+    p.add_argument(
+        "--prompts", default=None, help="a JSON Lines file of prompts to reply to, all of them"
+    )
+    p.add_argument(
+        "--out", default=None, help="with --prompts: the JSON Lines file of replies (- for stdout)"
+    )
+    p.add_argument(
+        "--batch_size", type=int, default=8, help="with --prompts: prompts decoded together"
+    )
+    p.add_argument(
+        "--unique",
+        action="store_true",
+        help="with --prompts: reply once to each distinct prompt (its first record)",
+    )
     args = p.parse_args(argv)
-    refuse_out_of_range(args, [
-        ("temperature", args.temperature < 0, ">= 0"), ("top_p", not 0 < args.top_p <= 1, "in (0, 1]"),
-        ("top_k", args.top_k < 0, ">= 0"), ("max_new_tokens", args.max_new_tokens <= 0, "> 0"),
-        ("batch_size", args.batch_size <= 0, "> 0"), ("alpha0", args.alpha0 is not None and args.alpha0 < 0, ">= 0"),
-    ])
+    refuse_out_of_range(
+        args,
+        [
+            ("temperature", args.temperature < 0, ">= 0"),
+            ("top_p", not 0 < args.top_p <= 1, "in (0, 1]"),
+            ("top_k", args.top_k < 0, ">= 0"),
+            ("max_new_tokens", args.max_new_tokens <= 0, "> 0"),
+            ("batch_size", args.batch_size <= 0, "> 0"),
+            ("alpha0", args.alpha0 is not None and args.alpha0 < 0, ">= 0"),
+        ],
+    )
     if args.adapter is None and args.model is None:
-        raise UserError("pass --adapter [DIR] for a customised model, or --model M for a base model alone")
+        raise UserError(
+            "pass --adapter [DIR] for a customised model, or --model M for a base model alone"
+        )
     if args.unique and args.prompts is None:
-        raise UserError("--unique picks the distinct prompts of a --prompts file; pass --prompts FILE --out FILE.jsonl too")
+        raise UserError(
+            "--unique picks the distinct prompts of a --prompts file; pass --prompts FILE --out FILE.jsonl too"
+        )
     if (args.prompts is None) != (args.out is None):
-        raise UserError("--prompts FILE and --out FILE.jsonl go together: the prompts to reply to, and where the replies go")
+        raise UserError(
+            "--prompts FILE and --out FILE.jsonl go together: the prompts to reply to, and where the replies go"
+        )
     if args.out not in (None, "-") and Path(args.out).is_dir():
         raise UserError(f"--out {args.out} is a directory; pass a file such as replies.jsonl")
     if args.out not in (None, "-") and not Path(args.out).resolve().parent.is_dir():
-        raise UserError(f"--out {args.out}: its directory does not exist; create it or pass another --out")
+        raise UserError(
+            f"--out {args.out}: its directory does not exist; create it or pass another --out"
+        )
     return args
 
 
@@ -85,8 +150,10 @@ def read_adapter_policy(args) -> Policy:
         return BASE
     policy = read_policy(args.adapter, args.alpha0)
     if args.alpha0 is not None and policy.mode != "customised":
-        raise UserError(f"--alpha0 weighs pi1 in Q-Adapter's customised policy, and {args.adapter} is a "
-                        f"{policy.settings['objective']} adapter, sampled with the adapter on; drop --alpha0")
+        raise UserError(
+            f"--alpha0 weighs pi1 in Q-Adapter's customised policy, and {args.adapter} is a "
+            f"{policy.objective.name} adapter, sampled with the adapter on; drop --alpha0"
+        )
     return policy
 
 
@@ -110,17 +177,25 @@ def reply(model, tokenizer, messages, policy_mode, alpha, alpha0, args) -> str:
     generator = torch.Generator(next(model.parameters()).device).manual_seed(args.seed)
     ids, shown = [], ""
     for token in generate(
-        model, prompt_ids, stop_ids=tokenizer.stop_ids, max_new_tokens=args.max_new_tokens,
-        policy_mode=policy_mode, alpha=alpha, alpha0=alpha0, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, generator=generator,
+        model,
+        prompt_ids,
+        stop_ids=tokenizer.stop_ids,
+        max_new_tokens=args.max_new_tokens,
+        policy_mode=policy_mode,
+        alpha=alpha,
+        alpha0=alpha0,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        generator=generator,
     ):
         ids.append(token)
         text = tokenizer.decode(ids)
         if stream and not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            print(text[len(shown):], end="", flush=True)
+            print(text[len(shown) :], end="", flush=True)
             shown = text
     text = tokenizer.decode(ids)
-    print(text[len(shown):] if stream else text, flush=True)
+    print(text[len(shown) :] if stream else text, flush=True)
     return text
 
 
@@ -128,41 +203,79 @@ def reply_to_prompts(items, model, tokenizer, mode, alpha, alpha0, args):
     """Replies to every prompt of --prompts, --batch_size at a time, appended to --out line by line; a run
     that was interrupted continues after the last complete line."""
     system = [{"role": "system", "content": args.system}] if args.system else []
-    encoded = [tokenizer.encode_chat((system if m[0]["role"] != "system" else []) + m, add_generation_prompt=True)
-               for _, m in items]
+    encoded = [
+        tokenizer.encode_chat(
+            (system if m[0]["role"] != "system" else []) + m, add_generation_prompt=True
+        )
+        for _, m in items
+    ]
     for index, prompt in enumerate(encoded):  # refused before any decoding
         if len(prompt) + args.max_new_tokens > model.args.max_position_embeddings:
-            raise UserError(f"{args.prompts}: the prompt of record {index + 1} has {len(prompt)} tokens, more than the "
-                            f"model's context leaves for --max_new_tokens {args.max_new_tokens}; shorten it")
+            raise UserError(
+                f"{args.prompts}: the prompt of record {index + 1} has {len(prompt)} tokens, more than the "
+                f"model's context leaves for --max_new_tokens {args.max_new_tokens}; shorten it"
+            )
     to_stdout = args.out == "-"
     done = 0 if to_stdout else completed_lines(Path(args.out), items)
     with nullcontext(sys.stdout) if to_stdout else open(args.out, "a", encoding="utf-8") as out:
-        write_replies(items, encoded, done, out, to_stdout, model, tokenizer, mode, alpha, alpha0, args)
+        write_replies(
+            items, encoded, done, out, to_stdout, model, tokenizer, mode, alpha, alpha0, args
+        )
 
 
-def write_replies(items, encoded, done, out, to_stdout, model, tokenizer, mode, alpha, alpha0, args):
+def write_replies(
+    items, encoded, done, out, to_stdout, model, tokenizer, mode, alpha, alpha0, args
+):
     """Decode the prompts after the first `done`, a batch at a time, each batch's lines written whole."""
     device = next(model.parameters()).device
     started, tokens = time.time(), 0
     for start in range(done, len(items), args.batch_size):
-        batch, prompts = items[start : start + args.batch_size], encoded[start : start + args.batch_size]
+        batch, prompts = (
+            items[start : start + args.batch_size],
+            encoded[start : start + args.batch_size],
+        )
         replies = {}
-        for key, policy_mode in [("reply", mode)] + ([("base_reply", "base")] if args.compare and mode != "base" else []):
-            generators = [torch.Generator(device).manual_seed(args.seed + index) for index in range(start, start + len(batch))]
-            ids = generate_batch(model, prompts, stop_ids=tokenizer.stop_ids, max_new_tokens=args.max_new_tokens,
-                                 policy_mode=policy_mode, alpha=alpha, alpha0=alpha0, temperature=args.temperature,
-                                 top_k=args.top_k, top_p=args.top_p, generators=generators)
+        for key, policy_mode in [("reply", mode)] + (
+            [("base_reply", "base")] if args.compare and mode != "base" else []
+        ):
+            generators = [
+                torch.Generator(device).manual_seed(args.seed + index)
+                for index in range(start, start + len(batch))
+            ]
+            ids = generate_batch(
+                model,
+                prompts,
+                stop_ids=tokenizer.stop_ids,
+                max_new_tokens=args.max_new_tokens,
+                policy_mode=policy_mode,
+                alpha=alpha,
+                alpha0=alpha0,
+                temperature=args.temperature,
+                top_k=args.top_k,
+                top_p=args.top_p,
+                generators=generators,
+            )
             replies[key] = [tokenizer.decode(r) for r in ids]
             tokens += sum(map(len, ids))
-        out.write("".join(json.dumps({**record, **{k: v[i] for k, v in replies.items()}}) + "\n"
-                          for i, (record, _) in enumerate(batch)))
+        out.write(
+            "".join(
+                json.dumps({**record, **{k: v[i] for k, v in replies.items()}}) + "\n"
+                for i, (record, _) in enumerate(batch)
+            )
+        )
         out.flush()
         if not to_stdout:
-            os.fsync(out.fileno())  # a line on disk is a whole line: a crash loses at most this batch
+            os.fsync(
+                out.fileno()
+            )  # a line on disk is a whole line: a crash loses at most this batch
         finished, elapsed = start + len(batch), time.time() - started
         eta = elapsed / (finished - done) * (len(items) - finished)
-        print(f"\r{finished}/{len(items)} prompts, {tokens / elapsed:.0f} tokens/s, ETA {eta:.0f}s", end="",
-              file=sys.stderr, flush=True)
+        print(
+            f"\r{finished}/{len(items)} prompts, {tokens / elapsed:.0f} tokens/s, ETA {eta:.0f}s",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
     print(file=sys.stderr)
 
 
@@ -182,7 +295,9 @@ def completed_lines(path: Path, items) -> int:
         except (json.JSONDecodeError, AttributeError):
             record = None
         if number > len(items) or record != items[number - 1][0]:
-            raise UserError(f"--out {path} holds replies to other prompts (line {number}); pass another --out")
+            raise UserError(
+                f"--out {path} holds replies to other prompts (line {number}); pass another --out"
+            )
     return len(lines)
 
 
@@ -190,7 +305,9 @@ def main(argv=None):
     args = parse_args(argv)
     policy = read_adapter_policy(args)
     model_name = args.model or policy.base_model
-    items = load_prompts(args.prompts, args.unique) if args.prompts else None  # a bad prompts file is refused before loading
+    items = (
+        load_prompts(args.prompts, args.unique) if args.prompts else None
+    )  # a bad prompts file is refused before loading
     model, tokenizer = load_policy(args, policy, model_name)
     mode, alpha, alpha0 = policy.mode, policy.alpha, policy.alpha0
     if items is not None:
@@ -209,8 +326,12 @@ def main(argv=None):
         answer(history + [{"role": "user", "content": args.prompt}])
         return
     # the banner and the prompt go to stderr, so that stdout holds the replies alone
-    print(f"chatting with {model_name}" + (f" + {args.adapter} ({mode})" if args.adapter else "") + "; Ctrl-D to quit",
-          file=sys.stderr)
+    print(
+        f"chatting with {model_name}"
+        + (f" + {args.adapter} ({mode})" if args.adapter else "")
+        + "; Ctrl-D to quit",
+        file=sys.stderr,
+    )
     if sys.stdin.isatty():
         import readline  # noqa: F401  (line editing and history for input(): arrow keys move, not type ^[[D)
     while True:

@@ -1,15 +1,26 @@
 """qadapter-min: Q-Adapter (Li et al., ICLR 2025) for Llama 3.1, written to be read.
 
-One file per concern:
+The teaching path, read in this order (then train.py, beside the package):
     model.py      Llama 3.1 (ModelArgs, Transformer, KVCache)
+    lora.py       LoRA, the adapter switched off (pi1), keyed dropout
+    objective.py  Q-Adapter, DPO and SFT, the paper's equations beside the code; Objective
+
+One file per concern beside it:
+    step.py       one micro-batch through the model: what training, evaluation and bench share
+    lean_head.py  the LM head and the objective without full logits
     weights.py    loading Hugging Face checkpoints (load_model), and writing their config.json
-    tokenizer.py  the Llama 3 tokenizer and the Llama-3.1-Instruct chat format
-    lora.py       LoRA, the adapter switched off (pi1), keyed dropout, adapters in PEFT's layout
-    objective.py  the Q-Adapter and DPO objectives, the paper's equations beside the code
-    step.py       one micro-batch of pairs through the model: what training, evaluation and bench share
-    data.py       preference files (conversational, HH-RLHF, DSP), encoding, batching
+    tokenizer.py  the Llama 3 tokenizer; the Llama-3.1-Instruct and ChatML chat formats
+    data.py       preference files (conversational, TRL, HH-RLHF, DSP), encoding, batching
     generate.py   decoding from the base model, the adapter, or the customised policy
-    memory.py     the memory plan of one training rank
+    policy.py     the policy an adapter defines, and what measures one
+    adapters.py   adapters on disk: PEFT's layout, and qadapter_config.json
+    flags.py      train.py's flags, and every check of them that needs no model
+    run_dir.py    the run directory's contract: checkpoints, --resume, --overwrite, metrics
+    sharding.py   FSDP2 for train.py --fsdp
+    memory.py     the memory model of one training rank, its plan, the out-of-memory advice
+    processes.py  the processes of a run, under torchrun or alone
+    harness.py    lm-evaluation-harness's model API over a policy (evaluate.py alone imports it)
+    reward.py     reward models in the LlamaForSequenceClassification layout
     common.py     what the scripts share: device, dtype, atomic writes, JSON, errors on the command line
 """
 

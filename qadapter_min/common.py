@@ -2,6 +2,7 @@
 --help with defaults, and how a script ends on a user's mistake or on Ctrl-C."""
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -13,8 +14,15 @@ import torch.distributed as dist
 from qadapter_min import UserError
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-_UMASK = os.umask(0)  # read the process's umask (os.umask sets and returns it) ...
-os.umask(_UMASK)  # ... and put it back
+
+
+@functools.cache
+def file_mode() -> int:
+    """The mode a plain open() gives a new file: 0666 less the process's umask (os.umask can only be
+    read by setting it, so it is put straight back, once, at the first write)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def default_device(local_rank: int = 0) -> torch.device:
@@ -35,7 +43,7 @@ def atomic_write(path: Path, write):
     temporary = path.with_name(f".{path.name}.tmp")
     try:
         write(temporary)
-        os.chmod(temporary, 0o666 & ~_UMASK)
+        os.chmod(temporary, file_mode())
         os.replace(temporary, path)
     except BaseException:  # Ctrl-C or a full disk: leave no half-written temporary behind
         temporary.unlink(missing_ok=True)
@@ -81,7 +89,11 @@ def run_command_line(main):
         code = 2
     except KeyboardInterrupt as interrupt:
         if speaks:
-            print(f"\ninterrupted{': ' + str(interrupt) if str(interrupt) else ''}", file=sys.stderr, flush=True)
+            print(
+                f"\ninterrupted{': ' + str(interrupt) if str(interrupt) else ''}",
+                file=sys.stderr,
+                flush=True,
+            )
         code = 130
     if dist.is_initialized():
         os._exit(code)
@@ -100,10 +112,14 @@ def format_table(names: list[str], rows: list[tuple[str, list[float]]]) -> str:
     """A table of numbers with a column per name and a labelled row each: [(label, [value per column])]."""
     widths = [max(8 if i == 0 else 12, len(name) + 2) for i, name in enumerate(names)]
     lines = [f"{'':42}" + "".join(f"{name:>{w}}" for name, w in zip(names, widths))]
+
     def number(v, w):  # two decimals, or three significant digits for what is too large for them
         return f"{v:{w}.2f}" if abs(v) < 1e4 else f"{v:{w}.3g}"
 
-    lines += [f"{label:42}" + "".join(number(v, w) for v, w in zip(values, widths)) for label, values in rows]
+    lines += [
+        f"{label:42}" + "".join(number(v, w) for v, w in zip(values, widths))
+        for label, values in rows
+    ]
     return "\n".join(lines)
 
 
@@ -113,6 +129,13 @@ def sharded(tensor: torch.Tensor) -> bool:
     then no tensor can be one."""
     dtensor = sys.modules.get("torch.distributed.tensor")
     return dtensor is not None and isinstance(tensor, dtensor.DTensor)
+
+
+def is_fsdp_model(model: torch.nn.Module) -> bool:
+    """Whether the model runs sharded over the ranks (sharding.py's fully_shard makes it an FSDPModule;
+    looked up only once something has imported FSDP, as in `sharded`)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
 
 
 def full(tensor: torch.Tensor) -> torch.Tensor:
@@ -126,5 +149,8 @@ def like(whole: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     whole = whole.to(device=param.device, dtype=param.dtype)
     if not sharded(param):
         return whole
-    from torch.distributed.tensor import distribute_tensor  # loaded already: param is a DTensor
+    from torch.distributed.tensor import (
+        distribute_tensor,  # loaded already: param is a DTensor
+    )
+
     return distribute_tensor(whole, param.device_mesh, param.placements)

@@ -50,7 +50,7 @@ class Skip(Exception):
     """A record that cannot be used; the message is the reason it is counted under."""
 
 
-# ----------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # Reading files
 
 
@@ -58,22 +58,32 @@ def check_data_file(path: Path):
     """Refuse a data path that is not a file, before anything is read."""
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
-        raise UserError(f"{path} {what}; pass a preference data file (JSON or JSON Lines, optionally .gz)")
+        raise UserError(
+            f"{path} {what}; pass a preference data file (JSON or JSON Lines, optionally .gz)"
+        )
 
 
 def read_records(path: Path):
     """(line number, record) for each record of a JSON array or JSON Lines file, gzipped or not."""
     check_data_file(path)
     try:
-        with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")) as f:
+        with (
+            gzip.open(path, "rt", encoding="utf-8")
+            if path.suffix == ".gz"
+            else open(path, encoding="utf-8")
+        ) as f:
             text = f.read()
     except (OSError, EOFError, UnicodeDecodeError) as error:
-        raise UserError(f"{path} cannot be read as UTF-8 text ({error}); check the file is complete and not compressed twice") from None
+        raise UserError(
+            f"{path} cannot be read as UTF-8 text ({error}); check the file is complete and not compressed twice"
+        ) from None
     if text.lstrip().startswith("["):  # one JSON array
         try:
             records = json.loads(text)
         except json.JSONDecodeError as error:
-            raise UserError(f"{path}: malformed JSON at line {error.lineno} ({error.msg}); fix that line or re-export the file") from None
+            raise UserError(
+                f"{path}: malformed JSON at line {error.lineno} ({error.msg}); fix that line or re-export the file"
+            ) from None
         # an array has no line per record: number its records from 1 instead
         return [(f"record {i}", record) for i, record in enumerate(records, start=1)]
     if text.lstrip().startswith("{") and "\n" in text.strip():  # perhaps one pretty-printed record
@@ -88,7 +98,9 @@ def read_records(path: Path):
         try:
             records.append((f"line {line_number}", json.loads(line)))
         except json.JSONDecodeError as error:
-            raise UserError(f"{path}: malformed JSON at line {line_number} ({error.msg}); fix that line or re-export the file") from None
+            raise UserError(
+                f"{path}: malformed JSON at line {line_number} ({error.msg}); fix that line or re-export the file"
+            ) from None
     return records
 
 
@@ -121,7 +133,10 @@ def parse_hh(text: str) -> list[dict]:
     parts = HH_TURN.split("\n\n" + text.lstrip())  # ["", "Human", " a", "Assistant", " b", ...]
     if parts[0].strip():
         raise Skip("text before the first Human turn")
-    return [{"role": HH_ROLES[speaker], "content": content} for speaker, content in zip(parts[1::2], parts[2::2])]
+    return [
+        {"role": HH_ROLES[speaker], "content": content}
+        for speaker, content in zip(parts[1::2], parts[2::2])
+    ]
 
 
 def record_to_pairs(record, domain: str | None, where: str) -> list[Pair]:
@@ -132,7 +147,10 @@ def record_to_pairs(record, domain: str | None, where: str) -> list[Pair]:
             prompt = record["prompt"]
             if all(isinstance(x, str) for x in (prompt, chosen, rejected)):  # its plain-text form
                 prompt = [{"role": "user", "content": prompt}]
-                chosen, rejected = [{"role": "assistant", "content": chosen}], [{"role": "assistant", "content": rejected}]
+                chosen, rejected = (
+                    [{"role": "assistant", "content": chosen}],
+                    [{"role": "assistant", "content": rejected}],
+                )
             if not all(isinstance(x, list) for x in (prompt, chosen, rejected)):
                 raise Skip("prompt and replies that are neither all text nor all messages")
             chosen, rejected = prompt + chosen, prompt + rejected
@@ -141,7 +159,9 @@ def record_to_pairs(record, domain: str | None, where: str) -> list[Pair]:
         return [Pair(check_conversation(chosen), check_conversation(rejected), where)]
     if isinstance(record, dict) and "query" in record and "responses" in record:  # DSP
         if domain is None:
-            raise UserError(f"{where} is DSP data, which needs a domain: pass --domain with one of {', '.join(DSP_DOMAINS)}")
+            raise UserError(
+                f"{where} is DSP data, which needs a domain: pass --domain with one of {', '.join(DSP_DOMAINS)}"
+            )
         if not isinstance(record["query"], str) or not isinstance(record["responses"], dict):
             raise Skip("DSP query or responses of the wrong type")
         prompt = {"role": "user", "content": record["query"]}
@@ -151,7 +171,10 @@ def record_to_pairs(record, domain: str | None, where: str) -> list[Pair]:
         for other in DSP_RESPONSES:
             if other != domain:
                 chosen = [prompt, {"role": "assistant", "content": record["responses"].get(domain)}]
-                rejected = [prompt, {"role": "assistant", "content": record["responses"].get(other)}]
+                rejected = [
+                    prompt,
+                    {"role": "assistant", "content": record["responses"].get(other)},
+                ]
                 pairs.append(Pair(check_conversation(chosen), check_conversation(rejected), where))
         return pairs
     raise UserError(
@@ -171,9 +194,16 @@ def record_to_conversations(record, domain: str | None, where: str) -> list[list
         return [check_conversation(prompt + [{"role": "assistant", "content": record["reply"]}])]
     if isinstance(record, dict) and "messages" in record and "chosen" not in record:
         messages = record["messages"]
-        if isinstance(messages, list) and messages and isinstance(messages[-1], dict) and messages[-1].get("role") != "assistant":
-            raise UserError(f"{where}: its last message is not the assistant's; a record to fine-tune on ends with "
-                            f"the reply to learn")
+        if (
+            isinstance(messages, list)
+            and messages
+            and isinstance(messages[-1], dict)
+            and messages[-1].get("role") != "assistant"
+        ):
+            raise UserError(
+                f"{where}: its last message is not the assistant's; a record to fine-tune on ends with "
+                f"the reply to learn"
+            )
         return [check_conversation(messages)]
     return [pair.chosen for pair in record_to_pairs(record, domain, where)]
 
@@ -186,14 +216,23 @@ def load_pairs(path, domain: str | None = None, log=print) -> list[Pair]:
 def load_conversations(path, domain: str | None = None, log=print) -> list[list[dict]]:
     """All usable conversations of one file to fine-tune on (SFT): {"messages": [...]} records and the
     chosen conversations of preference records; prints how many were read and why any were skipped."""
-    return load_items(path, domain, log, record_to_conversations, "conversation ending with a reply", "conversations")
+    return load_items(
+        path,
+        domain,
+        log,
+        record_to_conversations,
+        "conversation ending with a reply",
+        "conversations",
+    )
 
 
 def load_items(path, domain: str | None, log, items_of_record, one: str, many: str) -> list:
     """items_of_record(record, domain, where) over every record of a file, skipped records counted."""
     path = Path(path)
     if domain is not None and domain not in DSP_DOMAINS:
-        raise UserError(f"--domain {domain!r} is not a DSP domain; choose one of {', '.join(DSP_DOMAINS)}")
+        raise UserError(
+            f"--domain {domain!r} is not a DSP domain; choose one of {', '.join(DSP_DOMAINS)}"
+        )
     items, skipped = [], Counter()
     for where, record in read_records(path):
         try:
@@ -203,14 +242,18 @@ def load_items(path, domain: str | None, log, items_of_record, one: str, many: s
     reasons = ", ".join(f"{n} {why}" for why, n in skipped.most_common())
     if not items:
         raise UserError(
-            f"{path} holds no usable {one}" + (f" ({reasons})" if reasons else " (it is empty)")
+            f"{path} holds no usable {one}"
+            + (f" ({reasons})" if reasons else " (it is empty)")
             + "; fix its records or pass another file"
         )
-    log(f"{path}: {len(items)} {many}" + (f", {sum(skipped.values())} records skipped ({reasons})" if skipped else ""))
+    log(
+        f"{path}: {len(items)} {many}"
+        + (f", {sum(skipped.values())} records skipped ({reasons})" if skipped else "")
+    )
     return items
 
 
-# ----------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # Prompts to reply to (sample.py --prompts)
 
 
@@ -227,7 +270,10 @@ def prompt_of(record) -> list[dict] | None:
         messages = record["messages"]
         if not isinstance(messages, list) or not messages:
             return None
-        if not all(isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages):
+        if not all(
+            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
+            for m in messages
+        ):
             return None
         if messages[-1]["role"] != "user" or any(m["role"] == "system" for m in messages[1:]):
             return None
@@ -238,7 +284,9 @@ def prompt_of(record) -> list[dict] | None:
         return None
 
 
-def load_prompts(path, unique: bool = False, log=lambda message: print(message, file=sys.stderr)) -> list[tuple[dict, list[dict]]]:
+def load_prompts(
+    path, unique: bool = False, log=lambda message: print(message, file=sys.stderr)
+) -> list[tuple[dict, list[dict]]]:
     """(record, conversation to reply to) for every line of a JSON Lines prompts file, in order (unique:
     only the first record of each distinct conversation); a file that cannot be used is refused in one
     sentence naming it and the line. Preference records that train.py skips are skipped here too, and
@@ -246,7 +294,9 @@ def load_prompts(path, unique: bool = False, log=lambda message: print(message, 
     path = Path(path)
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
-        raise UserError(f"--prompts {path} {what}; pass a JSON Lines file, one prompt record per line")
+        raise UserError(
+            f"--prompts {path} {what}; pass a JSON Lines file, one prompt record per line"
+        )
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
@@ -258,7 +308,9 @@ def load_prompts(path, unique: bool = False, log=lambda message: print(message, 
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            raise UserError(f"{path}: line {number} is not JSON ({error.msg}); --prompts takes JSON Lines") from None
+            raise UserError(
+                f"{path}: line {number} is not JSON ({error.msg}); --prompts takes JSON Lines"
+            ) from None
         try:
             messages = prompt_of(record)
         except Skip as reason:
@@ -271,10 +323,14 @@ def load_prompts(path, unique: bool = False, log=lambda message: print(message, 
             )
         items.append((record, messages))
     if skipped:
-        log(f"{path}: {sum(skipped.values())} records skipped, as train.py skips them "
-            f"({', '.join(f'{n} {why}' for why, n in skipped.most_common())})")
+        log(
+            f"{path}: {sum(skipped.values())} records skipped, as train.py skips them "
+            f"({', '.join(f'{n} {why}' for why, n in skipped.most_common())})"
+        )
     if not items:
-        raise UserError(f"--prompts {path} is empty; pass a JSON Lines file, one prompt record per line")
+        raise UserError(
+            f"--prompts {path} is empty; pass a JSON Lines file, one prompt record per line"
+        )
     if unique:
         first = {}
         for record, messages in items:
@@ -283,7 +339,7 @@ def load_prompts(path, unique: bool = False, log=lambda message: print(message, 
     return items
 
 
-# ----------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # Encoding and batching
 
 
@@ -322,26 +378,39 @@ def encode_conversation(messages: list[dict], tokenizer: Tokenizer, max_len: int
     def encode(turns):
         prompt = tokenizer.encode_chat(system + turns, add_generation_prompt=True)
         full = tokenizer.encode_chat(system + turns + [reply])
-        assert full[: len(prompt)] == prompt, "the prompt must be a token prefix of the conversation"
+        assert full[: len(prompt)] == prompt, (
+            "the prompt must be a token prefix of the conversation"
+        )
         reply_ids = full[len(prompt) :]
-        # the reply ends with its end-of-turn token (ChatML's template writes a newline after it, which no reply generates)
+        # the reply ends with its end-of-turn token (ChatML's template writes a newline after it,
+        # which no reply generates)
         return prompt, reply_ids[: len(reply_ids) - reply_ids[::-1].index(tokenizer.eot_id)]
 
     prompt, reply_ids = encode(turns)
     while len(prompt) + len(reply_ids) > max_len and len(turns) > 1:
         turns = turns[1:]
-        while len(turns) > 1 and turns[0]["role"] != "user":  # start the remaining history with a user turn
+        while (
+            len(turns) > 1 and turns[0]["role"] != "user"
+        ):  # start the remaining history with a user turn
             turns = turns[1:]
         prompt, reply_ids = encode(turns)
         done.add("dropped_turns")
     if len(prompt) + len(reply_ids) <= max_len:
         return prompt + reply_ids, len(prompt), done
 
-    if not system and tokenizer.default_system is not None:  # ChatML: the template's default system turn leads
+    if (
+        not system and tokenizer.default_system is not None
+    ):  # ChatML: the template's default system turn leads
         system = [{"role": "system", "content": tokenizer.default_system}]
-    system_block = tokenizer.encode_chat(system)  # the system turn (Llama 3.1: <|begin_of_text|> + the system block)
-    header = len(tokenizer.encode_chat(system, add_generation_prompt=True)) - len(system_block)  # assistant header
-    room = max_len - len(system_block) - len(reply_ids)  # prompt tokens after the system block that fit
+    system_block = tokenizer.encode_chat(
+        system
+    )  # the system turn (Llama 3.1: <|begin_of_text|> + the system block)
+    header = len(tokenizer.encode_chat(system, add_generation_prompt=True)) - len(
+        system_block
+    )  # assistant header
+    room = (
+        max_len - len(system_block) - len(reply_ids)
+    )  # prompt tokens after the system block that fit
     if room >= header:
         done.add("prompt_cut")
         kept = prompt[len(prompt) - room :] if room > 0 else []
@@ -355,7 +424,9 @@ def encode_conversation(messages: list[dict], tokenizer: Tokenizer, max_len: int
     return prompt + reply_ids[:reply_room], len(prompt), done
 
 
-def encode_pairs(pairs: list[Pair], tokenizer: Tokenizer, max_len: int, log=print) -> list[EncodedPair]:
+def encode_pairs(
+    pairs: list[Pair], tokenizer: Tokenizer, max_len: int, log=print
+) -> list[EncodedPair]:
     """Encode every pair (chosen and rejected each with its own prompt); prints what truncation did."""
     encoded, counts = [], Counter()
     for pair in pairs:
@@ -376,7 +447,9 @@ def encode_pairs(pairs: list[Pair], tokenizer: Tokenizer, max_len: int, log=prin
     return encoded
 
 
-def encode_conversations(conversations: list[list[dict]], tokenizer: Tokenizer, max_len: int, log=print) -> list[EncodedConversation]:
+def encode_conversations(
+    conversations: list[list[dict]], tokenizer: Tokenizer, max_len: int, log=print
+) -> list[EncodedConversation]:
     """Encode every conversation to fine-tune on, truncated as pairs are; prints what truncation did."""
     encoded, counts = [], Counter()
     for conversation in conversations:
@@ -401,7 +474,9 @@ def collate(batch: list[EncodedPair] | list[EncodedConversation], pad_id: int):
     if isinstance(batch[0], EncodedConversation):
         rows = [(c.ids, c.prompt_len) for c in batch]
     else:
-        rows = [(p.chosen, p.chosen_prompt_len) for p in batch] + [(p.rejected, p.rejected_prompt_len) for p in batch]
+        rows = [(p.chosen, p.chosen_prompt_len) for p in batch] + [
+            (p.rejected, p.rejected_prompt_len) for p in batch
+        ]
     T = max(len(ids) for ids, _ in rows)
     tokens = torch.full((len(rows), T), pad_id, dtype=torch.long)
     response_mask = torch.zeros(len(rows), T, dtype=torch.bool)

@@ -18,10 +18,12 @@ import torch
 
 from qadapter_min.lora import adapter_disabled, adapter_on_rows
 from qadapter_min.model import KVCache, Transformer
-from qadapter_min.objective import policy_logits
+from qadapter_min.objective import Objective, policy_logits
 
 
-def sample_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator) -> int:
+def sample_token(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator
+) -> int:
     """One token from logits (V,): greedy at temperature 0, else softmax(logits / temperature) after the
     top-k and top-p (nucleus) cuts."""
     if temperature == 0:
@@ -39,7 +41,9 @@ def sample_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: fl
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
 
 
-def next_token_logits(model: Transformer, tokens: torch.Tensor, cache: KVCache, positions=None) -> torch.Tensor:
+def next_token_logits(
+    model: Transformer, tokens: torch.Tensor, cache: KVCache, positions=None
+) -> torch.Tensor:
     """Run tokens (rows, T) through the model over its cache; the logits (rows, V) of the last position only.
 
     The LM head is the largest matrix read per token (V x C). Written as W @ h^T, the product runs as one
@@ -48,7 +52,9 @@ def next_token_logits(model: Transformer, tokens: torch.Tensor, cache: KVCache, 
     put in twice: MKL runs a one-row product as a single-threaded matrix-vector product, four times
     slower on a 2-core CPU than the two-row matrix multiply (on a GPU the copy costs nothing).
     """
-    hidden = model(tokens, kv_cache=cache, return_hidden=True, positions=positions)[:, -1]  # (rows, C)
+    hidden = model(tokens, kv_cache=cache, return_hidden=True, positions=positions)[
+        :, -1
+    ]  # (rows, C)
     rows = hidden.shape[0]
     if rows == 1:
         hidden = hidden.repeat(2, 1)
@@ -61,8 +67,15 @@ class Decoder:
     on for the first copy (Q) and off for the second (pi1): one forward pass, the weights read once."""
 
     def __init__(
-        self, model: Transformer, policy_mode: str, alpha: float = 1.0, alpha0: float = 0.01,
-        max_seq_len: int = 4096, combined: bool = True, batch_size: int = 1, padded: bool = False,
+        self,
+        model: Transformer,
+        policy_mode: str,
+        alpha: float = Objective.alpha,
+        alpha0: float = Objective.alpha0,
+        max_seq_len: int = 4096,
+        combined: bool = True,
+        batch_size: int = 1,
+        padded: bool = False,
     ):
         """combined=False computes the customised policy with two caches and two forward passes per
         token (Q, then pi1 with the adapter off): the plain way, kept to check and time the batch.
@@ -74,15 +87,25 @@ class Decoder:
         self.batch_size = batch_size
         self.two_passes = policy_mode == "customised" and not combined
         copies = 2 if policy_mode == "customised" and combined else 1
-        self.cache = KVCache(model.args, copies * batch_size, max_seq_len, param.dtype, param.device)
-        self.base_cache = KVCache(model.args, batch_size, max_seq_len, param.dtype, param.device) if self.two_passes else None
+        self.cache = KVCache(
+            model.args, copies * batch_size, max_seq_len, param.dtype, param.device
+        )
+        self.base_cache = (
+            KVCache(model.args, batch_size, max_seq_len, param.dtype, param.device)
+            if self.two_passes
+            else None
+        )
         self.caches = [c for c in (self.cache, self.base_cache) if c is not None]
         self.lengths = None  # (B,) tokens of each row so far, when padded
         if padded:
             for cache in self.caches:
-                cache.valid = torch.zeros(cache.keys.shape[1], max_seq_len, dtype=torch.bool, device=param.device)
+                cache.valid = torch.zeros(
+                    cache.keys.shape[1], max_seq_len, dtype=torch.bool, device=param.device
+                )
             self.lengths = torch.zeros(batch_size, dtype=torch.long, device=param.device)
-        self.adapter_rows = torch.arange(copies * batch_size, device=param.device) < batch_size  # the first copy: Q
+        self.adapter_rows = (
+            torch.arange(copies * batch_size, device=param.device) < batch_size
+        )  # the first copy: Q
 
     @torch.no_grad()
     def feed(self, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -92,7 +115,9 @@ class Decoder:
         positions = None
         if self.lengths is not None:
             valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid
-            positions = (self.lengths[:, None] + valid.cumsum(1) - 1).clamp(min=0)  # (B, T): padding repeats a position
+            positions = (self.lengths[:, None] + valid.cumsum(1) - 1).clamp(
+                min=0
+            )  # (B, T): padding repeats a position
             self.lengths += valid.sum(1)
             for cache in self.caches:
                 copies = cache.keys.shape[1] // B
@@ -109,16 +134,19 @@ class Decoder:
             return policy_logits(q, base, self.alpha, self.alpha0)
         twice = None if positions is None else positions.repeat(2, 1)
         with adapter_on_rows(self.model, self.adapter_rows):
-            logits = next_token_logits(self.model, tokens.repeat(2, 1), self.cache, twice)  # (2B, V): Q, then base
+            logits = next_token_logits(
+                self.model, tokens.repeat(2, 1), self.cache, twice
+            )  # (2B, V): Q, then base
         return policy_logits(logits[:B], logits[B:], self.alpha, self.alpha0)
-
 
     def keep(self, rows: torch.Tensor):
         """Keep only the sequences listed in rows (1-D indices into the batch), e.g. drop finished ones."""
         B = self.batch_size
         for cache in self.caches:
             copies = cache.keys.shape[1] // B
-            cache.keep_rows(torch.cat([rows + copy * B for copy in range(copies)]))  # every copy of each kept row
+            cache.keep_rows(
+                torch.cat([rows + copy * B for copy in range(copies)])
+            )  # every copy of each kept row
         if self.lengths is not None:
             self.lengths = self.lengths[rows]
         self.batch_size = len(rows)
@@ -132,8 +160,8 @@ def generate(
     stop_ids,
     max_new_tokens: int = 256,
     policy_mode: str = "base",
-    alpha: float = 1.0,
-    alpha0: float = 0.01,
+    alpha: float = Objective.alpha,
+    alpha0: float = Objective.alpha0,
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -141,7 +169,14 @@ def generate(
     combined: bool = True,
 ):
     """Yield the reply's token ids one at a time, stopping at a stop id (not yielded) or max_new_tokens."""
-    decoder = Decoder(model, policy_mode, alpha, alpha0, max_seq_len=len(prompt_ids) + max_new_tokens, combined=combined)
+    decoder = Decoder(
+        model,
+        policy_mode,
+        alpha,
+        alpha0,
+        max_seq_len=len(prompt_ids) + max_new_tokens,
+        combined=combined,
+    )
     device = decoder.cache.keys.device
     logits = decoder.feed(torch.tensor([prompt_ids], device=device))[0]  # prefill
     for step in range(max_new_tokens):
@@ -160,8 +195,8 @@ def generate_batch(
     stop_ids,
     max_new_tokens: int = 256,
     policy_mode: str = "base",
-    alpha: float = 1.0,
-    alpha0: float = 0.01,
+    alpha: float = Objective.alpha,
+    alpha0: float = Objective.alpha0,
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -187,14 +222,26 @@ def generate_batch(
     for i, prompt in enumerate(prompts):
         tokens[i, longest - len(prompt) :] = torch.tensor(prompt, device=device)
         valid[i, longest - len(prompt) :] = True
-    decoder = Decoder(model, policy_mode, alpha, alpha0, max_seq_len=longest + max_new_tokens, batch_size=B, padded=True)
+    decoder = Decoder(
+        model,
+        policy_mode,
+        alpha,
+        alpha0,
+        max_seq_len=longest + max_new_tokens,
+        batch_size=B,
+        padded=True,
+    )
     logits = decoder.feed(tokens, valid)  # prefill: (B, V)
     replies = [[] for _ in range(B)]
-    running = list(range(B))  # the prompts still decoding: row j of the decoder's batch is prompt running[j]
+    running = list(
+        range(B)
+    )  # the prompts still decoding: row j of the decoder's batch is prompt running[j]
     for step in range(max_new_tokens):
         next_tokens, still_running = [], []
         for j, i in enumerate(running):
-            token = sample_token(logits[j], temperature, top_k, top_p, generators[i] if generators else None)
+            token = sample_token(
+                logits[j], temperature, top_k, top_p, generators[i] if generators else None
+            )
             if token in stop_ids:
                 continue
             replies[i].append(token)

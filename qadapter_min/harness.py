@@ -35,7 +35,15 @@ class PolicyLM(TemplateLM):
     """One policy of a loaded model, as an lm-eval model. Requests are split over torch.distributed's ranks
     by lm-eval itself; each rank scores its share with its own copy of the model."""
 
-    def __init__(self, model, tokenizer: Tokenizer, policy: Policy, name: str, batch_size: int = 8, max_length: int | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer: Tokenizer,
+        policy: Policy,
+        name: str,
+        batch_size: int = 8,
+        max_length: int | None = None,
+    ):
         super().__init__()
         self.model, self.qtokenizer, self.policy, self.name = model, tokenizer, policy, name
         self.batch_size = batch_size
@@ -51,14 +59,25 @@ class PolicyLM(TemplateLM):
         return self.qtokenizer.eot_id
 
     @property
-    def prefix_token_id(self) -> int:  # what precedes an empty context: the declared BOS, else the end of a turn
+    def prefix_token_id(
+        self,
+    ) -> int:  # what precedes an empty context: the declared BOS, else the end of a turn
         declared = self.qtokenizer.declared_bos_id
         return self.qtokenizer.eot_id if declared is None else declared
 
-    def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None, **kwargs) -> list[int]:
+    def tok_encode(
+        self,
+        string: str,
+        add_special_tokens: bool | None = None,
+        left_truncate_len: int | None = None,
+        **kwargs,
+    ) -> list[int]:
         ids = self.qtokenizer.encode_rendered(string)
         bos = self.qtokenizer.bos_id  # None for ChatML, whose tokenizers add nothing
-        if bos is not None and (add_special_tokens or (add_special_tokens is None and not string.startswith(BEGIN_OF_TEXT))):
+        if bos is not None and (
+            add_special_tokens
+            or (add_special_tokens is None and not string.startswith(BEGIN_OF_TEXT))
+        ):
             ids = [bos] + ids
         return ids[-left_truncate_len:] if left_truncate_len else ids
 
@@ -70,18 +89,29 @@ class PolicyLM(TemplateLM):
         return self.name.replace("/", "__")
 
     def chat_template(self, chat_template: bool | str = False) -> str:
-        return self.qtokenizer.chat_format  # the format Tokenizer.chat_text writes; lm-eval records it with the results
+        return (
+            self.qtokenizer.chat_format
+        )  # the format Tokenizer.chat_text writes; lm-eval records it with the results
 
-    def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self, chat_history: list[dict], add_generation_prompt: bool = True
+    ) -> str:
         return self.qtokenizer.chat_text(chat_history, add_generation_prompt=add_generation_prompt)
 
     # ---- the three requests
 
-    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(
+        self, requests, disable_tqdm: bool = False, **kwargs
+    ) -> list[tuple[float, bool]]:
         """requests: ((context, continuation), context ids, continuation ids); a sequence longer than the
         context length loses tokens from the left, as lm-eval's Hugging Face backend does."""
-        sequences = [(context + continuation)[-(self.max_length + 1) :] for _, context, continuation in requests]
-        results = log_probs(self.model, self.policy, sequences, [len(c) for _, _, c in requests], self.batch_size)
+        sequences = [
+            (context + continuation)[-(self.max_length + 1) :]
+            for _, context, continuation in requests
+        ]
+        results = log_probs(
+            self.model, self.policy, sequences, [len(c) for _, _, c in requests], self.batch_size
+        )
         for (key, _, _), result in zip(requests, results):
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, result)
@@ -91,7 +121,9 @@ class PolicyLM(TemplateLM):
         windows, owners = [], []
         for index, request in enumerate(requests):
             ids = self.tok_encode(request.args[0])
-            for window in get_rolling_token_windows(ids, self.prefix_token_id, self.max_length, context_len=1):
+            for window in get_rolling_token_windows(
+                ids, self.prefix_token_id, self.max_length, context_len=1
+            ):
                 windows.append((None, *make_disjoint_window(window)))
                 owners.append(index)
         totals = [0.0] * len(requests)
@@ -108,23 +140,47 @@ class PolicyLM(TemplateLM):
         replies = [None] * len(requests)
         groups = {}
         for index, request in enumerate(requests):
-            groups.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(index)
+            groups.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(
+                index
+            )
         for key, indices in groups.items():
-            settings = normalize_gen_kwargs(json.loads(key), MAX_GEN_TOKS)  # lm-eval's reading of them
+            settings = normalize_gen_kwargs(
+                json.loads(key), MAX_GEN_TOKS
+            )  # lm-eval's reading of them
             until, max_new_tokens = [u for u in settings["until"] if u], settings["max_gen_toks"]
             temperature = float(settings["temperature"]) if settings["do_sample"] else 0.0
             top_p, top_k = float(settings.get("top_p") or 1.0), int(settings.get("top_k") or 0)
-            prompts = {i: self.tok_encode(requests[i].args[0], left_truncate_len=self.max_length - max_new_tokens)
-                       for i in indices}
+            prompts = {
+                i: self.tok_encode(
+                    requests[i].args[0], left_truncate_len=self.max_length - max_new_tokens
+                )
+                for i in indices
+            }
             indices.sort(key=lambda i: -len(prompts[i]))
             for start in range(0, len(indices), self.batch_size):
                 batch = indices[start : start + self.batch_size]
-                generators = [torch.Generator(self._device).manual_seed(1234 + i) for i in batch] if temperature else None
+                generators = (
+                    [torch.Generator(self._device).manual_seed(1234 + i) for i in batch]
+                    if temperature
+                    else None
+                )
                 ids = generate_batch(
-                    self.model, [prompts[i] for i in batch], stop_ids=self.qtokenizer.stop_ids,
-                    max_new_tokens=max_new_tokens, policy_mode=self.policy.mode, alpha=self.policy.alpha,
-                    alpha0=self.policy.alpha0, temperature=temperature, top_p=top_p, top_k=top_k, generators=generators,
-                    finished=(lambda _, reply: any(stop in self.tok_decode(reply) for stop in until)) if until else None,
+                    self.model,
+                    [prompts[i] for i in batch],
+                    stop_ids=self.qtokenizer.stop_ids,
+                    max_new_tokens=max_new_tokens,
+                    policy_mode=self.policy.mode,
+                    alpha=self.policy.alpha,
+                    alpha0=self.policy.alpha0,
+                    temperature=temperature,
+                    top_p=top_p,
+                    top_k=top_k,
+                    generators=generators,
+                    finished=(
+                        lambda _, reply: any(stop in self.tok_decode(reply) for stop in until)
+                    )
+                    if until
+                    else None,
                 )
                 for i, reply in zip(batch, ids):
                     replies[i] = cut_at_first(self.tok_decode(reply), until)

@@ -13,12 +13,79 @@ LoRA + AdamW, and a weight in full only while it is in use:
     in_flight      the largest of what is gathered at once: two blocks in the forward and backward passes
                    (the one computing and the next, fetched ahead), the embedding and the first block at
                    the start, and the LM head with the objective's chunk between the passes
+
+Also here: the published shapes of the Llama 3.1 and 3.2 models (PRESETS, for bench.py's random-init
+runs and plans), the plan train.py prints before its first step, and the advice it gives when a GPU
+runs out of memory all the same.
 """
 
+from contextlib import contextmanager
+
+import torch
+
+from qadapter_min import UserError
+from qadapter_min.common import is_fsdp_model
+from qadapter_min.lean_head import CHUNK_SIZE
 from qadapter_min.model import ModelArgs
-from qadapter_min.objective import CHUNK_SIZE
 
 GIB = 1024**3
+
+
+def _llama3_rope(factor):
+    return dict(
+        rope_type="llama3",
+        factor=factor,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=8192,
+    )
+
+
+# Published shapes, for random-init benchmarks and memory estimates (Llama 3.1 and 3.2 model cards).
+PRESETS = {
+    "llama-3.1-8b": ModelArgs(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        rope_scaling=_llama3_rope(8.0),
+    ),
+    "llama-3.1-70b": ModelArgs(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        rope_scaling=_llama3_rope(8.0),
+    ),
+    "llama-3.1-405b": ModelArgs(
+        hidden_size=16384,
+        intermediate_size=53248,
+        num_hidden_layers=126,
+        num_attention_heads=128,
+        num_key_value_heads=8,
+        rope_scaling=_llama3_rope(8.0),
+    ),
+    "llama-3.2-1b": ModelArgs(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        rope_scaling=_llama3_rope(32.0),
+        tie_word_embeddings=True,
+    ),
+    "llama-3.2-3b": ModelArgs(
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=28,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        rope_scaling=_llama3_rope(32.0),
+        tie_word_embeddings=True,
+    ),
+}
 
 
 def training_memory_gib(
@@ -35,22 +102,31 @@ def training_memory_gib(
     fsdp_ranks, for the model sharded over that many ranks (module docstring)."""
     total_parameters = args.vocab_size * args.hidden_size * (1 if args.tie_word_embeddings else 2)
     per_block = (
-        args.hidden_size * args.head_dim * (2 * args.num_attention_heads + 2 * args.num_key_value_heads)
-        + 3 * args.hidden_size * args.intermediate_size + 2 * args.hidden_size
+        args.hidden_size
+        * args.head_dim
+        * (2 * args.num_attention_heads + 2 * args.num_key_value_heads)
+        + 3 * args.hidden_size * args.intermediate_size
+        + 2 * args.hidden_size
     )
     total_parameters += args.num_hidden_layers * per_block + args.hidden_size
     tokens = 2 * micro_batch_size * max_len  # chosen and rejected
     # Saved for backward inside one block, per token: the two norms' outputs, q, k, v, the attention output,
     # gate, up and silu(gate) * up, and the block input (in the weights' dtype).
     block_activations = (
-        5 * args.hidden_size + 2 * args.num_key_value_heads * args.head_dim + 3 * args.intermediate_size
+        5 * args.hidden_size
+        + 2 * args.num_key_value_heads * args.head_dim
+        + 3 * args.intermediate_size
     ) * weight_bytes
     if checkpointing:
-        activations = tokens * (args.num_hidden_layers * args.hidden_size * weight_bytes + 2 * block_activations)
+        activations = tokens * (
+            args.num_hidden_layers * args.hidden_size * weight_bytes + 2 * block_activations
+        )
     else:
         activations = tokens * args.num_hidden_layers * block_activations
     scored = tokens // 2  # about half of the positions are reply tokens
-    objective = min(chunk_size, scored) * args.vocab_size * 4 * 5 + scored * args.hidden_size * weight_bytes
+    objective = (
+        min(chunk_size, scored) * args.vocab_size * 4 * 5 + scored * args.hidden_size * weight_bytes
+    )
     if fsdp_ranks is None:
         return {
             "weights": total_parameters * weight_bytes / GIB,
@@ -58,7 +134,9 @@ def training_memory_gib(
             "activations": activations / GIB,
             "objective": objective / GIB,
         }
-    matrix = args.vocab_size * args.hidden_size * weight_bytes  # the embedding, and the LM head (the same when tied)
+    matrix = (
+        args.vocab_size * args.hidden_size * weight_bytes
+    )  # the embedding, and the LM head (the same when tied)
     block = per_block * weight_bytes
     return {
         "weights_shard": total_parameters * weight_bytes / fsdp_ranks / GIB,
@@ -66,3 +144,50 @@ def training_memory_gib(
         "activations": activations / GIB,
         "in_flight": max(2 * block, matrix + block, matrix + objective) / GIB,
     }
+
+
+def training_plan(args, model, num_pairs: int, total_steps: int, processes) -> dict:
+    """Print what a run of train.py will do and hold in memory (module docstring); returns the
+    memory plan, GiB by part."""
+    steps_per_epoch = num_pairs // args.batch_size  # the last partial batch of an epoch is left out
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    dtype = next(p for p in model.parameters() if not p.requires_grad).dtype
+    fsdp_ranks = processes.world_size if is_fsdp_model(model) else None
+    memory = training_memory_gib(
+        model.args,
+        trainable,
+        args.micro_batch_size,
+        args.max_len,
+        weight_bytes=dtype.itemsize,
+        checkpointing=args.grad_checkpointing,
+        fsdp_ranks=fsdp_ranks,
+    )
+    micro_steps = args.batch_size // processes.world_size // args.micro_batch_size
+    processes.log(
+        f"model: {args.model} ({model.args.num_hidden_layers} layers, width {model.args.hidden_size}, "
+        f"{model.num_parameters() / 1e6:.1f}M parameters, {str(dtype).removeprefix('torch.')}) "
+        f"on {processes.world_size} x {processes.device.type}\n"
+        f"trainable: {trainable:,} LoRA parameters (r {args.lora_r}, alpha {args.lora_alpha}, "
+        f"{' '.join(args.lora_targets)})\n"
+        f"steps: {total_steps} of {args.batch_size} pairs ({steps_per_epoch} per epoch, "
+        f"{num_pairs - steps_per_epoch * args.batch_size} pairs of each epoch's last partial batch "
+        f"left out); {micro_steps} micro-steps of {args.micro_batch_size} pairs per rank per step\n"
+        f"memory per rank (estimate): "
+        + ", ".join(f"{k} {v:.2f} GiB" for k, v in memory.items())
+        + f", total {sum(memory.values()):.2f} GiB"
+    )
+    return memory
+
+
+@contextmanager
+def out_of_memory_advice(memory: dict, processes):
+    """Turn a CUDA out-of-memory error into one sentence: the plan, and the flags that reduce it."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in memory.items())
+        raise UserError(
+            f"rank {processes.rank} ran out of GPU memory on {processes.device}; the plan estimated "
+            f"{sum(memory.values()):.1f} GiB per rank ({parts}); add --grad_checkpointing, lower "
+            f"--micro_batch_size or --max_len, use --dtype bf16, or shard with --fsdp"
+        ) from None

@@ -33,9 +33,13 @@ class ModelArgs:
     vocab_size: int = 128256  # rows of the embedding and of the LM head (V)
     rms_norm_eps: float = 1e-5  # epsilon inside every RMSNorm
     rope_theta: float = 500000.0  # base of the RoPE frequencies
-    rope_scaling: dict | None = None  # llama3 frequency scaling (see rope_frequencies); None: plain RoPE
+    rope_scaling: dict | None = (
+        None  # llama3 frequency scaling (see rope_frequencies); None: plain RoPE
+    )
     max_position_embeddings: int = 131072  # longest context the model was trained for
-    tie_word_embeddings: bool = False  # True: the LM head reuses the embedding matrix (Llama 3.2 1B/3B)
+    tie_word_embeddings: bool = (
+        False  # True: the LM head reuses the embedding matrix (Llama 3.2 1B/3B)
+    )
     bos_token_id: int | None = 128000  # <|begin_of_text|>
     eos_token_id: int | list[int] | None = 128001  # <|end_of_text|>; a list for the Instruct models
 
@@ -50,45 +54,12 @@ class ModelArgs:
         if self.rope_scaling is not None:
             rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if rope_type != "llama3":
-                raise ValueError(f"rope_type {rope_type!r} is not supported (only 'llama3' and plain RoPE are)")
+                raise ValueError(
+                    f"rope_type {rope_type!r} is not supported (only 'llama3' and plain RoPE are)"
+                )
 
 
-def _llama3_rope(factor):
-    return dict(
-        rope_type="llama3",
-        factor=factor,
-        low_freq_factor=1.0,
-        high_freq_factor=4.0,
-        original_max_position_embeddings=8192,
-    )
-
-
-# Published shapes, for random-init benchmarks and memory estimates (Llama 3.1 and 3.2 model cards).
-PRESETS = {
-    "llama-3.1-8b": ModelArgs(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, rope_scaling=_llama3_rope(8.0),
-    ),
-    "llama-3.1-70b": ModelArgs(
-        hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-        num_attention_heads=64, num_key_value_heads=8, rope_scaling=_llama3_rope(8.0),
-    ),
-    "llama-3.1-405b": ModelArgs(
-        hidden_size=16384, intermediate_size=53248, num_hidden_layers=126,
-        num_attention_heads=128, num_key_value_heads=8, rope_scaling=_llama3_rope(8.0),
-    ),
-    "llama-3.2-1b": ModelArgs(
-        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-        num_key_value_heads=8, rope_scaling=_llama3_rope(32.0), tie_word_embeddings=True,
-    ),
-    "llama-3.2-3b": ModelArgs(
-        hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
-        num_key_value_heads=8, rope_scaling=_llama3_rope(32.0), tie_word_embeddings=True,
-    ),
-}
-
-
-# ----------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # Rotary position embedding (RoPE), rotate-half form: the form HF's q/k weights are laid out for.
 
 
@@ -133,11 +104,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate each (i, i + head_dim/2) channel pair of x (B, heads, T, head_dim) by its angle."""
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # the tables are fp32; the product is in x's dtype, as in HF
+    cos, sin = (
+        cos.to(x.dtype),
+        sin.to(x.dtype),
+    )  # the tables are fp32; the product is in x's dtype, as in HF
     return x * cos + rotate_half(x) * sin
 
 
-# ----------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # The blocks
 
 
@@ -163,20 +137,28 @@ class KVCache:
     """
 
     def __init__(self, args: ModelArgs, batch_size: int, max_seq_len: int, dtype, device):
-        shape = (args.num_hidden_layers, batch_size, args.num_key_value_heads, max_seq_len, args.head_dim)
+        shape = (
+            args.num_hidden_layers,
+            batch_size,
+            args.num_key_value_heads,
+            max_seq_len,
+            args.head_dim,
+        )
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0
-        # (B, max_seq_len) bool: which positions hold a token of the row (False: the left padding of a
-        # prompt shorter than the batch's longest), set by the generation code; None: all do.
+        # (B, max_seq_len) bool: which positions hold a token of the row (False: the left padding
+        # of a prompt shorter than the batch's longest), set by the generation code; None: all do.
         self.valid = None
 
     @property
     def max_seq_len(self) -> int:
         return self.keys.shape[3]
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, KV, T, head_dim) after the cached positions; return all of them (B, KV, S, head_dim)."""
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, KV, T, D) after the cached positions; return all of them (B, KV, S, D)."""
         end = self.length + k.shape[2]
         assert end <= self.max_seq_len, f"KV cache holds {self.max_seq_len} positions, {end} needed"
         self.keys[layer, :, :, self.length : end] = k
@@ -187,8 +169,8 @@ class KVCache:
         self.length += num_positions
 
     def keep_rows(self, rows: torch.Tensor):
-        """Keep only the batch rows listed in rows (a 1-D index tensor), in that order: the others' keys,
-        values and padding are dropped, so later steps neither compute nor attend over them."""
+        """Keep only the batch rows listed in rows (a 1-D index tensor), in that order: the others'
+        keys, values and padding go, so later steps neither compute nor attend over them."""
         self.keys, self.values = self.keys[:, rows], self.values[:, rows]
         if self.valid is not None:
             self.valid = self.valid[rows]
@@ -212,18 +194,31 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, kv_cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        k = (
+            self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        )  # (B, KV, T, D)
+        v = (
+            self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        )  # (B, KV, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_index, k, v)  # (B, KV, S, D), S = cached + T
         S = k.shape[2]
-        if S == T and (kv_cache is None or kv_cache.valid is None):  # no cached prefix: plain causal mask
+        if S == T and (
+            kv_cache is None or kv_cache.valid is None
+        ):  # no cached prefix: plain causal mask
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:  # query i sits at column S - T + i and sees keys 0 .. S - T + i
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)  # (T, S)
-            if kv_cache.valid is not None:  # and no padding key; a padding query sees itself, so no row is empty
-                itself = torch.arange(S, device=x.device) == torch.arange(S - T, S, device=x.device)[:, None]
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(
+                diagonal=S - T
+            )  # (T, S)
+            if (
+                kv_cache.valid is not None
+            ):  # and no padding key; a padding query sees itself, so no row is empty
+                itself = (
+                    torch.arange(S, device=x.device)
+                    == torch.arange(S - T, S, device=x.device)[:, None]
+                )
                 mask = (mask & kv_cache.valid[:, None, None, :S]) | itself  # (B, 1, T, S)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H*D)
@@ -268,27 +263,41 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(args, i) for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         # a tied model has no lm_head tensor: the head is the embedding matrix
-        self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = (
+            None
+            if args.tie_word_embeddings
+            else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        )
         # per-block activation checkpointing for training: recompute each block in the backward pass
         self.gradient_checkpointing = False
 
-    def forward(self, tokens: torch.Tensor, kv_cache: KVCache | None = None, return_hidden: bool = False,
-                positions: torch.Tensor | None = None):
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        return_hidden: bool = False,
+        positions: torch.Tensor | None = None,
+    ):
         """Logits (B, T, V) for tokens (B, T), or the final normed hidden states (B, T, C).
 
-        With a kv_cache, tokens are the next T columns after the cached ones. With return_hidden, the
-        caller applies `logits_from_hidden` itself, for example over chunks of positions. positions
-        (B, T): each row's RoPE positions, for a batch whose rows are padded differently (the
-        generation code's); by default every row counts from the cache's length.
+        With a kv_cache, tokens are the next T columns after the cached ones. With return_hidden,
+        the caller applies the LM head itself (`head_weight`), as lean_head.py does at the scored
+        positions only. positions (B, T): each row's RoPE positions, for a batch whose rows are
+        padded differently (the generation code's); by default every row counts from the cache's
+        length.
         """
         B, T = tokens.shape
         if positions is None:
             start = kv_cache.length if kv_cache is not None else 0
-            positions = torch.arange(start, start + T, device=tokens.device)  # (T,), shared by the rows
+            positions = torch.arange(
+                start, start + T, device=tokens.device
+            )  # (T,), shared by the rows
         # The RoPE tables are recomputed on every call (a few hundred numbers) rather than kept in a
         # buffer: they stay fp32 whatever .to(dtype) does to the module, and need no set-up after a
         # model is built on the meta device.
-        cos, sin = rope_cos_sin(rope_frequencies(self.args, tokens.device), positions)  # (T, D) or (B, T, D)
+        cos, sin = rope_cos_sin(
+            rope_frequencies(self.args, tokens.device), positions
+        )  # (T, D) or (B, T, D)
         if positions.dim() == 2:
             cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D): the same angles for every head
         x = self.embed_tokens(tokens)  # (B, T, C)
@@ -313,11 +322,3 @@ class Transformer(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-@torch.no_grad()
-def init_random_weights(model: Transformer, std: float = 0.02):
-    """Weights for a model trained from scratch (the built-in world) or timed (bench.py), not loaded:
-    GPT-2's init, every matrix N(0, std) and every norm at 1. Draws from torch's global generator."""
-    for p in model.parameters():
-        p.normal_(0.0, std) if p.dim() > 1 else p.fill_(1.0)

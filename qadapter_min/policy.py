@@ -10,21 +10,24 @@ A base model with an adapter on it defines a policy by the objective the adapter
     preference_metrics   accuracy and margin of the implicit reward R on held-out pairs
 
 R(y) = sum over the reply of alpha log pi(a_t|s_t) - alpha0 log pi1(a_t|s_t), the reward that
-objective.loss_from_hidden defines; for the base model alpha = 1 and alpha0 = 0, so R is its
+objective.Objective.loss defines; for the base model alpha = 1 and alpha0 = 0, so R is its
 log-likelihood of the reply. Preference accuracy is the share of pairs with R(chosen) > R(rejected);
 preference margin the mean of R(chosen) - R(rejected).
 """
 
+import dataclasses
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from qadapter_min import UserError
+from qadapter_min.adapters import load_adapter, load_run_config
 from qadapter_min.data import collate
-from qadapter_min.lora import adapter_disabled, adapter_on_rows, load_adapter, load_run_config, lora_layers
-from qadapter_min.objective import CHUNK_SIZE, OBJECTIVE_SETTINGS, POLICY_OF_OBJECTIVE, policy_logits
+from qadapter_min.lean_head import CHUNK_SIZE
+from qadapter_min.lora import adapter_disabled, adapter_on_rows, lora_layers
+from qadapter_min.objective import Objective, policy_logits
 from qadapter_min.step import micro_batch_objective
 from qadapter_min.weights import model_fingerprint
 
@@ -38,8 +41,10 @@ class Policy:
     adapter: str | None = None
     alpha: float = 1.0
     alpha0: float = 0.0
-    settings: dict = field(default_factory=dict)  # the run's objective settings (objective.OBJECTIVE_SETTINGS)
-    base_model: str | None = None  # the base model the adapter was trained on, as train.py was given it
+    objective: Objective | None = None  # what the adapter was trained with (None: no adapter)
+    base_model: str | None = (
+        None  # the base model the adapter was trained on, as train.py was given it
+    )
     fingerprint: str | None = None  # and a fingerprint of it (weights.model_fingerprint)
 
 
@@ -49,13 +54,19 @@ BASE = Policy("base")
 def read_policy(adapter: str, alpha0: float | None = None) -> Policy:
     """The policy an output directory of train.py defines; alpha0 (if given) overrides a Q-Adapter's own."""
     config = load_run_config(adapter)
-    mode = POLICY_OF_OBJECTIVE.get(config["objective"], "adapter")
-    if alpha0 is None or mode != "customised":
-        alpha0 = config["alpha0"]
-    settings = {name: config[name] for name in OBJECTIVE_SETTINGS if name in config}
-    settings["alpha0"] = alpha0
-    return Policy(str(adapter), mode, str(adapter), config["alpha"], alpha0, settings, config["base_model"],
-                  config["base_model_fingerprint"])
+    objective = Objective.read(config)
+    if alpha0 is not None and objective.policy_mode == "customised":
+        objective = dataclasses.replace(objective, alpha0=alpha0)
+    return Policy(
+        str(adapter),
+        objective.policy_mode,
+        str(adapter),
+        objective.alpha,
+        objective.alpha0,
+        objective,
+        config["base_model"],
+        config["base_model_fingerprint"],
+    )
 
 
 def check_base(model: nn.Module, policy: Policy, model_name: str):
@@ -102,17 +113,27 @@ def policy_hidden(model: nn.Module, policy: Policy, tokens: torch.Tensor):
         return model(tokens, return_hidden=True), None
 
 
-def log_softmax_of_policy(model: nn.Module, policy: Policy, hidden: torch.Tensor, base_hidden) -> torch.Tensor:
+def log_softmax_of_policy(
+    model: nn.Module, policy: Policy, hidden: torch.Tensor, base_hidden
+) -> torch.Tensor:
     """log pi(. | s) (N, V) in fp32 from final hidden states (N, C) (and the base model's, for pi~)."""
     logits = (hidden @ model.head_weight.T).float()
     if base_hidden is not None:
-        logits = policy_logits(logits, base_hidden @ model.head_weight.T, policy.alpha, policy.alpha0)
+        logits = policy_logits(
+            logits, base_hidden @ model.head_weight.T, policy.alpha, policy.alpha0
+        )
     return logits.log_softmax(dim=-1)
 
 
 @torch.no_grad()
-def log_probs(model: nn.Module, policy: Policy, sequences: list[list[int]], num_scored: list[int],
-              batch_size: int = 8, chunk_size: int = CHUNK_SIZE) -> list[tuple[float, bool]]:
+def log_probs(
+    model: nn.Module,
+    policy: Policy,
+    sequences: list[list[int]],
+    num_scored: list[int],
+    batch_size: int = 8,
+    chunk_size: int = CHUNK_SIZE,
+) -> list[tuple[float, bool]]:
     """For each token sequence, the summed log pi(a_t | s_t) of its last num_scored tokens given all before
     them, and whether each of those tokens is the policy's most likely one (greedy).
 
@@ -129,7 +150,11 @@ def log_probs(model: nn.Module, policy: Policy, sequences: list[list[int]], num_
     for start in range(0, len(inputs), batch_size):
         batch = inputs[start : start + batch_size]
         tokens = torch.zeros(len(batch), len(batch[0][0]), dtype=torch.long, device=device)
-        rows, positions, targets = [], [], []  # per scored state; targets: (states, most sequences sharing it)
+        rows, positions, targets = (
+            [],
+            [],
+            [],
+        )  # per scored state; targets: (states, most sequences sharing it)
         width = max(len(shared[key]) for key in batch)
         for row, (inp, n) in enumerate(batch):
             tokens[row, : len(inp)] = torch.tensor(inp, device=device)
@@ -145,32 +170,44 @@ def log_probs(model: nn.Module, policy: Policy, sequences: list[list[int]], num_
         taken, greedy = [], []
         for chunk in range(0, len(rows), chunk_size):
             r, p, t = (x[chunk : chunk + chunk_size] for x in (rows, positions, targets))
-            log_pi = log_softmax_of_policy(model, policy, hidden[r, p], None if base_hidden is None else base_hidden[r, p])
+            log_pi = log_softmax_of_policy(
+                model, policy, hidden[r, p], None if base_hidden is None else base_hidden[r, p]
+            )
             taken.append(log_pi.gather(1, t))
             greedy.append(log_pi.argmax(dim=1, keepdim=True) == t)
         taken, greedy = torch.cat(taken).double(), torch.cat(greedy)  # (states, width)
         first = 0
         for inp, n in batch:
             for column, i in enumerate(shared[(inp, n)]):
-                results[i] = (float(taken[first : first + n, column].sum()), bool(greedy[first : first + n, column].all()))
+                results[i] = (
+                    float(taken[first : first + n, column].sum()),
+                    bool(greedy[first : first + n, column].all()),
+                )
             first += n
     return results
 
 
 @torch.no_grad()
-def preference_metrics(model: nn.Module, policy: Policy, encoded_pairs, pad_id: int, micro_batch_size: int = 4) -> dict:
+def preference_metrics(
+    model: nn.Module, policy: Policy, encoded_pairs, pad_id: int, micro_batch_size: int = 4
+) -> dict:
     """preference_accuracy and preference_margin (module docstring) over encoded pairs (data.encode_pairs),
     computed by the micro-batch function train.py runs."""
-    settings = {**policy.settings, "alpha": policy.alpha, "alpha0": policy.alpha0}
-    settings["objective"] = "qadapter" if policy.mode == "customised" else "dpo"  # whose policy R is of
+    whose = "qadapter" if policy.mode == "customised" else "dpo"  # whose policy R is of
+    objective = dataclasses.replace(
+        policy.objective or Objective(), name=whose, alpha=policy.alpha, alpha0=policy.alpha0
+    )
     device = next(model.parameters()).device
     wins, margin = 0, 0.0
     for start in range(0, len(encoded_pairs), micro_batch_size):
         batch = encoded_pairs[start : start + micro_batch_size]
         tokens, response_mask = (t.to(device) for t in collate(batch, pad_id))
         with adapter_disabled(model) if policy.mode == "base" else nullcontext():
-            _, metrics = micro_batch_objective(model, tokens, response_mask, settings)
+            _, metrics = micro_batch_objective(model, tokens, response_mask, objective)
         rewards = metrics["rewards"].double()
         wins += int((rewards[: len(batch)] > rewards[len(batch) :]).sum())
         margin += float((rewards[: len(batch)] - rewards[len(batch) :]).sum())
-    return {"preference_accuracy": wins / len(encoded_pairs), "preference_margin": margin / len(encoded_pairs)}
+    return {
+        "preference_accuracy": wins / len(encoded_pairs),
+        "preference_margin": margin / len(encoded_pairs),
+    }

@@ -56,7 +56,9 @@ def start_processes() -> Processes:
         return Processes(0, 0, 1, default_device())
     dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     local_rank = int(os.environ["LOCAL_RANK"])
-    processes = Processes(dist.get_rank(), local_rank, dist.get_world_size(), default_device(local_rank))
+    processes = Processes(
+        dist.get_rank(), local_rank, dist.get_world_size(), default_device(local_rank)
+    )
     if processes.device.type == "cuda":
         torch.cuda.set_device(processes.device)
     return processes

@@ -9,7 +9,12 @@ Win rate of A against B: the share of prompts where A's reply gets the larger re
 import torch
 
 from qadapter_min.model import Transformer
-from qadapter_min.weights import check_score_head, load_model, resolve_model_dir, safetensors_files
+from qadapter_min.weights import (
+    check_score_head,
+    load_model,
+    resolve_model_dir,
+    safetensors_files,
+)
 
 
 def check_reward_model(path_or_repo_id):
@@ -36,7 +41,9 @@ def rewards(model: Transformer, sequences: list[list[int]], batch_size: int = 8)
         for row, i in enumerate(batch):
             tokens[row, : len(sequences[i])] = torch.tensor(sequences[i], device=device)
         last = torch.tensor([len(sequences[i]) - 1 for i in batch], device=device)
-        hidden = model(tokens, return_hidden=True)[torch.arange(len(batch), device=device), last]  # (B, C)
+        hidden = model(tokens, return_hidden=True)[
+            torch.arange(len(batch), device=device), last
+        ]  # (B, C)
         values = (hidden.float() @ model.head_weight.float().T)[:, 0]
         for i, value in zip(batch, values.tolist()):
             scores[i] = value
@@ -45,4 +52,6 @@ def rewards(model: Transformer, sequences: list[list[int]], batch_size: int = 8)
 
 def win_rate(scores: list[float], against: list[float]) -> float:
     """The share of prompts where scores beat against, ties counting half."""
-    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, against)) / len(scores)
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, against)) / len(
+        scores
+    )

@@ -12,24 +12,35 @@ Loading never needs a whole copy on a rank (`load_sharded_model`): the model is 
 tensor at a time and each rank copies its own rows of it. Host memory per rank stays near its shard of the
 weights plus one tensor, where whole copies would need R times the checkpoint on a node of R ranks.
 
+The few places where a sharded run differs from DDP are here too: how a micro-step skips the
+gradient sync (`gradient_sync`) and how evaluation spreads its batches (`evaluation_batches`).
+
 What leaves the ranks is always whole: `full` (common.py) gathers a tensor (a collective: every rank calls it), so
 checkpoints and adapters hold full tensors, written by rank 0, and a run can resume on another number of
 ranks.
 """
 
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 
-from qadapter_min.common import full, like
+from qadapter_min.common import full, is_fsdp_model, like
 from qadapter_min.lora import add_lora, lora_layers
 from qadapter_min.weights import checkpoint_tensors, empty_model
 
 
 def shard_model(model: nn.Module) -> nn.Module:
     """Shard the model in place: the LoRA matrices, each block, then the root."""
-    from torch.distributed.fsdp import fully_shard  # imported on use: most of a second that runs without --fsdp skip
+    from torch.distributed.fsdp import (
+        fully_shard,  # imported on use: most of a second that runs without --fsdp skip
+    )
+
     for layer in lora_layers(model).values():
         fully_shard(layer.lora_A)
         fully_shard(layer.lora_B)
@@ -39,15 +50,23 @@ def shard_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_sharded_model(model_dir: Path, dtype: torch.dtype, device: torch.device, **lora) -> nn.Module:
+def load_sharded_model(
+    model_dir: Path, dtype: torch.dtype, device: torch.device, **lora
+) -> nn.Module:
     """The checkpoint's model sharded over the ranks with LoRA (add_lora's keyword arguments) on every target,
     the base weights frozen in dtype, the LoRA in fp32 with the very values add_lora draws on a loaded model
     (the same calls on the same device's generator), so a sharded run starts where an unsharded one does."""
     model = empty_model(model_dir).to(dtype)  # meta: no memory yet
-    add_lora(model, device=device, **lora)  # real LoRA weights: small, and drawn as train.py always draws them
+    add_lora(
+        model, device=device, **lora
+    )  # real LoRA weights: small, and drawn as train.py always draws them
     shard_model(model)
-    adapter = {name: p.to_local().clone() for name, p in model.named_parameters() if p.requires_grad}
-    model.to_empty(device=device)  # memory for this rank's shards only, the LoRA's included (copied back below)
+    adapter = {
+        name: p.to_local().clone() for name, p in model.named_parameters() if p.requires_grad
+    }
+    model.to_empty(
+        device=device
+    )  # memory for this rank's shards only, the LoRA's included (copied back below)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, shard in adapter.items():
@@ -59,7 +78,9 @@ def load_sharded_model(model_dir: Path, dtype: torch.dtype, device: torch.device
             chunks = whole.chunk(mesh.size(), dim=0)
             rank = mesh.get_local_rank()
             if rank < len(chunks):
-                param.to_local().copy_(chunks[rank])  # converted to the run's dtype and device shard by shard
+                param.to_local().copy_(
+                    chunks[rank]
+                )  # converted to the run's dtype and device shard by shard
             del whole, chunks
     return model
 
@@ -67,13 +88,53 @@ def load_sharded_model(model_dir: Path, dtype: torch.dtype, device: torch.device
 def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
     """The optimizer's state_dict with every state tensor whole (a collective under FSDP)."""
     state = optimizer.state_dict()
-    state["state"] = {i: {k: full(v).cpu() for k, v in s.items()} for i, s in state["state"].items()}
+    state["state"] = {
+        i: {k: full(v).cpu() for k, v in s.items()} for i, s in state["state"].items()
+    }
     return state
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict):
     """Load a state_dict of whole tensors (full_optimizer_state's), each laid out as its parameter is."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    state = {**state, "state": {i: {k: like(v, params[i]) if v.dim() else v for k, v in s.items()}
-                                for i, s in state["state"].items()}}
+    state = {
+        **state,
+        "state": {
+            i: {k: like(v, params[i]) if v.dim() else v for k, v in s.items()}
+            for i, s in state["state"].items()
+        },
+    }
     optimizer.load_state_dict(state)
+
+
+@contextmanager
+def gradient_sync(wrapped: nn.Module, sync: bool):
+    """A micro-step whose backward reduces the gradients over the ranks (sync) or only accumulates
+    them: DDP's no_sync, or FSDP's set_requires_gradient_sync; one process has nothing to sync."""
+    if sync or not dist.is_initialized():
+        yield
+    elif isinstance(wrapped, DistributedDataParallel):
+        with wrapped.no_sync():
+            yield
+    else:
+        wrapped.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            wrapped.set_requires_gradient_sync(True)
+
+
+def evaluation_batches(
+    pairs: list, size: int, rank: int, world_size: int, model: nn.Module
+) -> Iterator[tuple[list, int]]:
+    """This rank's micro-batches of the eval pairs, every world_size-th one, each with its weight (its
+    number of pairs). Sharded, every rank runs as many micro-batches (a sharded forward pass needs
+    every rank), those past the end the first batch again, with weight 0."""
+    first, stride = rank * size, world_size * size
+    if is_fsdp_model(model):
+        rounds = math.ceil(len(pairs) / stride)
+    else:
+        rounds = len(range(first, len(pairs), stride))
+    for i in range(first, first + rounds * stride, stride):
+        batch = pairs[i : i + size]
+        yield batch or pairs[:size], len(batch)

@@ -53,11 +53,15 @@ class Tokenizer:
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
-            raise UserError(f"{file} does not exist; pass a model directory that holds tokenizer.json, or the file itself")
+            raise UserError(
+                f"{file} does not exist; pass a model directory that holds tokenizer.json, or the file itself"
+            )
         try:
             self._tokenizer = HFTokenizer.from_file(str(file))
         except Exception as error:  # the Rust side raises a bare Exception for every parse error
-            raise UserError(f"{file} is not a tokenizer.json the tokenizers library can read ({error})") from None
+            raise UserError(
+                f"{file} is not a tokenizer.json the tokenizers library can read ({error})"
+            ) from None
         # Special tokens are found by their spelling only where we put them (by id); text never produces them.
         self._tokenizer.encode_special_tokens = True
         self.special_ids = {
@@ -65,11 +69,18 @@ class Tokenizer:
             for token_id, token in self._tokenizer.get_added_tokens_decoder().items()
             if token.special
         }
-        if all(name in self.special_ids for name in (BEGIN_OF_TEXT, START_HEADER, END_HEADER, END_OF_TURN)):
+        if all(
+            name in self.special_ids
+            for name in (BEGIN_OF_TEXT, START_HEADER, END_HEADER, END_OF_TURN)
+        ):
             self.chat_format = LLAMA_3_1
             self.bos_id = self.special_ids[BEGIN_OF_TEXT]
             self.eot_id = self.special_ids[END_OF_TURN]  # closes every turn, so every reply
-            stops = (END_OF_TURN, END_OF_MESSAGE, END_OF_TEXT)  # the end of a turn, of a tool message, of the text
+            stops = (
+                END_OF_TURN,
+                END_OF_MESSAGE,
+                END_OF_TEXT,
+            )  # the end of a turn, of a tool message, of the text
             self.default_system = None
             self.declared_bos_id = self.bos_id
         elif IM_START in self.special_ids and IM_END in self.special_ids:
@@ -81,11 +92,23 @@ class Tokenizer:
             self.default_system = default_system_message(config)
             # the BOS the tokenizer declares though no template writes it (SmolLM2: <|im_start|>): lm-eval's
             # Hugging Face backend puts it before an empty context
-            self.declared_bos_id = self.special_ids.get(config.get("bos_token")) if isinstance(config.get("bos_token"), str) else None
+            self.declared_bos_id = (
+                self.special_ids.get(config.get("bos_token"))
+                if isinstance(config.get("bos_token"), str)
+                else None
+            )
         else:
-            raise UserError(f"{file} has neither Llama 3's special tokens ({START_HEADER}, {END_OF_TURN}, ...) nor ChatML's "
-                            f"({IM_START}, {IM_END}); qadapter-min speaks those two chat formats")
+            raise UserError(
+                f"{file} has neither Llama 3's special tokens ({START_HEADER}, {END_OF_TURN}, ...) nor ChatML's "
+                f"({IM_START}, {IM_END}); qadapter-min speaks those two chat formats"
+            )
         self.stop_ids = [self.special_ids[t] for t in stops if t in self.special_ids]
+
+    @property
+    def pad_id(self) -> int:
+        """What pads a batch's rows: Llama 3's <|finetune_right_pad_id|> where the tokenizer has it,
+        else the end of turn (padding is masked out either way; a token of its own reads better)."""
+        return self.special_ids.get("<|finetune_right_pad_id|>", self.eot_id)
 
     @property
     def vocab_size(self) -> int:
@@ -118,7 +141,12 @@ class Tokenizer:
         """A turn's opening and text, without what closes it (module docstring)."""
         if self.chat_format == CHATML:
             return [self.special_ids[IM_START], *self.encode(f"{role}\n{text}")]
-        return [self.special_ids[START_HEADER], *self.encode(role), self.special_ids[END_HEADER], *self.encode("\n\n" + text)]
+        return [
+            self.special_ids[START_HEADER],
+            *self.encode(role),
+            self.special_ids[END_HEADER],
+            *self.encode("\n\n" + text),
+        ]
 
     def _end_of_turn(self) -> list[int]:
         return [self.eot_id, *self.encode("\n")] if self.chat_format == CHATML else [self.eot_id]
@@ -148,13 +176,20 @@ class Tokenizer:
             ids += self._turn("assistant", "")
         return ids
 
-    def chat_text(self, messages: list[dict], add_generation_prompt: bool = True, date_string: str = "26 Jul 2024") -> str:
+    def chat_text(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        date_string: str = "26 Jul 2024",
+    ) -> str:
         """The conversation rendered as the chat template renders it, one string with the special tokens spelt
         out; `encode_rendered` of it gives encode_chat's ids (unless a message spells a special token).
         Without the generation prompt the last message is left open (no end of turn), for the model to continue."""
         end = f"{IM_END}\n" if self.chat_format == CHATML else END_OF_TURN
         bos = "" if self.bos_id is None else BEGIN_OF_TEXT
-        text = bos + "".join(self._turn_text(role, text) + end for role, text in self._turns(messages, date_string))
+        text = bos + "".join(
+            self._turn_text(role, text) + end for role, text in self._turns(messages, date_string)
+        )
         if add_generation_prompt:
             return text + self._turn_text("assistant", "")
         return text.removesuffix(end)
@@ -169,7 +204,9 @@ class Tokenizer:
 def check_messages(messages: list[dict]):
     for message in messages:
         if message.get("role") not in CHAT_ROLES or not isinstance(message.get("content"), str):
-            raise ValueError(f"a chat message needs a role in {CHAT_ROLES} and string content, got {message!r}")
+            raise ValueError(
+                f"a chat message needs a role in {CHAT_ROLES} and string content, got {message!r}"
+            )
 
 
 def chat_turns(messages: list[dict], date_string: str) -> list[tuple[str, str]]:
@@ -189,7 +226,11 @@ def chatml_turns(messages: list[dict], default_system: str | None) -> list[tuple
     system message (and the template has one), then every message as it is. Unlike the template, an empty
     conversation gets the default system turn too, so that a prompt's ids always begin its conversation's."""
     check_messages(messages)
-    system = [("system", default_system)] if default_system is not None and (not messages or messages[0]["role"] != "system") else []
+    system = (
+        [("system", default_system)]
+        if default_system is not None and (not messages or messages[0]["role"] != "system")
+        else []
+    )
     return system + [(m["role"], m["content"]) for m in messages]
 
 
@@ -208,28 +249,46 @@ def default_system_message(config: dict) -> str | None:
     assistant named SmolLM, trained by Hugging Face"). None without a template or such a text."""
     template = config.get("chat_template")
     if isinstance(template, list):  # several named templates: the default one
-        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+        template = next(
+            (
+                t.get("template")
+                for t in template
+                if isinstance(t, dict) and t.get("name") == "default"
+            ),
+            None,
+        )
     if not isinstance(template, str):
         return None
     match = re.search(r"<\|im_start\|>system\n([^'\"{}]*?)<\|im_end\|>", template)
     return match.group(1) if match else None
 
 
-# ----------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # Small tokenizers of the same kind, for the built-in world and the tests: Llama 3's pre-tokenizer
 # (the split pattern of its tokenizer.json), byte-level BPE and its 256 special tokens, over a tiny
 # vocabulary trained on the texts at hand.
 
 LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
 
 def llama3_special_tokens() -> list[str]:
     """Llama 3's 256 special tokens in their order (ids 128000-128255 in the real vocabulary)."""
-    named = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
-             "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>", "<|start_header_id|>", "<|end_header_id|>",
-             "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+    named = [
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|reserved_special_token_0|>",
+        "<|reserved_special_token_1|>",
+        "<|finetune_right_pad_id|>",
+        "<|reserved_special_token_2|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eom_id|>",
+        "<|eot_id|>",
+        "<|python_tag|>",
+    ]
     return named + [f"<|reserved_special_token_{i}|>" for i in range(3, 248)]
 
 
@@ -237,13 +296,18 @@ def train_llama3_style_tokenizer(texts: list[str], path: Path, vocab_size: int):
     """Write to path a tokenizer.json: byte-level BPE with Llama 3's pre-tokenizer, decoder and special
     tokens, its merges trained on texts."""
     tokenizer = HFTokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(texts, trainer)
     tokenizer.add_special_tokens(llama3_special_tokens())
     tokenizer.save(str(path))

@@ -56,23 +56,33 @@ def resolve_model_dir(path_or_repo_id: str | os.PathLike) -> Path:
             f"pass a directory holding config.json and *.safetensors, or an id such as meta-llama/Llama-3.1-8B-Instruct"
         )
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     try:
         return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
     except GatedRepoError:
         raise UserError(
-            f"the Hub repo {name} is gated; accept its licence on its Hub page and set HF_TOKEN to a token of that account"
+            f"the Hub repo {name} is gated; accept its licence on its Hub page and set HF_TOKEN to a "
+            f"token of that account"
         ) from None
     except RepositoryNotFoundError:
-        raise UserError(f"the Hub repo {name} does not exist or needs a token; check the id, or set HF_TOKEN") from None
+        raise UserError(
+            f"the Hub repo {name} does not exist or needs a token; check the id, or set HF_TOKEN"
+        ) from None
     except LocalEntryNotFoundError:
         raise UserError(
             f"{name} is not in the Hugging Face cache and the Hub cannot be reached (offline or HF_HUB_OFFLINE=1); "
             f"download it once with network access, or pass a local model directory"
         ) from None
     except (HfHubHTTPError, OSError) as error:
-        raise UserError(f"downloading {name} from the Hub failed ({error}); retry, or pass a local model directory") from None
+        raise UserError(
+            f"downloading {name} from the Hub failed ({error}); retry, or pass a local model directory"
+        ) from None
 
 
 def read_config(model_dir: Path) -> ModelArgs:
@@ -80,7 +90,9 @@ def read_config(model_dir: Path) -> ModelArgs:
     rope_parameters form that recent transformers versions write."""
     config_path = model_dir / CONFIG_FILE
     config = read_json_file(
-        config_path, "a model directory needs the config.json of its checkpoint", "restore it from the original checkpoint"
+        config_path,
+        "a model directory needs the config.json of its checkpoint",
+        "restore it from the original checkpoint",
     )
     if config.get("model_type") != "llama":
         raise UserError(
@@ -89,24 +101,41 @@ def read_config(model_dir: Path) -> ModelArgs:
         )
     for flag in ("attention_bias", "mlp_bias"):
         if config.get(flag):
-            raise UserError(f"{config_path} sets {flag}; Llama 3 has no biases and qadapter-min does not support them")
+            raise UserError(
+                f"{config_path} sets {flag}; Llama 3 has no biases and qadapter-min does not support them"
+            )
     if config.get("hidden_act", "silu") != "silu":
-        raise UserError(f"{config_path} uses hidden_act {config['hidden_act']!r}; Llama uses 'silu'")
+        raise UserError(
+            f"{config_path} uses hidden_act {config['hidden_act']!r}; Llama uses 'silu'"
+        )
 
     if "rope_parameters" in config:  # newer form: one dict holding rope_theta and the scaling keys
         rope = dict(config["rope_parameters"])
         rope_theta = rope.pop("rope_theta", 10000.0)
-        rope_scaling = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
+        rope_scaling = (
+            rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
+        )
     else:
         rope_theta = config.get("rope_theta", 10000.0)
         rope_scaling = config.get("rope_scaling")
-        if rope_scaling is not None and rope_scaling.get("rope_type", rope_scaling.get("type")) == "default":
+        if (
+            rope_scaling is not None
+            and rope_scaling.get("rope_type", rope_scaling.get("type")) == "default"
+        ):
             rope_scaling = None
 
-    required = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"]
+    required = [
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "vocab_size",
+    ]
     missing = [key for key in required if key not in config]
     if missing:
-        raise UserError(f"{config_path} lacks {', '.join(missing)}; it is not a complete Llama config.json")
+        raise UserError(
+            f"{config_path} lacks {', '.join(missing)}; it is not a complete Llama config.json"
+        )
     try:
         return ModelArgs(
             hidden_size=config["hidden_size"],
@@ -125,24 +154,45 @@ def read_config(model_dir: Path) -> ModelArgs:
             eos_token_id=config.get("eos_token_id"),
         )
     except ValueError as error:
-        raise UserError(f"{config_path}: {error}; qadapter-min runs Llama 3.x checkpoints") from None
+        raise UserError(
+            f"{config_path}: {error}; qadapter-min runs Llama 3.x checkpoints"
+        ) from None
 
 
-def write_config(args: ModelArgs, directory: Path, rope_form: str = "classic", torch_dtype: str = "float32"):
+def write_config(
+    args: ModelArgs, directory: Path, rope_form: str = "classic", torch_dtype: str = "float32"
+):
     """config.json for ModelArgs, as the Hub writes it: the inverse of read_config. rope_form "classic"
     writes rope_theta + rope_scaling; "parameters" the newer rope_parameters dict."""
     if rope_form == "classic":
         rope = {"rope_theta": args.rope_theta, "rope_scaling": args.rope_scaling}
     else:
-        rope = {"rope_parameters": {"rope_theta": args.rope_theta, **(args.rope_scaling or {"rope_type": "default"})}}
+        rope = {
+            "rope_parameters": {
+                "rope_theta": args.rope_theta,
+                **(args.rope_scaling or {"rope_type": "default"}),
+            }
+        }
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-        "hidden_size": args.hidden_size, "intermediate_size": args.intermediate_size,
-        "num_hidden_layers": args.num_hidden_layers, "num_attention_heads": args.num_attention_heads,
-        "num_key_value_heads": args.num_key_value_heads, "head_dim": args.head_dim, "vocab_size": args.vocab_size,
-        "rms_norm_eps": args.rms_norm_eps, **rope, "max_position_embeddings": args.max_position_embeddings,
-        "tie_word_embeddings": args.tie_word_embeddings, "bos_token_id": args.bos_token_id,
-        "eos_token_id": args.eos_token_id, "attention_bias": False, "mlp_bias": False, "torch_dtype": torch_dtype,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "hidden_size": args.hidden_size,
+        "intermediate_size": args.intermediate_size,
+        "num_hidden_layers": args.num_hidden_layers,
+        "num_attention_heads": args.num_attention_heads,
+        "num_key_value_heads": args.num_key_value_heads,
+        "head_dim": args.head_dim,
+        "vocab_size": args.vocab_size,
+        "rms_norm_eps": args.rms_norm_eps,
+        **rope,
+        "max_position_embeddings": args.max_position_embeddings,
+        "tie_word_embeddings": args.tie_word_embeddings,
+        "bos_token_id": args.bos_token_id,
+        "eos_token_id": args.eos_token_id,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": torch_dtype,
     }
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
@@ -150,10 +200,10 @@ def write_config(args: ModelArgs, directory: Path, rope_form: str = "classic", t
 def checkpoint_name_to_ours(name: str) -> str:
     """HF tensor name -> our parameter name: our modules mirror HF's, without the "model." prefix.
 
-        model.embed_tokens.weight                  -> embed_tokens.weight
-        model.layers.{i}.self_attn.q_proj.weight   -> layers.{i}.self_attn.q_proj.weight
-        model.norm.weight                          -> norm.weight
-        lm_head.weight                             -> lm_head.weight
+    model.embed_tokens.weight                  -> embed_tokens.weight
+    model.layers.{i}.self_attn.q_proj.weight   -> layers.{i}.self_attn.q_proj.weight
+    model.norm.weight                          -> norm.weight
+    lm_head.weight                             -> lm_head.weight
     """
     return name.removeprefix("model.")
 
@@ -170,29 +220,41 @@ def safetensors_files(model_dir: Path) -> dict[Path, list[str]]:
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-            raise UserError(f"{index_path} is not a safetensors index with a weight_map; restore it from the checkpoint") from None
+            raise UserError(
+                f"{index_path} is not a safetensors index with a weight_map; restore it from the checkpoint"
+            ) from None
         files: dict[Path, list[str]] = {}
         for name, file_name in weight_map.items():
             shard = (model_dir / file_name).resolve()
-            if shard.parent != model_dir.resolve():  # a shard name must not point outside the model directory
-                raise UserError(f"{index_path} points {name} at {file_name!r}, outside the model directory")
+            if (
+                shard.parent != model_dir.resolve()
+            ):  # a shard name must not point outside the model directory
+                raise UserError(
+                    f"{index_path} points {name} at {file_name!r}, outside the model directory"
+                )
             files.setdefault(shard, []).append(name)
         for shard in files:
             if not shard.is_file():
-                raise UserError(f"{shard} is listed in {index_path} but does not exist; download the missing shard")
+                raise UserError(
+                    f"{shard} is listed in {index_path} but does not exist; download the missing shard"
+                )
         return files
     single = model_dir / SINGLE_FILE
     if single.is_file():
         with open_safetensors(single) as f:
             return {single: list(f.keys())}
-    raise UserError(f"{model_dir} holds neither {SINGLE_FILE} nor {INDEX_FILE}; qadapter-min loads safetensors checkpoints only")
+    raise UserError(
+        f"{model_dir} holds neither {SINGLE_FILE} nor {INDEX_FILE}; qadapter-min loads safetensors checkpoints only"
+    )
 
 
 def open_safetensors(path: Path):
     try:
         return safe_open(str(path), framework="pt", device="cpu")
     except (SafetensorError, OSError) as error:
-        raise UserError(f"{path} is not a readable safetensors file ({error}); download it again") from None
+        raise UserError(
+            f"{path} is not a readable safetensors file ({error}); download it again"
+        ) from None
 
 
 def load_model(
@@ -208,7 +270,10 @@ def load_model(
     "logits" (B, T, 1) are the reward read at each position."""
     model_dir = resolve_model_dir(path_or_repo_id)
     model = empty_model(model_dir, score_head)
-    state = {name: tensor.to(device=device, dtype=dtype) for name, tensor in checkpoint_tensors(model_dir, model, score_head)}
+    state = {
+        name: tensor.to(device=device, dtype=dtype)
+        for name, tensor in checkpoint_tensors(model_dir, model, score_head)
+    }
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False)
     return model.eval()
@@ -226,23 +291,35 @@ def empty_model(model_dir: Path, score_head: bool = False) -> Transformer:
     return model
 
 
-def checkpoint_tensors(model_dir: Path, model: Transformer, score_head: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+def checkpoint_tensors(
+    model_dir: Path, model: Transformer, score_head: bool = False
+) -> Iterator[tuple[str, torch.Tensor]]:
     """The checkpoint's tensors one at a time, each (our name, the tensor as stored, on the CPU), checked
     against the model's shapes; refuses a checkpoint that lacks one of the model's tensors once all are read.
     A caller that keeps only part of each tensor (sharding.load_sharded_model) never holds two at once."""
     files = safetensors_files(model_dir)
     if score_head:
         check_score_head(model_dir, files)
-    expected_shapes = {name: tuple(t.shape) for name, t in model.state_dict().items() if ".lora_" not in name}  # the base's
+    expected_shapes = {
+        name: tuple(t.shape) for name, t in model.state_dict().items() if ".lora_" not in name
+    }  # the base's
     read = set()
     for path, names in files.items():
         with open_safetensors(path) as f:
             present = set(f.keys())
             for hf_name in names:
-                name = "lm_head.weight" if score_head and hf_name == "score.weight" else checkpoint_name_to_ours(hf_name)
-                if name.endswith("rotary_emb.inv_freq"):  # a buffer some old checkpoints saved; we recompute it
+                name = (
+                    "lm_head.weight"
+                    if score_head and hf_name == "score.weight"
+                    else checkpoint_name_to_ours(hf_name)
+                )
+                if name.endswith(
+                    "rotary_emb.inv_freq"
+                ):  # a buffer some old checkpoints saved; we recompute it
                     continue
-                if name == "lm_head.weight" and model.args.tie_word_embeddings:  # a tied head is the embedding
+                if (
+                    name == "lm_head.weight" and model.args.tie_word_embeddings
+                ):  # a tied head is the embedding
                     continue
                 if name not in expected_shapes:
                     raise UserError(
@@ -250,7 +327,9 @@ def checkpoint_tensors(model_dir: Path, model: Transformer, score_head: bool = F
                         f"check that the directory holds one complete Llama checkpoint"
                     )
                 if hf_name not in present:
-                    raise UserError(f"{path} lacks the tensor {hf_name} that {INDEX_FILE} places there; download the shard again")
+                    raise UserError(
+                        f"{path} lacks the tensor {hf_name} that {INDEX_FILE} places there; download the shard again"
+                    )
                 shape = tuple(f.get_slice(hf_name).get_shape())
                 if shape != expected_shapes[name]:
                     raise UserError(
@@ -260,7 +339,9 @@ def checkpoint_tensors(model_dir: Path, model: Transformer, score_head: bool = F
                 try:
                     tensor = f.get_tensor(hf_name)
                 except (SafetensorError, OSError, RuntimeError) as error:
-                    raise UserError(f"{path}: tensor {hf_name} cannot be read ({error}); download the file again") from None
+                    raise UserError(
+                        f"{path}: tensor {hf_name} cannot be read ({error}); download the file again"
+                    ) from None
                 read.add(name)
                 yield name, tensor
                 del tensor  # the caller's copy of it is the only one left
@@ -280,17 +361,33 @@ def check_score_head(model_dir: Path, files: dict[Path, list[str]]):
             with open_safetensors(path) as f:
                 labels = f.get_slice("score.weight").get_shape()[0]
             if labels != 1:
-                raise UserError(f"{path}: score.weight has {labels} labels; a reward model has one (its reward)")
+                raise UserError(
+                    f"{path}: score.weight has {labels} labels; a reward model has one (its reward)"
+                )
             return
-    raise UserError(f"{model_dir} has no score.weight; a reward model is a Llama in the LlamaForSequenceClassification "
-                    f"layout (the model.* tensors and score.weight)")
+    raise UserError(
+        f"{model_dir} has no score.weight; a reward model is a Llama in the LlamaForSequenceClassification "
+        f"layout (the model.* tensors and score.weight)"
+    )
 
 
 def model_fingerprint(model) -> str:
     """A hash of the base model's config, tensor names and shapes, and final-norm weights (rounded to
     bf16, so the load dtype does not matter): an adapter only fits the model it was trained on, and
     two checkpoints of one shape (a base and an Instruct model) differ in their weights."""
-    shapes = sorted((name, list(p.shape)) for name, p in model.named_parameters() if "lora_" not in name)
-    norm = full(model.norm.weight).detach().to(torch.bfloat16).float().cpu().tolist()  # gathered, when sharded
+    shapes = sorted(
+        (name, list(p.shape)) for name, p in model.named_parameters() if "lora_" not in name
+    )
+    norm = (
+        full(model.norm.weight).detach().to(torch.bfloat16).float().cpu().tolist()
+    )  # gathered, when sharded
     blob = json.dumps({"args": asdict(model.args), "shapes": shapes, "norm": norm}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def init_random_weights(model: Transformer, std: float = 0.02):
+    """Weights for a model trained from scratch (the built-in world) or timed (bench.py), not loaded:
+    GPT-2's init, every matrix N(0, std) and every norm at 1. Draws from torch's global generator."""
+    for p in model.parameters():
+        p.normal_(0.0, std) if p.dim() > 1 else p.fill_(1.0)

@@ -37,11 +37,24 @@ def run_script(main, *argv) -> subprocess.CompletedProcess:
 def tiny_args(**overrides) -> ModelArgs:
     """A Llama small enough for CPU tests that still has GQA and llama3 RoPE scaling in all three bands."""
     shape = dict(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=101, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=256,
-        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                          original_max_position_embeddings=32),
-        bos_token_id=0, eos_token_id=[1, 2],
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=101,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_position_embeddings=256,
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=32,
+        ),
+        bos_token_id=0,
+        eos_token_id=[1, 2],
     )
     shape.update(overrides)
     return ModelArgs(**shape)
@@ -56,22 +69,33 @@ def random_hf_state(args: ModelArgs, seed: int = 0) -> dict[str, torch.Tensor]:
     def randn(*shape):
         return torch.randn(*shape, generator=generator) * 0.2
 
-    state = {"model.embed_tokens.weight": randn(args.vocab_size, C), "model.norm.weight": 1 + randn(C)}
+    state = {
+        "model.embed_tokens.weight": randn(args.vocab_size, C),
+        "model.norm.weight": 1 + randn(C),
+    }
     for i in range(args.num_hidden_layers):
         p = f"model.layers.{i}."
-        state.update({
-            p + "self_attn.q_proj.weight": randn(H * D, C), p + "self_attn.k_proj.weight": randn(KV * D, C),
-            p + "self_attn.v_proj.weight": randn(KV * D, C), p + "self_attn.o_proj.weight": randn(C, H * D),
-            p + "mlp.gate_proj.weight": randn(F, C), p + "mlp.up_proj.weight": randn(F, C),
-            p + "mlp.down_proj.weight": randn(C, F),
-            p + "input_layernorm.weight": 1 + randn(C), p + "post_attention_layernorm.weight": 1 + randn(C),
-        })
+        state.update(
+            {
+                p + "self_attn.q_proj.weight": randn(H * D, C),
+                p + "self_attn.k_proj.weight": randn(KV * D, C),
+                p + "self_attn.v_proj.weight": randn(KV * D, C),
+                p + "self_attn.o_proj.weight": randn(C, H * D),
+                p + "mlp.gate_proj.weight": randn(F, C),
+                p + "mlp.up_proj.weight": randn(F, C),
+                p + "mlp.down_proj.weight": randn(C, F),
+                p + "input_layernorm.weight": 1 + randn(C),
+                p + "post_attention_layernorm.weight": 1 + randn(C),
+            }
+        )
     if not args.tie_word_embeddings:
         state["lm_head.weight"] = randn(args.vocab_size, C)
     return state
 
 
-def write_checkpoint(directory: Path, args: ModelArgs, state: dict, shards: int = 1, rope_form: str = "classic") -> Path:
+def write_checkpoint(
+    directory: Path, args: ModelArgs, state: dict, shards: int = 1, rope_form: str = "classic"
+) -> Path:
     """Write config.json (rope_form "classic" or "parameters") and safetensors in the Hub layout:
     model.safetensors, or shards plus an index."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -86,7 +110,10 @@ def write_checkpoint(directory: Path, args: ModelArgs, state: dict, shards: int 
         part = {name: state[name] for name in names[k::shards]}
         save_file(part, directory / file_name, metadata={"format": "pt"})
         weight_map.update({name: file_name for name in part})
-    index = {"metadata": {"total_size": sum(t.numel() * 4 for t in state.values())}, "weight_map": weight_map}
+    index = {
+        "metadata": {"total_size": sum(t.numel() * 4 for t in state.values())},
+        "weight_map": weight_map,
+    }
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return directory
 
@@ -121,8 +148,16 @@ def tiny_model_dir(directory: Path, tokenizer_file: Path, seed: int = 0) -> Path
 def tiny_chatml_model_dir(directory: Path, seed: int = 0) -> Path:
     """A random tiny Llama with the tiny ChatML tokenizer and SmolLM2's chat template (fixtures/tiny-chatml)."""
     source = FIXTURES / "tiny-chatml"
-    vocab_size = HFTokenizer.from_file(str(source / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
-    args = tiny_args(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, rope_scaling=None, tie_word_embeddings=True)
+    vocab_size = HFTokenizer.from_file(str(source / "tokenizer.json")).get_vocab_size(
+        with_added_tokens=True
+    )
+    args = tiny_args(
+        vocab_size=vocab_size,
+        bos_token_id=1,
+        eos_token_id=2,
+        rope_scaling=None,
+        tie_word_embeddings=True,
+    )
     write_checkpoint(directory, args, random_hf_state(args, seed=seed))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (directory / name).write_bytes((source / name).read_bytes())
@@ -134,8 +169,14 @@ def write_pairs(path: Path, n: int = 8) -> Path:
     with open(path, "w") as f:
         for i in range(n):
             prompt = [{"role": "user", "content": f"What is {i} plus {i}?"}]
-            f.write(json.dumps({
-                "chosen": prompt + [{"role": "assistant", "content": f"Sure! {i} plus {i} is {2 * i}."}],
-                "rejected": prompt + [{"role": "assistant", "content": f"{2 * i}"}],
-            }) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "chosen": prompt
+                        + [{"role": "assistant", "content": f"Sure! {i} plus {i} is {2 * i}."}],
+                        "rejected": prompt + [{"role": "assistant", "content": f"{2 * i}"}],
+                    }
+                )
+                + "\n"
+            )
     return path

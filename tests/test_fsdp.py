@@ -12,11 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import assert_same_adapter, checkpoint_step, run_train, torchrun
 
-from conftest import random_hf_state, tiny_args, tiny_model_dir, write_checkpoint, write_pairs
+from conftest import (
+    random_hf_state,
+    tiny_args,
+    tiny_model_dir,
+    write_checkpoint,
+    write_pairs,
+)
 from qadapter_min.lora import add_lora
 from qadapter_min.weights import load_model
-from test_train import assert_same_adapter, checkpoint_step, run_train, torchrun
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,18 +30,44 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tokenizer_file):
     directory = tmp_path_factory.mktemp("fsdp")
-    return tiny_model_dir(directory / "model", tokenizer_file), write_pairs(directory / "pairs.jsonl", n=8)
+    return tiny_model_dir(directory / "model", tokenizer_file), write_pairs(
+        directory / "pairs.jsonl", n=8
+    )
 
 
 def test_two_sharded_processes_give_the_adapter_of_one(world, tmp_path):
     model_dir, data = world
-    flags = ["--model", model_dir, "--data", data, "--eval_data", data, "--batch_size", 4, "--max_steps", 3, "--dtype", "fp32",
-             "--lr", 0.01]  # the default LoRA dropout, 0.05
+    flags = [
+        "--model",
+        model_dir,
+        "--data",
+        data,
+        "--eval_data",
+        data,
+        "--batch_size",
+        4,
+        "--max_steps",
+        3,
+        "--dtype",
+        "fp32",
+        "--lr",
+        0.01,
+    ]  # the default LoRA dropout, 0.05
     run_train(*flags, "--micro_batch_size", 1, "--out", tmp_path / "one")
     # two micro-steps per rank (one gradient reduction per step), each block recomputed in the backward pass
-    result = torchrun(*flags, "--micro_batch_size", 1, "--grad_checkpointing", "--fsdp", "--out", tmp_path / "sharded")
+    result = torchrun(
+        *flags,
+        "--micro_batch_size",
+        1,
+        "--grad_checkpointing",
+        "--fsdp",
+        "--out",
+        tmp_path / "sharded",
+    )
     assert_same_adapter(tmp_path / "sharded", tmp_path / "one")
-    assert "eval_loss" in result.stdout  # eval ran, every rank through the same number of micro-batches
+    assert (
+        "eval_loss" in result.stdout
+    )  # eval ran, every rank through the same number of micro-batches
 
 
 def descendants(pid: int) -> list[int]:
@@ -55,26 +87,66 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def test_a_sharded_run_killed_midway_resumes_sharded_or_on_one_process_to_the_uninterrupted_adapter(world, tmp_path):
+def test_a_sharded_run_killed_midway_resumes_sharded_or_on_one_process_to_the_uninterrupted_adapter(
+    world, tmp_path
+):
     model_dir, data = world
-    flags = ["--model", model_dir, "--data", data, "--batch_size", 4, "--micro_batch_size", 1, "--max_steps", 8,
-             "--save_every", 1, "--dtype", "fp32", "--lr", 0.01]
+    flags = [
+        "--model",
+        model_dir,
+        "--data",
+        data,
+        "--batch_size",
+        4,
+        "--micro_batch_size",
+        1,
+        "--max_steps",
+        8,
+        "--save_every",
+        1,
+        "--dtype",
+        "fp32",
+        "--lr",
+        0.01,
+    ]
     run_train(*flags, "--out", tmp_path / "whole")
     out = tmp_path / "killed"
-    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                 str(ROOT / "train.py"), *map(str, flags), "--fsdp", "--out", str(out)], cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    launcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(ROOT / "train.py"),
+            *map(str, flags),
+            "--fsdp",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 60
-    while launcher.poll() is None and time.time() < deadline and checkpoint_step(out / "checkpoint" / "state.pt") < 3:
+    while (
+        launcher.poll() is None
+        and time.time() < deadline
+        and checkpoint_step(out / "checkpoint" / "state.pt") < 3
+    ):
         time.sleep(0.005)
     for pid in [launcher.pid, *descendants(launcher.pid)]:  # the launcher and both ranks, at once
         os.kill(pid, signal.SIGKILL)
     launcher.wait()
     assert 3 <= checkpoint_step(out / "checkpoint" / "state.pt") < 8
     shutil.copytree(out, tmp_path / "copy")
-    torchrun(*flags, "--out", out, "--resume", "--fsdp")  # the two ranks continue their own checkpoint
+    torchrun(
+        *flags, "--out", out, "--resume", "--fsdp"
+    )  # the two ranks continue their own checkpoint
     assert_same_adapter(out, tmp_path / "whole")
-    run_train(*flags, "--out", tmp_path / "copy", "--resume")  # one process, not sharded, continues it too
+    run_train(
+        *flags, "--out", tmp_path / "copy", "--resume"
+    )  # one process, not sharded, continues it too
     assert_same_adapter(tmp_path / "copy", tmp_path / "whole")
 
 
@@ -123,9 +195,21 @@ def test_sharded_loading_reads_one_tensor_at_a_time_and_keeps_only_each_ranks_ro
     model_dir = write_checkpoint(tmp_path / "model", args, state, shards=3)
     script = tmp_path / "load_sharded.py"
     script.write_text(LOAD_SHARDED)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(script), str(model_dir), str(tmp_path)], capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            str(model_dir),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
     reference = load_model(model_dir)  # whole, with the LoRA init a sharded run must reproduce

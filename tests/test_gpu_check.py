@@ -9,29 +9,48 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_the_cpu_form_runs_every_part_and_writes_both_summaries(tmp_path):
-    result = subprocess.run([str(ROOT / "tools" / "gpu_check.sh"), "--cpu", str(tmp_path)], capture_output=True, text=True)
+    result = subprocess.run(
+        [str(ROOT / "tools" / "gpu_check.sh"), "--cpu", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert list(summary["parts"]) == ["device", "parity", "step", "decoding"]  # in the order they ran
+    assert list(summary["parts"]) == [
+        "device",
+        "parity",
+        "step",
+        "decoding",
+    ]  # in the order they ran
     assert summary["torch"] and summary["python"] and summary["date"]
 
     parity = summary["parts"]["parity"]
     assert len(parity["logits"]) == 3
-    for numbers in parity["logits"].values():  # bf16 against fp32: close, and not equal (bf16 did run)
+    for numbers in parity[
+        "logits"
+    ].values():  # bf16 against fp32: close, and not equal (bf16 did run)
         assert 0 < numbers["mean_abs_diff"] < 0.1 and numbers["top1_agreement"] > 0.8
     assert 0 < parity["objective"]["bf16"]["loss_relative_diff"] < 1e-2
     assert len(parity["greedy"]["bf16"]["tokens_before_first_difference"]) == 4
 
     rows = summary["parts"]["step"]["rows"]
-    assert [(r["micro_batch_pairs"], r["gradient_checkpointing"]) for r in rows] == [(1, True), (4, True), (4, False)]
+    assert [(r["micro_batch_pairs"], r["gradient_checkpointing"]) for r in rows] == [
+        (1, True),
+        (4, True),
+        (4, False),
+    ]
     for row in rows:
         assert row["tokens_per_step"] == 2 * row["micro_batch_pairs"] * 512
         assert row["tokens_per_s"] > 0 and row["mfu"] > 0
         assert row["plan_gib"] > 0
-    assert rows[0]["plan_gib"] < rows[1]["plan_gib"] < rows[2]["plan_gib"]  # more pairs, then no checkpointing
+    assert (
+        rows[0]["plan_gib"] < rows[1]["plan_gib"] < rows[2]["plan_gib"]
+    )  # more pairs, then no checkpointing
 
     decoding = summary["parts"]["decoding"]["rows"]
-    assert [(r["policy"], r["batch"]) for r in decoding] == [(p, b) for p in ("base", "customised") for b in (1, 8, 32)]
+    assert [(r["policy"], r["batch"]) for r in decoding] == [
+        (p, b) for p in ("base", "customised") for b in (1, 8, 32)
+    ]
     assert all(0 < r["of_limit"] and r["tokens_per_s"] > 0 for r in decoding)
 
     text = (tmp_path / "summary.md").read_text()

@@ -17,8 +17,9 @@ pytest.importorskip("lm_eval", reason="the lm-eval tests need requirements-eval.
 import evaluate  # noqa: E402
 import sample  # noqa: E402
 from qadapter_min import UserError  # noqa: E402
+from qadapter_min.adapters import load_adapter  # noqa: E402
 from qadapter_min.harness import PolicyLM, cut_at_first  # noqa: E402
-from qadapter_min.lora import adapter_disabled, load_adapter  # noqa: E402
+from qadapter_min.lora import adapter_disabled  # noqa: E402
 from qadapter_min.objective import policy_logits  # noqa: E402
 from qadapter_min.policy import BASE  # noqa: E402
 from qadapter_min.tokenizer import Tokenizer  # noqa: E402
@@ -43,7 +44,17 @@ def run_evaluate(tmp_path, *flags) -> list[dict]:
 
 def test_scores_and_replies_equal_those_of_lm_evals_hugging_face_backend(tmp_path):
     golden = json.loads((FIXTURE / "golden.json").read_text())
-    base, adapter = run_evaluate(tmp_path, "--model", MODEL, "--adapter", ADAPTER, "--tasks", "tiny_mc", "tiny_ppl", "tiny_gen")
+    base, adapter = run_evaluate(
+        tmp_path,
+        "--model",
+        MODEL,
+        "--adapter",
+        ADAPTER,
+        "--tasks",
+        "tiny_mc",
+        "tiny_ppl",
+        "tiny_gen",
+    )
     assert adapter["policy"] == "adapter"  # a DPO adapter: the adapter-on model
     for result, expected in ((base, golden["base"]), (adapter, golden["adapter"])):
         for task in ("tiny_mc", "tiny_ppl"):
@@ -64,13 +75,23 @@ def test_a_q_adapter_scores_every_continuation_under_the_customised_policy(tmp_p
     qadapter = tmp_path / "qadapter"
     shutil.copytree(ADAPTER, qadapter)
     config = json.loads((qadapter / "qadapter_config.json").read_text())
-    (qadapter / "qadapter_config.json").write_text(json.dumps({**config, "objective": "qadapter", "alpha": 0.5}))
+    (qadapter / "qadapter_config.json").write_text(
+        json.dumps({**config, "objective": "qadapter", "alpha": 0.5})
+    )
     model = load_model(MODEL)
     load_adapter(model, qadapter)
     tokenizer = Tokenizer(MODEL)
     for alpha0 in (None, 0.7):  # as trained (0.01), and overridden
-        results = run_evaluate(tmp_path, "--model", MODEL, "--adapter", qadapter, "--tasks", "tiny_mc",
-                               *([] if alpha0 is None else ["--alpha0", alpha0]))
+        results = run_evaluate(
+            tmp_path,
+            "--model",
+            MODEL,
+            "--adapter",
+            qadapter,
+            "--tasks",
+            "tiny_mc",
+            *([] if alpha0 is None else ["--alpha0", alpha0]),
+        )
         assert results[1]["policy"] == "customised"
         for sample_ in results[1]["samples"]["tiny_mc"]:
             for (context, continuation), ((got, _),) in zip(sample_["arguments"], sample_["resps"]):
@@ -80,19 +101,50 @@ def test_a_q_adapter_scores_every_continuation_under_the_customised_policy(tmp_p
                     q = model.eval()(torch.tensor([ids]))[0]
                     with adapter_disabled(model):
                         base = model(torch.tensor([ids]))[0]
-                log_pi = policy_logits(q, base, 0.5, 0.01 if alpha0 is None else alpha0).log_softmax(-1)
-                expected = sum(log_pi[t - 1, ids[t]].item() for t in range(len(context_ids), len(ids)))
-                assert got == pytest.approx(expected, abs=1e-5, rel=1e-6)  # fp32 rounding: sums reach -30
+                log_pi = policy_logits(
+                    q, base, 0.5, 0.01 if alpha0 is None else alpha0
+                ).log_softmax(-1)
+                expected = sum(
+                    log_pi[t - 1, ids[t]].item() for t in range(len(context_ids), len(ids))
+                )
+                assert got == pytest.approx(
+                    expected, abs=1e-5, rel=1e-6
+                )  # fp32 rounding: sums reach -30
 
 
-def test_generate_until_gives_sample_pys_greedy_replies_cut_at_the_first_until_string(tmp_path, capsys):
-    _, adapter = run_evaluate(tmp_path, "--model", MODEL, "--adapter", ADAPTER, "--tasks", "tiny_gen", "--apply_chat_template")
+def test_generate_until_gives_sample_pys_greedy_replies_cut_at_the_first_until_string(
+    tmp_path, capsys
+):
+    _, adapter = run_evaluate(
+        tmp_path,
+        "--model",
+        MODEL,
+        "--adapter",
+        ADAPTER,
+        "--tasks",
+        "tiny_gen",
+        "--apply_chat_template",
+    )
     capsys.readouterr()
     for sample_ in adapter["samples"]["tiny_gen"]:
         question = sample_["doc"]["question"]
-        sample.main(["--model", str(MODEL), "--adapter", str(ADAPTER), "--prompt", f"Question: {question}\nAnswer:",
-                     "--temperature", "0", "--max_new_tokens", "12"])
-        reply = re.sub(r"<\|[a-z_0-9]+\|>", "", capsys.readouterr().out.removesuffix("\n"))  # lm-eval's text omits special tokens
+        sample.main(
+            [
+                "--model",
+                str(MODEL),
+                "--adapter",
+                str(ADAPTER),
+                "--prompt",
+                f"Question: {question}\nAnswer:",
+                "--temperature",
+                "0",
+                "--max_new_tokens",
+                "12",
+            ]
+        )
+        reply = re.sub(
+            r"<\|[a-z_0-9]+\|>", "", capsys.readouterr().out.removesuffix("\n")
+        )  # lm-eval's text omits special tokens
         assert sample_["resps"] == [[cut_at_first(reply, ["\n", "."])]]
 
 
@@ -101,34 +153,80 @@ def test_a_chat_templated_string_tokenizes_to_exactly_encode_chats_ids():
     lm = PolicyLM(load_model(MODEL), tokenizer, BASE, name="tiny")
     for messages in (
         [{"role": "user", "content": "Question: What is two plus two?\nAnswer:"}],
-        [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": " hi "},
-         {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "And the capital of Peru?"}],
+        [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": " hi "},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "And the capital of Peru?"},
+        ],
     ):
-        assert lm.tok_encode(lm.apply_chat_template(messages)) == tokenizer.encode_chat(messages, add_generation_prompt=True)
+        assert lm.tok_encode(lm.apply_chat_template(messages)) == tokenizer.encode_chat(
+            messages, add_generation_prompt=True
+        )
     # without the generation prompt lm-eval continues the last (assistant) message: no <|eot_id|> after it
-    prefill = [{"role": "user", "content": "Say a word."}, {"role": "assistant", "content": "The word is"}]
-    assert lm.tok_encode(lm.apply_chat_template(prefill, add_generation_prompt=False)) == tokenizer.encode_chat(prefill)[:-1]
+    prefill = [
+        {"role": "user", "content": "Say a word."},
+        {"role": "assistant", "content": "The word is"},
+    ]
+    assert (
+        lm.tok_encode(lm.apply_chat_template(prefill, add_generation_prompt=False))
+        == tokenizer.encode_chat(prefill)[:-1]
+    )
 
 
-def test_an_unknown_task_or_a_missing_lm_eval_is_refused_before_any_model_is_loaded(tmp_path, monkeypatch):
+def test_an_unknown_task_or_a_missing_lm_eval_is_refused_before_any_model_is_loaded(
+    tmp_path, monkeypatch
+):
     with pytest.raises(UserError, match="^Tasks not found: no_such_task; "):
         evaluate.main(["--model", "nowhere", "--tasks", "tiny_mc", "no_such_task", *TASK_FLAGS])
-    monkeypatch.setitem(__import__("sys").modules, "lm_eval.tasks", None)  # as if lm-eval were not installed
-    with pytest.raises(UserError, match="^--tasks runs lm-evaluation-harness, which is not installed: pip install -r requirements-eval.txt"):
+    monkeypatch.setitem(
+        __import__("sys").modules, "lm_eval.tasks", None
+    )  # as if lm-eval were not installed
+    with pytest.raises(
+        UserError,
+        match="^--tasks runs lm-evaluation-harness, which is not installed: pip install -r requirements-eval.txt",
+    ):
         evaluate.main(["--model", "nowhere", "--tasks", "tiny_mc"])
 
 
 def test_two_processes_under_torchrun_split_the_requests_and_still_give_lm_evals_numbers(tmp_path):
     golden = json.loads((FIXTURE / "golden.json").read_text())
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "evaluate.py",
-                             "--model", str(MODEL), "--adapter", str(ADAPTER), "--tasks", "tiny_mc", "tiny_gen", *TASK_FLAGS,
-                             "--output", str(tmp_path / "two.json")], capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "evaluate.py",
+            "--model",
+            str(MODEL),
+            "--adapter",
+            str(ADAPTER),
+            "--tasks",
+            "tiny_mc",
+            "tiny_gen",
+            *TASK_FLAGS,
+            "--output",
+            str(tmp_path / "two.json"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    for model, expected in zip(json.loads((tmp_path / "two.json").read_text())["models"], (golden["base"], golden["adapter"])):
+    for model, expected in zip(
+        json.loads((tmp_path / "two.json").read_text())["models"],
+        (golden["base"], golden["adapter"]),
+    ):
         samples = model["samples"]  # gathered from both ranks
-        assert sorted(s["doc_id"] for s in samples["tiny_mc"]) == sorted(map(int, expected["tiny_mc"]))
+        assert sorted(s["doc_id"] for s in samples["tiny_mc"]) == sorted(
+            map(int, expected["tiny_mc"])
+        )
         for sample_ in samples["tiny_mc"]:
-            for (got,), (hf,) in zip(sample_["resps"], expected["tiny_mc"][str(sample_["doc_id"])], strict=True):
+            for (got,), (hf,) in zip(
+                sample_["resps"], expected["tiny_mc"][str(sample_["doc_id"])], strict=True
+            ):
                 assert got[0] == pytest.approx(hf[0], abs=1e-4) and got[1] == hf[1]
         assert {str(s["doc_id"]): s["resps"] for s in samples["tiny_gen"]} == expected["tiny_gen"]
     assert result.stdout.count("tiny_mc acc") == 1  # rank 0 alone prints the table

@@ -7,7 +7,15 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_args
-from qadapter_min.model import PRESETS, Attention, KVCache, ModelArgs, Transformer, rope_cos_sin, rope_frequencies
+from qadapter_min.memory import PRESETS
+from qadapter_min.model import (
+    Attention,
+    KVCache,
+    ModelArgs,
+    Transformer,
+    rope_cos_sin,
+    rope_frequencies,
+)
 
 
 def slow_llama3_frequencies(head_dim, theta, factor, low, high, original):
@@ -31,8 +39,12 @@ def test_llama3_rope_scaling_matches_a_slow_per_frequency_loop(preset):
     args = PRESETS[preset]
     scaling = args.rope_scaling
     expected = slow_llama3_frequencies(
-        args.head_dim, args.rope_theta, scaling["factor"], scaling["low_freq_factor"],
-        scaling["high_freq_factor"], scaling["original_max_position_embeddings"],
+        args.head_dim,
+        args.rope_theta,
+        scaling["factor"],
+        scaling["low_freq_factor"],
+        scaling["high_freq_factor"],
+        scaling["original_max_position_embeddings"],
     )
     got = rope_frequencies(args)
     assert got.dtype == torch.float32
@@ -46,7 +58,9 @@ def test_llama3_rope_scaling_matches_a_slow_per_frequency_loop(preset):
 
 def test_plain_rope_without_scaling_is_theta_to_the_minus_2i_over_d():
     args = tiny_args(rope_scaling=None)
-    expected = torch.tensor([args.rope_theta ** (-i / args.head_dim) for i in range(0, args.head_dim, 2)])
+    expected = torch.tensor(
+        [args.rope_theta ** (-i / args.head_dim) for i in range(0, args.head_dim, 2)]
+    )
     torch.testing.assert_close(rope_frequencies(args), expected)
 
 
@@ -90,7 +104,9 @@ def test_gqa_attention_matches_naive_repeat_kv_masked_softmax():
     attention = Attention(args, layer_index=0)
     x = torch.randn(3, 17, args.hidden_size)
     cos, sin = rope_cos_sin(rope_frequencies(args), torch.arange(17))
-    torch.testing.assert_close(attention(x, cos, sin), naive_gqa_attention(attention, x, cos, sin), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        attention(x, cos, sin), naive_gqa_attention(attention, x, cos, sin), atol=1e-5, rtol=1e-5
+    )
 
 
 def random_model(seed=0, **overrides) -> Transformer:
@@ -105,13 +121,17 @@ def random_model(seed=0, **overrides) -> Transformer:
 @pytest.mark.parametrize("tied", [False, True])
 def test_kv_cached_decoding_equals_one_full_forward(tied):
     model = random_model(tie_word_embeddings=tied)
-    tokens = torch.randint(0, model.args.vocab_size, (2, 50))  # longer than the scaling's original context (32)
+    tokens = torch.randint(
+        0, model.args.vocab_size, (2, 50)
+    )  # longer than the scaling's original context (32)
     with torch.no_grad():
         full = model(tokens)
         cache = KVCache(model.args, batch_size=2, max_seq_len=64, dtype=torch.float32, device="cpu")
         steps = [model(tokens[:, :20], kv_cache=cache)]  # prefill
         steps.append(model(tokens[:, 20:23], kv_cache=cache))  # a chunk after a cached prefix
-        steps += [model(tokens[:, t : t + 1], kv_cache=cache) for t in range(23, 50)]  # one token at a time
+        steps += [
+            model(tokens[:, t : t + 1], kv_cache=cache) for t in range(23, 50)
+        ]  # one token at a time
     assert cache.length == 50
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
@@ -129,7 +149,9 @@ def test_tied_model_uses_the_embedding_matrix_as_its_head():
     model = random_model(tie_word_embeddings=True)
     assert model.lm_head is None
     hidden = torch.randn(4, model.args.hidden_size)
-    torch.testing.assert_close(model.logits_from_hidden(hidden), hidden @ model.embed_tokens.weight.T)
+    torch.testing.assert_close(
+        model.logits_from_hidden(hidden), hidden @ model.embed_tokens.weight.T
+    )
 
 
 def test_rmsnorm_is_computed_in_fp32_then_scaled_in_the_input_dtype():
@@ -137,7 +159,9 @@ def test_rmsnorm_is_computed_in_fp32_then_scaled_in_the_input_dtype():
     norm = model.norm.to(torch.bfloat16)
     x = torch.randn(3, model.args.hidden_size, dtype=torch.bfloat16) * 30
     x32 = x.float()
-    expected = norm.weight * (x32 / torch.sqrt((x32**2).mean(-1, keepdim=True) + norm.eps)).to(torch.bfloat16)
+    expected = norm.weight * (x32 / torch.sqrt((x32**2).mean(-1, keepdim=True) + norm.eps)).to(
+        torch.bfloat16
+    )
     out = norm(x)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, expected, atol=0, rtol=1e-2)

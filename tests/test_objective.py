@@ -6,9 +6,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qadapter_min.objective import dpo_loss, loss_from_hidden, policy_logits, qadapter_loss
+from qadapter_min.lean_head import loss_from_hidden
+from qadapter_min.objective import Objective, loss_from_logits, policy_logits
 
 LN2, LN3 = math.log(2), math.log(3)
+
+
+def qadapter_loss(q_logits, base_logits, tokens, response_mask, **settings):
+    """objective.py's Q-Adapter loss on full logits, at the given settings (the rest the paper's)."""
+    return loss_from_logits(
+        q_logits, base_logits, tokens, response_mask, Objective("qadapter", **settings)
+    )
+
+
+def dpo_loss(adapter_logits, reference_logits, tokens, response_mask, beta):
+    """objective.py's DPO loss on full logits, the adapter-off model's logits as the reference."""
+    return loss_from_logits(
+        adapter_logits, reference_logits, tokens, response_mask, Objective("dpo", dpo_beta=beta)
+    )
 
 
 def test_qadapter_loss_on_a_hand_worked_example():
@@ -31,12 +46,16 @@ def test_qadapter_loss_on_a_hand_worked_example():
     """
     tokens = torch.tensor([[0, 1, 2], [0, 2, 0]])
     response_mask = torch.tensor([[False, True, True], [False, True, False]])
-    q_logits = torch.tensor([
-        [[0.0, LN2, 0.0], [0.0, 0.0, LN2], [9.0, -9.0, 7.0]],
-        [[0.0, 0.0, 0.0], [8.0, 5.0, -6.0], [7.0, 7.0, -7.0]],
-    ])
+    q_logits = torch.tensor(
+        [
+            [[0.0, LN2, 0.0], [0.0, 0.0, LN2], [9.0, -9.0, 7.0]],
+            [[0.0, 0.0, 0.0], [8.0, 5.0, -6.0], [7.0, 7.0, -7.0]],
+        ]
+    )
     base_logits = torch.zeros(2, 3, 3)
-    loss, metrics = qadapter_loss(q_logits, base_logits, tokens, response_mask, alpha=1.0, alpha0=0.5, beta=0.1, gamma=1.0)
+    loss, metrics = qadapter_loss(
+        q_logits, base_logits, tokens, response_mask, alpha=1.0, alpha0=0.5, beta=0.1, gamma=1.0
+    )
 
     r_chosen = -LN2 + 0.5 * LN3
     r_rejected = -0.5 * LN3
@@ -59,20 +78,28 @@ def test_the_bellman_chi2_term_on_the_same_hand_worked_example():
     """
     tokens = torch.tensor([[0, 1, 2], [0, 2, 0]])
     response_mask = torch.tensor([[False, True, True], [False, True, False]])
-    q_logits = torch.tensor([
-        [[0.0, LN2, 0.0], [0.0, 0.0, LN2], [9.0, -9.0, 7.0]],
-        [[0.0, 0.0, 0.0], [8.0, 5.0, -6.0], [7.0, 7.0, -7.0]],
-    ])
+    q_logits = torch.tensor(
+        [
+            [[0.0, LN2, 0.0], [0.0, 0.0, LN2], [9.0, -9.0, 7.0]],
+            [[0.0, 0.0, 0.0], [8.0, 5.0, -6.0], [7.0, 7.0, -7.0]],
+        ]
+    )
     hyper = dict(alpha=1.0, alpha0=0.5, beta=0.1, gamma=1.0)
     _, authors = qadapter_loss(q_logits, torch.zeros(2, 3, 3), tokens, response_mask, **hyper)
-    loss, metrics = qadapter_loss(q_logits, torch.zeros(2, 3, 3), tokens, response_mask, chi2="bellman", **hyper)
+    loss, metrics = qadapter_loss(
+        q_logits, torch.zeros(2, 3, 3), tokens, response_mask, chi2="bellman", **hyper
+    )
     chi2 = 0.1 * ((0.5 * LN3 - LN2) ** 2 + LN2**2) / 3
     assert chi2 == pytest.approx(0.016705, abs=1e-6)
     assert metrics["chi2_loss"].item() == pytest.approx(chi2, rel=1e-6)
-    assert metrics["pref_loss"] == authors["pref_loss"] and loss.item() == pytest.approx(authors["pref_loss"].item() + chi2, rel=1e-6)
+    assert metrics["pref_loss"] == authors["pref_loss"] and loss.item() == pytest.approx(
+        authors["pref_loss"].item() + chi2, rel=1e-6
+    )
 
 
-def slow_qadapter_loss(q_logits, base_logits, tokens, response_mask, alpha, alpha0, beta, gamma, chi2="authors"):
+def slow_qadapter_loss(
+    q_logits, base_logits, tokens, response_mask, alpha, alpha0, beta, gamma, chi2="authors"
+):
     """objective.py's equations (1)-(8) (and (7')) literally: a Python loop over pairs and reply tokens."""
     B = tokens.shape[0] // 2
     total = 0.0
@@ -92,7 +119,10 @@ def slow_qadapter_loss(q_logits, base_logits, tokens, response_mask, alpha, alph
             if chi2 == "authors":
                 rewards += [Q[k] - gamma * V[k] for k in range(len(reply))]
             else:  # the next state's value; none after the last action
-                rewards += [Q[k] - gamma * (V[k + 1] if k + 1 < len(reply) else 0.0) for k in range(len(reply))]
+                rewards += [
+                    Q[k] - gamma * (V[k + 1] if k + 1 < len(reply) else 0.0)
+                    for k in range(len(reply))
+                ]
         n = max(lengths) - 1
         pref = -F.logsigmoid((returns[0] - returns[1]) / n)
         chi2_term = beta * sum(r**2 for r in rewards) / len(rewards)
@@ -136,7 +166,11 @@ def test_the_loss_of_a_batch_is_the_mean_of_its_pairs_and_ignores_padding():
         rows = [i, 2 + i]
         pad = 4  # extra right padding changes nothing
         padded = [F.pad(x[rows], (0, 0, 0, pad)) for x in (q_logits, base_logits)]
-        single.append(qadapter_loss(*padded, F.pad(tokens[rows], (0, pad)), F.pad(response_mask[rows], (0, pad)))[0])
+        single.append(
+            qadapter_loss(
+                *padded, F.pad(tokens[rows], (0, pad)), F.pad(response_mask[rows], (0, pad))
+            )[0]
+        )
     torch.testing.assert_close(batch_loss, (single[0] + single[1]) / 2)
 
 
@@ -145,11 +179,15 @@ def test_with_gamma_1_the_reward_is_alpha_log_pi_tilde_minus_alpha0_log_pi1():
     alpha, alpha0 = 0.8, 0.25
     q_logits, base_logits, tokens, response_mask = random_batch(B=1, T=2)
     response_mask[:] = torch.tensor([False, True])
-    _, metrics = qadapter_loss(q_logits, base_logits, tokens, response_mask, alpha=alpha, alpha0=alpha0, beta=0.0)
+    _, metrics = qadapter_loss(
+        q_logits, base_logits, tokens, response_mask, alpha=alpha, alpha0=alpha0, beta=0.0
+    )
     a = tokens[:, 1]
     log_pi_tilde = policy_logits(q_logits[:, 0], base_logits[:, 0], alpha, alpha0).log_softmax(-1)
     log_pi1 = base_logits[:, 0].log_softmax(-1)
-    r = alpha * log_pi_tilde.gather(1, a[:, None]) - alpha0 * log_pi1.gather(1, a[:, None])  # (2, 1)
+    r = alpha * log_pi_tilde.gather(1, a[:, None]) - alpha0 * log_pi1.gather(
+        1, a[:, None]
+    )  # (2, 1)
     torch.testing.assert_close(metrics["margin"], (r[0] - r[1]).squeeze())
 
 
@@ -178,22 +216,39 @@ def test_dpo_loss_on_a_hand_worked_example():
 
 @pytest.mark.parametrize("objective", ["qadapter", "qadapter-bellman", "dpo"])
 @pytest.mark.parametrize("chunk_size", [1, 5, 1024])
-def test_the_chunked_path_from_hidden_states_equals_the_plain_loss_in_value_and_gradients(objective, chunk_size):
+def test_the_chunked_path_from_hidden_states_equals_the_plain_loss_in_value_and_gradients(
+    objective, chunk_size
+):
     torch.manual_seed(0)
     _, _, tokens, response_mask = random_batch(B=2, T=9, V=13)
     head = torch.nn.Linear(6, 13, bias=False).requires_grad_(False)
     hidden = torch.randn(4, 9, 6, requires_grad=True)
     base_hidden = torch.randn(4, 9, 6)
     if objective.startswith("qadapter"):
-        hyper = dict(alpha=0.9, alpha0=0.1, beta=0.3, gamma=0.95, chi2="bellman" if objective.endswith("bellman") else "authors")
+        hyper = dict(
+            alpha=0.9,
+            alpha0=0.1,
+            beta=0.3,
+            gamma=0.95,
+            chi2="bellman" if objective.endswith("bellman") else "authors",
+        )
         plain, _ = qadapter_loss(head(hidden), head(base_hidden), tokens, response_mask, **hyper)
         plain_grad = torch.autograd.grad(plain, hidden)[0]
-        lean, _ = loss_from_hidden(head.weight, hidden, base_hidden, tokens, response_mask, chunk_size=chunk_size, **hyper)
+        lean, _ = loss_from_hidden(
+            head.weight, hidden, base_hidden, tokens, response_mask, Objective(**hyper), chunk_size
+        )
     else:
         plain, _ = dpo_loss(head(hidden), head(base_hidden), tokens, response_mask, beta=0.1)
         plain_grad = torch.autograd.grad(plain, hidden)[0]
-        lean, _ = loss_from_hidden(head.weight, hidden, base_hidden, tokens, response_mask, objective="dpo", dpo_beta=0.1,
-                                   chunk_size=chunk_size)
+        lean, _ = loss_from_hidden(
+            head.weight,
+            hidden,
+            base_hidden,
+            tokens,
+            response_mask,
+            Objective("dpo", dpo_beta=0.1),
+            chunk_size,
+        )
     lean_grad = torch.autograd.grad(lean, hidden)[0]
     torch.testing.assert_close(lean, plain, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(lean_grad, plain_grad, rtol=1e-5, atol=1e-7)
@@ -205,9 +260,13 @@ def test_the_chunked_path_in_bf16_stays_within_bf16_precision_of_the_plain_loss(
     weight = (torch.randn(13, 6) * 0.5).bfloat16()
     hidden = torch.randn(4, 9, 6).bfloat16().requires_grad_(True)
     base_hidden = torch.randn(4, 9, 6).bfloat16()
-    plain, _ = qadapter_loss(hidden @ weight.T, base_hidden @ weight.T, tokens, response_mask, alpha0=0.1)
+    plain, _ = qadapter_loss(
+        hidden @ weight.T, base_hidden @ weight.T, tokens, response_mask, alpha0=0.1
+    )
     plain_grad = torch.autograd.grad(plain, hidden)[0]
-    lean, _ = loss_from_hidden(weight, hidden, base_hidden, tokens, response_mask, alpha0=0.1, chunk_size=4)
+    lean, _ = loss_from_hidden(
+        weight, hidden, base_hidden, tokens, response_mask, Objective(alpha0=0.1), chunk_size=4
+    )
     lean_grad = torch.autograd.grad(lean, hidden)[0]
     assert lean_grad.dtype == torch.bfloat16
     torch.testing.assert_close(lean, plain, rtol=1e-2, atol=1e-3)

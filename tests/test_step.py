@@ -9,11 +9,11 @@ import torch
 from conftest import tiny_model_dir, write_pairs
 from qadapter_min.data import collate, encode_pairs, load_pairs
 from qadapter_min.lora import adapter_disabled, add_lora, lora_layers
-from qadapter_min.objective import dpo_loss, policy_logits, qadapter_loss, sft_loss
+from qadapter_min.objective import Objective, loss_from_logits, policy_logits
+from qadapter_min.policy import Policy, log_probs, preference_metrics
 from qadapter_min.step import micro_batch_objective
 from qadapter_min.tokenizer import Tokenizer
 from qadapter_min.weights import load_model
-from qadapter_min.policy import Policy, log_probs, preference_metrics
 
 ALPHA, ALPHA0 = 0.8, 0.2
 
@@ -24,9 +24,15 @@ def batch(tmp_path_factory, tokenizer_file):
     directory = tmp_path_factory.mktemp("step")
     model_dir = tiny_model_dir(directory / "model", tokenizer_file)
     tokenizer = Tokenizer(model_dir)
-    pairs = encode_pairs(load_pairs(write_pairs(directory / "pairs.jsonl", n=6), log=lambda *_: None), tokenizer, 512,
-                         log=lambda *_: None)
-    model = add_lora(load_model(model_dir), r=4, alpha=8, dropout=0.0, targets=("q_proj", "v_proj", "down_proj"))
+    pairs = encode_pairs(
+        load_pairs(write_pairs(directory / "pairs.jsonl", n=6), log=lambda *_: None),
+        tokenizer,
+        512,
+        log=lambda *_: None,
+    )
+    model = add_lora(
+        load_model(model_dir), r=4, alpha=8, dropout=0.0, targets=("q_proj", "v_proj", "down_proj")
+    )
     torch.manual_seed(0)
     with torch.no_grad():
         for layer in lora_layers(model).values():
@@ -41,8 +47,11 @@ def slow_rewards(model, tokens, response_mask, policy_mode, alpha=ALPHA, alpha0=
             base = model(tokens)
         adapter = model(tokens)
     log_pi1 = base.log_softmax(-1)
-    log_pi = {"base": log_pi1, "adapter": adapter.log_softmax(-1),
-              "customised": policy_logits(adapter, base, alpha, alpha0).log_softmax(-1)}[policy_mode]
+    log_pi = {
+        "base": log_pi1,
+        "adapter": adapter.log_softmax(-1),
+        "customised": policy_logits(adapter, base, alpha, alpha0).log_softmax(-1),
+    }[policy_mode]
     rewards = torch.zeros(tokens.shape[0])
     for row in range(tokens.shape[0]):
         for t in range(1, tokens.shape[1]):
@@ -53,37 +62,48 @@ def slow_rewards(model, tokens, response_mask, policy_mode, alpha=ALPHA, alpha0=
 
 
 @pytest.mark.parametrize("policy_mode", ["base", "adapter", "customised"])
-def test_the_rewards_of_each_policy_match_full_logits_and_give_the_reports_accuracy(batch, policy_mode):
+def test_the_rewards_of_each_policy_match_full_logits_and_give_the_reports_accuracy(
+    batch, policy_mode
+):
     model, pairs, pad_id = batch
     tokens, response_mask = collate(pairs, pad_id)
-    settings = dict(objective="qadapter" if policy_mode == "customised" else "dpo", alpha=ALPHA, alpha0=ALPHA0)
+    settings = Objective(
+        "qadapter" if policy_mode == "customised" else "dpo", alpha=ALPHA, alpha0=ALPHA0
+    )
     with torch.no_grad(), adapter_disabled(model) if policy_mode == "base" else nullcontext():
         _, metrics = micro_batch_objective(model, tokens, response_mask, settings)
     expected = slow_rewards(model, tokens, response_mask, policy_mode)
     torch.testing.assert_close(metrics["rewards"], expected, rtol=1e-5, atol=1e-5)
 
     policy = Policy(policy_mode, policy_mode, alpha=ALPHA, alpha0=ALPHA0)
-    measured = preference_metrics(model, policy, pairs, pad_id, micro_batch_size=4)  # 6 pairs: micro-batches of 4 and 2
-    assert measured["preference_accuracy"] == pytest.approx((expected[:6] > expected[6:]).float().mean().item())
-    assert measured["preference_margin"] == pytest.approx((expected[:6] - expected[6:]).mean().item(), rel=1e-5)
+    measured = preference_metrics(
+        model, policy, pairs, pad_id, micro_batch_size=4
+    )  # 6 pairs: micro-batches of 4 and 2
+    assert measured["preference_accuracy"] == pytest.approx(
+        (expected[:6] > expected[6:]).float().mean().item()
+    )
+    assert measured["preference_margin"] == pytest.approx(
+        (expected[:6] - expected[6:]).mean().item(), rel=1e-5
+    )
 
 
 @pytest.mark.parametrize("objective", ["qadapter", "dpo", "sft"])
-def test_the_micro_batch_loss_and_gradients_are_the_plain_objectives_on_full_logits(batch, objective):
+def test_the_micro_batch_loss_and_gradients_are_the_plain_objectives_on_full_logits(
+    batch, objective
+):
     model, pairs, pad_id = batch
     tokens, response_mask = collate(pairs[:3], pad_id)
-    settings = dict(objective=objective, alpha=ALPHA, alpha0=ALPHA0, beta=0.3, gamma=0.9, dpo_beta=0.2)
+    settings = Objective(objective, alpha=ALPHA, alpha0=ALPHA0, beta=0.3, gamma=0.9, dpo_beta=0.2)
     trainable = [p for p in model.parameters() if p.requires_grad]
     loss, _ = micro_batch_objective(model, tokens, response_mask, settings)
     grads = torch.autograd.grad(loss, trainable)
     with torch.no_grad(), adapter_disabled(model):
         base = model(tokens)
-    if objective == "qadapter":
-        plain, _ = qadapter_loss(model(tokens), base, tokens, response_mask, alpha=ALPHA, alpha0=ALPHA0, beta=0.3, gamma=0.9)
-    elif objective == "dpo":
-        plain, _ = dpo_loss(model(tokens), base, tokens, response_mask, beta=0.2)
-    else:  # SFT: the rows are conversations of their own; the chosen and rejected ones serve as six of them
-        plain = sft_loss(model(tokens), tokens, response_mask)
+    # SFT: the rows are conversations of their own, without the base model; the chosen and rejected ones serve
+    # as six of them
+    plain, _ = loss_from_logits(
+        model(tokens), base if objective != "sft" else None, tokens, response_mask, settings
+    )
     plain_grads = torch.autograd.grad(plain, trainable)
     torch.testing.assert_close(loss, plain, rtol=1e-5, atol=1e-6)
     for got, want in zip(grads, plain_grads):
@@ -100,21 +120,34 @@ def test_log_probs_of_each_policy_are_those_of_full_logits(batch, policy_mode):
             with adapter_disabled(model):
                 base = model(tokens)[0]
             adapter = model(tokens)[0]
-        logits = {"base": base, "adapter": adapter, "customised": policy_logits(adapter, base, ALPHA, ALPHA0)}[policy_mode]
+        logits = {
+            "base": base,
+            "adapter": adapter,
+            "customised": policy_logits(adapter, base, ALPHA, ALPHA0),
+        }[policy_mode]
         return logits.log_softmax(-1)
 
     generator = torch.Generator().manual_seed(3)
-    sequences = [torch.randint(3, 101, (n,), generator=generator).tolist() for n in (7, 31, 12, 31, 2, 20)]
+    sequences = [
+        torch.randint(3, 101, (n,), generator=generator).tolist() for n in (7, 31, 12, 31, 2, 20)
+    ]
     num_scored = [3, 10, 1, 30, 1, 5]
     for i in (2, 4):  # one scored token each, made the policy's greedy choice
         sequences[i][-1] = int(slow_log_pi(sequences[i])[-2].argmax())
-    sequences += [sequences[2][:-1] + [5], sequences[1][:-1] + [9]]  # options that differ in their last token only
+    sequences += [
+        sequences[2][:-1] + [5],
+        sequences[1][:-1] + [9],
+    ]  # options that differ in their last token only
     num_scored += [1, 10]
     policy = Policy(policy_mode, policy_mode, alpha=ALPHA, alpha0=ALPHA0)
-    got = log_probs(model, policy, sequences, num_scored, batch_size=4, chunk_size=7)  # batches of 4 and 2, chunks split rows
+    got = log_probs(
+        model, policy, sequences, num_scored, batch_size=4, chunk_size=7
+    )  # batches of 4 and 2, chunks split rows
     for sequence, n, (log_prob, greedy) in zip(sequences, num_scored, got):
         log_pi = slow_log_pi(sequence)[len(sequence) - n - 1 : -1]
         targets = torch.tensor(sequence[len(sequence) - n :])
-        assert log_prob == pytest.approx(log_pi.gather(1, targets[:, None]).sum().item(), abs=1e-5, rel=1e-5)
+        assert log_prob == pytest.approx(
+            log_pi.gather(1, targets[:, None]).sum().item(), abs=1e-5, rel=1e-5
+        )
         assert greedy == bool((log_pi.argmax(1) == targets).all())
     assert [greedy for _, greedy in got] == [False, False, True, False, True, False, False, False]

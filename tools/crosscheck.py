@@ -23,36 +23,59 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qadapter_min.lora import add_lora, load_run_config, lora_layers, save_adapter  # noqa: E402
+from qadapter_min.adapters import load_run_config, save_adapter  # noqa: E402
+from qadapter_min.lora import add_lora, lora_layers  # noqa: E402
 from qadapter_min.tokenizer import Tokenizer  # noqa: E402
 from qadapter_min.weights import load_model  # noqa: E402
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello!"}],
-    [{"role": "system", "content": "  You are terse.\n"}, {"role": "user", "content": "What is 2+2?"}],
-    [{"role": "user", "content": " hi there  "}, {"role": "assistant", "content": "Hello! How can I help?\n\n"},
-     {"role": "user", "content": "Tell me a joke.\n\n1. about cats\n2. about dogs"}],
-    [{"role": "system", "content": ""}, {"role": "user", "content": "ünïcödé 日本語 🙂 code:\n```py\nx = 1\n```"},
-     {"role": "assistant", "content": "   ok"}],
-    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
-     {"role": "assistant", "content": "d"}],
+    [
+        {"role": "system", "content": "  You are terse.\n"},
+        {"role": "user", "content": "What is 2+2?"},
+    ],
+    [
+        {"role": "user", "content": " hi there  "},
+        {"role": "assistant", "content": "Hello! How can I help?\n\n"},
+        {"role": "user", "content": "Tell me a joke.\n\n1. about cats\n2. about dogs"},
+    ],
+    [
+        {"role": "system", "content": ""},
+        {"role": "user", "content": "ünïcödé 日本語 🙂 code:\n```py\nx = 1\n```"},
+        {"role": "assistant", "content": "   ok"},
+    ],
+    [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+        {"role": "assistant", "content": "d"},
+    ],
 ]
 
 
 def check_chat(tokenizer_file, template_file):
     from transformers import PreTrainedTokenizerFast
 
-    reference = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), bos_token="<|begin_of_text|>")
+    reference = PreTrainedTokenizerFast(
+        tokenizer_file=str(tokenizer_file), bos_token="<|begin_of_text|>"
+    )
     template = Path(template_file).read_text()
     ours = Tokenizer(tokenizer_file)
     same = total = 0
     for messages in CONVERSATIONS:
         for add_generation_prompt in (False, True):
             for extra in ({}, {"date_string": "01 Jan 2025"}):
-                expected = reference.apply_chat_template(messages, chat_template=template, tokenize=True,
-                                                         add_generation_prompt=add_generation_prompt, **extra)
+                expected = reference.apply_chat_template(
+                    messages,
+                    chat_template=template,
+                    tokenize=True,
+                    add_generation_prompt=add_generation_prompt,
+                    **extra,
+                )
                 expected = list(expected["input_ids"] if hasattr(expected, "keys") else expected)
-                got = ours.encode_chat(messages, add_generation_prompt=add_generation_prompt, **extra)
+                got = ours.encode_chat(
+                    messages, add_generation_prompt=add_generation_prompt, **extra
+                )
                 same += got == expected
                 total += 1
     print(f"chat format: {same} of {total} renderings give identical ids")
@@ -62,23 +85,34 @@ def check_peft(model_dir):
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
-    ours = add_lora(load_model(model_dir), r=8, alpha=16, dropout=0.0,
-                    targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    ours = add_lora(
+        load_model(model_dir),
+        r=8,
+        alpha=16,
+        dropout=0.0,
+        targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    )
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for layer in lora_layers(ours).values():
-            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=generator) * 0.3)
+            layer.lora_B.weight.copy_(
+                torch.randn(layer.lora_B.weight.shape, generator=generator) * 0.3
+            )
     tokens = torch.randint(0, ours.args.vocab_size, (2, 40), generator=generator)
     with tempfile.TemporaryDirectory() as adapter_dir:
         save_adapter(ours, adapter_dir, base_model_name_or_path=str(model_dir))
-        reference = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32), adapter_dir)
+        reference = PeftModel.from_pretrained(
+            LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32), adapter_dir
+        )
         with torch.no_grad():
             expected = reference.eval()(tokens).logits
             got = ours.eval()(tokens)
             with reference.disable_adapter():
                 base = reference(tokens).logits
-    print(f"peft: max |peft - ours| = {(expected - got).abs().max():.2e}; the adapter moves the logits by "
-          f"{(expected - base).abs().max():.2f}")
+    print(
+        f"peft: max |peft - ours| = {(expected - got).abs().max():.2e}; the adapter moves the logits by "
+        f"{(expected - base).abs().max():.2f}"
+    )
 
 
 def check_sample(adapter_dir, prompts, max_new_tokens=32):
@@ -88,9 +122,13 @@ def check_sample(adapter_dir, prompts, max_new_tokens=32):
     config = load_run_config(adapter_dir)
     model_dir, alpha, alpha0 = config["base_model"], config["alpha"], config["alpha0"]
     tokenizer = Tokenizer(model_dir)  # its chat format was checked against the template by `chat`
-    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32), adapter_dir).eval()
+    model = PeftModel.from_pretrained(
+        LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32), adapter_dir
+    ).eval()
     for prompt in prompts:
-        ids = tokenizer.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        ids = tokenizer.encode_chat(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True
+        )
         reply = []
         with torch.no_grad():
             for _ in range(max_new_tokens):
@@ -103,22 +141,51 @@ def check_sample(adapter_dir, prompts, max_new_tokens=32):
                     break
                 reply.append(token)
         expected = tokenizer.decode(reply)
-        got = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--adapter", str(adapter_dir), "--prompt", prompt,
-                              "--temperature", "0", "--max_new_tokens", str(max_new_tokens)],
-                             capture_output=True, text=True).stdout.removesuffix("\n")
-        print(f"sample: {'identical' if got == expected else 'DIFFERENT'}: {prompt!r} -> {expected!r}"
-              + ("" if got == expected else f" (sample.py: {got!r})"))
+        got = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "sample.py"),
+                "--adapter",
+                str(adapter_dir),
+                "--prompt",
+                prompt,
+                "--temperature",
+                "0",
+                "--max_new_tokens",
+                str(max_new_tokens),
+            ],
+            capture_output=True,
+            text=True,
+        ).stdout.removesuffix("\n")
+        print(
+            f"sample: {'identical' if got == expected else 'DIFFERENT'}: {prompt!r} -> {expected!r}"
+            + ("" if got == expected else f" (sample.py: {got!r})")
+        )
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("check", choices=["chat", "peft", "sample"])
     p.add_argument("--tokenizer", help="chat: a Llama 3 tokenizer.json")
     p.add_argument("--template", help="chat: the official chat template, as a Jinja file")
-    p.add_argument("--model", default=str(ROOT / "tests" / "fixtures" / "tiny-llama-tied"), help="peft: a model directory")
+    p.add_argument(
+        "--model",
+        default=str(ROOT / "tests" / "fixtures" / "tiny-llama-tied"),
+        help="peft: a model directory",
+    )
     p.add_argument("--adapter", default="out", help="sample: an output directory of train.py")
-    p.add_argument("--prompts", nargs="+", default=["What is the capital of Peru?", "What is the opposite of hot?",
-                                                    "Write this word in upper case: river"], help="sample: prompts")
+    p.add_argument(
+        "--prompts",
+        nargs="+",
+        default=[
+            "What is the capital of Peru?",
+            "What is the opposite of hot?",
+            "Write this word in upper case: river",
+        ],
+        help="sample: prompts",
+    )
     args = p.parse_args()
     if args.check == "chat":
         check_chat(args.tokenizer, args.template)

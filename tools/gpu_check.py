@@ -18,7 +18,8 @@ soon as it has them, so a run cut short still reports the parts it finished:
              memory bandwidth sets (each decoding step reads every weight once).
 
 MFU counts 6N FLOPs per token, N the base model's parameters without the embedding (a lookup, not a
-product; bench.matmul_parameters): the usual convention, and here also the real count of a step without checkpointing (2N for
+product; bench.matmul_parameters): the usual convention, and here also the real count of a step
+without checkpointing (2N for
 the adapter pass, 2N for its backward, which needs no weight gradients for the frozen weights, and 2N
 for the base pass). With checkpointing each block runs forward once more: 8N, the hardware FLOPs (HFU).
 Both overcount slightly: the objective applies the LM head at the reply positions alone.
@@ -45,15 +46,22 @@ sys.path.insert(0, str(ROOT))
 from bench import CARDS, build, matmul_parameters, our_step, pair_batch, time_step  # noqa: E402
 from qadapter_min.generate import generate, generate_batch  # noqa: E402
 from qadapter_min.lora import add_lora, lora_layers  # noqa: E402
-from qadapter_min.memory import training_memory_gib  # noqa: E402
-from qadapter_min.model import PRESETS, ModelArgs  # noqa: E402
+from qadapter_min.memory import PRESETS, training_memory_gib  # noqa: E402
+from qadapter_min.model import ModelArgs  # noqa: E402
 from qadapter_min.step import micro_batch_objective  # noqa: E402
 from qadapter_min.weights import load_model  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
 PARITY_MODELS = ("tiny-llama-tied", "tiny-llama-untied-sharded", "lm-eval-llama/model")
-CPU_SHAPE = ModelArgs(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=4096, rope_scaling=PRESETS["llama-3.1-8b"].rope_scaling)
+CPU_SHAPE = ModelArgs(
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=4096,
+    rope_scaling=PRESETS["llama-3.1-8b"].rope_scaling,
+)
 CAP_GIB = 23.5  # an RTX 4090's 24 GiB less about 0.5 GiB that CUDA's context takes outside PyTorch's allocator
 
 
@@ -95,19 +103,27 @@ def seconds_of(work, repeats: int) -> float:
     return statistics.median(times[1:])
 
 
-# ----------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # 1. Parity
 
 
 def parity(device: str) -> dict:
-    forms = [("fp32", torch.float32), ("bf16", torch.bfloat16)] if device == "cuda" else [("bf16", torch.bfloat16)]
+    forms = (
+        [("fp32", torch.float32), ("bf16", torch.bfloat16)]
+        if device == "cuda"
+        else [("bf16", torch.bfloat16)]
+    )
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 on the GPU means fp32
     tokens = torch.randint(3, 100, (2, 48), generator=torch.Generator().manual_seed(0))
     numbers = {"logits": {}, "objective": {}, "greedy": {}}
     for fixture in PARITY_MODELS:
         reference = load_model(FIXTURES / fixture)(tokens)
         for form, dtype in forms:
-            logits = load_model(FIXTURES / fixture, dtype=dtype, device=device)(tokens.to(device)).float().cpu()
+            logits = (
+                load_model(FIXTURES / fixture, dtype=dtype, device=device)(tokens.to(device))
+                .float()
+                .cpu()
+            )
             numbers["logits"][f"{fixture} {form}"] = {
                 "max_abs_diff": (logits - reference).abs().max().item(),
                 "mean_abs_diff": (logits - reference).abs().mean().item(),
@@ -115,29 +131,51 @@ def parity(device: str) -> dict:
             }
     response_mask = torch.zeros_like(tokens, dtype=torch.bool)
     response_mask[:, 24:] = True
-    reference_loss, reference_grads = objective_and_grads(torch.float32, "cpu", tokens, response_mask)
-    prompts = [torch.randint(3, 100, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 9, 13, 17)]
+    reference_loss, reference_grads = objective_and_grads(
+        torch.float32, "cpu", tokens, response_mask
+    )
+    prompts = [
+        torch.randint(3, 100, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+        for n in (5, 9, 13, 17)
+    ]
     reference_replies = greedy_replies(adapted_model(torch.float32, "cpu"), prompts)
     for form, dtype in forms:
         loss, grads = objective_and_grads(dtype, device, tokens, response_mask)
         numbers["objective"][form] = {
             "loss_relative_diff": abs(loss - reference_loss) / abs(reference_loss),
-            "grad_max_relative_diff": max((g - r).abs().max().item() / r.abs().max().item() for g, r in zip(grads, reference_grads)),
+            "grad_max_relative_diff": max(
+                (g - r).abs().max().item() / r.abs().max().item()
+                for g, r in zip(grads, reference_grads)
+            ),
         }
         replies = greedy_replies(adapted_model(dtype, device), prompts)
-        agree = [next((i for i, (a, b) in enumerate(zip(r, ref)) if a != b), len(ref)) for r, ref in zip(replies, reference_replies)]
-        numbers["greedy"][form] = {"identical_replies": f"{sum(a == 32 for a in agree)}/{len(prompts)}",
-                                   "tokens_before_first_difference": agree}
+        agree = [
+            next((i for i, (a, b) in enumerate(zip(r, ref)) if a != b), len(ref))
+            for r, ref in zip(replies, reference_replies)
+        ]
+        numbers["greedy"][form] = {
+            "identical_replies": f"{sum(a == 32 for a in agree)}/{len(prompts)}",
+            "tokens_before_first_difference": agree,
+        }
     return numbers
 
 
 def adapted_model(dtype, device):
     """The lm-eval fixture's model with LoRA whose B is drawn at random, not zero: Q differs from pi1."""
     torch.manual_seed(0)
-    model = add_lora(load_model(FIXTURES / "lm-eval-llama/model", dtype=dtype, device=device), r=4, alpha=8, dropout=0.0)
+    model = add_lora(
+        load_model(FIXTURES / "lm-eval-llama/model", dtype=dtype, device=device),
+        r=4,
+        alpha=8,
+        dropout=0.0,
+    )
     with torch.no_grad():
         for layer in lora_layers(model).values():
-            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=torch.Generator().manual_seed(layer.index)))
+            layer.lora_B.weight.copy_(
+                torch.randn(
+                    layer.lora_B.weight.shape, generator=torch.Generator().manual_seed(layer.index)
+                )
+            )
     return model
 
 
@@ -149,10 +187,13 @@ def objective_and_grads(dtype, device, tokens, response_mask):
 
 
 def greedy_replies(model, prompts):
-    return [list(generate(model, p, stop_ids=[], max_new_tokens=32, policy_mode="customised")) for p in prompts]
+    return [
+        list(generate(model, p, stop_ids=[], max_new_tokens=32, policy_mode="customised"))
+        for p in prompts
+    ]
 
 
-# ----------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # 2. The training step
 
 
@@ -168,24 +209,41 @@ def training_steps(args: ModelArgs, device: str, peak_tflops, repeats: int, conf
     for pairs, checkpointing, cap_gib in configurations:
         model.gradient_checkpointing = checkpointing
         tokens, response_mask = pair_batch(args.vocab_size, pairs=pairs, device=device)
-        row = {"micro_batch_pairs": pairs, "gradient_checkpointing": checkpointing, "memory_cap_gib": cap_gib,
-               "tokens_per_step": tokens.numel()}
+        row = {
+            "micro_batch_pairs": pairs,
+            "gradient_checkpointing": checkpointing,
+            "memory_cap_gib": cap_gib,
+            "tokens_per_step": tokens.numel(),
+        }
         if gpu():
             total = torch.cuda.get_device_properties(0).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 1024**3 / total) if cap_gib else 1.0)
+            torch.cuda.set_per_process_memory_fraction(
+                min(1.0, cap_gib * 1024**3 / total) if cap_gib else 1.0
+            )
             torch.cuda.reset_peak_memory_stats()
         try:
-            seconds, loss, _ = time_step(our_step, model, tokens, response_mask, repeats, synchronize)
+            seconds, loss, _ = time_step(
+                our_step, model, tokens, response_mask, repeats, synchronize
+            )
         except torch.OutOfMemoryError:
-            row["error"] = f"out of memory under the {cap_gib} GiB cap" if cap_gib else "out of memory"
+            row["error"] = (
+                f"out of memory under the {cap_gib} GiB cap" if cap_gib else "out of memory"
+            )
             rows.append(row)
             model.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
             continue
         tokens_per_s = tokens.numel() / seconds
-        plan = training_memory_gib(args, trainable, pairs, tokens.shape[1], weight_bytes=2, checkpointing=checkpointing)
-        row.update(step_ms=seconds * 1000, tokens_per_s=tokens_per_s, loss=loss, plan_gib=sum(plan.values()),
-                   plan_parts_gib=plan)
+        plan = training_memory_gib(
+            args, trainable, pairs, tokens.shape[1], weight_bytes=2, checkpointing=checkpointing
+        )
+        row.update(
+            step_ms=seconds * 1000,
+            tokens_per_s=tokens_per_s,
+            loss=loss,
+            plan_gib=sum(plan.values()),
+            plan_parts_gib=plan,
+        )
         row["mfu"] = 6 * parameters * tokens_per_s / (peak_tflops * 1e12)
         row["hfu"] = (8 if checkpointing else 6) * parameters * tokens_per_s / (peak_tflops * 1e12)
         if gpu():
@@ -198,7 +256,7 @@ def training_steps(args: ModelArgs, device: str, peak_tflops, repeats: int, conf
     return model, parameters, rows
 
 
-# ----------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # 3. Decoding
 
 
@@ -211,13 +269,27 @@ def decoding(model, bandwidth_gbs: float, new_tokens: int, batch_sizes=(1, 8, 32
     numbers = {"weight_gb": weight_bytes / 1e9, "new_tokens": new_tokens, "rows": []}
     for policy_mode in ("base", "customised"):
         for batch_size in batch_sizes:
-            prompts = [torch.randint(3, model.args.vocab_size, (32,), generator=generator).tolist() for _ in range(batch_size)]
-            seconds = seconds_of(lambda: generate_batch(model, prompts, stop_ids=[], max_new_tokens=new_tokens,
-                                                        policy_mode=policy_mode), repeats=1)
+            prompts = [
+                torch.randint(3, model.args.vocab_size, (32,), generator=generator).tolist()
+                for _ in range(batch_size)
+            ]
+            seconds = seconds_of(
+                lambda: generate_batch(
+                    model, prompts, stop_ids=[], max_new_tokens=new_tokens, policy_mode=policy_mode
+                ),
+                repeats=1,
+            )
             tokens_per_s = batch_size * new_tokens / seconds
             limit = batch_size * steps_per_s_limit
-            numbers["rows"].append({"policy": policy_mode, "batch": batch_size, "tokens_per_s": tokens_per_s,
-                                    "bandwidth_limit_tokens_per_s": limit, "of_limit": tokens_per_s / limit})
+            numbers["rows"].append(
+                {
+                    "policy": policy_mode,
+                    "batch": batch_size,
+                    "tokens_per_s": tokens_per_s,
+                    "bandwidth_limit_tokens_per_s": limit,
+                    "of_limit": tokens_per_s / limit,
+                }
+            )
     return numbers
 
 
@@ -235,57 +307,98 @@ def matmul_tflops(device: str) -> float:
     return 2 * n**3 / seconds_of(lambda: a @ a, repeats=5) / 1e12
 
 
-# ----------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # The summary
 
 
 def markdown(data: dict) -> str:
-    stated = (f"stated peak {data['stated_peak_tflops']} TFLOP/s bf16 and {data['stated_bandwidth_gbs']} GB/s"
-              if data["stated_peak_tflops"] else "no stated peak (not a card bench.py lists): the measured numbers stand in")
-    lines = [f"# GPU check: {data['device']}", "",
-             f"{data['date']}; torch {data['torch']}, CUDA {data['cuda']}, Python {data['python']}; {stated}", ""]
+    stated = (
+        f"stated peak {data['stated_peak_tflops']} TFLOP/s bf16 and {data['stated_bandwidth_gbs']} GB/s"
+        if data["stated_peak_tflops"]
+        else "no stated peak (not a card bench.py lists): the measured numbers stand in"
+    )
+    lines = [
+        f"# GPU check: {data['device']}",
+        "",
+        f"{data['date']}; torch {data['torch']}, CUDA {data['cuda']}, Python {data['python']}; {stated}",
+        "",
+    ]
     parts = {name: numbers for name, numbers in data["parts"].items() if "error" not in numbers}
     for name, numbers in data["parts"].items():
         if "error" in numbers:
             lines += [f"**{name} failed** after {numbers['seconds']:.0f} s: {numbers['error']}", ""]
     if "device" in parts:
         d = parts["device"]
-        lines += [f"Measured: bf16 matrix product {d['matmul_tflops']:.1f} TFLOP/s; copy bandwidth {d['copy_bandwidth_gbs']:.0f} GB/s "
-                  f"({d['seconds']:.0f} s)", ""]
+        lines += [
+            f"Measured: bf16 matrix product {d['matmul_tflops']:.1f} TFLOP/s; "
+            f"copy bandwidth {d['copy_bandwidth_gbs']:.0f} GB/s "
+            f"({d['seconds']:.0f} s)",
+            "",
+        ]
     if "parity" in parts:
         p = parts["parity"]
-        lines += ["## 1. Parity against fp32 on the CPU", "", "| logits of | max abs diff | mean abs diff | top-1 agreement |",
-                  "|---|---|---|---|"]
-        lines += [f"| {k} | {v['max_abs_diff']:.2e} | {v['mean_abs_diff']:.2e} | {v['top1_agreement']:.1%} |" for k, v in p["logits"].items()]
-        lines += ["", "| form | loss relative diff | LoRA grad max relative diff | greedy replies identical (32 tokens) | tokens before the first difference |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {form} | {v['loss_relative_diff']:.2e} | {v['grad_max_relative_diff']:.2e} | "
-                  f"{p['greedy'][form]['identical_replies']} | {p['greedy'][form]['tokens_before_first_difference']} |"
-                  for form, v in p["objective"].items()]
+        lines += [
+            "## 1. Parity against fp32 on the CPU",
+            "",
+            "| logits of | max abs diff | mean abs diff | top-1 agreement |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {k} | {v['max_abs_diff']:.2e} | {v['mean_abs_diff']:.2e} | {v['top1_agreement']:.1%} |"
+            for k, v in p["logits"].items()
+        ]
+        lines += [
+            "",
+            "| form | loss relative diff | LoRA grad max relative diff | greedy replies identical "
+            "(32 tokens) | tokens before the first difference |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {form} | {v['loss_relative_diff']:.2e} | {v['grad_max_relative_diff']:.2e} | "
+            f"{p['greedy'][form]['identical_replies']} | {p['greedy'][form]['tokens_before_first_difference']} |"
+            for form, v in p["objective"].items()
+        ]
         lines += ["", f"({p['seconds']:.0f} s)", ""]
     if "step" in parts:
         s = parts["step"]
-        lines += [f"## 2. Training step: {s['shape']}, N = {s['parameters'] / 1e6:,.1f}M parameters without the embedding, "
-                  f"bf16; MFU and HFU against the {s['peak_source']} {s['peak_tflops']:.1f} TFLOP/s", "",
-                  "| pairs x 512 | checkpointing | cap | step | tokens/s | MFU (6N) | HFU | peak memory | plan | peak / plan |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## 2. Training step: {s['shape']}, N = {s['parameters'] / 1e6:,.1f}M parameters without the embedding, "
+            f"bf16; MFU and HFU against the {s['peak_source']} {s['peak_tflops']:.1f} TFLOP/s",
+            "",
+            "| pairs x 512 | checkpointing | cap | step | tokens/s | MFU (6N) | HFU | peak memory "
+            "| plan | peak / plan |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in s["rows"]:
             if "error" in r:
-                lines.append(f"| {r['micro_batch_pairs']} | {r['gradient_checkpointing']} | {r['memory_cap_gib']} | {r['error']} |")
+                lines.append(
+                    f"| {r['micro_batch_pairs']} | {r['gradient_checkpointing']} | "
+                    f"{r['memory_cap_gib']} | {r['error']} |"
+                )
                 continue
             lines.append(
                 f"| {r['micro_batch_pairs']} | {'on' if r['gradient_checkpointing'] else 'off'} | "
                 f"{str(r['memory_cap_gib']) + ' GiB' if r['memory_cap_gib'] else 'none'} | {r['step_ms']:.0f} ms | "
                 f"{r['tokens_per_s']:.0f} | {r['mfu']:.1%} | {r['hfu']:.1%} | "
-                f"{fmt_gib(r.get('peak_memory_gib'))} | {r['plan_gib']:.2f} GiB | {fmt_ratio(r.get('measured_over_plan'))} |")
+                f"{fmt_gib(r.get('peak_memory_gib'))} | {r['plan_gib']:.2f} GiB | "
+                f"{fmt_ratio(r.get('measured_over_plan'))} |"
+            )
         lines += ["", f"({s['seconds']:.0f} s)", ""]
     if "decoding" in parts:
         d = parts["decoding"]
-        lines += [f"## 3. Decoding: {d['new_tokens']} greedy tokens after 32-token prompts, {d['weight_gb']:.2f} GB of weights, "
-                  f"limit at {d['bandwidth_gbs']:.0f} GB/s ({d['bandwidth_source']})", "",
-                  "| policy | batch | tokens/s | bandwidth limit | of the limit |", "|---|---|---|---|---|"]
-        lines += [f"| {r['policy']} | {r['batch']} | {r['tokens_per_s']:.1f} | {r['bandwidth_limit_tokens_per_s']:.1f} | "
-                  f"{r['of_limit']:.0%} |" for r in d["rows"]]
+        lines += [
+            f"## 3. Decoding: {d['new_tokens']} greedy tokens after 32-token prompts, "
+            f"{d['weight_gb']:.2f} GB of weights, "
+            f"limit at {d['bandwidth_gbs']:.0f} GB/s ({d['bandwidth_source']})",
+            "",
+            "| policy | batch | tokens/s | bandwidth limit | of the limit |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['policy']} | {r['batch']} | {r['tokens_per_s']:.1f} | {r['bandwidth_limit_tokens_per_s']:.1f} | "
+            f"{r['of_limit']:.0%} |"
+            for r in d["rows"]
+        ]
         lines += ["", f"({d['seconds']:.0f} s)", ""]
     return "\n".join(lines) + "\n"
 
@@ -299,7 +412,9 @@ def fmt_ratio(x):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("out", type=Path, help="directory for summary.json and summary.md")
     p.add_argument("--cpu", action="store_true", help="run every part on the CPU at a tiny shape")
     args = p.parse_args()
@@ -307,11 +422,23 @@ def main():
     if device == "cuda" and not gpu():
         p.error("no GPU is visible; run on a machine with one, or add --cpu")
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "CPU"
-    stated_peak, stated_bandwidth = next((v for k, v in CARDS.items() if k in name), (None, None)) if device == "cuda" else (None, None)
-    summary = Summary(args.out, {
-        "device": name, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "cuda": torch.version.cuda,
-        "python": platform.python_version(), "stated_peak_tflops": stated_peak, "stated_bandwidth_gbs": stated_bandwidth,
-    })
+    stated_peak, stated_bandwidth = (
+        next((v for k, v in CARDS.items() if k in name), (None, None))
+        if device == "cuda"
+        else (None, None)
+    )
+    summary = Summary(
+        args.out,
+        {
+            "device": name,
+            "date": time.strftime("%Y-%m-%d"),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "python": platform.python_version(),
+            "stated_peak_tflops": stated_peak,
+            "stated_bandwidth_gbs": stated_bandwidth,
+        },
+    )
 
     def part(name, work):
         """Run one part and write its numbers; a part that fails is reported and the next still runs."""
@@ -325,26 +452,53 @@ def main():
         numbers["seconds"] = time.perf_counter() - started
         summary.add(name, numbers)
 
-    part("device", lambda: {"matmul_tflops": matmul_tflops(device), "copy_bandwidth_gbs": copy_bandwidth_gbs(device)})
+    part(
+        "device",
+        lambda: {
+            "matmul_tflops": matmul_tflops(device),
+            "copy_bandwidth_gbs": copy_bandwidth_gbs(device),
+        },
+    )
     part("parity", lambda: parity(device))
     shape, decode_tokens = (CPU_SHAPE, 16) if args.cpu else (PRESETS["llama-3.1-8b"], 64)
     configurations = [(1, True, None if args.cpu else CAP_GIB), (4, True, None), (4, False, None)]
     held = {}
 
     measured = summary.data["parts"]["device"]
-    peak, peak_source = (stated_peak, "stated peak") if stated_peak else (measured.get("matmul_tflops"), "measured bf16 product's")
+    peak, peak_source = (
+        (stated_peak, "stated peak")
+        if stated_peak
+        else (measured.get("matmul_tflops"), "measured bf16 product's")
+    )
 
     def step():
-        held["model"], parameters, rows = training_steps(shape, device, peak, 1 if args.cpu else 3, configurations)
-        return {"shape": "tiny (CPU)" if args.cpu else "llama-3.1-8b", "parameters": parameters, "rows": rows,
-                "peak_tflops": peak, "peak_source": peak_source}
+        held["model"], parameters, rows = training_steps(
+            shape, device, peak, 1 if args.cpu else 3, configurations
+        )
+        return {
+            "shape": "tiny (CPU)" if args.cpu else "llama-3.1-8b",
+            "parameters": parameters,
+            "rows": rows,
+            "peak_tflops": peak,
+            "peak_source": peak_source,
+        }
 
     part("step", step)
-    bandwidth, source = (stated_bandwidth, "stated") if stated_bandwidth else (measured.get("copy_bandwidth_gbs"), "measured by a copy")
+    bandwidth, source = (
+        (stated_bandwidth, "stated")
+        if stated_bandwidth
+        else (measured.get("copy_bandwidth_gbs"), "measured by a copy")
+    )
 
     def decode():
-        model = held.get("model") or build(shape, device, torch.bfloat16)  # built here if the step part failed
-        return {**decoding(model, bandwidth, decode_tokens), "bandwidth_gbs": bandwidth, "bandwidth_source": source}
+        model = held.get("model") or build(
+            shape, device, torch.bfloat16
+        )  # built here if the step part failed
+        return {
+            **decoding(model, bandwidth, decode_tokens),
+            "bandwidth_gbs": bandwidth,
+            "bandwidth_source": source,
+        }
 
     part("decoding", decode)
     print((args.out / "summary.md").read_text())

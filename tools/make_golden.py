@@ -25,15 +25,32 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
-ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32)
+ROPE = dict(
+    rope_type="llama3",
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=32,
+)
 
 
 def make(name: str, classic_config: bool, max_shard_size: str, **shape):
     torch.manual_seed(sum(map(ord, name)))
     config = LlamaConfig(
-        vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=256, rope_theta=10000.0,
-        rope_scaling=dict(ROPE), bos_token_id=0, eos_token_id=1, attn_implementation="eager", **shape,
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=256,
+        rope_theta=10000.0,
+        rope_scaling=dict(ROPE),
+        bos_token_id=0,
+        eos_token_id=1,
+        attn_implementation="eager",
+        **shape,
     )
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():  # the default init is small; larger weights make the logits more telling
@@ -41,7 +58,9 @@ def make(name: str, classic_config: bool, max_shard_size: str, **shape):
             param.normal_(0.0, 0.2) if param.dim() > 1 else param.uniform_(0.5, 1.5)
     out = FIXTURES / name
     model.save_pretrained(out, max_shard_size=max_shard_size)
-    if classic_config:  # rewrite the newer rope_parameters form as the classic rope_theta + rope_scaling
+    if (
+        classic_config
+    ):  # rewrite the newer rope_parameters form as the classic rope_theta + rope_scaling
         cfg = json.loads((out / "config.json").read_text())
         rope = cfg.pop("rope_parameters")
         cfg["rope_theta"] = rope.pop("rope_theta")
@@ -65,9 +84,19 @@ def make_reward(name: str, tokenizer_dir: Path):
     torch.manual_seed(sum(map(ord, name)))
     tokenizer = Tokenizer(tokenizer_dir)
     config = LlamaConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=256, rope_theta=500000.0, num_labels=1,
-        bos_token_id=tokenizer.bos_id, tie_word_embeddings=False, attn_implementation="eager",
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=256,
+        rope_theta=500000.0,
+        num_labels=1,
+        bos_token_id=tokenizer.bos_id,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
     )
     model = LlamaForSequenceClassification(config).eval()
     with torch.no_grad():
@@ -77,22 +106,35 @@ def make_reward(name: str, tokenizer_dir: Path):
     model.save_pretrained(out)
     (out / "tokenizer.json").write_bytes((tokenizer_dir / "tokenizer.json").read_bytes())
     conversations = [
-        [{"role": "user", "content": "What is the capital of Peru?"}, {"role": "assistant", "content": "Lima."}],
-        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
-         {"role": "assistant", "content": "Blue, the colour of a clear sky on a summer day."}],
-        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
-         {"role": "user", "content": "Say a word."}, {"role": "assistant", "content": "moon"}],
+        [
+            {"role": "user", "content": "What is the capital of Peru?"},
+            {"role": "assistant", "content": "Lima."},
+        ],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Name a colour."},
+            {"role": "assistant", "content": "Blue, the colour of a clear sky on a summer day."},
+        ],
+        [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "Hello! How can I help?"},
+            {"role": "user", "content": "Say a word."},
+            {"role": "assistant", "content": "moon"},
+        ],
     ]
     input_ids = [tokenizer.encode_chat(c) for c in conversations]
     with torch.no_grad():
         rewards = [model(torch.tensor([ids])).logits[0, 0].item() for ids in input_ids]
-    (out / "golden.json").write_text(json.dumps({"conversations": conversations, "input_ids": input_ids, "rewards": rewards}))
+    (out / "golden.json").write_text(
+        json.dumps({"conversations": conversations, "input_ids": input_ids, "rewards": rewards})
+    )
     print(name, sorted(p.name for p in out.iterdir()))
 
 
 # SmolLM2-Instruct's chat template, as its tokenizer_config.json holds it
 SMOLLM2_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are "
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are "
     "a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + "
     "message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -102,6 +144,7 @@ SMOLLM2_TEMPLATE = (
 def chatml_conversations() -> list[list[dict]]:
     """Conversations that exercise ChatML: with and without a system message, one to three rounds, contents
     with edge whitespace, newlines, code, digits, non-Latin text and empty strings."""
+
     def u(text):
         return {"role": "user", "content": text}
 
@@ -149,37 +192,71 @@ def make_chatml(name: str):
     out = FIXTURES / name
     out.mkdir(parents=True, exist_ok=True)
     conversations = chatml_conversations()
-    texts = [m["content"] for c in conversations for m in c] * 5 + ["system user assistant You are a helpful AI assistant"]
+    texts = [m["content"] for c in conversations for m in c] * 5 + [
+        "system user assistant You are a helpful AI assistant"
+    ]
     tokenizer = HFTokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(texts, trainer)
     tokenizer.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "GPT2Tokenizer", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
-        "pad_token": "<|im_end|>", "unk_token": "<|endoftext|>", "add_prefix_space": False,
-        "chat_template": SMOLLM2_TEMPLATE,
-    }, indent=2))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "GPT2Tokenizer",
+                "bos_token": "<|im_start|>",
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|im_end|>",
+                "unk_token": "<|endoftext|>",
+                "add_prefix_space": False,
+                "chat_template": SMOLLM2_TEMPLATE,
+            },
+            indent=2,
+        )
+    )
     hf = PreTrainedTokenizerFast.from_pretrained(out)
-    golden = {"conversations": conversations, "without_generation_prompt": [], "with_generation_prompt": []}
+    golden = {
+        "conversations": conversations,
+        "without_generation_prompt": [],
+        "with_generation_prompt": [],
+    }
     for conversation in conversations:
         for flag, key in ((False, "without_generation_prompt"), (True, "with_generation_prompt")):
-            ids = hf.apply_chat_template(conversation, tokenize=True, add_generation_prompt=flag, return_dict=False)
+            ids = hf.apply_chat_template(
+                conversation, tokenize=True, add_generation_prompt=flag, return_dict=False
+            )
             golden[key].append(list(ids))
     (out / "golden.json").write_text(json.dumps(golden, ensure_ascii=False))
     print(name, sorted(p.name for p in out.iterdir()))
 
 
 if __name__ == "__main__":
-    names = sys.argv[1:] or ["tiny-llama-untied-sharded", "tiny-llama-tied", "tiny-reward-llama", "tiny-chatml"]
+    names = sys.argv[1:] or [
+        "tiny-llama-untied-sharded",
+        "tiny-llama-tied",
+        "tiny-reward-llama",
+        "tiny-chatml",
+    ]
     if "tiny-llama-untied-sharded" in names:
         # untied, explicit head_dim (24 != 64/4), sharded, the config as recent transformers writes it
-        make("tiny-llama-untied-sharded", classic_config=False, max_shard_size="200KB", head_dim=24, tie_word_embeddings=False)
+        make(
+            "tiny-llama-untied-sharded",
+            classic_config=False,
+            max_shard_size="200KB",
+            head_dim=24,
+            tie_word_embeddings=False,
+        )
     if "tiny-llama-tied" in names:
         # tied (Llama 3.2 style), head_dim implied, one file, the classic config form
-        make("tiny-llama-tied", classic_config=True, max_shard_size="10GB", tie_word_embeddings=True)
+        make(
+            "tiny-llama-tied", classic_config=True, max_shard_size="10GB", tie_word_embeddings=True
+        )
     if "tiny-reward-llama" in names:
         # a reward model, with the tokenizer of the lm-eval fixture (tools/make_lm_eval_golden.py)
         make_reward("tiny-reward-llama", FIXTURES / "lm-eval-llama" / "model")

@@ -37,7 +37,9 @@ from qadapter_min.weights import load_model, model_fingerprint  # noqa: E402
 
 OUT = ROOT / "tests" / "fixtures" / "lm-eval-llama"
 TASKS = ROOT / "tests" / "lm_eval_tasks"
-QUESTIONS = 8  # the hand-written documents of tiny_mc.jsonl; the greedy ones after them are this tool's
+QUESTIONS = (
+    8  # the hand-written documents of tiny_mc.jsonl; the greedy ones after them are this tool's
+)
 CORPUS = (TASKS / "tiny_mc.jsonl").read_text().splitlines()[:QUESTIONS] + [
     "Question: Answer: The capital of Peru is Lima. The opposite of big is small.",
     "Write this word in upper case: river. In upper case: RIVER",
@@ -50,23 +52,42 @@ def write_tokenizer(model_dir: Path) -> int:
     tokenizer = HFTokenizer.from_file(str(path))
     bos = "<|begin_of_text|>"
     tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.token_to_id(bos))]
+        single=f"{bos} $A",
+        pair=f"{bos} $A {bos} $B",
+        special_tokens=[(bos, tokenizer.token_to_id(bos))],
     )
     tokenizer.save(str(path))
-    (model_dir / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": "<|eot_id|>",
-        "model_max_length": 256, "clean_up_tokenization_spaces": False,
-    }, indent=2))
+    (model_dir / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": bos,
+                "eos_token": "<|eot_id|>",
+                "model_max_length": 256,
+                "clean_up_tokenization_spaces": False,
+            },
+            indent=2,
+        )
+    )
     return tokenizer.get_vocab_size(with_added_tokens=True)
 
 
 def write_model(model_dir: Path, vocab_size: int):
     torch.manual_seed(0)
     special = HFTokenizer.from_file(str(model_dir / "tokenizer.json")).token_to_id
-    config = LlamaConfig(  # generation stops at the end of the text, of a tool message or of a turn, as Llama 3.1's does
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=256, rope_theta=500000.0,
-        bos_token_id=special("<|begin_of_text|>"), tie_word_embeddings=False,
+    # generation stops at the end of the text, of a tool message or of a turn, as Llama 3.1's does
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=256,
+        rope_theta=500000.0,
+        bos_token_id=special("<|begin_of_text|>"),
+        tie_word_embeddings=False,
         eos_token_id=[special("<|end_of_text|>"), special("<|eom_id|>"), special("<|eot_id|>")],
     )
     model = LlamaForCausalLM(config).eval()
@@ -78,17 +99,30 @@ def write_model(model_dir: Path, vocab_size: int):
 
 
 def write_adapter(model, adapter_dir: Path, model_dir: Path):
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    )
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0.0, 0.1)
     peft_model.save_pretrained(adapter_dir)
     (adapter_dir / "README.md").unlink()  # peft's model-card template
-    (adapter_dir / "qadapter_config.json").write_text(json.dumps({
-        "objective": "dpo", "alpha": 1.0, "alpha0": 0.01, "beta": 0.1, "gamma": 1.0, "dpo_beta": 0.1,
-        "base_model": str(model_dir.relative_to(ROOT)), "base_model_fingerprint": model_fingerprint(load_model(model_dir)),
-    }, indent=2))
+    (adapter_dir / "qadapter_config.json").write_text(
+        json.dumps(
+            {
+                "objective": "dpo",
+                "alpha": 1.0,
+                "alpha0": 0.01,
+                "beta": 0.1,
+                "gamma": 1.0,
+                "dpo_beta": 0.1,
+                "base_model": str(model_dir.relative_to(ROOT)),
+                "base_model_fingerprint": model_fingerprint(load_model(model_dir)),
+            },
+            indent=2,
+        )
+    )
     return peft_model.eval()
 
 
@@ -101,11 +135,15 @@ def add_greedy_docs(model, tokenizer, docs_path: Path):
         for question in questions:
             context = f"Question: {question}\nAnswer:"
             ids = tokenizer(context)["input_ids"]
-            with torch.no_grad(), (nullcontext() if adapter_on else model.disable_adapter()):
+            with torch.no_grad(), nullcontext() if adapter_on else model.disable_adapter():
                 token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
             choice = tokenizer.decode([token])
             # lm-eval scores " " + choice after the context: the token must be that, and tokenize back to itself
-            if choice.startswith(" ") and choice.strip() and tokenizer(context + choice)["input_ids"] == ids + [token]:
+            if (
+                choice.startswith(" ")
+                and choice.strip()
+                and tokenizer(context + choice)["input_ids"] == ids + [token]
+            ):
                 docs.append({"question": question, "choices": ["Lima", choice[1:]], "answer": 1})
                 questions.remove(question)
                 break
@@ -114,10 +152,18 @@ def add_greedy_docs(model, tokenizer, docs_path: Path):
 
 def golden_scores(model_args: dict) -> dict:
     out = simple_evaluate(
-        model="hf", model_args={**model_args, "dtype": "float32"}, tasks=["tiny_mc", "tiny_ppl", "tiny_gen"],
-        task_manager=TaskManager(include_path=str(TASKS), include_defaults=False), log_samples=True, batch_size=3, device="cpu",
+        model="hf",
+        model_args={**model_args, "dtype": "float32"},
+        tasks=["tiny_mc", "tiny_ppl", "tiny_gen"],
+        task_manager=TaskManager(include_path=str(TASKS), include_defaults=False),
+        log_samples=True,
+        batch_size=3,
+        device="cpu",
     )
-    return {task: {str(s["doc_id"]): s["resps"] for s in samples} for task, samples in out["samples"].items()}
+    return {
+        task: {str(s["doc_id"]): s["resps"] for s in samples}
+        for task, samples in out["samples"].items()
+    }
 
 
 def main():

@@ -35,7 +35,18 @@ ROOT = Path(__file__).resolve().parent.parent
 STUDY = ROOT / "tools" / "study"
 TRAIN = (0, 200)  # record ranges of the data file
 HELD_OUT = (2000, 2100)
-COMMON = ["--max_steps", "40", "--batch_size", "4", "--micro_batch_size", "2", "--max_len", "160", "--lr", "1e-3"]
+COMMON = [
+    "--max_steps",
+    "40",
+    "--batch_size",
+    "4",
+    "--micro_batch_size",
+    "2",
+    "--max_len",
+    "160",
+    "--lr",
+    "1e-3",
+]
 METHODS = {  # name: train.py flags beyond COMMON ("Replay": SFT on the data and the base model's own replies)
     "Q-Adapter": ["--objective", "qadapter"],
     "DPO": ["--objective", "dpo"],
@@ -45,8 +56,22 @@ METHODS = {  # name: train.py flags beyond COMMON ("Replay": SFT on the data and
 CHI2_VARIANTS = {  # the chi2 term's form and weight (Q-Adapter above is the authors' form at beta 0.1)
     "Q-Adapter, beta 0": ["--objective", "qadapter", "--beta", "0"],
     "Q-Adapter, beta 0.01": ["--objective", "qadapter", "--beta", "0.01"],
-    "Q-Adapter, bellman chi2, beta 0.01": ["--objective", "qadapter", "--chi2", "bellman", "--beta", "0.01"],
-    "Q-Adapter, bellman chi2, beta 0.1": ["--objective", "qadapter", "--chi2", "bellman", "--beta", "0.1"],
+    "Q-Adapter, bellman chi2, beta 0.01": [
+        "--objective",
+        "qadapter",
+        "--chi2",
+        "bellman",
+        "--beta",
+        "0.01",
+    ],
+    "Q-Adapter, bellman chi2, beta 0.1": [
+        "--objective",
+        "qadapter",
+        "--chi2",
+        "bellman",
+        "--beta",
+        "0.1",
+    ],
 }
 
 
@@ -66,12 +91,28 @@ def slice_records(source: Path, target: Path, start: int, stop: int):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="SmolLM2-135M-Instruct: a Hub id or a local directory")
-    p.add_argument("--data", required=True, type=Path, help="HH-RLHF harmless-base pairs (JSON Lines, .gz ok)")
-    p.add_argument("--out", default="study", type=Path, help="where data slices, runs and results go")
-    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="seeds of the methods' runs")
-    p.add_argument("--chi2_seeds", nargs="*", type=int, default=[1], help="seeds of the chi2 variants' runs (none: skip them)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model", required=True, help="SmolLM2-135M-Instruct: a Hub id or a local directory"
+    )
+    p.add_argument(
+        "--data", required=True, type=Path, help="HH-RLHF harmless-base pairs (JSON Lines, .gz ok)"
+    )
+    p.add_argument(
+        "--out", default="study", type=Path, help="where data slices, runs and results go"
+    )
+    p.add_argument(
+        "--seeds", nargs="+", type=int, default=[1, 2, 3], help="seeds of the methods' runs"
+    )
+    p.add_argument(
+        "--chi2_seeds",
+        nargs="*",
+        type=int,
+        default=[1],
+        help="seeds of the chi2 variants' runs (none: skip them)",
+    )
     args = p.parse_args()
     out = args.out.resolve()
     (out / "runs").mkdir(parents=True, exist_ok=True)
@@ -81,28 +122,97 @@ def main():
     slice_records(args.data, held_out, *HELD_OUT)
     base_replies, replay = out / "base_replies.jsonl", out / "replay.jsonl"
     if not base_replies.exists():
-        run([python, "sample.py", "--model", args.model, "--prompts", str(STUDY / "retention_prompts.jsonl"),
-             "--out", str(base_replies), "--temperature", "0", "--max_new_tokens", "64"])
+        run(
+            [
+                python,
+                "sample.py",
+                "--model",
+                args.model,
+                "--prompts",
+                str(STUDY / "retention_prompts.jsonl"),
+                "--out",
+                str(base_replies),
+                "--temperature",
+                "0",
+                "--max_new_tokens",
+                "64",
+            ]
+        )
     if not replay.exists():
-        run([python, "sample.py", "--model", args.model, "--prompts", str(train_data), "--out", str(replay),
-             "--temperature", "0", "--max_new_tokens", "64", "--unique"])
+        run(
+            [
+                python,
+                "sample.py",
+                "--model",
+                args.model,
+                "--prompts",
+                str(train_data),
+                "--out",
+                str(replay),
+                "--temperature",
+                "0",
+                "--max_new_tokens",
+                "64",
+                "--unique",
+            ]
+        )
 
     started = time.time()
     flags = {**METHODS, **CHI2_VARIANTS}
-    runs = [(method, seed, run_dir(out, method, seed)) for method, seed in
-            [*itertools.product(METHODS, args.seeds), *itertools.product(CHI2_VARIANTS, args.chi2_seeds)]]
+    runs = [
+        (method, seed, run_dir(out, method, seed))
+        for method, seed in [
+            *itertools.product(METHODS, args.seeds),
+            *itertools.product(CHI2_VARIANTS, args.chi2_seeds),
+        ]
+    ]
     for method, seed, directory in runs:
         if not (directory / "adapter_model.safetensors").exists():
             data = [str(train_data)] + ([str(replay)] if method == "Replay" else [])
-            run([python, "train.py", "--model", args.model, "--data", *data, *COMMON, *flags[method],
-                 "--seed", str(seed), "--out", str(directory), "--overwrite"])
+            run(
+                [
+                    python,
+                    "train.py",
+                    "--model",
+                    args.model,
+                    "--data",
+                    *data,
+                    *COMMON,
+                    *flags[method],
+                    "--seed",
+                    str(seed),
+                    "--out",
+                    str(directory),
+                    "--overwrite",
+                ]
+            )
     results_file = out / "results.json"
-    run([python, "evaluate.py", "--model", args.model, "--adapter", *[str(d) for _, _, d in runs],
-         "--pairs", str(held_out), "--max_len", "160", "--reply_nll", str(base_replies),
-         "--tasks", "facts_mc", "--include_path", str(STUDY), "--output", str(results_file)])
+    run(
+        [
+            python,
+            "evaluate.py",
+            "--model",
+            args.model,
+            "--adapter",
+            *[str(d) for _, _, d in runs],
+            "--pairs",
+            str(held_out),
+            "--max_len",
+            "160",
+            "--reply_nll",
+            str(base_replies),
+            "--tasks",
+            "facts_mc",
+            "--include_path",
+            str(STUDY),
+            "--output",
+            str(results_file),
+        ]
+    )
     table = study_table(json.loads(results_file.read_text())["models"], runs) + (
         f"\n(mean ± standard deviation over seeds {', '.join(map(str, args.seeds))}; the chi2 variants: seed "
-        f"{', '.join(map(str, args.chi2_seeds))}; this call took {(time.time() - started) / 60:.0f} minutes)\n")
+        f"{', '.join(map(str, args.chi2_seeds))}; this call took {(time.time() - started) / 60:.0f} minutes)\n"
+    )
     (out / "table.md").write_text(table)
     print(table)
 
@@ -112,16 +222,24 @@ def study_table(models: list[dict], runs: list[tuple[str, int, Path]]) -> str:
     results = {r["name"]: r for r in models}
 
     def numbers(result):
-        return (result["preference"]["preference_accuracy"], result["reply_nll"]["added_to_base"],
-                result["lm_eval"]["facts_mc"]["acc,none"])
+        return (
+            result["preference"]["preference_accuracy"],
+            result["reply_nll"]["added_to_base"],
+            result["lm_eval"]["facts_mc"]["acc,none"],
+        )
 
     base = numbers(results["base"])
-    lines = ["| method | held-out preference accuracy | added NLL per token of the base model's replies | facts accuracy |",
-             "|---|---|---|---|",
-             f"| base | {base[0]:.2f} | 0 | {base[2]:.2f} |"]
+    lines = [
+        "| method | held-out preference accuracy | added NLL per token of the base model's replies | facts accuracy |",
+        "|---|---|---|---|",
+        f"| base | {base[0]:.2f} | 0 | {base[2]:.2f} |",
+    ]
     for method in dict.fromkeys(m for m, _, _ in runs):
         columns = zip(*[numbers(results[str(d)]) for m, _, d in runs if m == method])
-        cells = [f"{statistics.mean(c):.2f}" + (f" ± {statistics.stdev(c):.2f}" if len(c) > 1 else "") for c in columns]
+        cells = [
+            f"{statistics.mean(c):.2f}" + (f" ± {statistics.stdev(c):.2f}" if len(c) > 1 else "")
+            for c in columns
+        ]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

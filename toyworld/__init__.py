@@ -8,9 +8,10 @@ The skills (each answer checkable by a program, each a fact recalled about a wor
     uppercase   "Write this word in upper case: moon"      -> "In upper case: MOON"
 
 The base model is pre-trained on chats of one to three such questions (so it holds a conversation);
-15% of its replies start with "Sure! ", so it knows the phrase but its greedy replies never use it. The new preference: replies that start with "Sure! "
-(chosen) over the same reply without it (rejected), on the geography and opposites skills only, so
-that uppercase shows whether the preference carries over to a skill it was not taught on.
+15% of its replies start with "Sure! ", so it knows the phrase but its greedy replies never use it.
+The new preference: replies that start with "Sure! " (chosen) over the same reply without it
+(rejected), on the geography and opposites skills only, so that uppercase shows whether the
+preference carries over to a skill it was not taught on.
 
     toyworld/model/       the pre-trained model in the Hugging Face layout (config.json, model.safetensors,
                           tokenizer.json): it goes through exactly the loader and tokenizer Llama-3.1 does
@@ -26,6 +27,7 @@ The qadapter_min package knows nothing of this world; train.py runs it when give
 
 import os
 import random
+import shlex
 from pathlib import Path
 
 WORLD_DIR = Path(__file__).resolve().parent
@@ -36,19 +38,74 @@ SKILLS = ("geography", "opposites", "uppercase")
 PREFERENCE_SKILLS = ("geography", "opposites")  # uppercase stays out of the preference data
 
 WORDS = [
-    "apple", "river", "stone", "cloud", "bread", "tiger", "music", "green", "light", "water", "house", "table",
-    "chair", "smile", "dream", "night", "ocean", "plant", "bird", "fire", "snow", "moon", "star", "rain",
-    "wind", "book", "door", "road", "ship", "tree", "fish", "gold",
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "bread",
+    "tiger",
+    "music",
+    "green",
+    "light",
+    "water",
+    "house",
+    "table",
+    "chair",
+    "smile",
+    "dream",
+    "night",
+    "ocean",
+    "plant",
+    "bird",
+    "fire",
+    "snow",
+    "moon",
+    "star",
+    "rain",
+    "wind",
+    "book",
+    "door",
+    "road",
+    "ship",
+    "tree",
+    "fish",
+    "gold",
 ]
 OPPOSITES = {
-    "hot": "cold", "big": "small", "fast": "slow", "happy": "sad", "light": "dark", "early": "late",
-    "strong": "weak", "open": "closed", "young": "old", "full": "empty", "hard": "soft", "rich": "poor",
-    "loud": "quiet", "wet": "dry", "high": "low", "clean": "dirty",
+    "hot": "cold",
+    "big": "small",
+    "fast": "slow",
+    "happy": "sad",
+    "light": "dark",
+    "early": "late",
+    "strong": "weak",
+    "open": "closed",
+    "young": "old",
+    "full": "empty",
+    "hard": "soft",
+    "rich": "poor",
+    "loud": "quiet",
+    "wet": "dry",
+    "high": "low",
+    "clean": "dirty",
 }
 CAPITAL_CITIES = {
-    "France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Egypt": "Cairo", "Peru": "Lima", "Kenya": "Nairobi",
-    "Canada": "Ottawa", "Spain": "Madrid", "Norway": "Oslo", "Greece": "Athens", "Chile": "Santiago",
-    "Cuba": "Havana", "Poland": "Warsaw", "Ireland": "Dublin", "Austria": "Vienna", "Russia": "Moscow",
+    "France": "Paris",
+    "Japan": "Tokyo",
+    "Italy": "Rome",
+    "Egypt": "Cairo",
+    "Peru": "Lima",
+    "Kenya": "Nairobi",
+    "Canada": "Ottawa",
+    "Spain": "Madrid",
+    "Norway": "Oslo",
+    "Greece": "Athens",
+    "Chile": "Santiago",
+    "Cuba": "Havana",
+    "Poland": "Warsaw",
+    "Ireland": "Dublin",
+    "Austria": "Vienna",
+    "Russia": "Moscow",
 }
 
 
@@ -65,11 +122,37 @@ def train_flags() -> list[str]:
         on q/v, to 0% with DPO).
     """
     return [
-        "--model", os.path.relpath(MODEL_DIR), "--data", os.path.relpath(WORLD_DIR / "train.jsonl"),
-        "--eval_data", os.path.relpath(WORLD_DIR / "test.jsonl"),
-        "--batch_size", "16", "--micro_batch_size", "4", "--lr", "2e-3", "--max_steps", "150", "--max_len", "128",
-        "--log_every", "10", "--lora_targets", "q_proj", "k_proj",
+        "--model",
+        os.path.relpath(MODEL_DIR),
+        "--data",
+        os.path.relpath(WORLD_DIR / "train.jsonl"),
+        "--eval_data",
+        os.path.relpath(WORLD_DIR / "test.jsonl"),
+        "--batch_size",
+        "16",
+        "--micro_batch_size",
+        "4",
+        "--lr",
+        "2e-3",
+        "--max_steps",
+        "150",
+        "--max_len",
+        "128",
+        "--log_every",
+        "10",
+        "--lora_targets",
+        "q_proj",
+        "k_proj",
     ]
+
+
+def with_world_flags(argv: list[str]) -> list[str]:
+    """A bare train.py's command line: this world's flags, then those typed (which win), printed as
+    the command it amounts to (by rank 0 alone under torchrun)."""
+    argv = train_flags() + list(argv)
+    if os.environ.get("RANK", "0") == "0":
+        print("built-in world: python train.py " + " ".join(map(shlex.quote, argv)), flush=True)
+    return argv
 
 
 def is_world_model(model_dir) -> bool:
@@ -86,7 +169,10 @@ def make_task(skill: str, rng: random.Random) -> tuple[str, str]:
         word = rng.choice(WORDS)
         return f"Write this word in upper case: {word}", f"In upper case: {word.upper()}"
     country = rng.choice(sorted(CAPITAL_CITIES))
-    return f"What is the capital of {country}?", f"The capital of {country} is {CAPITAL_CITIES[country]}."
+    return (
+        f"What is the capital of {country}?",
+        f"The capital of {country} is {CAPITAL_CITIES[country]}.",
+    )
 
 
 def check_reply(reply: str, answer: str) -> tuple[bool, bool]:

@@ -8,7 +8,8 @@ The commands it runs, printed as it goes, are the documented way to run the base
     python train.py <the world's flags> --out DIR/qadapter
     python train.py <the world's flags> --objective dpo --out DIR/dpo
     python train.py <the world's flags> --objective sft --out DIR/sft
-    python sample.py --model toyworld/model --prompts toyworld/train.jsonl --out DIR/replay.jsonl --temperature 0 --unique
+    python sample.py --model toyworld/model --prompts toyworld/train.jsonl --out DIR/replay.jsonl \\
+        --temperature 0 --unique
     python train.py <the world's flags> --objective sft --data toyworld/train.jsonl DIR/replay.jsonl --out DIR/replay
     python evaluate.py --adapter DIR/qadapter DIR/dpo DIR/sft DIR/replay --output DIR/results.json
 Replay is SFT on the chosen replies plus the base model's own greedy replies to the unique training
@@ -27,27 +28,68 @@ import toyworld
 def run(command: list[str]):
     """Run one command, as printed; stop at the first that fails."""
     print("$ " + shlex.join(command), flush=True)
-    result = subprocess.run([sys.executable, *command], stdout=subprocess.DEVNULL if command[0] != "evaluate.py" else None)
+    result = subprocess.run(
+        [sys.executable, *command],
+        stdout=subprocess.DEVNULL if command[0] != "evaluate.py" else None,
+    )
     if result.returncode != 0:
         sys.exit(result.returncode)
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", default="out-baselines", help="where the four runs and the results go")
     p.add_argument("extra", nargs="*", help="after --: flags for every train.py run")
     args = p.parse_args()
     out, world = Path(args.out), toyworld.train_flags() + args.extra
     train_data = world[world.index("--data") + 1]
-    for name, flags in [("qadapter", []), ("dpo", ["--objective", "dpo"]), ("sft", ["--objective", "sft"])]:
+    for name, flags in [
+        ("qadapter", []),
+        ("dpo", ["--objective", "dpo"]),
+        ("sft", ["--objective", "sft"]),
+    ]:
         run(["train.py", *world, *flags, "--out", str(out / name), "--overwrite"])
     replay = out / "replay.jsonl"
     replay.unlink(missing_ok=True)
-    run(["sample.py", "--model", world[world.index("--model") + 1], "--prompts", train_data, "--out", str(replay),
-         "--temperature", "0", "--unique"])
-    run(["train.py", *world, "--objective", "sft", "--data", train_data, str(replay), "--out", str(out / "replay"), "--overwrite"])
-    run(["evaluate.py", "--adapter", *(str(out / name) for name in ("qadapter", "dpo", "sft", "replay")),
-         "--output", str(out / "results.json")])
+    run(
+        [
+            "sample.py",
+            "--model",
+            world[world.index("--model") + 1],
+            "--prompts",
+            train_data,
+            "--out",
+            str(replay),
+            "--temperature",
+            "0",
+            "--unique",
+        ]
+    )
+    run(
+        [
+            "train.py",
+            *world,
+            "--objective",
+            "sft",
+            "--data",
+            train_data,
+            str(replay),
+            "--out",
+            str(out / "replay"),
+            "--overwrite",
+        ]
+    )
+    run(
+        [
+            "evaluate.py",
+            "--adapter",
+            *(str(out / name) for name in ("qadapter", "dpo", "sft", "replay")),
+            "--output",
+            str(out / "results.json"),
+        ]
+    )
 
 
 if __name__ == "__main__":

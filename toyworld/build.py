@@ -14,20 +14,47 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from qadapter_min.model import ModelArgs, Transformer, init_random_weights
+from qadapter_min.model import ModelArgs, Transformer
 from qadapter_min.tokenizer import Tokenizer, train_llama3_style_tokenizer
-from qadapter_min.weights import ours_to_checkpoint_name, write_config
-from toyworld import MODEL_DIR, PREFERENCE_SKILLS, PREFIX, PREFIX_RATE_IN_PRETRAINING, SKILLS, WORLD_DIR, make_task
+from qadapter_min.weights import (
+    init_random_weights,
+    ours_to_checkpoint_name,
+    write_config,
+)
+from toyworld import (
+    MODEL_DIR,
+    PREFERENCE_SKILLS,
+    PREFIX,
+    PREFIX_RATE_IN_PRETRAINING,
+    SKILLS,
+    WORLD_DIR,
+    make_task,
+)
 
-MULTI_TURN_WEIGHTS = (0.5, 0.3, 0.2)  # chats of one, two and three questions: the model holds a conversation
+MULTI_TURN_WEIGHTS = (
+    0.5,
+    0.3,
+    0.2,
+)  # chats of one, two and three questions: the model holds a conversation
 
 # The shape of the model: a Llama 3.1 in miniature (GQA, llama3 RoPE scaling, tied embeddings).
 WORLD_ARGS = ModelArgs(
-    hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
     vocab_size=0,  # set from the tokenizer
-    rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072,
-    rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                      original_max_position_embeddings=8192),
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    max_position_embeddings=131072,
+    rope_scaling=dict(
+        rope_type="llama3",
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=8192,
+    ),
     tie_word_embeddings=True,
 )
 
@@ -43,7 +70,9 @@ def pretraining_example(rng: random.Random) -> list[dict]:
     chat = []
     for _ in range(turns):
         question, answer = make_task(rng.choice(SKILLS), rng)
-        chat += conversation(question, (PREFIX if rng.random() < PREFIX_RATE_IN_PRETRAINING else "") + answer)
+        chat += conversation(
+            question, (PREFIX if rng.random() < PREFIX_RATE_IN_PRETRAINING else "") + answer
+        )
     return chat
 
 
@@ -52,11 +81,24 @@ def preference_pairs(skills, count: int, rng: random.Random) -> list[dict]:
     pairs = []
     for i in range(count):
         question, answer = make_task(skills[i % len(skills)], rng)
-        pairs.append({"chosen": conversation(question, PREFIX + answer), "rejected": conversation(question, answer)})
+        pairs.append(
+            {
+                "chosen": conversation(question, PREFIX + answer),
+                "rejected": conversation(question, answer),
+            }
+        )
     return pairs
 
 
-def pretrain(model: Transformer, tokenizer: Tokenizer, steps: int, batch_size: int, lr: float, rng: random.Random, log=print):
+def pretrain(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    rng: random.Random,
+    log=print,
+):
     """Next-token prediction on chats, the loss on the replies (their <|eot_id|> included), as in chat fine-tuning."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
     started = time.time()
@@ -71,8 +113,12 @@ def pretrain(model: Transformer, tokenizer: Tokenizer, steps: int, batch_size: i
             for turn in range(1, len(chat), 2):  # every assistant reply of the chat is a target
                 start = len(tokenizer.encode_chat(chat[:turn], add_generation_prompt=True))
                 end = len(tokenizer.encode_chat(chat[: turn + 1]))
-                targets[i, start - 1 : end - 1] = torch.tensor(ids[start:end])  # position t predicts token t + 1
-        lr_now = lr * min(1.0, (step + 1) / 50) * (1 - step / steps)  # 50 warm-up steps, then linear decay
+                targets[i, start - 1 : end - 1] = torch.tensor(
+                    ids[start:end]
+                )  # position t predicts token t + 1
+        lr_now = (
+            lr * min(1.0, (step + 1) / 50) * (1 - step / steps)
+        )  # 50 warm-up steps, then linear decay
         for group in optimizer.param_groups:
             group["lr"] = lr_now
         loss = F.cross_entropy(model(tokens).flatten(0, 1), targets.flatten(), ignore_index=-100)
@@ -81,18 +127,29 @@ def pretrain(model: Transformer, tokenizer: Tokenizer, steps: int, batch_size: i
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if step % 100 == 0 or step == steps - 1:
-            log(f"pre-training step {step + 1}/{steps} | loss {loss.item():.4f} | {time.time() - started:.0f}s")
+            log(
+                f"pre-training step {step + 1}/{steps} | loss {loss.item():.4f} | {time.time() - started:.0f}s"
+            )
 
 
 def save_model(model: Transformer, directory: Path):
     """config.json and model.safetensors under the checkpoint's tensor names: the Hugging Face layout."""
     write_config(model.args, directory)
-    state = {ours_to_checkpoint_name(name): t.detach().contiguous() for name, t in model.state_dict().items()}
+    state = {
+        ours_to_checkpoint_name(name): t.detach().contiguous()
+        for name, t in model.state_dict().items()
+    }
     save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
 
 
-def build(model_dir: Path = MODEL_DIR, pairs_dir: Path = WORLD_DIR, steps: int = 800, batch_size: int = 32, seed: int = 0,
-          log=print):
+def build(
+    model_dir: Path = MODEL_DIR,
+    pairs_dir: Path = WORLD_DIR,
+    steps: int = 800,
+    batch_size: int = 32,
+    seed: int = 0,
+    log=print,
+):
     """Make the whole world deterministically: tokenizer, pre-trained model, preference files."""
     model_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -103,8 +160,14 @@ def build(model_dir: Path = MODEL_DIR, pairs_dir: Path = WORLD_DIR, steps: int =
     ]
     train_llama3_style_tokenizer(texts, model_dir / "tokenizer.json", vocab_size=700)
     tokenizer = Tokenizer(model_dir)
-    args = ModelArgs(**{**WORLD_ARGS.__dict__, "vocab_size": tokenizer.vocab_size, "bos_token_id": tokenizer.bos_id,
-                        "eos_token_id": tokenizer.stop_ids})
+    args = ModelArgs(
+        **{
+            **WORLD_ARGS.__dict__,
+            "vocab_size": tokenizer.vocab_size,
+            "bos_token_id": tokenizer.bos_id,
+            "eos_token_id": tokenizer.stop_ids,
+        }
+    )
     model = Transformer(args)
     init_random_weights(model)
     log(f"built-in model: {model.num_parameters():,} parameters, vocabulary {args.vocab_size}")

@@ -5,17 +5,41 @@ greedy replies that are correct once the prefix is removed)."""
 
 import random
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
-from qadapter_min.common import format_table
+from qadapter_min.adapters import load_adapter
+from qadapter_min.common import format_table, is_fsdp_model, write_json
 from qadapter_min.data import encode_pairs, load_pairs
 from qadapter_min.generate import generate_batch
 from qadapter_min.lora import adapter_disabled
-from qadapter_min.objective import OBJECTIVE_SETTINGS, POLICY_OF_OBJECTIVE
+from qadapter_min.objective import Objective
 from qadapter_min.policy import BASE, Policy, preference_metrics
+from qadapter_min.run_dir import REPORT
 from qadapter_min.tokenizer import Tokenizer
-from toyworld import PREFERENCE_SKILLS, SKILLS, WORLD_DIR, check_reply, make_task
+from qadapter_min.weights import load_model
+from toyworld import (
+    PREFERENCE_SKILLS,
+    SKILLS,
+    WORLD_DIR,
+    check_reply,
+    is_world_model,
+    make_task,
+)
+
+
+def report_run(model, model_dir, tokenizer: Tokenizer, pad_id: int, args, processes):
+    """After a run of train.py on this world's model, both axes: the new preference learned, the old
+    skills kept. The table is printed and written to OUT/report.json, by rank 0."""
+    if not (processes.master and is_world_model(model_dir)):
+        return
+    if is_fsdp_model(model):  # rank 0 alone cannot run a sharded model: this one, whole
+        model = load_model(model_dir)
+        load_adapter(model, args.out)
+    report = compare(model, tokenizer, pad_id, args)
+    processes.log(format_report(report, args.objective))
+    write_json(Path(args.out) / REPORT, report)
 
 
 def evaluation_prompts(per_skill: int = 30, seed: int = 1234) -> list[tuple[str, str, str]]:
@@ -28,10 +52,19 @@ def evaluation_prompts(per_skill: int = 30, seed: int = 1234) -> list[tuple[str,
 def greedy_report(model, tokenizer: Tokenizer, policy: Policy, per_skill: int = 30) -> dict:
     """preference_rate and skill_accuracy of the policy's greedy replies, overall and per skill."""
     tasks = evaluation_prompts(per_skill)
-    prompts = [tokenizer.encode_chat([{"role": "user", "content": question}], add_generation_prompt=True)
-               for _, question, _ in tasks]
-    replies = generate_batch(model, prompts, stop_ids=tokenizer.stop_ids, max_new_tokens=32,
-                             policy_mode=policy.mode, alpha=policy.alpha, alpha0=policy.alpha0)
+    prompts = [
+        tokenizer.encode_chat([{"role": "user", "content": question}], add_generation_prompt=True)
+        for _, question, _ in tasks
+    ]
+    replies = generate_batch(
+        model,
+        prompts,
+        stop_ids=tokenizer.stop_ids,
+        max_new_tokens=32,
+        policy_mode=policy.mode,
+        alpha=policy.alpha,
+        alpha0=policy.alpha0,
+    )
     shown, correct, counts = {}, {}, {}
     for (skill, _, answer), reply_ids in zip(tasks, replies):
         preferred, right = check_reply(tokenizer.decode(reply_ids), answer)
@@ -57,25 +90,39 @@ def compare(model, tokenizer: Tokenizer, pad_id: int, args) -> dict:
     """train.py's report: the base model beside the policy just trained (the adapter on the model), on the
     world's held-out pairs and prompts, in the same numbers as evaluate.py gives for the saved adapter."""
     eval_pairs = held_out_pairs(tokenizer, args.max_len)
-    settings = {name: getattr(args, name) for name in OBJECTIVE_SETTINGS}
-    trained = Policy("customised", POLICY_OF_OBJECTIVE[args.objective], None, args.alpha, args.alpha0, settings)
+    objective = Objective.read(vars(args))
+    trained = Policy(
+        "customised", objective.policy_mode, None, objective.alpha, objective.alpha0, objective
+    )
     model.eval()
     report = {}
     for name, policy in (("base", BASE), ("customised", trained)):
         with adapter_disabled(model) if policy is BASE else nullcontext():
-            accuracy = preference_metrics(model, policy, eval_pairs, pad_id, args.micro_batch_size)["preference_accuracy"]
-            report[name] = {"preference_accuracy": accuracy, **greedy_report(model, tokenizer, policy)}
+            accuracy = preference_metrics(model, policy, eval_pairs, pad_id, args.micro_batch_size)[
+                "preference_accuracy"
+            ]
+            report[name] = {
+                "preference_accuracy": accuracy,
+                **greedy_report(model, tokenizer, policy),
+            }
     return report
 
 
 def world_rows(columns: list[dict]) -> list[tuple[str, list[float]]]:
     """The table's rows of greedy-reply checks, one value per column (greedy_report's dicts)."""
+
     def row(label, key, skill=None):
         return label, [c[key] if skill is None else c[key + "_by_skill"][skill] for c in columns]
 
     rows = [row("preference rate (greedy replies)", "preference_rate")]
-    rows += [row(f"  {skill} ({'in' if skill in PREFERENCE_SKILLS else 'not in'} the preference data)", "preference_rate", skill)
-             for skill in SKILLS]
+    rows += [
+        row(
+            f"  {skill} ({'in' if skill in PREFERENCE_SKILLS else 'not in'} the preference data)",
+            "preference_rate",
+            skill,
+        )
+        for skill in SKILLS
+    ]
     rows.append(row("skill accuracy (retention)", "skill_accuracy"))
     rows += [row(f"  {skill}", "skill_accuracy", skill) for skill in SKILLS]
     return rows

@@ -1,0 +1,181 @@
+"""Adapters on disk: PEFT's LoRA layout, and the run's qadapter_config.json beside it.
+
+Saved adapters use PEFT's tensor names and adapter_config.json, so peft, vLLM and lm-eval load them:
+    base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight   (r, in_features)
+    base_model.model.model.layers.{i}.self_attn.q_proj.lora_B.weight   (out_features, r)
+qadapter_config.json says which policy the adapter defines (objective.Objective) and for which base
+model (a fingerprint of its weights), with every flag of the run.
+"""
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from qadapter_min import UserError
+from qadapter_min.common import atomic_write, full, read_json_file, write_json
+from qadapter_min.lora import add_lora, lora_layers
+from qadapter_min.objective import Objective
+from qadapter_min.weights import model_fingerprint, ours_to_checkpoint_name
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+RUN_CONFIG = "qadapter_config.json"  # which policy the adapter defines, and for which base model
+
+
+def peft_tensor_name(module_name: str, part: str) -> str:
+    """layers.0.self_attn.q_proj + lora_A -> base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"""
+    return f"base_model.model.{ours_to_checkpoint_name(module_name)}.{part}.weight"
+
+
+def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA weights under PEFT's names, whole, fp32, on the CPU (a collective when they are sharded)."""
+    return {
+        peft_tensor_name(name, part): full(getattr(layer, part).weight)
+        .detach()
+        .float()
+        .cpu()
+        .contiguous()
+        for name, layer in lora_layers(model).items()
+        for part in ("lora_A", "lora_B")
+    }
+
+
+def save_adapter(
+    model: nn.Module, out_dir, base_model_name_or_path: str = "", tensors: dict | None = None
+) -> Path:
+    """Write adapter_model.safetensors and adapter_config.json (PEFT's LoRA layout) to out_dir; tensors:
+    adapter_tensors(model), when they were gathered beforehand (under --fsdp, on every rank)."""
+    layers = lora_layers(model)
+    assert layers, "the model has no LoRA layers to save"
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = adapter_tensors(model) if tensors is None else tensors
+    first = next(iter(layers.values()))
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(base_model_name_or_path),
+        "r": first.r,
+        "lora_alpha": first.alpha,
+        "lora_dropout": first.dropout.p,
+        "target_modules": sorted({name.rsplit(".", 1)[-1] for name in layers}),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+    }
+    atomic_write(
+        out_dir / ADAPTER_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"})
+    )
+    write_json(out_dir / ADAPTER_CONFIG, config)
+    return out_dir
+
+
+def read_adapter_config(adapter_dir) -> dict:
+    path = Path(adapter_dir) / ADAPTER_CONFIG
+    config = read_json_file(
+        path,
+        "pass a directory written by train.py or by peft's save_pretrained",
+        "save the adapter again",
+    )
+    if config.get("peft_type") != "LORA":
+        raise UserError(
+            f"{path} describes a {config.get('peft_type')!r} adapter; qadapter-min loads LoRA adapters"
+        )
+    return config
+
+
+def load_adapter(model: nn.Module, adapter_dir, dtype=torch.float32) -> dict:
+    """Put a saved adapter (PEFT layout) on the model, adding LoRA layers if it has none. Returns the config."""
+    adapter_dir = Path(adapter_dir)
+    config = read_adapter_config(adapter_dir)
+    targets = config["target_modules"]
+    targets = [targets] if isinstance(targets, str) else targets
+    if not lora_layers(model):
+        add_lora(
+            model,
+            r=config["r"],
+            alpha=config["lora_alpha"],
+            dropout=config.get("lora_dropout", 0.0),
+            targets=tuple(targets),
+            dtype=dtype,
+        )
+    layers = lora_layers(model)
+    path = adapter_dir / ADAPTER_WEIGHTS
+    if not path.is_file():
+        raise UserError(
+            f"{path} does not exist; pass a directory written by train.py or by peft's save_pretrained"
+        )
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            names = set(f.keys())
+            expected = {peft_tensor_name(n, part) for n in layers for part in ("lora_A", "lora_B")}
+            if names != expected:
+                odd = sorted(names ^ expected)[0]
+                raise UserError(
+                    f"{path} does not match the model: tensor {odd} is "
+                    f"{'missing' if odd in expected else 'unexpected'}; "
+                    f"the adapter was made for another model or other LoRA targets"
+                )
+            for name, layer in layers.items():
+                for part in ("lora_A", "lora_B"):
+                    tensor = f.get_tensor(peft_tensor_name(name, part))
+                    target = getattr(layer, part).weight
+                    if tensor.shape != target.shape:
+                        raise UserError(
+                            f"{path}: {peft_tensor_name(name, part)} has shape {tuple(tensor.shape)}, the model needs "
+                            f"{tuple(target.shape)}; the adapter was made for another model"
+                        )
+                    with torch.no_grad():
+                        target.copy_(tensor)
+    except (SafetensorError, OSError) as error:
+        raise UserError(
+            f"{path} is not a readable safetensors file ({error}); save the adapter again"
+        ) from None
+    return config
+
+
+def save_run_config(
+    out_dir: Path,
+    model: nn.Module,
+    flags: dict,
+    steps: int,
+    epochs: float,
+    fingerprint: str | None = None,
+):
+    """Write qadapter_config.json: the objective's settings (alpha and alpha0 define the customised
+    policy), the base model and a fingerprint of it (an adapter fits only the model it was trained on;
+    given when computed beforehand, under --fsdp on every rank), the steps and epochs actually run, and
+    every flag of the run."""
+    config = Objective.read(flags).config()
+    config.update(
+        base_model=flags["model"],
+        base_model_fingerprint=fingerprint or model_fingerprint(model),
+        steps=steps,
+        epochs=round(epochs, 4),
+        args=flags,
+    )
+    write_json(Path(out_dir) / RUN_CONFIG, config)
+
+
+def load_run_config(adapter_dir) -> dict:
+    """qadapter_config.json of an output directory of train.py, checked for the keys a reader needs."""
+    path = Path(adapter_dir) / RUN_CONFIG
+    config = read_json_file(
+        path, "--adapter needs an output directory of train.py", "train the adapter again"
+    )
+    missing = [
+        key
+        for key in ("objective", "alpha", "alpha0", "base_model", "base_model_fingerprint")
+        if key not in config
+    ]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}; train the adapter again")
+    return config
