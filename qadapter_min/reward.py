@@ -9,12 +9,7 @@ Win rate of A against B: the share of prompts where A's reply gets the larger re
 import torch
 
 from qadapter_min.model import Transformer
-from qadapter_min.weights import (
-    check_score_head,
-    load_model,
-    resolve_model_dir,
-    safetensors_files,
-)
+from qadapter_min.weights import check_score_head, load_model, resolve_model_dir, safetensors_files
 
 
 def check_reward_model(path_or_repo_id):

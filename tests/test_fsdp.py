@@ -14,13 +14,7 @@ import pytest
 import torch
 from test_train import assert_same_adapter, checkpoint_step, run_train, torchrun
 
-from conftest import (
-    random_hf_state,
-    tiny_args,
-    tiny_model_dir,
-    write_checkpoint,
-    write_pairs,
-)
+from conftest import random_hf_state, tiny_args, tiny_model_dir, write_checkpoint, write_pairs
 from qadapter_min.lora import add_lora
 from qadapter_min.weights import load_model
 

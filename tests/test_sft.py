@@ -10,14 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import (
-    assert_same_adapter,
-    checkpoint_step,
-    metrics,
-    run_train,
-    strings,
-    torchrun,
-)
+from test_train import assert_same_adapter, checkpoint_step, metrics, run_train, strings, torchrun
 
 import train
 from conftest import tiny_model_dir, write_pairs

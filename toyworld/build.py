@@ -16,11 +16,7 @@ from safetensors.torch import save_file
 
 from qadapter_min.model import ModelArgs, Transformer
 from qadapter_min.tokenizer import Tokenizer, train_llama3_style_tokenizer
-from qadapter_min.weights import (
-    init_random_weights,
-    ours_to_checkpoint_name,
-    write_config,
-)
+from qadapter_min.weights import init_random_weights, ours_to_checkpoint_name, write_config
 from toyworld import (
     MODEL_DIR,
     PREFERENCE_SKILLS,
