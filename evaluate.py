@@ -50,6 +50,7 @@ from qadapter_min import UserError
 from qadapter_min.common import (
     HelpFormatter,
     atomic_write,
+    check_output_file,
     choose_dtype,
     format_table,
     refuse_out_of_range,
@@ -226,6 +227,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         )
     if args.output is not None and Path(args.output).is_dir():
         raise UserError(f"--output {args.output} is a directory; pass a file such as results.json")
+    if args.output is not None:
+        check_output_file("output", args.output)  # refused now, not after hours of lm-eval
     if (args.prompts is None) != (args.reward_model is None):
         raise UserError(
             "--prompts FILE and --reward_model RM go together: the prompts to reply to, and the model "
@@ -506,6 +509,12 @@ def replies_path(output) -> Path:
 def main(argv=None):
     args = parse_args(argv)
     model_name, policies = read_policies(args)
+    measured = (args.tasks, args.pairs, args.prompts, args.reply_nll)
+    if not any(measured) and not toyworld.is_world_model(model_name):
+        raise UserError(
+            "nothing to measure: pass --pairs FILE, --tasks T, --prompts FILE with --reward_model RM, "
+            "or --reply_nll FILE"
+        )
     manager = task_manager(args) if args.tasks else None
     prompts = load_prompts(args.prompts) if args.prompts else None
     reward_model_dir = check_reward_model(args.reward_model) if args.reward_model else None

@@ -12,8 +12,9 @@ between the new preference and the base model at inference time. A DPO adapter i
 adapter-on model. Without --prompt or --prompts, an interactive multi-turn chat starts.
 
 --prompts reads JSON Lines: {"messages": [...]} ending with a user turn, {"prompt": "text"}, or a record
-of a preference file (its prompt is used), and writes each record back with "reply" added (and
-"base_reply" with --compare), in input order, decoding --batch_size prompts together. Run again after
+of a preference file (its prompt is used), and writes each record back (UTF-8) with "reply" and
+"finish_reason" added ("length" where --max_new_tokens cut the reply, else "stop"; "base_reply" and
+"base_finish_reason" too with --compare), in input order, decoding --batch_size prompts together. Run again after
 an interruption, the same command continues after the last complete line. Each prompt samples from its
 own generator, seeded by --seed and its number in the file, so its reply does not depend on its batch.
 train.py --objective sft reads such a line back as its prompt and its "reply": the Replay baseline's data
@@ -41,7 +42,7 @@ from qadapter_min.common import (
     refuse_out_of_range,
     run_command_line,
 )
-from qadapter_min.data import load_prompts
+from qadapter_min.data import REPLY_KEYS, load_prompts
 from qadapter_min.generate import generate, generate_batch
 from qadapter_min.policy import BASE, Policy, check_base, read_policy
 from qadapter_min.tokenizer import Tokenizer
@@ -126,6 +127,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.adapter is None and args.model is None:
         raise UserError(
             "pass --adapter [DIR] for a customised model, or --model M for a base model alone"
+        )
+    if args.prompt is not None and args.prompts is not None:
+        raise UserError("pass --prompt for one message or --prompts FILE for many, not both")
+    if args.compare and args.adapter is None:
+        raise UserError(
+            "--compare prints the base model's reply before the adapter's; pass --adapter DIR, "
+            "or drop --compare"
+        )
+    if args.batch_size != p.get_default("batch_size") and args.prompts is None:
+        raise UserError(
+            "--batch_size sets how many prompts of --prompts decode together; pass "
+            "--prompts FILE --out FILE.jsonl, or drop --batch_size"
         )
     if args.unique and args.prompts is None:
         raise UserError(
@@ -256,18 +269,21 @@ def write_replies(
                 generators=generators,
             )
             replies[key] = [tokenizer.decode(r) for r in ids]
+            # as OpenAI-style tools mark it: "length" for a reply cut by --max_new_tokens, else "stop"
+            finish = "finish_reason" if key == "reply" else "base_finish_reason"
+            replies[finish] = ["length" if len(r) == args.max_new_tokens else "stop" for r in ids]
             tokens += sum(map(len, ids))
         out.write(
             "".join(
-                json.dumps({**record, **{k: v[i] for k, v in replies.items()}}) + "\n"
+                json.dumps({**record, **{k: v[i] for k, v in replies.items()}}, ensure_ascii=False)
+                + "\n"
                 for i, (record, _) in enumerate(batch)
             )
         )
         out.flush()
         if not to_stdout:
-            os.fsync(
-                out.fileno()
-            )  # a line on disk is a whole line: a crash loses at most this batch
+            # a line on disk is a whole line: a crash loses at most this batch
+            os.fsync(out.fileno())
         finished, elapsed = start + len(batch), time.time() - started
         eta = elapsed / (finished - done) * (len(items) - finished)
         print(
@@ -291,7 +307,7 @@ def completed_lines(path: Path, items) -> int:
     lines = whole.decode("utf-8", errors="replace").splitlines()
     for number, line in enumerate(lines, start=1):
         try:
-            record = {k: v for k, v in json.loads(line).items() if k not in ("reply", "base_reply")}
+            record = {k: v for k, v in json.loads(line).items() if k not in REPLY_KEYS}
         except (json.JSONDecodeError, AttributeError):
             record = None
         if number > len(items) or record != items[number - 1][0]:

@@ -77,12 +77,17 @@ def main(argv=None):
 def read_data(args, objective: Objective, processes: Processes):
     """(model directory, tokenizer, training pairs, eval pairs), encoded; every rank reads them."""
     model_dir = processes.resolve_model_dir(args.model)
-    vocab_size = read_config(model_dir).vocab_size  # a wrong model is refused before the data
+    config = read_config(model_dir)  # a wrong model is refused before the data are read
+    if args.max_len > config.max_position_embeddings:
+        raise UserError(
+            f"--max_len {args.max_len} is beyond the model's context of "
+            f"{config.max_position_embeddings} tokens (config.json); lower it"
+        )
     tokenizer = Tokenizer(model_dir)
-    if tokenizer.vocab_size > vocab_size:
+    if tokenizer.vocab_size > config.vocab_size:
         raise UserError(
             f"{model_dir}: tokenizer.json has {tokenizer.vocab_size} tokens but config.json's "
-            f"vocab_size is {vocab_size}; the tokenizer belongs to another model"
+            f"vocab_size is {config.vocab_size}; the tokenizer belongs to another model"
         )
 
     def encoded(paths):

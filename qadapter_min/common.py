@@ -50,6 +50,44 @@ def atomic_write(path: Path, write):
         raise
 
 
+def check_output_file(flag: str, path) -> Path:
+    """Refuse, before any work, an output file that could not be written at the end: a directory
+    where a file is wanted, or a file whose directory is missing, is a file, or is not writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"--{flag} {path} is a directory; pass a file name")
+    parent = path.absolute().parent
+    if not parent.exists():
+        raise UserError(f"--{flag} {path}: the directory {parent} does not exist; create it first")
+    if not parent.is_dir():
+        raise UserError(
+            f"--{flag} {path}: {parent} is a file, not a directory; pass another --{flag}"
+        )
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"--{flag} {path}: {parent} is not writable; pass another --{flag}")
+    return path
+
+
+def check_output_dir(flag: str, path) -> Path:
+    """Refuse, before any work, an output directory that could not be made or written: a file, or
+    a path under a file, or under a directory that is not writable."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--{flag} {path} is a file; pass a directory")
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(
+            f"--{flag} {path}: {existing} is a file, not a directory; pass another --{flag}"
+        )
+    if not os.access(existing, os.W_OK):
+        raise UserError(
+            f"--{flag} {path}: {existing} is not writable; pass a directory you can write to"
+        )
+    return path
+
+
 def write_json(path: Path, value: dict):
     atomic_write(path, lambda p: p.write_text(json.dumps(value, indent=2) + "\n"))
 

@@ -33,6 +33,8 @@ from qadapter_min.tokenizer import Tokenizer
 DSP_DOMAINS = ("academy", "business", "entertainment", "literature")
 DSP_RESPONSES = DSP_DOMAINS + ("normal",)
 ROLES = ("system", "user", "assistant")
+# What sample.py --prompts adds to each record it replies to (read back by train.py --objective sft)
+REPLY_KEYS = ("reply", "finish_reason", "base_reply", "base_finish_reason")
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 
@@ -188,7 +190,7 @@ def record_to_conversations(record, domain: str | None, where: str) -> list[list
     assistant's reply; a line of sample.py --prompts's output, its prompt and its "reply" (Replay's data);
     or the chosen conversation of each pair of a preference record."""
     if isinstance(record, dict) and isinstance(record.get("reply"), str):
-        prompt = prompt_of({k: v for k, v in record.items() if k not in ("reply", "base_reply")})
+        prompt = prompt_of({k: v for k, v in record.items() if k not in REPLY_KEYS})
         if prompt is None:
             raise Skip("reply without a prompt")
         return [check_conversation(prompt + [{"role": "assistant", "content": record["reply"]}])]
@@ -233,12 +235,18 @@ def load_items(path, domain: str | None, log, items_of_record, one: str, many: s
         raise UserError(
             f"--domain {domain!r} is not a DSP domain; choose one of {', '.join(DSP_DOMAINS)}"
         )
-    items, skipped = [], Counter()
+    items, skipped, dsp_records = [], Counter(), 0
     for where, record in read_records(path):
+        dsp_records += isinstance(record, dict) and "query" in record and "responses" in record
         try:
             items += items_of_record(record, domain, f"{path}: {where}")
         except Skip as reason:
             skipped[str(reason)] += 1
+    if domain is not None and not dsp_records:
+        raise UserError(
+            f"--domain {domain} picks the preferred reply of DSP records, and {path} holds none; "
+            f"drop --domain"
+        )
     reasons = ", ".join(f"{n} {why}" for why, n in skipped.most_common())
     if not items:
         raise UserError(

@@ -64,7 +64,8 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         "--objective",
         choices=["qadapter", "dpo", "sft"],
         default=Objective.name,
-        help='Q-Adapter, or a baseline: DPO, or SFT on the chosen replies (or on {"messages"} records)',
+        help='Q-Adapter, or a baseline: DPO, or SFT on the chosen replies (or on {"messages"} '
+        "records); the flags marked Q-Adapter: or DPO: are refused with the other objectives",
     )
     p.add_argument(
         "--alpha",
@@ -204,8 +205,20 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
     return args
 
 
+# The flags only one objective reads: set for another, they would change nothing (refused).
+OBJECTIVE_FLAGS = {"qadapter": ("alpha", "alpha0", "beta", "gamma", "chi2"), "dpo": ("dpo_beta",)}
+
+
 def check_flags(args):
     """Flags a run cannot start with, each refused in one sentence that names it."""
+    default = defaults()
+    for objective, names in OBJECTIVE_FLAGS.items():
+        for name in names:
+            if args.objective != objective and getattr(args, name) != default[name]:
+                raise UserError(
+                    f"--{name} is a setting of --objective {objective}, and this run trains "
+                    f"--objective {args.objective}, which has no use for it; drop --{name}"
+                )
     for name in [
         "batch_size",
         "micro_batch_size",

@@ -19,6 +19,8 @@ runs and plans), the plan train.py prints before its first step, and the advice 
 runs out of memory all the same.
 """
 
+import os
+import sys
 from contextlib import contextmanager
 
 import torch
@@ -163,6 +165,15 @@ def training_plan(args, model, num_pairs: int, total_steps: int, processes) -> d
         fsdp_ranks=fsdp_ranks,
     )
     micro_steps = args.batch_size // processes.world_size // args.micro_batch_size
+    planned, available = sum(memory.values()), device_memory_gib(processes.device)
+    if processes.master and planned > available:
+        print(
+            f"warning: the plan holds {planned:.1f} GiB per rank, more than the "
+            f"{available:.1f} GiB of {processes.device.type} memory here; lower --micro_batch_size or "
+            f"--max_len, add --grad_checkpointing, or shard with --fsdp",
+            file=sys.stderr,
+            flush=True,
+        )
     processes.log(
         f"model: {args.model} ({model.args.num_hidden_layers} layers, width {model.args.hidden_size}, "
         f"{model.num_parameters() / 1e6:.1f}M parameters, {str(dtype).removeprefix('torch.')}) "
@@ -177,6 +188,15 @@ def training_plan(args, model, num_pairs: int, total_steps: int, processes) -> d
         + f", total {sum(memory.values()):.2f} GiB"
     )
     return memory
+
+
+def device_memory_gib(device: torch.device) -> float:
+    """The memory one rank may use: its GPU's, or on a CPU the machine's, shared by the ranks that
+    torchrun starts on it."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / GIB
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB / ranks_here
 
 
 @contextmanager

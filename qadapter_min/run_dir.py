@@ -14,7 +14,6 @@ non-finite steps end with one line that says where the run stands and how to go 
 """
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from qadapter_min.adapters import (
     save_adapter,
     save_run_config,
 )
-from qadapter_min.common import atomic_write, full, is_fsdp_model, like
+from qadapter_min.common import atomic_write, check_output_dir, full, is_fsdp_model, like
 from qadapter_min.sharding import full_optimizer_state, load_optimizer_state
 from qadapter_min.weights import model_fingerprint
 
@@ -57,16 +56,7 @@ def check_out_dir(args, defaults: dict) -> dict | None:
     """Refuse, before any work, an --out that cannot take this run's results or holds another run's;
     with --resume, read the checkpoint and refuse it if it was made with other flags (defaults: the
     flags' defaults, for flags the checkpoint does not record). Returns the checkpoint, or None."""
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; pass a directory")
-    existing = out
-    while not existing.exists():
-        existing = existing.parent
-    if not os.access(existing, os.W_OK):
-        raise UserError(
-            f"--out {out}: {existing} is not writable; pass a directory you can write to"
-        )
+    out = check_output_dir("out", args.out)
     if args.resume and args.overwrite:
         raise UserError(
             "pass --resume to continue the run in --out, or --overwrite to replace it, not both"

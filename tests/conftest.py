@@ -139,7 +139,8 @@ def tokenizer_file(tmp_path_factory) -> Path:
 def tiny_model_dir(directory: Path, tokenizer_file: Path, seed: int = 0) -> Path:
     """A random tiny Llama with a trained Llama-3-style tokenizer: a complete model directory."""
     vocab_size = HFTokenizer.from_file(str(tokenizer_file)).get_vocab_size(with_added_tokens=True)
-    args = tiny_args(vocab_size=vocab_size)
+    # a context of 1024 tokens: train.py's default --max_len (512) must fit in it
+    args = tiny_args(vocab_size=vocab_size, max_position_embeddings=1024)
     write_checkpoint(directory, args, random_hf_state(args, seed=seed))
     (directory / "tokenizer.json").write_bytes(tokenizer_file.read_bytes())
     return directory
@@ -157,6 +158,7 @@ def tiny_chatml_model_dir(directory: Path, seed: int = 0) -> Path:
         eos_token_id=2,
         rope_scaling=None,
         tie_word_embeddings=True,
+        max_position_embeddings=1024,
     )
     write_checkpoint(directory, args, random_hf_state(args, seed=seed))
     for name in ("tokenizer.json", "tokenizer_config.json"):

@@ -1,0 +1,140 @@
+"""train.py's contract for every script: an output that could not be written, or a flag that would
+change nothing, is refused in one sentence before any model or data loads."""
+
+import json
+
+import pytest
+
+import evaluate
+import sample
+import train
+from conftest import run_script, tiny_model_dir, write_pairs
+from qadapter_min import memory, processes
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tokenizer_file):
+    directory = tmp_path_factory.mktemp("contract")
+    model_dir = tiny_model_dir(directory / "model", tokenizer_file)
+    return model_dir, write_pairs(directory / "pairs.jsonl", n=8), directory
+
+
+@pytest.fixture
+def nothing_may_load(monkeypatch):
+    """Make loading a model or reading a data file fail loudly, so a refusal that comes first shows."""
+
+    def load(*args, **kwargs):
+        raise AssertionError("a model or data file was read before the refusal")
+
+    for module, name in ((train, "load_model"), (train, "load_pairs"), (evaluate, "load_model")):
+        monkeypatch.setattr(module, name, load)
+    monkeypatch.setattr(processes.Processes, "resolve_model_dir", load)
+
+
+def refused(main, *flags) -> str:
+    """The one line a refused command prints; it must exit 2 and print nothing else."""
+    result = run_script(main, *flags)
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    return result.stderr
+
+
+def test_an_output_path_that_could_not_be_written_is_refused_before_any_work(
+    world, tmp_path, nothing_may_load
+):
+    model_dir, data, _ = world
+    (tmp_path / "a-file").write_text("")
+    message = refused(
+        evaluate.main, "--model", model_dir, "--pairs", data, "--output", tmp_path / "no/x/r.json"
+    )
+    assert "--output" in message and "does not exist" in message
+    message = refused(evaluate.main, "--model", model_dir, "--output", tmp_path / "a-file/r.json")
+    assert "--output" in message and "is a file, not a directory" in message
+    message = refused(
+        train.main, "--model", model_dir, "--data", data, "--out", tmp_path / "a-file/sub"
+    )
+    assert "--out" in message and "is a file, not a directory" in message
+    assert not (tmp_path / "no").exists()
+
+
+@pytest.mark.parametrize(
+    "objective, flag, value",
+    [
+        ("dpo", "--beta", "0.5"),
+        ("dpo", "--alpha0", "0.2"),
+        ("sft", "--chi2", "bellman"),
+        ("sft", "--dpo_beta", "0.5"),
+        ("qadapter", "--dpo_beta", "0.5"),
+    ],
+)
+def test_a_flag_of_another_objective_is_refused_by_name(world, objective, flag, value):
+    model_dir, data, _ = world
+    message = refused(
+        train.main, "--model", model_dir, "--data", data, "--objective", objective, flag, value
+    )
+    assert f"{flag} is a setting of --objective" in message and f"drop {flag}" in message
+
+
+def test_a_domain_for_data_without_dsp_records_is_refused(world, tmp_path):
+    model_dir, data, _ = world
+    message = refused(
+        train.main, "--model", model_dir, "--data", data, "--domain", "academy", "--out", tmp_path
+    )
+    assert "--domain academy" in message and "holds none; drop --domain" in message
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_max_len_beyond_the_models_context_is_refused(world, tmp_path):
+    model_dir, data, _ = world
+    context = json.loads((model_dir / "config.json").read_text())["max_position_embeddings"]
+    flags = ["--model", model_dir, "--data", data, "--out", tmp_path / "out"]
+    message = refused(train.main, *flags, "--max_len", context + 1)
+    assert f"--max_len {context + 1} is beyond the model's context of {context} tokens" in message
+
+
+def test_a_plan_larger_than_the_devices_memory_is_warned_of_before_the_first_step(
+    world, tmp_path, monkeypatch
+):
+    model_dir, data, _ = world
+    monkeypatch.setattr(memory, "device_memory_gib", lambda device: 1e-6)
+    flags = ["--model", model_dir, "--data", data, "--out", tmp_path / "out", "--batch_size", 4]
+    result = run_script(train.main, *flags, "--max_steps", 1)
+    assert result.returncode == 0, result.stderr
+    warning = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warning) == 1 and "more than the 0.0 GiB of cpu memory here" in warning[0]
+    assert result.stdout.index("memory per rank") < result.stdout.index("step 1/1")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--prompt", "hi", "--prompts", "p.jsonl", "--out", "r.jsonl"], "not both"),
+        (["--compare", "--prompt", "hi"], "--compare prints the base model's reply"),
+        (["--batch_size", "4", "--prompt", "hi"], "--batch_size sets how many prompts"),
+    ],
+)
+def test_sample_py_refuses_a_flag_that_would_change_nothing(world, flags, message):
+    model_dir, _, _ = world
+    assert message in refused(sample.main, "--model", model_dir, *flags)
+
+
+def test_evaluate_py_with_nothing_to_measure_is_refused(world, nothing_may_load):
+    model_dir, _, _ = world
+    assert "nothing to measure" in refused(evaluate.main, "--model", model_dir)
+
+
+def test_reply_files_are_utf8_and_mark_a_reply_cut_by_max_new_tokens(world, tmp_path):
+    model_dir, _, _ = world
+    prompts = tmp_path / "prompts.jsonl"
+    lines = [{"prompt": f"Smile {i} 😊, café"} for i in range(6)]
+    prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "replies.jsonl"
+    flags = ["--model", model_dir, "--prompts", prompts, "--out", out, "--temperature", 1]
+    assert run_script(sample.main, *flags, "--max_new_tokens", 1).returncode == 0
+    text = out.read_text(encoding="utf-8")
+    assert "😊, café" in text and "\\u" not in text  # written as UTF-8, not escaped
+    records = [json.loads(line) for line in text.splitlines()]
+    # one new token at most: a reply that stopped is empty, any other was cut by --max_new_tokens
+    assert [r["finish_reason"] for r in records] == [
+        "stop" if r["reply"] == "" else "length" for r in records
+    ]
