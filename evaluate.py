@@ -49,6 +49,7 @@ import toyworld
 from qadapter_min import UserError
 from qadapter_min.common import (
     HelpFormatter,
+    Progress,
     atomic_write,
     check_output_file,
     choose_dtype,
@@ -373,7 +374,9 @@ def reply_nll(
 ) -> dict:
     """The policy's mean negative log-likelihood per reply token over the conversations."""
     scored = [len(c.ids) - c.prompt_len for c in conversations]
-    sums = log_probs(model, policy, [c.ids for c in conversations], scored, batch_size)
+    progress = Progress(f"{policy.name}: reply NLL", len(conversations), "conversations")
+    sequences = [c.ids for c in conversations]
+    sums = log_probs(model, policy, sequences, scored, batch_size, progress=progress)
     return {"nll_per_token": -sum(total for total, _ in sums) / sum(scored), "tokens": sum(scored)}
 
 
@@ -394,8 +397,9 @@ def measure(
     if args.tasks:
         result.update(run_lm_eval(model, tokenizer, policy, manager, model_name, args))
     if pairs:
+        progress = Progress(f"{policy.name}: preference", len(pairs), "pairs")
         result["preference"] = preference_metrics(
-            model, policy, pairs, tokenizer.pad_id, args.micro_batch_size
+            model, policy, pairs, tokenizer.pad_id, args.micro_batch_size, progress
         )
     if replies:
         result["reply_nll"] = reply_nll(model, policy, replies, args.batch_size)
@@ -408,7 +412,7 @@ def measure(
 
 def greedy_replies(model, tokenizer, policy: Policy, prompts, args) -> list[str]:
     """The policy's greedy reply to each prompt, --batch_size prompts decoded together."""
-    replies = []
+    replies, progress = [], Progress(f"{policy.name}: replies", len(prompts), "prompts")
     for start in range(0, len(prompts), args.batch_size):
         batch = [
             tokenizer.encode_chat(messages, add_generation_prompt=True)
@@ -424,6 +428,7 @@ def greedy_replies(model, tokenizer, policy: Policy, prompts, args) -> list[str]
             alpha0=policy.alpha0,
         ):
             replies.append(tokenizer.decode(ids, skip_special_tokens=True))
+        progress.advance(len(batch))
     return replies
 
 

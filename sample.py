@@ -14,9 +14,12 @@ adapter-on model. Without --prompt or --prompts, an interactive multi-turn chat 
 --prompts reads JSON Lines: {"messages": [...]} ending with a user turn, {"prompt": "text"}, or a record
 of a preference file (its prompt is used), and writes each record back (UTF-8) with "reply" and
 "finish_reason" added ("length" where --max_new_tokens cut the reply, else "stop"; "base_reply" and
-"base_finish_reason" too with --compare), in input order, decoding --batch_size prompts together. Run again after
-an interruption, the same command continues after the last complete line. Each prompt samples from its
-own generator, seeded by --seed and its number in the file, so its reply does not depend on its batch.
+"base_finish_reason" too with --compare), in input order, decoding --batch_size prompts together.
+The first line also records what decides every reply ("sampled_with": model and a fingerprint of its
+weights, adapter, alpha0, system message, sampling flags, seed): run again after an interruption, the
+same command continues after the last complete line, and a command that differs in any of them is
+refused, naming the flag. Each prompt samples from its own generator, seeded by --seed and its
+number in the file, so its reply does not depend on its batch.
 train.py --objective sft reads such a line back as its prompt and its "reply": the Replay baseline's data
 
     python sample.py --model M --prompts train.jsonl --out replay.jsonl --temperature 0 --unique
@@ -46,7 +49,7 @@ from qadapter_min.data import REPLY_KEYS, load_prompts
 from qadapter_min.generate import generate, generate_batch
 from qadapter_min.policy import BASE, Policy, check_base, read_policy
 from qadapter_min.tokenizer import Tokenizer
-from qadapter_min.weights import load_model, resolve_model_dir
+from qadapter_min.weights import load_model, model_fingerprint, resolve_model_dir
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -212,9 +215,41 @@ def reply(model, tokenizer, messages, policy_mode, alpha, alpha0, args) -> str:
     return text
 
 
-def reply_to_prompts(items, model, tokenizer, mode, alpha, alpha0, args):
-    """Replies to every prompt of --prompts, --batch_size at a time, appended to --out line by line; a run
-    that was interrupted continues after the last complete line."""
+# What decides a reply besides its prompt, by flag: recorded with the first reply of --out (as
+# "sampled_with", with a fingerprint of the model's weights), so that a run continued with any of them
+# different is refused instead of mixing two runs' replies in one file.
+SETTINGS = (
+    "model",
+    "adapter",
+    "alpha0",
+    "system",
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "compare",
+    "unique",
+)
+
+
+def sampling_settings(args, policy: Policy, model_name: str) -> dict:
+    """This command's SETTINGS: the model and adapter as paths are written, alpha0 as the policy uses it."""
+    values = {name: getattr(args, name) for name in SETTINGS}
+    values.update(model=model_name, adapter=args.adapter and str(Path(args.adapter)))
+    values["alpha0"] = policy.alpha0 if policy.mode == "customised" else None
+    return values
+
+
+def reply_to_prompts(items, done, recorded, model, tokenizer, policy, settings, args):
+    """Replies to every prompt of --prompts after the first `done` (those an earlier run of the same
+    command wrote; recorded: its settings), --batch_size at a time, appended to --out line by line."""
+    settings = {**settings, "model_fingerprint": model_fingerprint(model)}
+    if recorded is not None and recorded.get("model_fingerprint") != settings["model_fingerprint"]:
+        raise UserError(
+            f"--out {args.out} holds replies of a model whose weights differ from {settings['model']}'s;"
+            f" rerun with the model it was made with, or pass another --out"
+        )
     system = [{"role": "system", "content": args.system}] if args.system else []
     encoded = [
         tokenizer.encode_chat(
@@ -229,77 +264,76 @@ def reply_to_prompts(items, model, tokenizer, mode, alpha, alpha0, args):
                 f"model's context leaves for --max_new_tokens {args.max_new_tokens}; shorten it"
             )
     to_stdout = args.out == "-"
-    done = 0 if to_stdout else completed_lines(Path(args.out), items)
     with nullcontext(sys.stdout) if to_stdout else open(args.out, "a", encoding="utf-8") as out:
         write_replies(
-            items, encoded, done, out, to_stdout, model, tokenizer, mode, alpha, alpha0, args
+            items, encoded, done, out, to_stdout, model, tokenizer, policy, settings, args
         )
 
 
-def write_replies(
-    items, encoded, done, out, to_stdout, model, tokenizer, mode, alpha, alpha0, args
-):
-    """Decode the prompts after the first `done`, a batch at a time, each batch's lines written whole."""
+def write_replies(items, encoded, done, out, to_stdout, model, tokenizer, policy, settings, args):
+    """Decode the prompts after the first `done`, a batch at a time, each batch's lines written whole
+    (the first line of a new file also records the settings); Ctrl-C says how far it got."""
     device = next(model.parameters()).device
-    started, tokens = time.time(), 0
-    for start in range(done, len(items), args.batch_size):
-        batch, prompts = (
-            items[start : start + args.batch_size],
-            encoded[start : start + args.batch_size],
-        )
-        replies = {}
-        for key, policy_mode in [("reply", mode)] + (
-            [("base_reply", "base")] if args.compare and mode != "base" else []
-        ):
-            generators = [
-                torch.Generator(device).manual_seed(args.seed + index)
-                for index in range(start, start + len(batch))
-            ]
-            ids = generate_batch(
-                model,
-                prompts,
-                stop_ids=tokenizer.stop_ids,
-                max_new_tokens=args.max_new_tokens,
-                policy_mode=policy_mode,
-                alpha=alpha,
-                alpha0=alpha0,
-                temperature=args.temperature,
-                top_k=args.top_k,
-                top_p=args.top_p,
-                generators=generators,
+    started, tokens, finished = time.time(), 0, done
+    streams = [("reply", "finish_reason", policy.mode)]
+    if args.compare and policy.mode != "base":
+        streams.append(("base_reply", "base_finish_reason", "base"))
+    try:
+        for start in range(done, len(items), args.batch_size):
+            batch, prompts = (
+                items[start : start + args.batch_size],
+                encoded[start : start + args.batch_size],
             )
-            replies[key] = [tokenizer.decode(r) for r in ids]
-            # as OpenAI-style tools mark it: "length" for a reply cut by --max_new_tokens, else "stop"
-            finish = "finish_reason" if key == "reply" else "base_finish_reason"
-            replies[finish] = ["length" if len(r) == args.max_new_tokens else "stop" for r in ids]
-            tokens += sum(map(len, ids))
-        out.write(
-            "".join(
-                json.dumps({**record, **{k: v[i] for k, v in replies.items()}}, ensure_ascii=False)
-                + "\n"
-                for i, (record, _) in enumerate(batch)
+            records = [dict(record) for record, _ in batch]
+            if start == 0:
+                records[0]["sampled_with"] = settings
+            for key, finish, policy_mode in streams:
+                generators = [
+                    torch.Generator(device).manual_seed(args.seed + index)
+                    for index in range(start, start + len(batch))
+                ]
+                ids = generate_batch(
+                    model,
+                    prompts,
+                    stop_ids=tokenizer.stop_ids,
+                    max_new_tokens=args.max_new_tokens,
+                    policy_mode=policy_mode,
+                    alpha=policy.alpha,
+                    alpha0=policy.alpha0,
+                    temperature=args.temperature,
+                    top_k=args.top_k,
+                    top_p=args.top_p,
+                    generators=generators,
+                )
+                for record, reply_ids in zip(records, ids):
+                    record[key] = tokenizer.decode(reply_ids)
+                    # as OpenAI-style tools mark it: "length" where --max_new_tokens cut it, else "stop"
+                    record[finish] = "length" if len(reply_ids) == args.max_new_tokens else "stop"
+                tokens += sum(map(len, ids))
+            out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            out.flush()
+            if not to_stdout:
+                os.fsync(out.fileno())  # a line on disk is a whole line: a crash loses this batch
+            finished, elapsed = start + len(batch), time.time() - started
+            eta = elapsed / (finished - done) * (len(items) - finished)
+            print(
+                f"\r{finished}/{len(items)} prompts, {tokens / elapsed:.0f} tokens/s, ETA {eta:.0f}s",
+                end="",
+                file=sys.stderr,
+                flush=True,
             )
-        )
-        out.flush()
-        if not to_stdout:
-            # a line on disk is a whole line: a crash loses at most this batch
-            os.fsync(out.fileno())
-        finished, elapsed = start + len(batch), time.time() - started
-        eta = elapsed / (finished - done) * (len(items) - finished)
-        print(
-            f"\r{finished}/{len(items)} prompts, {tokens / elapsed:.0f} tokens/s, ETA {eta:.0f}s",
-            end="",
-            file=sys.stderr,
-            flush=True,
-        )
+    except KeyboardInterrupt:
+        again = "" if to_stdout else f" in {args.out}; the same command continues from there"
+        raise KeyboardInterrupt(f"{finished} of {len(items)} prompts have replies{again}") from None
     print(file=sys.stderr)
 
 
-def completed_lines(path: Path, items) -> int:
-    """How many prompts an earlier run of the same command has already answered in --out; a half-written
-    last line is cut off. Refuses an --out that holds replies to other prompts."""
+def completed_lines(path: Path, items, settings: dict) -> tuple[int, dict | None]:
+    """How many prompts an earlier run of the same command has already answered in --out, and the
+    settings it recorded; a half-written last line is cut off. Refuses an --out that holds replies to
+    other prompts, or replies sampled with other flags."""
     if not path.exists():
-        return 0
+        return 0, None
     data = path.read_bytes()
     whole = data[: data.rfind(b"\n") + 1]
     if len(whole) != len(data):
@@ -314,7 +348,20 @@ def completed_lines(path: Path, items) -> int:
             raise UserError(
                 f"--out {path} holds replies to other prompts (line {number}); pass another --out"
             )
-    return len(lines)
+    if not lines:
+        return 0, None
+    recorded = json.loads(lines[0]).get("sampled_with")
+    if not isinstance(recorded, dict):
+        raise UserError(
+            f"--out {path} does not say how its replies were sampled; pass another --out"
+        )
+    for name, value in settings.items():
+        if recorded.get(name) != value:
+            raise UserError(
+                f"--out {path} holds replies sampled with --{name} {recorded.get(name)}, and this "
+                f"command has --{name} {value}; rerun with the file's flags, or pass another --out"
+            )
+    return len(lines), recorded
 
 
 def main(argv=None):
@@ -324,10 +371,20 @@ def main(argv=None):
     items = (
         load_prompts(args.prompts, args.unique) if args.prompts else None
     )  # a bad prompts file is refused before loading
+    settings = sampling_settings(args, policy, model_name)
+    done, recorded = 0, None
+    if items is not None and args.out != "-":
+        done, recorded = completed_lines(Path(args.out), items, settings)
+        if done == len(items):
+            print(
+                f"--out {args.out} holds replies to all {done} prompts already; nothing to do",
+                file=sys.stderr,
+            )
+            return
     model, tokenizer = load_policy(args, policy, model_name)
     mode, alpha, alpha0 = policy.mode, policy.alpha, policy.alpha0
     if items is not None:
-        reply_to_prompts(items, model, tokenizer, mode, alpha, alpha0, args)
+        reply_to_prompts(items, done, recorded, model, tokenizer, policy, settings, args)
         return
 
     def answer(messages) -> str:

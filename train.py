@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from qadapter_min import UserError, run_dir
-from qadapter_min.common import choose_dtype, full, run_command_line
+from qadapter_min.common import Progress, choose_dtype, full, run_command_line
 from qadapter_min.data import (
     collate,
     encode_conversations,
@@ -148,7 +148,8 @@ def train(model, wrapped, adamw, objective, train_set, eval_set, pad_id, steps, 
     """The optimizer steps of range `steps`, with logging, evaluation and checkpoints."""
     out, total_steps = Path(args.out), steps.stop
     trainable = [p for p in model.parameters() if p.requires_grad]
-    started, non_finite_in_a_row, done = time.time(), 0, steps.start
+    non_finite_in_a_row, done = 0, steps.start
+    train_seconds, eval_seconds, evals = 0.0, 0.0, 0  # for the ETA, which counts both
     try:
         for step in steps:
             step_started = time.time()
@@ -162,7 +163,7 @@ def train(model, wrapped, adamw, objective, train_set, eval_set, pad_id, steps, 
                 group["lr"] = lr
             max_norm = args.grad_clip or float("inf")  # 0: no clipping
             grad_norm = full(torch.nn.utils.clip_grad_norm_(trainable, max_norm)).item()
-            done = step + 1
+            done, train_seconds = step + 1, train_seconds + time.time() - step_started
             # Every rank sees the same all-reduced loss and gradient norm: all skip the same steps.
             if not (math.isfinite(means["loss"]) and math.isfinite(grad_norm)):
                 adamw.zero_grad(set_to_none=True)
@@ -181,7 +182,19 @@ def train(model, wrapped, adamw, objective, train_set, eval_set, pad_id, steps, 
                     "grad_norm": grad_norm,
                     "tokens_per_s": tokens_per_s,
                 }
-                eta = (time.time() - started) / (done - steps.start) * (total_steps - done)
+                per_step = train_seconds / (done - steps.start)
+                # before the first evaluation, guess one as a third of training on as many pairs
+                # (forward passes alone)
+                per_eval = (
+                    eval_seconds / evals
+                    if evals
+                    else per_step * len(eval_set) / args.batch_size / 3
+                )
+                evals_left = sum(
+                    evaluates_at(s, total_steps, eval_set, args)
+                    for s in range(done, total_steps + 1)
+                )
+                eta = per_step * (total_steps - done) + per_eval * evals_left
                 shown = ""
                 if objective.on_pairs:
                     shown = (
@@ -193,13 +206,13 @@ def train(model, wrapped, adamw, objective, train_set, eval_set, pad_id, steps, 
                     f"{tokens_per_s:.0f} tokens/s | ETA {eta:.0f}s"
                 )
                 run_dir.append_metrics(out, row, processes)
-            if eval_set and (
-                args.eval_every and done % args.eval_every == 0 or done == total_steps
-            ):
+            if evaluates_at(done, total_steps, eval_set, args):
+                eval_started = time.time()
                 row = {
                     "step": done,
                     **evaluate(model, objective, eval_set, pad_id, args, processes),
                 }
+                eval_seconds, evals = eval_seconds + time.time() - eval_started, evals + 1
                 shown = ""
                 if objective.on_pairs:
                     shown = f" | eval_preference_accuracy {row['eval_preference_accuracy']:.2f}"
@@ -260,16 +273,25 @@ def evaluate(model, objective, eval_set, pad_id, args, processes: Processes) -> 
     totals = torch.zeros(len(names) + 1, device=processes.device)  # sums over pairs, then pairs
     rank, world_size = processes.rank, processes.world_size
     with torch.no_grad():
-        batches = evaluation_batches(eval_set, args.micro_batch_size, rank, world_size, model)
+        batches = list(evaluation_batches(eval_set, args.micro_batch_size, rank, world_size, model))
+        progress = Progress("evaluation", len(batches), "micro-batches")
         for batch, weight in batches:
             tokens, response_mask = (t.to(processes.device) for t in collate(batch, pad_id))
             loss, metrics = micro_batch_objective(model, tokens, response_mask, objective)
             values = [loss.item()] + [metrics[name].item() for name in names[1:]]
             totals += torch.tensor([v * weight for v in values] + [weight], device=processes.device)
+            progress.advance()
     if processes.distributed:
         dist.all_reduce(totals)
     model.train()
     return {f"eval_{name}": (totals[i] / totals[-1]).item() for i, name in enumerate(names)}
+
+
+def evaluates_at(step: int, total_steps: int, eval_set, args) -> bool:
+    """Whether eval rows follow optimizer step `step` (1-based): each --eval_every, and the last."""
+    return bool(eval_set) and (
+        args.eval_every and step % args.eval_every == 0 or step == total_steps
+    )
 
 
 def lr_at(step: int, total_steps: int, args) -> float:

@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -103,6 +104,31 @@ def read_json_file(path: Path, missing_hint: str, invalid_hint: str) -> dict:
     if not isinstance(config, dict):
         raise UserError(f"{path} does not hold a JSON object; {invalid_hint}")
     return config
+
+
+class Progress:
+    """A line on stderr that says how far a long piece of work is: "label: done/total unit, rate,
+    ETA", rewritten in place at most once a second, by rank 0 alone; stdout keeps the results."""
+
+    def __init__(self, label: str, total: int, unit: str):
+        self.label, self.total, self.unit, self.done = label, total, unit, 0
+        self.started = self.shown = time.time()
+        self.speaks = os.environ.get("RANK", "0") == "0" and total > 0
+
+    def advance(self, n: int = 1):
+        self.done += n
+        now = time.time()
+        if self.speaks and (now - self.shown >= 1 or self.done >= self.total):
+            self.shown, rate = now, self.done / max(now - self.started, 1e-9)
+            eta = (self.total - self.done) / rate if rate else 0.0
+            end = "\n" if self.done >= self.total else ""
+            print(
+                f"\r{self.label}: {self.done}/{self.total} {self.unit}, {rate:.1f}/s, "
+                f"ETA {eta:.0f}s ",
+                end=end,
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

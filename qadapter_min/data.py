@@ -34,7 +34,7 @@ DSP_DOMAINS = ("academy", "business", "entertainment", "literature")
 DSP_RESPONSES = DSP_DOMAINS + ("normal",)
 ROLES = ("system", "user", "assistant")
 # What sample.py --prompts adds to each record it replies to (read back by train.py --objective sft)
-REPLY_KEYS = ("reply", "finish_reason", "base_reply", "base_finish_reason")
+REPLY_KEYS = ("reply", "finish_reason", "base_reply", "base_finish_reason", "sampled_with")
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 

@@ -23,6 +23,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from qadapter_min.common import Progress
 from qadapter_min.generate import generate_batch
 from qadapter_min.policy import Policy, log_probs
 from qadapter_min.tokenizer import BEGIN_OF_TEXT, Tokenizer
@@ -109,8 +110,18 @@ class PolicyLM(TemplateLM):
             (context + continuation)[-(self.max_length + 1) :]
             for _, context, continuation in requests
         ]
+        progress = (
+            None
+            if disable_tqdm
+            else Progress(f"{self.name} log-likelihoods", len(requests), "requests")
+        )
         results = log_probs(
-            self.model, self.policy, sequences, [len(c) for _, _, c in requests], self.batch_size
+            self.model,
+            self.policy,
+            sequences,
+            [len(c) for _, _, c in requests],
+            self.batch_size,
+            progress=progress,
         )
         for (key, _, _), result in zip(requests, results):
             if key is not None:
@@ -138,6 +149,9 @@ class PolicyLM(TemplateLM):
         generation settings together), each stopped at the model's stop tokens, max_gen_toks, or as soon as
         its text holds one of the `until` strings, and cut there."""
         replies = [None] * len(requests)
+        progress = (
+            None if disable_tqdm else Progress(f"{self.name} replies", len(requests), "requests")
+        )
         groups = {}
         for index, request in enumerate(requests):
             groups.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(
@@ -185,6 +199,8 @@ class PolicyLM(TemplateLM):
                 for i, reply in zip(batch, ids):
                     replies[i] = cut_at_first(self.tok_decode(reply), until)
                     self.cache_hook.add_partial("generate_until", requests[i].args, replies[i])
+                if progress is not None:
+                    progress.advance(len(batch))
         return replies
 
     # ---- over torch.distributed, for lm-eval's split of the requests

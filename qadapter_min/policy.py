@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from qadapter_min import UserError
 from qadapter_min.adapters import load_adapter, load_run_config
+from qadapter_min.common import Progress
 from qadapter_min.data import collate
 from qadapter_min.lean_head import CHUNK_SIZE
 from qadapter_min.lora import adapter_disabled, adapter_on_rows, lora_layers
@@ -133,6 +134,7 @@ def log_probs(
     num_scored: list[int],
     batch_size: int = 8,
     chunk_size: int = CHUNK_SIZE,
+    progress: Progress | None = None,
 ) -> list[tuple[float, bool]]:
     """For each token sequence, the summed log pi(a_t | s_t) of its last num_scored tokens given all before
     them, and whether each of those tokens is the policy's most likely one (greedy).
@@ -184,12 +186,19 @@ def log_probs(
                     bool(greedy[first : first + n, column].all()),
                 )
             first += n
+        if progress is not None:
+            progress.advance(sum(len(shared[key]) for key in batch))
     return results
 
 
 @torch.no_grad()
 def preference_metrics(
-    model: nn.Module, policy: Policy, encoded_pairs, pad_id: int, micro_batch_size: int = 4
+    model: nn.Module,
+    policy: Policy,
+    encoded_pairs,
+    pad_id: int,
+    micro_batch_size: int = 4,
+    progress: Progress | None = None,
 ) -> dict:
     """preference_accuracy and preference_margin (module docstring) over encoded pairs (data.encode_pairs),
     computed by the micro-batch function train.py runs."""
@@ -207,6 +216,8 @@ def preference_metrics(
         rewards = metrics["rewards"].double()
         wins += int((rewards[: len(batch)] > rewards[len(batch) :]).sum())
         margin += float((rewards[: len(batch)] - rewards[len(batch) :]).sum())
+        if progress is not None:
+            progress.advance(len(batch))
     return {
         "preference_accuracy": wins / len(encoded_pairs),
         "preference_margin": margin / len(encoded_pairs),

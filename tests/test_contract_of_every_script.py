@@ -138,3 +138,16 @@ def test_reply_files_are_utf8_and_mark_a_reply_cut_by_max_new_tokens(world, tmp_
     assert [r["finish_reason"] for r in records] == [
         "stop" if r["reply"] == "" else "length" for r in records
     ]
+
+
+def test_long_work_reports_its_progress_on_stderr_and_leaves_stdout_to_the_results(world, tmp_path):
+    model_dir, data, _ = world
+    flags = ["--model", model_dir, "--data", data, "--eval_data", data, "--batch_size", 4]
+    result = run_script(train.main, *flags, "--max_steps", 1, "--out", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert "evaluation: 8/8 micro-batches" in result.stderr  # 8 eval pairs, one per micro-batch
+    assert "micro-batches" not in result.stdout
+    result = run_script(evaluate.main, "--model", model_dir, "--pairs", data)
+    assert result.returncode == 0, result.stderr
+    assert "base: preference: 8/8 pairs" in result.stderr and "pairs," not in result.stdout
+    assert result.stdout.startswith(" ") and "preference accuracy (held out)" in result.stdout

@@ -15,6 +15,7 @@ import sample
 import train
 from conftest import run_script, tiny_args, tiny_chatml_model_dir, tiny_model_dir, write_pairs
 from qadapter_min.adapters import load_adapter
+from qadapter_min.data import REPLY_KEYS
 from qadapter_min.generate import Decoder, generate, generate_batch, sample_token
 from qadapter_min.lora import adapter_disabled, add_lora, lora_layers
 from qadapter_min.model import Transformer
@@ -351,9 +352,7 @@ def test_unique_replies_once_to_each_distinct_prompt(trained, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
-    replied = [
-        {k: v for k, v in line.items() if k not in ("reply", "finish_reason")} for line in lines
-    ]
+    replied = [{k: v for k, v in line.items() if k not in REPLY_KEYS} for line in lines]
     assert replied == records[:2]  # " a " is "a"; "b" is b's
 
 
@@ -396,6 +395,34 @@ def test_a_prompts_run_killed_midway_continues_to_the_output_of_an_uninterrupted
     resumed = run_sample(*flags, "--out", out)
     assert resumed.returncode == 0, resumed.stderr
     assert out.read_text() == (tmp_path / "whole.jsonl").read_text()
+
+
+def test_a_prompts_file_is_continued_only_with_the_flags_that_began_it(trained, tmp_path):
+    """One run per output file: resumed with another adapter, model, temperature or seed, --out is
+    refused naming the flag; finished, it says so and does nothing."""
+    model_dir, adapter = trained
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 6)
+    out = tmp_path / "replies.jsonl"
+    flags = ["--prompts", prompts, "--out", out, "--max_new_tokens", 4]
+    assert run_sample("--adapter", adapter, *flags).returncode == 0
+    whole = out.read_text()
+    out.write_text("".join(whole.splitlines(keepends=True)[:2]))  # as if stopped after 2 prompts
+    other_model = tiny_model_dir(tmp_path / "other-model", model_dir / "tokenizer.json", seed=1)
+    for changed, flag in [
+        (["--model", model_dir], "--adapter"),  # the base model alone: no adapter
+        (["--model", other_model], "--model"),
+        (["--adapter", adapter, "--temperature", 0.9], "--temperature"),
+        (["--adapter", adapter, "--seed", 7], "--seed"),
+    ]:
+        result = run_sample(*changed, *flags)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert f"holds replies sampled with {flag} " in result.stderr, result.stderr
+    assert out.read_text().count("\n") == 2  # nothing mixed in
+    assert run_sample("--adapter", adapter, *flags).returncode == 0
+    assert out.read_text() == whole  # the same flags continue it to the uninterrupted file
+    finished = run_sample("--adapter", adapter, *flags)
+    assert finished.returncode == 0 and "holds replies to all 6 prompts already" in finished.stderr
+    assert out.read_text() == whole
 
 
 @pytest.mark.parametrize(

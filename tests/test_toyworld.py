@@ -13,7 +13,7 @@ import pytest
 import sample as sample_py
 import toyworld
 from qadapter_min import flags
-from qadapter_min.data import load_pairs
+from qadapter_min.data import REPLY_KEYS, load_pairs
 from qadapter_min.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -203,7 +203,7 @@ def test_replies_to_a_prompts_file_are_the_replies_of_one_prompt_each(
     assert batch.returncode == 0, batch.stderr
     lines = [json.loads(line) for line in (tmp_path / "replies.jsonl").read_text().splitlines()]
     assert [
-        {k: v for k, v in line.items() if k not in ("reply", "finish_reason")} for line in lines
+        {k: v for k, v in line.items() if k not in REPLY_KEYS} for line in lines
     ] == records  # input order, records kept
     monkeypatch.chdir(ROOT)
     capsys.readouterr()

@@ -20,20 +20,28 @@ import argparse
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import toyworld
 
 
-def run(command: list[str]):
-    """Run one command, as printed; stop at the first that fails."""
-    print("$ " + shlex.join(command), flush=True)
+def run(number: int, what: str, command: list[str]):
+    """Run one command, printed as it can be pasted; its number, what it is and its time go to
+    stderr. Stop at the first that fails."""
+    print("$ python " + shlex.join(command), flush=True)
+    print(f"[{number}/{RUNS}] {what} ...", file=sys.stderr, flush=True)
+    started = time.time()
     result = subprocess.run(
         [sys.executable, *command],
         stdout=subprocess.DEVNULL if command[0] != "evaluate.py" else None,
     )
     if result.returncode != 0:
         sys.exit(result.returncode)
+    print(f"[{number}/{RUNS}] {what}: {time.time() - started:.0f}s", file=sys.stderr, flush=True)
+
+
+RUNS = 6  # three trainings, the base model's replies, Replay's training, the evaluation
 
 
 def main():
@@ -45,51 +53,23 @@ def main():
     args = p.parse_args()
     out, world = Path(args.out), toyworld.train_flags() + args.extra
     train_data = world[world.index("--data") + 1]
-    for name, flags in [
-        ("qadapter", []),
-        ("dpo", ["--objective", "dpo"]),
-        ("sft", ["--objective", "sft"]),
-    ]:
-        run(["train.py", *world, *flags, "--out", str(out / name), "--overwrite"])
+    runs = [("qadapter", "Q-Adapter", []), ("dpo", "DPO", ["--objective", "dpo"])]
+    for number, (name, what, flags) in enumerate(
+        runs + [("sft", "SFT", ["--objective", "sft"])], 1
+    ):
+        run(number, what, ["train.py", *world, *flags, "--out", str(out / name), "--overwrite"])
     replay = out / "replay.jsonl"
     replay.unlink(missing_ok=True)
-    run(
-        [
-            "sample.py",
-            "--model",
-            world[world.index("--model") + 1],
-            "--prompts",
-            train_data,
-            "--out",
-            str(replay),
-            "--temperature",
-            "0",
-            "--unique",
-        ]
-    )
-    run(
-        [
-            "train.py",
-            *world,
-            "--objective",
-            "sft",
-            "--data",
-            train_data,
-            str(replay),
-            "--out",
-            str(out / "replay"),
-            "--overwrite",
-        ]
-    )
-    run(
-        [
-            "evaluate.py",
-            "--adapter",
-            *(str(out / name) for name in ("qadapter", "dpo", "sft", "replay")),
-            "--output",
-            str(out / "results.json"),
-        ]
-    )
+    model = world[world.index("--model") + 1]
+    sample = ["sample.py", "--model", model, "--prompts", train_data, "--out", str(replay)]
+    run(4, "the base model's replies, Replay's data", [*sample, "--temperature", "0", "--unique"])
+    at = world.index("--data")  # Replay: the chosen replies and the base model's own, together
+    replay_world = world[:at] + ["--data", train_data, str(replay)] + world[at + 2 :]
+    replay_flags = ["--objective", "sft", "--out", str(out / "replay"), "--overwrite"]
+    run(5, "Replay", ["train.py", *replay_world, *replay_flags])
+    adapters = [str(out / name) for name in ("qadapter", "dpo", "sft", "replay")]
+    output = ["--output", str(out / "results.json")]
+    run(6, "evaluate.py, the four side by side", ["evaluate.py", "--adapter", *adapters, *output])
 
 
 if __name__ == "__main__":

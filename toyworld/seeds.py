@@ -15,6 +15,7 @@ import json
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import train
@@ -46,10 +47,19 @@ def main():
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     with tempfile.TemporaryDirectory() as directory:
+        number, total = 0, len(args.objectives) * len(args.seeds)
         for objective in args.objectives:
             runs = {}
             for seed in args.seeds:
+                number, started = number + 1, time.time()
+                print(
+                    f"[{number}/{total}] {objective}, seed {seed} ...", file=sys.stderr, flush=True
+                )
                 runs[seed] = run(seed, objective, extra, Path(directory))
+                seconds = time.time() - started
+                print(
+                    f"[{number}/{total}] {objective}, seed {seed}: {seconds:.0f}s", file=sys.stderr
+                )
                 print(
                     f"{objective} seed {seed}: "
                     + ", ".join(f"{k} {v:.2f}" for k, v in runs[seed].items()),
