@@ -9,7 +9,9 @@
 A Q-Adapter adapter is sampled from the customised policy softmax((Q + alpha0 * log pi1) / alpha) at
 every step (docs/method.md), never from the adapter's logits alone; `--alpha0` changes the trade-off
 between the new preference and the base model at inference time. A DPO adapter is sampled from the
-adapter-on model. Without --prompt or --prompts, an interactive multi-turn chat starts.
+adapter-on model. Without --prompt or --prompts, an interactive multi-turn chat starts: Ctrl-C stops a
+reply and returns to the prompt, /reset starts a new conversation, /system TEXT sets the system
+message (and starts anew), and Ctrl-D, or Ctrl-C at the prompt, leaves.
 
 --prompts reads JSON Lines: {"messages": [...]} ending with a user turn, {"prompt": "text"}, or a record
 of a preference file (its prompt is used), and writes each record back (UTF-8) with "reply" and
@@ -394,30 +396,60 @@ def main(argv=None):
             print("[customised]", flush=True)
         return reply(model, tokenizer, messages, mode, alpha, alpha0, args)
 
-    history = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt is not None:
-        answer(history + [{"role": "user", "content": args.prompt}])
+        answer(conversation(args.system) + [{"role": "user", "content": args.prompt}])
         return
-    # the banner and the prompt go to stderr, so that stdout holds the replies alone
-    print(
-        f"chatting with {model_name}"
-        + (f" + {args.adapter} ({mode})" if args.adapter else "")
-        + "; Ctrl-D to quit",
-        file=sys.stderr,
-    )
-    if sys.stdin.isatty():
-        import readline  # noqa: F401  (line editing and history for input(): arrow keys move, not type ^[[D)
+    adapter = f" + {args.adapter} ({mode})" if args.adapter else ""
+    chat(answer, args.system, f"chatting with {model_name}{adapter}")
+
+
+CHAT_KEYS = (
+    "Ctrl-C stops a reply; /reset starts a new conversation; /system TEXT sets the system message "
+    "(and starts anew); Ctrl-D, or Ctrl-C at the prompt, leaves"
+)
+
+
+def conversation(system: str) -> list[dict]:
+    """A new conversation: the system message alone, if there is one."""
+    return [{"role": "system", "content": system}] if system else []
+
+
+def chat(answer, system: str, banner: str):
+    """The interactive chat (CHAT_KEYS). The banner and notes go to stderr, so that stdout holds the
+    replies alone; on a terminal readline is given the prompt, so history and editing redraw it."""
+    print(f"{banner}; {CHAT_KEYS}", file=sys.stderr)
+    terminal = sys.stdin.isatty() and sys.stdout.isatty()
+    if terminal:
+        import readline  # noqa: F401  (line editing and history for input())
+    history = conversation(system)
     while True:
         try:
-            print("> ", end="", file=sys.stderr, flush=True)
-            message = input()
+            if terminal:
+                message = input("> ")
+            else:
+                print("> ", end="", file=sys.stderr, flush=True)
+                message = input()
         except (EOFError, KeyboardInterrupt):
-            print(file=sys.stderr)  # end the prompt's line; stdout holds replies only
+            print(file=sys.stderr)  # end the prompt's line
             return
+        command, _, text = message.strip().partition(" ")
+        if command in ("/reset", "/system"):
+            system = text.strip() if command == "/system" else system
+            history = conversation(system)
+            print(
+                f"(a new conversation{', system message set' * (command == '/system')})",
+                file=sys.stderr,
+            )
+            continue
         if not message.strip():
             continue
-        history.append({"role": "user", "content": message})
-        history.append({"role": "assistant", "content": answer(history)})
+        turn = history + [{"role": "user", "content": message}]
+        try:
+            reply_text = answer(turn)
+        except KeyboardInterrupt:  # the reply stops; the conversation stays as it was before it
+            print("\n(reply stopped; the conversation goes on from before it)", file=sys.stderr)
+            continue
+        history = turn + [{"role": "assistant", "content": reply_text}]
 
 
 if __name__ == "__main__":
