@@ -503,7 +503,13 @@ def table(results: list[dict]) -> str:
                 [r["reward"]["win_rate_against_base"] for r in results],
             ),
         ]
-    return format_table([r["name"] for r in results], rows)
+    return format_table(column_names([r["name"] for r in results]), rows)
+
+
+def column_names(names: list[str]) -> list[str]:
+    """Each adapter by its directory's name (the whole path is in --output), unless two share one."""
+    short = [Path(name).name or name for name in names]
+    return short if len(set(short)) == len(short) else names
 
 
 def replies_path(output) -> Path:

@@ -106,6 +106,16 @@ def read_records(path: Path):
     return records
 
 
+def is_unicode(text: str) -> bool:
+    """False for a string holding a lone surrogate (JSON's "\\ud83d" without its pair), which no
+    tokenizer takes and no UTF-8 file can hold."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def check_conversation(messages) -> list[dict]:
     """A conversation with stripped contents, or Skip with the reason it cannot be trained on."""
     if not isinstance(messages, list):
@@ -120,6 +130,8 @@ def check_conversation(messages) -> list[dict]:
             raise Skip("unknown role")
         if not isinstance(message["content"], str):
             raise Skip("content that is not a string")
+        if not message["content"].isascii() and not is_unicode(message["content"]):
+            raise Skip("text that is not valid Unicode (a lone surrogate, as in \\ud83d)")
         clean.append({"role": message["role"], "content": message["content"].strip()})
     if clean[-1]["role"] != "assistant":
         raise Skip("last message not from the assistant")
@@ -328,6 +340,11 @@ def load_prompts(
             raise UserError(
                 f'{path}: line {number} holds no conversation to reply to; expected {{"messages": [...]}} ending '
                 f'with a user turn, {{"prompt": "..."}}, or a preference record'
+            )
+        if not all(is_unicode(m["content"]) for m in messages):
+            raise UserError(
+                f"{path}: line {number} holds text that is not valid Unicode (a lone surrogate, as "
+                f"in \\ud83d without its pair); fix that line"
             )
         items.append((record, messages))
     if skipped:

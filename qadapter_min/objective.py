@@ -79,7 +79,8 @@ class Objective:
     @property
     def metric_names(self) -> tuple[str, ...]:
         """What a training step logs (SFT: its loss alone)."""
-        return METRIC_NAMES if self.on_pairs else METRIC_NAMES[:1]
+        dpo = tuple(name for name in METRIC_NAMES if name != "chi2_loss")  # DPO has no chi2 term
+        return {"qadapter": METRIC_NAMES, "dpo": dpo}.get(self.name, METRIC_NAMES[:1])
 
     @property
     def temperatures(self) -> tuple[float, float]:
@@ -160,7 +161,6 @@ def dpo_loss(log_pi, reference_log_pi, scored, beta: float):
     loss = -F.logsigmoid(margin).mean()
     metrics = {
         "pref_loss": loss.detach(),
-        "chi2_loss": torch.zeros((), device=loss.device),  # DPO has no such term; logged as 0
         "accuracy": (margin > 0).float().mean(),
         "margin": margin.mean().detach(),
     }

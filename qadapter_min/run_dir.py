@@ -79,6 +79,11 @@ def check_out_dir(args, defaults: dict) -> dict | None:
 
 def read_checkpoint(out: Path, args, defaults: dict) -> dict:
     path = out / CHECKPOINT
+    if not path.is_file() and (out / ADAPTER_WEIGHTS).is_file() and (out / RUN_CONFIG).is_file():
+        raise UserError(
+            f"--resume: the run in {out} is finished (its adapter is written); there is "
+            f"nothing to continue: pass --overwrite to train it again, or another --out"
+        )
     if not path.is_file():
         raise UserError(f"--resume: {path} does not exist; run without --resume to start afresh")
     try:

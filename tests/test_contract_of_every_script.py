@@ -9,7 +9,7 @@ import evaluate
 import sample
 import train
 from conftest import run_script, tiny_model_dir, write_pairs
-from qadapter_min import memory, processes
+from qadapter_min import flags, memory, processes
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +151,39 @@ def test_long_work_reports_its_progress_on_stderr_and_leaves_stdout_to_the_resul
     assert result.returncode == 0, result.stderr
     assert "base: preference: 8/8 pairs" in result.stderr and "pairs," not in result.stdout
     assert result.stdout.startswith(" ") and "preference accuracy (held out)" in result.stdout
+
+
+def test_a_lone_surrogate_in_a_prompts_file_is_refused_naming_the_line(world, tmp_path):
+    model_dir, _, _ = world
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "fine"}\n{"prompt": "hi \\ud83d there"}\n')
+    flags = ["--model", model_dir, "--prompts", prompts, "--out", tmp_path / "r.jsonl"]
+    assert "line 2 holds text that is not valid Unicode" in refused(sample.main, *flags)
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_resume_on_a_finished_run_says_it_is_finished(world, tmp_path):
+    model_dir, data, _ = world
+    flags = ["--model", model_dir, "--data", data, "--out", tmp_path, "--batch_size", 4]
+    assert run_script(train.main, *flags, "--max_steps", 1).returncode == 0
+    assert "is finished" in refused(train.main, *flags, "--max_steps", 1, "--resume")
+
+
+def test_a_dpo_run_logs_no_chi2_term(world, tmp_path):
+    model_dir, data, _ = world
+    flags = ["--model", model_dir, "--data", data, "--out", tmp_path, "--batch_size", 4]
+    assert run_script(train.main, *flags, "--max_steps", 1, "--objective", "dpo").returncode == 0
+    [row] = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert "chi2_loss" not in row and {"loss", "pref_loss", "preference_accuracy"} <= set(row)
+
+
+def test_the_built_in_line_shows_each_flag_once_with_the_typed_value(capsys):
+    flags.parse_args(["--batch_size", "8", "--lora_targets", "q_proj", "--out", "x"])
+    [line] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("built-in")]
+    words = line.split()
+    assert words.count("--batch_size") == 1 and words[words.index("--batch_size") + 1] == "8"
+    assert words.count("--lora_targets") == 1 and words[words.index("--lora_targets") + 1 :] == [
+        "q_proj",
+        "--out",
+        "x",
+    ]

@@ -100,7 +100,7 @@ def test_each_adapter_is_measured_as_the_policy_it_was_trained_for(adapters, tmp
             (chosen - rejected).mean().item(), rel=1e-5
         )
     header = capsys.readouterr().out.splitlines()[0].split()
-    assert header == ["base", str(qadapter), str(dpo)]
+    assert header == ["base", qadapter.name, dpo.name]  # the directories by name
 
 
 def test_reply_nll_is_each_policys_mean_negative_log_likelihood_per_reply_token(adapters, tmp_path):

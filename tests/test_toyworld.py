@@ -257,4 +257,4 @@ def test_evaluate_py_gives_the_numbers_of_train_pys_report_for_q_adapter_and_dpo
                 "preference_accuracy": column["preference"]["preference_accuracy"],
                 **column["world"],
             } == report[name]
-    assert result.stdout.splitlines()[0].split() == ["base", str(builtin_run[0]), str(out_dpo)]
+    assert result.stdout.splitlines()[0].split() == ["base", builtin_run[0].name, out_dpo.name]

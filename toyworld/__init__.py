@@ -149,10 +149,22 @@ def train_flags() -> list[str]:
 def with_world_flags(argv: list[str]) -> list[str]:
     """A bare train.py's command line: this world's flags, then those typed (which win), printed as
     the command it amounts to (by rank 0 alone under torchrun)."""
-    argv = train_flags() + list(argv)
+    typed = {flag for flag in argv if flag.startswith("--")}
+    argv = [*without_flags(train_flags(), typed), *argv]  # each flag once: a typed one wins
     if os.environ.get("RANK", "0") == "0":
         print("built-in world: python train.py " + " ".join(map(shlex.quote, argv)), flush=True)
     return argv
+
+
+def without_flags(argv: list[str], flags: set[str]) -> list[str]:
+    """argv without the flags named (each with the values that follow it, up to the next flag)."""
+    kept, dropping = [], False
+    for word in argv:
+        if word.startswith("--"):
+            dropping = word in flags
+        if not dropping:
+            kept.append(word)
+    return kept
 
 
 def is_world_model(model_dir) -> bool:
