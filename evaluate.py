@@ -294,16 +294,26 @@ def run_lm_eval(model, tokenizer, policy: Policy, manager, model_name: str, args
         name=f"{model_name}+{policy.name}",
         batch_size=args.batch_size,
     )
-    out = simple_evaluate(
-        model=lm,
-        tasks=args.tasks,
-        num_fewshot=args.num_fewshot,
-        limit=args.limit,
-        task_manager=manager,
-        apply_chat_template=args.apply_chat_template,
-        fewshot_as_multiturn=args.fewshot_as_multiturn,
-        log_samples=args.log_samples,
-    )
+    try:
+        out = simple_evaluate(
+            model=lm,
+            tasks=args.tasks,
+            num_fewshot=args.num_fewshot,
+            limit=args.limit,
+            task_manager=manager,
+            apply_chat_template=args.apply_chat_template,
+            fewshot_as_multiturn=args.fewshot_as_multiturn,
+            log_samples=args.log_samples,
+        )
+    except (
+        ConnectionError
+    ) as error:  # what the datasets library raises when the Hub is out of reach
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(
+            f"--tasks {' '.join(args.tasks)}: lm-eval could not fetch a task's dataset ({reason}); "
+            f"connect to the Hugging Face Hub, or run with the dataset in the cache and "
+            f"HF_DATASETS_OFFLINE=1, or pass a task of your own with --include_path"
+        ) from None
     if out is None:
         return {}
     metrics = {

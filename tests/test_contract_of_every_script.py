@@ -2,6 +2,10 @@
 change nothing, is refused in one sentence before any model or data loads."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +14,8 @@ import sample
 import train
 from conftest import run_script, tiny_model_dir, write_pairs
 from qadapter_min import flags, memory, processes
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +193,19 @@ def test_the_built_in_line_shows_each_flag_once_with_the_typed_value(capsys):
         "--out",
         "x",
     ]
+
+
+def test_an_lm_eval_dataset_out_of_reach_is_one_sentence_not_a_traceback(world):
+    """Offline (as the datasets library is told to be here), a Hub task's data cannot be fetched."""
+    model_dir, _, _ = world
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, str(ROOT / "evaluate.py"), "--model", str(model_dir)]
+    result = subprocess.run(
+        [*command, "--tasks", "hellaswag", "--limit", "1"], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: --tasks hellaswag: lm-eval could not fetch a task's dataset")
+    )
