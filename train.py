@@ -182,19 +182,7 @@ def train(model, wrapped, adamw, objective, train_set, eval_set, pad_id, steps, 
                     "grad_norm": grad_norm,
                     "tokens_per_s": tokens_per_s,
                 }
-                per_step = train_seconds / (done - steps.start)
-                # before the first evaluation, guess one as a third of training on as many pairs
-                # (forward passes alone)
-                per_eval = (
-                    eval_seconds / evals
-                    if evals
-                    else per_step * len(eval_set) / args.batch_size / 3
-                )
-                evals_left = sum(
-                    evaluates_at(s, total_steps, eval_set, args)
-                    for s in range(done, total_steps + 1)
-                )
-                eta = per_step * (total_steps - done) + per_eval * evals_left
+                eta = eta_seconds(steps, done, train_seconds, eval_seconds, evals, eval_set, args)
                 shown = ""
                 if objective.on_pairs:
                     shown = (
@@ -208,10 +196,8 @@ def train(model, wrapped, adamw, objective, train_set, eval_set, pad_id, steps, 
                 run_dir.append_metrics(out, row, processes)
             if evaluates_at(done, total_steps, eval_set, args):
                 eval_started = time.time()
-                row = {
-                    "step": done,
-                    **evaluate(model, objective, eval_set, pad_id, args, processes),
-                }
+                results = evaluate(model, objective, eval_set, pad_id, args, processes)
+                row = {"step": done, **results}
                 eval_seconds, evals = eval_seconds + time.time() - eval_started, evals + 1
                 shown = ""
                 if objective.on_pairs:
@@ -285,6 +271,17 @@ def evaluate(model, objective, eval_set, pad_id, args, processes: Processes) -> 
         dist.all_reduce(totals)
     model.train()
     return {f"eval_{name}": (totals[i] / totals[-1]).item() for i, name in enumerate(names)}
+
+
+def eta_seconds(steps, done, train_seconds, eval_seconds, evals, eval_set, args) -> float:
+    """The time left: the steps at the pace so far, and the evaluations to come at theirs (before
+    the first, one is guessed at a third of training on as many pairs: forward passes alone)."""
+    per_step = train_seconds / (done - steps.start)
+    per_eval = eval_seconds / evals if evals else per_step * len(eval_set) / args.batch_size / 3
+    evals_left = sum(
+        evaluates_at(s, steps.stop, eval_set, args) for s in range(done, steps.stop + 1)
+    )
+    return per_step * (steps.stop - done) + per_eval * evals_left
 
 
 def evaluates_at(step: int, total_steps: int, eval_set, args) -> bool:

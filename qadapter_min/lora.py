@@ -48,9 +48,7 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.disabled = False  # True: behave exactly as the base layer
         self.active_rows = None  # a (B,) bool tensor: apply the adapter to these batch rows only
-        self.dropout_keys = (
-            None  # a (B,) int64 tensor: draw each row's dropout mask from its key (keyed_dropout)
-        )
+        self.dropout_keys = None  # a (B,) int64 tensor: row i's dropout mask from keys[i]
         self.index = 0  # this layer's number in the model, set by add_lora: part of its masks' key
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -64,9 +62,7 @@ class LoRALinear(nn.Module):
         else:
             x = self.dropout(x)
         update = self.lora_B(self.lora_A(x)) * self.scale
-        if (
-            self.active_rows is not None
-        ):  # (B,) -> (B, 1, ..., 1): rows without the adapter get no update
+        if self.active_rows is not None:  # (B,) -> (B, 1, ..., 1): rows left out get no update
             update = update * self.active_rows.view(-1, *([1] * (update.dim() - 1)))
         return (out + update).to(out.dtype)
 

@@ -33,13 +33,9 @@ class ModelArgs:
     vocab_size: int = 128256  # rows of the embedding and of the LM head (V)
     rms_norm_eps: float = 1e-5  # epsilon inside every RMSNorm
     rope_theta: float = 500000.0  # base of the RoPE frequencies
-    rope_scaling: dict | None = (
-        None  # llama3 frequency scaling (see rope_frequencies); None: plain RoPE
-    )
+    rope_scaling: dict | None = None  # llama3 frequency scaling (rope_frequencies); None: plain
     max_position_embeddings: int = 131072  # longest context the model was trained for
-    tie_word_embeddings: bool = (
-        False  # True: the LM head reuses the embedding matrix (Llama 3.2 1B/3B)
-    )
+    tie_word_embeddings: bool = False  # True: the LM head is the embedding (Llama 3.2 1B/3B)
     bos_token_id: int | None = 128000  # <|begin_of_text|>
     eos_token_id: int | list[int] | None = 128001  # <|end_of_text|>; a list for the Instruct models
 
@@ -104,10 +100,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate each (i, i + head_dim/2) channel pair of x (B, heads, T, head_dim) by its angle."""
-    cos, sin = (
-        cos.to(x.dtype),
-        sin.to(x.dtype),
-    )  # the tables are fp32; the product is in x's dtype, as in HF
+    # the tables are fp32; the product is in x's dtype, as in HF
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos + rotate_half(x) * sin
 
 
@@ -193,35 +187,25 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, kv_cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = (
-            self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        )  # (B, KV, T, D)
-        v = (
-            self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        )  # (B, KV, T, D)
+        H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
+        v = self.v_proj(x).view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_index, k, v)  # (B, KV, S, D), S = cached + T
         S = k.shape[2]
-        if S == T and (
-            kv_cache is None or kv_cache.valid is None
-        ):  # no cached prefix: plain causal mask
+        padded = kv_cache is not None and kv_cache.valid is not None
+        if S == T and not padded:  # no cached prefix, no padding: the plain causal mask
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:  # query i sits at column S - T + i and sees keys 0 .. S - T + i
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(
-                diagonal=S - T
-            )  # (T, S)
-            if (
-                kv_cache.valid is not None
-            ):  # and no padding key; a padding query sees itself, so no row is empty
-                itself = (
-                    torch.arange(S, device=x.device)
-                    == torch.arange(S - T, S, device=x.device)[:, None]
-                )
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)  # (T, S)
+            if padded:  # and no padding key; a padding query sees itself, so no row is empty
+                columns = torch.arange(S, device=x.device)
+                itself = columns == columns[S - T :, None]  # (T, S)
                 mask = (mask & kv_cache.valid[:, None, None, :S]) | itself  # (B, 1, T, S)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H*D)
+        y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
         return self.o_proj(y)
 
 
@@ -263,11 +247,9 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(args, i) for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         # a tied model has no lm_head tensor: the head is the embedding matrix
-        self.lm_head = (
-            None
-            if args.tie_word_embeddings
-            else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        )
+        self.lm_head = None
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         # per-block activation checkpointing for training: recompute each block in the backward pass
         self.gradient_checkpointing = False
 
@@ -289,15 +271,12 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         if positions is None:
             start = kv_cache.length if kv_cache is not None else 0
-            positions = torch.arange(
-                start, start + T, device=tokens.device
-            )  # (T,), shared by the rows
+            positions = torch.arange(start, start + T, device=tokens.device)  # (T,): every row's
         # The RoPE tables are recomputed on every call (a few hundred numbers) rather than kept in a
         # buffer: they stay fp32 whatever .to(dtype) does to the module, and need no set-up after a
         # model is built on the meta device.
-        cos, sin = rope_cos_sin(
-            rope_frequencies(self.args, tokens.device), positions
-        )  # (T, D) or (B, T, D)
+        freqs = rope_frequencies(self.args, tokens.device)
+        cos, sin = rope_cos_sin(freqs, positions)  # (T, D) or (B, T, D)
         if positions.dim() == 2:
             cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D): the same angles for every head
         x = self.embed_tokens(tokens)  # (B, T, C)

@@ -136,9 +136,8 @@ def qadapter_loss(q_taken, v, scored, lengths, objective: Objective):
     n = torch.maximum(lengths[:B], lengths[B:]).float() - 1  # (5) (B,)
     pref_loss = -F.logsigmoid((R_chosen - R_rejected) / n)  # (6) (B,)
     squares, counts = (residual**2).sum(dim=1), scored.sum(dim=1)  # (2B,) each
-    chi2_loss = (
-        objective.beta * (squares[:B] + squares[B:]) / (counts[:B] + counts[B:]).clamp(min=1)
-    )
+    pair_counts = (counts[:B] + counts[B:]).clamp(min=1)  # (B,)
+    chi2_loss = objective.beta * (squares[:B] + squares[B:]) / pair_counts  # (7) (B,)
     loss = (pref_loss + chi2_loss).mean()  # (8)
     metrics = {
         "pref_loss": pref_loss.mean().detach(),

@@ -31,7 +31,5 @@ def micro_batch_objective(
         with torch.no_grad(), adapter_disabled(model):  # pi1: the same weights, adapter off
             base_hidden = model(tokens, return_hidden=True)
     hidden = (adapter_forward or model)(tokens, return_hidden=True)
-    head = full(
-        model.head_weight
-    )  # under --fsdp gathered while the objective needs it, then let go
+    head = full(model.head_weight)  # under --fsdp gathered while the objective needs it, then freed
     return loss_from_hidden(head, hidden, base_hidden, tokens, response_mask, objective)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -209,3 +210,16 @@ def test_an_lm_eval_dataset_out_of_reach_is_one_sentence_not_a_traceback(world):
         .splitlines()[-1]
         .startswith("error: --tasks hellaswag: lm-eval could not fetch a task's dataset")
     )
+
+
+def test_the_eta_counts_the_evaluations_still_to_come():
+    """10 steps, 4 done at 2 s each, evaluations after steps 5 and 10 (--eval_every 5): 6 steps left
+    at 2 s and 2 evaluations, at the 3 s the first took, or, before any, guessed at a third of training
+    on as many pairs (48 pairs = 3 steps of 16 at 2 s, / 3 = 2 s)."""
+    args = SimpleNamespace(eval_every=5, batch_size=16)
+    steps, eval_set = range(0, 10), [None] * 48
+    assert train.eta_seconds(steps, 4, 8.0, 3.0, 1, eval_set, args) == 6 * 2 + 2 * 3
+    assert train.eta_seconds(steps, 4, 8.0, 0.0, 0, eval_set, args) == 6 * 2 + 2 * 2
+    assert (
+        train.eta_seconds(steps, 4, 8.0, 0.0, 0, [], args) == 6 * 2
+    )  # no eval data: no evaluation
