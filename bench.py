@@ -124,9 +124,8 @@ def cpu_step_worker(which, repeats, queue):
         our_step if which == "ours" else naive_step, model, tokens, response_mask, repeats
     )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
-    queue.put(
-        (seconds, peak / 1024**2, loss, [g.numpy() for g in grads])
-    )  # numpy: pickled by value
+    # numpy: pickled by value
+    queue.put((seconds, peak / 1024**2, loss, [g.numpy() for g in grads]))
 
 
 def cpu_training_step(repeats):

@@ -368,9 +368,8 @@ def read_replies(args, tokenizer) -> list[EncodedConversation]:
     """--reply_nll's conversations, encoded (truncated as train.py truncates); an empty file is refused."""
     if args.reply_nll is None:
         return []
-    conversations = load_conversations(
-        args.reply_nll, log=lambda *_: None
-    )  # a file with none is refused there
+    # a file with none is refused there
+    conversations = load_conversations(args.reply_nll, log=lambda *_: None)
     encoded = encode_conversations(conversations, tokenizer, args.max_len, log=lambda *_: None)
     if not encoded:
         raise UserError(

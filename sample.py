@@ -370,9 +370,8 @@ def main(argv=None):
     args = parse_args(argv)
     policy = read_adapter_policy(args)
     model_name = args.model or policy.base_model
-    items = (
-        load_prompts(args.prompts, args.unique) if args.prompts else None
-    )  # a bad prompts file is refused before loading
+    # a bad prompts file is refused before loading
+    items = load_prompts(args.prompts, args.unique) if args.prompts else None
     settings = sampling_settings(args, policy, model_name)
     done, recorded = 0, None
     if items is not None and args.out != "-":

@@ -427,15 +427,12 @@ def encode_conversation(messages: list[dict], tokenizer: Tokenizer, max_len: int
         not system and tokenizer.default_system is not None
     ):  # ChatML: the template's default system turn leads
         system = [{"role": "system", "content": tokenizer.default_system}]
-    system_block = tokenizer.encode_chat(
-        system
-    )  # the system turn (Llama 3.1: <|begin_of_text|> + the system block)
-    header = len(tokenizer.encode_chat(system, add_generation_prompt=True)) - len(
-        system_block
-    )  # assistant header
-    room = (
-        max_len - len(system_block) - len(reply_ids)
-    )  # prompt tokens after the system block that fit
+    # the system turn (Llama 3.1: <|begin_of_text|> + the system block)
+    system_block = tokenizer.encode_chat(system)
+    # assistant header
+    header = len(tokenizer.encode_chat(system, add_generation_prompt=True)) - len(system_block)
+    # prompt tokens after the system block that fit
+    room = max_len - len(system_block) - len(reply_ids)
     if room >= header:
         done.add("prompt_cut")
         kept = prompt[len(prompt) - room :] if room > 0 else []

@@ -52,9 +52,8 @@ def next_token_logits(
     put in twice: MKL runs a one-row product as a single-threaded matrix-vector product, four times
     slower on a 2-core CPU than the two-row matrix multiply (on a GPU the copy costs nothing).
     """
-    hidden = model(tokens, kv_cache=cache, return_hidden=True, positions=positions)[
-        :, -1
-    ]  # (rows, C)
+    # (rows, C)
+    hidden = model(tokens, kv_cache=cache, return_hidden=True, positions=positions)[:, -1]
     rows = hidden.shape[0]
     if rows == 1:
         hidden = hidden.repeat(2, 1)
@@ -103,9 +102,8 @@ class Decoder:
                     cache.keys.shape[1], max_seq_len, dtype=torch.bool, device=param.device
                 )
             self.lengths = torch.zeros(batch_size, dtype=torch.long, device=param.device)
-        self.adapter_rows = (
-            torch.arange(copies * batch_size, device=param.device) < batch_size
-        )  # the first copy: Q
+        # the first copy: Q
+        self.adapter_rows = torch.arange(copies * batch_size, device=param.device) < batch_size
 
     @torch.no_grad()
     def feed(self, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -115,9 +113,8 @@ class Decoder:
         positions = None
         if self.lengths is not None:
             valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid
-            positions = (self.lengths[:, None] + valid.cumsum(1) - 1).clamp(
-                min=0
-            )  # (B, T): padding repeats a position
+            # (B, T): padding repeats a position
+            positions = (self.lengths[:, None] + valid.cumsum(1) - 1).clamp(min=0)
             self.lengths += valid.sum(1)
             for cache in self.caches:
                 copies = cache.keys.shape[1] // B
@@ -134,9 +131,8 @@ class Decoder:
             return policy_logits(q, base, self.alpha, self.alpha0)
         twice = None if positions is None else positions.repeat(2, 1)
         with adapter_on_rows(self.model, self.adapter_rows):
-            logits = next_token_logits(
-                self.model, tokens.repeat(2, 1), self.cache, twice
-            )  # (2B, V): Q, then base
+            # (2B, V): Q, then base
+            logits = next_token_logits(self.model, tokens.repeat(2, 1), self.cache, twice)
         return policy_logits(logits[:B], logits[B:], self.alpha, self.alpha0)
 
     def keep(self, rows: torch.Tensor):
@@ -144,9 +140,8 @@ class Decoder:
         B = self.batch_size
         for cache in self.caches:
             copies = cache.keys.shape[1] // B
-            cache.keep_rows(
-                torch.cat([rows + copy * B for copy in range(copies)])
-            )  # every copy of each kept row
+            # every copy of each kept row
+            cache.keep_rows(torch.cat([rows + copy * B for copy in range(copies)]))
         if self.lengths is not None:
             self.lengths = self.lengths[rows]
         self.batch_size = len(rows)
@@ -233,9 +228,8 @@ def generate_batch(
     )
     logits = decoder.feed(tokens, valid)  # prefill: (B, V)
     replies = [[] for _ in range(B)]
-    running = list(
-        range(B)
-    )  # the prompts still decoding: row j of the decoder's batch is prompt running[j]
+    # the prompts still decoding: row j of the decoder's batch is prompt running[j]
+    running = list(range(B))
     for step in range(max_new_tokens):
         next_tokens, still_running = [], []
         for j, i in enumerate(running):

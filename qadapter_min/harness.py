@@ -90,9 +90,8 @@ class PolicyLM(TemplateLM):
         return self.name.replace("/", "__")
 
     def chat_template(self, chat_template: bool | str = False) -> str:
-        return (
-            self.qtokenizer.chat_format
-        )  # the format Tokenizer.chat_text writes; lm-eval records it with the results
+        # the format Tokenizer.chat_text writes; lm-eval records it with the results
+        return self.qtokenizer.chat_format
 
     def apply_chat_template(
         self, chat_history: list[dict], add_generation_prompt: bool = True
@@ -158,9 +157,8 @@ class PolicyLM(TemplateLM):
                 index
             )
         for key, indices in groups.items():
-            settings = normalize_gen_kwargs(
-                json.loads(key), MAX_GEN_TOKS
-            )  # lm-eval's reading of them
+            # lm-eval's reading of them
+            settings = normalize_gen_kwargs(json.loads(key), MAX_GEN_TOKS)
             until, max_new_tokens = [u for u in settings["until"] if u], settings["max_gen_toks"]
             temperature = float(settings["temperature"]) if settings["do_sample"] else 0.0
             top_p, top_k = float(settings.get("top_p") or 1.0), int(settings.get("top_k") or 0)

@@ -83,9 +83,10 @@ def token_values_from_hidden(
     assert scored.any(), "a batch without a single reply token to score"
     base_scored = None if base_hidden is None else base_hidden[:, :-1][scored]
     actions = tokens[:, 1:][scored]
+    # three (N,) tensors
     values = ChunkedTokenValues.apply(
         hidden[:, :-1][scored], base_scored, weight, actions, *objective.temperatures, chunk_size
-    )  # three (N,) tensors
+    )
     zeros = torch.zeros(scored.shape, device=hidden.device)
     return [zeros.masked_scatter(scored, x) for x in values], scored
 

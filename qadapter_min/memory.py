@@ -136,9 +136,8 @@ def training_memory_gib(
             "activations": activations / GIB,
             "objective": objective / GIB,
         }
-    matrix = (
-        args.vocab_size * args.hidden_size * weight_bytes
-    )  # the embedding, and the LM head (the same when tied)
+    # the embedding, and the LM head (the same when tied)
+    matrix = args.vocab_size * args.hidden_size * weight_bytes
     block = per_block * weight_bytes
     return {
         "weights_shard": total_parameters * weight_bytes / fsdp_ranks / GIB,

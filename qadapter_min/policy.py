@@ -152,11 +152,12 @@ def log_probs(
     for start in range(0, len(inputs), batch_size):
         batch = inputs[start : start + batch_size]
         tokens = torch.zeros(len(batch), len(batch[0][0]), dtype=torch.long, device=device)
+        # per scored state; targets: (states, most sequences sharing it)
         rows, positions, targets = (
             [],
             [],
             [],
-        )  # per scored state; targets: (states, most sequences sharing it)
+        )
         width = max(len(shared[key]) for key in batch)
         for row, (inp, n) in enumerate(batch):
             tokens[row, : len(inp)] = torch.tensor(inp, device=device)

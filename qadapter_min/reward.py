@@ -36,9 +36,8 @@ def rewards(model: Transformer, sequences: list[list[int]], batch_size: int = 8)
         for row, i in enumerate(batch):
             tokens[row, : len(sequences[i])] = torch.tensor(sequences[i], device=device)
         last = torch.tensor([len(sequences[i]) - 1 for i in batch], device=device)
-        hidden = model(tokens, return_hidden=True)[
-            torch.arange(len(batch), device=device), last
-        ]  # (B, C)
+        # (B, C)
+        hidden = model(tokens, return_hidden=True)[torch.arange(len(batch), device=device), last]
         values = (hidden.float() @ model.head_weight.float().T)[:, 0]
         for i, value in zip(batch, values.tolist()):
             scores[i] = value

@@ -57,16 +57,14 @@ def load_sharded_model(
     the base weights frozen in dtype, the LoRA in fp32 with the very values add_lora draws on a loaded model
     (the same calls on the same device's generator), so a sharded run starts where an unsharded one does."""
     model = empty_model(model_dir).to(dtype)  # meta: no memory yet
-    add_lora(
-        model, device=device, **lora
-    )  # real LoRA weights: small, and drawn as train.py always draws them
+    # real LoRA weights: small, and drawn as train.py always draws them
+    add_lora(model, device=device, **lora)
     shard_model(model)
     adapter = {
         name: p.to_local().clone() for name, p in model.named_parameters() if p.requires_grad
     }
-    model.to_empty(
-        device=device
-    )  # memory for this rank's shards only, the LoRA's included (copied back below)
+    # memory for this rank's shards only, the LoRA's included (copied back below)
+    model.to_empty(device=device)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, shard in adapter.items():
@@ -78,9 +76,8 @@ def load_sharded_model(
             chunks = whole.chunk(mesh.size(), dim=0)
             rank = mesh.get_local_rank()
             if rank < len(chunks):
-                param.to_local().copy_(
-                    chunks[rank]
-                )  # converted to the run's dtype and device shard by shard
+                # converted to the run's dtype and device shard by shard
+                param.to_local().copy_(chunks[rank])
             del whole, chunks
     return model
 

@@ -76,11 +76,12 @@ class Tokenizer:
             self.chat_format = LLAMA_3_1
             self.bos_id = self.special_ids[BEGIN_OF_TEXT]
             self.eot_id = self.special_ids[END_OF_TURN]  # closes every turn, so every reply
+            # the end of a turn, of a tool message, of the text
             stops = (
                 END_OF_TURN,
                 END_OF_MESSAGE,
                 END_OF_TEXT,
-            )  # the end of a turn, of a tool message, of the text
+            )
             self.default_system = None
             self.declared_bos_id = self.bos_id
         elif IM_START in self.special_ids and IM_END in self.special_ids:

@@ -378,9 +378,8 @@ def model_fingerprint(model) -> str:
     shapes = sorted(
         (name, list(p.shape)) for name, p in model.named_parameters() if "lora_" not in name
     )
-    norm = (
-        full(model.norm.weight).detach().to(torch.bfloat16).float().cpu().tolist()
-    )  # gathered, when sharded
+    # gathered, when sharded
+    norm = full(model.norm.weight).detach().to(torch.bfloat16).float().cpu().tolist()
     blob = json.dumps({"args": asdict(model.args), "shapes": shapes, "norm": norm}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

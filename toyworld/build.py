@@ -27,11 +27,12 @@ from toyworld import (
     make_task,
 )
 
+# chats of one, two and three questions: the model holds a conversation
 MULTI_TURN_WEIGHTS = (
     0.5,
     0.3,
     0.2,
-)  # chats of one, two and three questions: the model holds a conversation
+)
 
 # The shape of the model: a Llama 3.1 in miniature (GQA, llama3 RoPE scaling, tied embeddings).
 WORLD_ARGS = ModelArgs(
@@ -109,12 +110,10 @@ def pretrain(
             for turn in range(1, len(chat), 2):  # every assistant reply of the chat is a target
                 start = len(tokenizer.encode_chat(chat[:turn], add_generation_prompt=True))
                 end = len(tokenizer.encode_chat(chat[: turn + 1]))
-                targets[i, start - 1 : end - 1] = torch.tensor(
-                    ids[start:end]
-                )  # position t predicts token t + 1
-        lr_now = (
-            lr * min(1.0, (step + 1) / 50) * (1 - step / steps)
-        )  # 50 warm-up steps, then linear decay
+                # position t predicts token t + 1
+                targets[i, start - 1 : end - 1] = torch.tensor(ids[start:end])
+        # 50 warm-up steps, then linear decay
+        lr_now = lr * min(1.0, (step + 1) / 50) * (1 - step / steps)
         for group in optimizer.param_groups:
             group["lr"] = lr_now
         loss = F.cross_entropy(model(tokens).flatten(0, 1), targets.flatten(), ignore_index=-100)
