@@ -34,7 +34,7 @@ it used to say).
 The table goes to stdout, a column per model and a row per metric; --output FILE writes
 {"models": [{"name", "policy", "adapter", "lm_eval": {task: {metric: value}}, "preference": {...},
 "reward": {...}, "reply_nll": {...}, "world": {...}}, ...]}, each key there when it was measured.
-Under torchrun (torchrun --nproc_per_node=4 evaluate.py ...) lm-eval splits its requests over the
+With several processes (--nproc_per_node 4, or under torchrun) lm-eval splits its requests over the
 processes; the other measurements run whole on each, and rank 0 prints and writes.
 """
 
@@ -77,7 +77,7 @@ from qadapter_min.policy import (
     preference_metrics,
     read_policy,
 )
-from qadapter_min.processes import leave_processes, start_processes
+from qadapter_min.processes import add_nproc_flag, leave_processes, start_processes
 from qadapter_min.reward import check_reward_model, load_reward_model, rewards, win_rate
 from qadapter_min.tokenizer import Tokenizer
 from qadapter_min.weights import load_model
@@ -187,6 +187,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         metavar="BOOL",
         help="few-shot examples as earlier turns (None: with --apply_chat_template)",
     )
+    add_nproc_flag(p)
     lm.add_argument("--include_path", default=None, help="a directory of task YAMLs of your own")
     lm.add_argument(
         "--batch_size",
@@ -210,6 +211,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             ("micro_batch_size", args.micro_batch_size <= 0, "> 0"),
             ("alpha0", args.alpha0 is not None and args.alpha0 < 0, ">= 0"),
             ("batch_size", args.batch_size <= 0, "> 0"),
+            ("nproc_per_node", args.nproc_per_node <= 0, "> 0"),
             ("limit", args.limit is not None and args.limit <= 0, "> 0"),
             ("max_new_tokens", args.max_new_tokens <= 0, "> 0"),
             ("num_fewshot", args.num_fewshot is not None and args.num_fewshot < 0, ">= 0"),
@@ -279,6 +281,37 @@ def task_manager(args):
     return manager
 
 
+def tasks_with_their_data(tasks: list[str], include_path, manager) -> list:
+    """--tasks as lm-eval is to load them. A task YAML of --include_path that names its data files by
+    relative paths finds them beside itself, as lm-eval finds the files of its `include:` and
+    `!function` (so it runs from any directory), or failing that from the working directory, as lm-eval
+    itself looks: such a task goes to lm-eval as its whole config, with those paths made absolute."""
+    from lm_eval.tasks._yaml_loader import load_yaml  # how lm-eval reads a task YAML
+
+    def beside(files, here: Path):
+        if isinstance(files, str):
+            return str(here / files) if (here / files).exists() else files
+        if isinstance(files, list):
+            return [beside(f, here) for f in files]
+        return {split: beside(f, here) for split, f in files.items()}
+
+    loaded = []
+    for name in tasks:
+        entry = manager.task_index.get(name) if include_path is not None else None
+        yaml_path = getattr(entry, "yaml_path", None) and Path(entry.yaml_path).resolve()
+        if yaml_path is None or not yaml_path.is_relative_to(Path(include_path).resolve()):
+            loaded.append(name)  # lm-eval's own task, or a group: by name
+            continue
+        config = load_yaml(yaml_path)
+        files = config.get("dataset_kwargs", {}).get("data_files")
+        if files is None or beside(files, yaml_path.parent) == files:
+            loaded.append(name)
+            continue
+        config["dataset_kwargs"]["data_files"] = beside(files, yaml_path.parent)
+        loaded.append(config)
+    return loaded
+
+
 def run_lm_eval(model, tokenizer, policy: Policy, manager, model_name: str, args) -> dict:
     """{"lm_eval": {task: {metric: value}}} (lm-eval's metric names, e.g. "acc,none"), and with --log_samples
     {"samples": {task: [lm-eval's record of each document]}}; on ranks other than 0, nothing."""
@@ -297,7 +330,7 @@ def run_lm_eval(model, tokenizer, policy: Policy, manager, model_name: str, args
     try:
         out = simple_evaluate(
             model=lm,
-            tasks=args.tasks,
+            tasks=tasks_with_their_data(args.tasks, args.include_path, manager),
             num_fewshot=args.num_fewshot,
             limit=args.limit,
             task_manager=manager,
@@ -313,6 +346,12 @@ def run_lm_eval(model, tokenizer, policy: Policy, manager, model_name: str, args
             f"--tasks {' '.join(args.tasks)}: lm-eval could not fetch a task's dataset ({reason}); "
             f"connect to the Hugging Face Hub, or run with the dataset in the cache and "
             f"HF_DATASETS_OFFLINE=1, or pass a task of your own with --include_path"
+        ) from None
+    # a task's data_files, neither beside its YAML nor in the working directory
+    except FileNotFoundError as error:
+        raise UserError(
+            f"--tasks {' '.join(args.tasks)}: {str(error).splitlines()[0]}; a task YAML of --include_path "
+            f"names its data files from its own directory (or from the working directory)"
         ) from None
     if out is None:
         return {}
@@ -538,7 +577,7 @@ def main(argv=None):
     manager = task_manager(args) if args.tasks else None
     prompts = load_prompts(args.prompts) if args.prompts else None
     reward_model_dir = check_reward_model(args.reward_model) if args.reward_model else None
-    processes = start_processes()
+    processes = start_processes(args.nproc_per_node)
     model_dir = processes.resolve_model_dir(model_name)
     tokenizer = Tokenizer(model_dir)
     world = toyworld.is_world_model(model_dir)

@@ -2,8 +2,9 @@
 
 Built-in world:     python train.py     (a tiny pre-trained model and a preference: CPU, a minute)
 One process:        python train.py --model DIR_OR_HUB_ID --data pairs.json
-One node, 4 GPUs:   torchrun --nproc_per_node=4 train.py --model meta-llama/Llama-3.1-8B-Instruct
-Sharded (FSDP2):    torchrun --nproc_per_node=4 train.py ... --fsdp   (models larger than one GPU)
+One node, 4 GPUs:   python train.py --nproc_per_node 4 --model meta-llama/Llama-3.1-8B-Instruct ...
+Sharded (FSDP2):    python train.py --nproc_per_node 4 ... --fsdp   (models larger than one GPU)
+Several nodes:      torchrun ... train.py ...   (docs/scaling.md)
 
 With neither --model nor --data, train.py runs the built-in world of toyworld/ with the flags it
 prints first (flags you add win), and ends with a table of what the model learned and what it kept.
@@ -49,7 +50,7 @@ def main(argv=None):
     check_flags(args)
     objective = Objective.read(vars(args))
     checkpoint = run_dir.check_out_dir(args, defaults())  # with --resume, its flags checked
-    processes = start_processes()
+    processes = start_processes(args.nproc_per_node)
     model_dir, tokenizer, train_set, eval_set = read_data(args, objective, processes)
     model, wrapped, adamw = build_model(model_dir, args, processes)
     out, start_step = Path(args.out), 0

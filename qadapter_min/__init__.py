@@ -18,7 +18,7 @@ One file per concern beside it:
     run_dir.py    the run directory's contract: checkpoints, --resume, --overwrite, metrics
     sharding.py   FSDP2 for train.py --fsdp
     memory.py     the memory model of one training rank, its plan, the out-of-memory advice
-    processes.py  the processes of a run, under torchrun or alone
+    processes.py  the processes of a run: started by --nproc_per_node, by torchrun, or one alone
     harness.py    lm-evaluation-harness's model API over a policy (evaluate.py alone imports it)
     reward.py     reward models in the LlamaForSequenceClassification layout
     common.py     what the scripts share: device, dtype, atomic writes, JSON, errors on the command line

@@ -139,9 +139,10 @@ def run_command_line(main):
     """Run a script's main() as a command: a UserError prints one line, "error: ...", and exits 2, with no
     traceback; Ctrl-C prints one line (what was reached, what to do next) and exits 130, as shells expect.
 
-    Under torchrun every rank meets the same data and flags, so rank 0 speaks for all; an error of one
-    rank alone (out of memory) names its rank. A rank that fails leaves at once without the process
-    group's shutdown, which would wait for ranks that wait for it; torchrun then ends the others.
+    With several processes every rank meets the same data and flags, so rank 0 speaks for all; an error
+    of one rank alone (out of memory) names its rank. A rank that fails leaves without the process group's
+    shutdown, which would wait for ranks that wait for it, and the launcher (or torchrun) then ends the
+    others; on a refusal the ranks other than 0 leave a moment later, so that rank 0 has said why.
     """
     speaks = os.environ.get("RANK", "0") == "0"
     try:
@@ -150,6 +151,8 @@ def run_command_line(main):
     except UserError as error:
         if speaks or str(error).startswith("rank "):
             print(f"error: {error}", file=sys.stderr, flush=True)
+        elif dist.is_initialized() or "RANK" in os.environ:
+            time.sleep(2)  # rank 0 says why: the launcher ends the others once one has ended
         code = 2
     except KeyboardInterrupt as interrupt:
         if speaks:

@@ -17,6 +17,7 @@ from qadapter_min.common import HelpFormatter
 from qadapter_min.data import check_data_file
 from qadapter_min.lora import PROJECTIONS, check_targets
 from qadapter_min.objective import CHI2_FORMS, Objective
+from qadapter_min.processes import add_nproc_flag
 
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
@@ -161,10 +162,11 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         action="store_true",
         help="recompute each block in the backward pass to save memory",
     )
+    add_nproc_flag(p)
     p.add_argument(
         "--fsdp",
         action="store_true",
-        help="under torchrun, shard the weights, LoRA and AdamW over every rank (FSDP2), "
+        help="with several processes, shard the weights, LoRA and AdamW over every rank (FSDP2), "
         "for models larger than one GPU",
     )
     p.add_argument(
@@ -248,7 +250,9 @@ def check_flags(args):
     if not 0 <= args.lora_dropout < 1:
         raise UserError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
     check_targets(args.lora_targets)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
+    if args.nproc_per_node <= 0:
+        raise UserError(f"--nproc_per_node must be positive, got {args.nproc_per_node}")
+    world_size = int(os.environ.get("WORLD_SIZE", args.nproc_per_node))  # torchrun's, or ours
     per_rank, remainder = divmod(args.batch_size, world_size)
     if remainder or per_rank % args.micro_batch_size:
         raise UserError(

@@ -2,9 +2,11 @@
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -349,6 +351,56 @@ def test_under_torchrun_a_refusal_ends_every_rank_with_a_non_zero_exit(world, tm
         == 1
     )
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "case, error",
+    [
+        (
+            ["--batch_size", "3"],
+            "--batch_size 3 is not a multiple of --micro_batch_size (1) x 2 processes",
+        ),
+        (["--max_len", "5000"], "--max_len 5000 is beyond the model's context of 1024 tokens"),
+    ],
+    ids=["checked-before-the-processes-start", "found-by-every-process"],
+)
+def test_with_nproc_per_node_a_refusal_is_the_one_line_printed_and_ends_every_process(
+    world, tmp_path, case, error
+):
+    model_dir, data = world
+    command = [sys.executable, str(ROOT / "train.py"), "--nproc_per_node", "2"]
+    flags = ["--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "out")]
+    result = subprocess.run(
+        command + flags + case, capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: {error}") and result.stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_process_that_fails_is_named_and_the_others_are_stopped(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "from qadapter_min.processes import start_processes\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    sys.exit(3)\n"
+        "if 'RANK' in os.environ:\n"
+        "    time.sleep(60)\n"
+        "start_processes(2)\n"
+    )
+    started = time.time()
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=60,
+    )
+    assert result.returncode == 3 and time.time() - started < 40
+    assert result.stderr == (
+        "error: rank 1 failed (exit code 3), its output is above; the others were stopped\n"
+    )
 
 
 def test_sample_py_refuses_sampling_flags_out_of_range(tmp_path):

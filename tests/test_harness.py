@@ -189,16 +189,36 @@ def test_an_unknown_task_or_a_missing_lm_eval_is_refused_before_any_model_is_loa
         evaluate.main(["--model", "nowhere", "--tasks", "tiny_mc"])
 
 
-def test_two_processes_under_torchrun_split_the_requests_and_still_give_lm_evals_numbers(tmp_path):
+def test_a_task_whose_data_file_is_nowhere_is_one_sentence(tmp_path):
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    yaml = (ROOT / "tests" / "lm_eval_tasks" / "tiny_mc.yaml").read_text()
+    (tasks / "tiny_mc.yaml").write_text(yaml.replace("tests/lm_eval_tasks/", "missing/"))
+    flags = ["--model", str(MODEL), "--tasks", "tiny_mc", "--include_path", str(tasks)]
+    with pytest.raises(
+        UserError, match=r"^--tasks tiny_mc: .*missing/tiny_mc\.jsonl.*; a task YAML of"
+    ):
+        evaluate.main(flags)
+
+
+def test_two_processes_split_the_requests_and_still_give_lm_evals_numbers_from_any_directory(
+    tmp_path,
+):
+    """The task YAMLs copied elsewhere, naming their data file beside themselves, and run from a third
+    directory: each finds its data there."""
     golden = json.loads((FIXTURE / "golden.json").read_text())
+    tasks = shutil.copytree(ROOT / "tests" / "lm_eval_tasks", tmp_path / "tasks")
+    for yaml in tasks.glob("*.yaml"):
+        yaml.write_text(
+            yaml.read_text().replace("tests/lm_eval_tasks/tiny_mc.jsonl", "tiny_mc.jsonl")
+        )
+    (tmp_path / "elsewhere").mkdir()
     result = subprocess.run(
         [
             sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "evaluate.py",
+            str(ROOT / "evaluate.py"),
+            "--nproc_per_node",
+            "2",
             "--model",
             str(MODEL),
             "--adapter",
@@ -206,13 +226,17 @@ def test_two_processes_under_torchrun_split_the_requests_and_still_give_lm_evals
             "--tasks",
             "tiny_mc",
             "tiny_gen",
-            *TASK_FLAGS,
+            "--include_path",
+            str(tasks),
+            "--log_samples",
+            "--batch_size",
+            "3",
             "--output",
             str(tmp_path / "two.json"),
         ],
         capture_output=True,
         text=True,
-        cwd=ROOT,
+        cwd=tmp_path / "elsewhere",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     for model, expected in zip(

@@ -133,7 +133,8 @@ def test_kv_cached_decoding_equals_one_full_forward(tied):
             model(tokens[:, t : t + 1], kv_cache=cache) for t in range(23, 50)
         ]  # one token at a time
     assert cache.length == 50
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    # float32 rounding of logits up to ~7.5, summed in another order: a few ulps (1.1e-5 on AMD EPYC)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=3e-5, rtol=1e-5)
 
 
 def test_hidden_states_through_the_head_equal_the_logits():

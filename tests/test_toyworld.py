@@ -3,6 +3,7 @@ its skills, and `sample.py --adapter` then speaks with the preference."""
 
 import json
 import random
+import re
 import shlex
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import toyworld
 from qadapter_min import flags
 from qadapter_min.data import REPLY_KEYS, load_pairs
 from qadapter_min.tokenizer import Tokenizer
+from toyworld import baselines
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -258,3 +260,45 @@ def test_evaluate_py_gives_the_numbers_of_train_pys_report_for_q_adapter_and_dpo
                 **column["world"],
             } == report[name]
     assert result.stdout.splitlines()[0].split() == ["base", builtin_run[0].name, out_dpo.name]
+
+
+def test_seeds_says_each_runs_number_what_it_is_and_its_time_on_stderr():
+    result = subprocess.run(
+        [sys.executable, "-m", "toyworld.seeds", "--seeds", "1", "--objectives", "qadapter"]
+        + ["--", "--max_steps", "1"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "[1/1] qadapter, seed 1 ...\n" in result.stderr
+    assert re.search(r"^\[1/1\] qadapter, seed 1: \d+s$", result.stderr, re.MULTILINE)
+    assert result.stdout.startswith("qadapter seed 1: preference_accuracy ")  # the numbers: stdout
+
+
+def test_baselines_prints_each_command_as_it_can_be_pasted_and_its_progress_on_stderr(capfd):
+    baselines.run(2, "a test", ["-c", "print('hello')"])
+    out, err = capfd.readouterr()
+    assert shlex.split(out.removeprefix("$ ")) == [
+        "python",
+        "-c",
+        "print('hello')",
+    ]  # as a shell reads it
+    assert re.fullmatch(r"\[2/6\] a test \.\.\.\n\[2/6\] a test: \d+s\n", err)
+    with pytest.raises(SystemExit) as stopped:  # the first command that fails ends the run
+        baselines.run(3, "a failure", ["-c", "raise SystemExit(3)"])
+    assert stopped.value.code == 3
+
+
+def test_baselines_passes_each_flag_once_a_typed_one_winning(tmp_path, monkeypatch):
+    commands = []
+    monkeypatch.setattr(baselines, "run", lambda number, what, command: commands.append(command))
+    monkeypatch.setattr(
+        sys, "argv", ["baselines", "--out", str(tmp_path), "--", "--max_steps", "2"]
+    )
+    baselines.main()
+    for command in commands:
+        flags_given = [word for word in command if word.startswith("--")]
+        assert len(flags_given) == len(set(flags_given)), command
+    assert all(c[c.index("--max_steps") + 1] == "2" for c in commands if c[0] == "train.py")

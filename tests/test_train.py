@@ -205,7 +205,9 @@ def test_two_processes_give_the_adapter_of_one_and_continue_its_checkpoint(
         "fp32",
     ]
     run_train(*flags, "--out", tmp_path / "one")
-    torchrun(*flags, "--out", tmp_path / "two")
+    run_train(
+        *flags, "--out", tmp_path / "two", "--nproc_per_node", 2
+    )  # started by train.py itself
     assert_same_adapter(tmp_path / "two", tmp_path / "one")
 
     # one process stops after its step-2 checkpoint; two processes resume it

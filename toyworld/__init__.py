@@ -30,6 +30,8 @@ import random
 import shlex
 from pathlib import Path
 
+from qadapter_min.processes import LAUNCHED
+
 WORLD_DIR = Path(__file__).resolve().parent
 MODEL_DIR = WORLD_DIR / "model"
 PREFIX = "Sure! "  # the new preference
@@ -115,7 +117,7 @@ def train_flags() -> list[str]:
     table holds for every seed (`python -m toyworld.seeds` runs seeds 1-5):
       - lr 2e-3 (the paper's 3e-4 moves a 0.9M model too little in 150 steps; at 3e-3 one seed of five
         lost 23% of the held-out skill), 150 steps of 16 pairs, replies of a few tokens (max_len 128);
-      - 4 pairs per micro-batch, so that 1, 2 or 4 processes under torchrun run it as it is;
+      - 4 pairs per micro-batch, so that 1, 2 or 4 processes (--nproc_per_node) run it as it is;
       - LoRA on the queries and keys, not the paper's queries and values: in a model this small, adapting
         v_proj rewrites the values through which every skill copies a word of the question, and the
         skill left out of the preference data broke (uppercase fell to 23-47% accuracy with Q-Adapter
@@ -148,10 +150,10 @@ def train_flags() -> list[str]:
 
 def with_world_flags(argv: list[str]) -> list[str]:
     """A bare train.py's command line: this world's flags, then those typed (which win), printed as
-    the command it amounts to (by rank 0 alone under torchrun)."""
+    the command it amounts to (once, however many processes run it)."""
     typed = {flag for flag in argv if flag.startswith("--")}
     argv = [*without_flags(train_flags(), typed), *argv]  # each flag once: a typed one wins
-    if os.environ.get("RANK", "0") == "0":
+    if os.environ.get("RANK", "0") == "0" and LAUNCHED not in os.environ:  # printed once
         print("built-in world: python train.py " + " ".join(map(shlex.quote, argv)), flush=True)
     return argv
 

@@ -51,7 +51,8 @@ def main():
     p.add_argument("--out", default="out-baselines", help="where the four runs and the results go")
     p.add_argument("extra", nargs="*", help="after --: flags for every train.py run")
     args = p.parse_args()
-    out, world = Path(args.out), toyworld.train_flags() + args.extra
+    typed = {flag for flag in args.extra if flag.startswith("--")}  # each flag once, typed ones win
+    out, world = Path(args.out), toyworld.without_flags(toyworld.train_flags(), typed) + args.extra
     train_data = world[world.index("--data") + 1]
     runs = [("qadapter", "Q-Adapter", []), ("dpo", "DPO", ["--objective", "dpo"])]
     for number, (name, what, flags) in enumerate(
