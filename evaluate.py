@@ -12,7 +12,8 @@ first column. Without --model the base is the adapters' own (they must share it)
 What the model learned, on held-out preference pairs (--pairs, any format train.py reads):
   preference_accuracy   share of pairs with R(chosen) > R(rejected), where
                         R(y) = sum over the reply of alpha log pi(a_t|s_t) - alpha0 log pi1(a_t|s_t)
-                        for the policy pi (the base model: alpha 1, alpha0 0, its log-likelihood)
+                        for the policy pi (the base model, a DPO or SFT adapter: alpha 1, alpha0 0,
+                        its log-likelihood)
   preference_margin     mean of R(chosen) - R(rejected)
 On the built-in world's model (held-out pairs: its test.jsonl unless --pairs), also its checks of
 greedy replies (README, "What `python train.py` shows"):
@@ -31,15 +32,23 @@ replies to unrelated prompts, say): each model's mean negative log-likelihood pe
 end-of-turn token included, and how much it adds to the base model's (how far the model moved from what
 it used to say).
 
+Along the trade-off (each value a point, a column of its own): --scale L ... scales every adapter's
+update, W + L (alpha/r) B A, and --alpha0 A ... sets a Q-Adapter's alpha0; a second table then places
+every point on one metric of what was learned and one of what was kept (--learned, --kept), marking
+those that no other point beats on both, and --plot FILE.png draws it (qadapter_min/frontier.py).
+
 The table goes to stdout, a column per model and a row per metric; --output FILE writes
-{"models": [{"name", "policy", "adapter", "lm_eval": {task: {metric: value}}, "preference": {...},
-"reward": {...}, "reply_nll": {...}, "world": {...}}, ...]}, each key there when it was measured.
+{"models": [{"name", "policy", "adapter", "scale", "alpha0", "lm_eval": {task: {metric: value}},
+"preference": {...}, "reward": {...}, "reply_nll": {...}, "world": {...}}, ...], "frontier": {...}},
+each key there when it was measured.
 With several processes (--nproc_per_node 4, or under torchrun) lm-eval splits its requests over the
 processes; the other measurements run whole on each, and rank 0 prints and writes.
 """
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 
@@ -67,7 +76,14 @@ from qadapter_min.data import (
     load_pairs,
     load_prompts,
 )
+from qadapter_min.frontier import (
+    check_metric,
+    default_metrics,
+    frontier_of,
+    frontier_table,
+)
 from qadapter_min.generate import generate_batch
+from qadapter_min.plots import frontier_plot, pyplot
 from qadapter_min.policy import (
     BASE,
     Policy,
@@ -103,8 +119,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--alpha0",
         type=float,
+        nargs="+",
         default=None,
-        help="weight of log pi1 in Q-Adapter adapters' policy (None: as trained)",
+        help="weights of log pi1 in Q-Adapter adapters' policy pi~, a point each (None: as trained)",
+    )
+    p.add_argument(
+        "--scale",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        help="the adapters' update scaled, W + scale (alpha/r) B A, a point each "
+        "(0: the base weights, 1: as trained, above 1: extrapolated)",
+    )
+    p.add_argument(
+        "--learned",
+        default=None,
+        help="the frontier's metric of what was learned (None: the first of preference_rate, "
+        "preference_accuracy, win_rate measured)",
+    )
+    p.add_argument(
+        "--kept",
+        default=None,
+        help="the frontier's metric of what was kept (None: the first of skill_accuracy, reply_nll, "
+        "the first --tasks metric measured)",
+    )
+    p.add_argument(
+        "--plot",
+        default=None,
+        metavar="FILE.png",
+        help="the frontier as a picture: a curve per adapter through its points (needs matplotlib)",
     )
     p.add_argument(
         "--pairs",
@@ -209,7 +252,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         [
             ("max_len", args.max_len <= 1, "> 1"),
             ("micro_batch_size", args.micro_batch_size <= 0, "> 0"),
-            ("alpha0", args.alpha0 is not None and args.alpha0 < 0, ">= 0"),
             ("batch_size", args.batch_size <= 0, "> 0"),
             ("nproc_per_node", args.nproc_per_node <= 0, "> 0"),
             ("limit", args.limit is not None and args.limit <= 0, "> 0"),
@@ -217,6 +259,22 @@ def parse_args(argv=None) -> argparse.Namespace:
             ("num_fewshot", args.num_fewshot is not None and args.num_fewshot < 0, ">= 0"),
         ],
     )
+    for scale in args.scale:
+        if not (math.isfinite(scale) and scale >= 0):
+            raise UserError(f"--scale must be finite and >= 0, got {scale}")
+    for alpha0 in args.alpha0 or []:
+        if not (math.isfinite(alpha0) and alpha0 >= 0):
+            raise UserError(f"--alpha0 must be finite and >= 0, got {alpha0}")
+    if args.adapter is None and args.scale != [1.0]:
+        raise UserError(
+            "--scale scales an adapter's update; pass --adapter DIR ..., or drop --scale"
+        )
+    if args.plot is not None:
+        if Path(args.plot).suffix.lower() != ".png":
+            raise UserError(
+                f"--plot {args.plot} is not a .png file; pass a path such as frontier.png"
+            )
+        check_output_file("plot", args.plot)
     if args.model is None and args.adapter is None:
         raise UserError(
             "pass --model M for a base model, --adapter DIR ... for adapters (and their base), or both"
@@ -368,11 +426,26 @@ def run_lm_eval(model, tokenizer, policy: Policy, manager, model_name: str, args
 
 
 def read_policies(args) -> tuple[str, list[Policy]]:
-    """(the base model's name, the policies to measure: the base model, then each adapter's), read and checked
-    before any model is loaded."""
-    adapters = [read_policy(path, args.alpha0) for path in args.adapter or []]
+    """(the base model's name, the points to measure: the base model, then each adapter at every --scale
+    and, for a Q-Adapter, every --alpha0), read and checked before any model is loaded."""
+    adapters = [read_policy(path) for path in args.adapter or []]
+    if args.alpha0 is not None and not any(a.mode == "customised" for a in adapters):
+        raise UserError(
+            "--alpha0 sets the weight of log pi1 in a Q-Adapter's policy, and no --adapter is a "
+            "Q-Adapter; drop --alpha0, or pass a Q-Adapter adapter"
+        )
+    points = [BASE]
+    for trained in adapters:
+        q_adapter = trained.mode == "customised"
+        for scale in args.scale:
+            for alpha0 in args.alpha0 if q_adapter and args.alpha0 else [None]:
+                point = read_policy(trained.adapter, alpha0, scale)
+                # the knobs in the point's name: the scale unless it is 1 alone, alpha0 if several
+                knobs = "" if args.scale == [1.0] else f" x{scale:g}"
+                knobs += f" a0 {alpha0:g}" if q_adapter and len(args.alpha0 or []) > 1 else ""
+                points.append(dataclasses.replace(point, name=point.name + knobs))
     if args.model is not None:
-        return args.model, [BASE, *adapters]
+        return args.model, points
     first = adapters[0]
     for other in adapters[1:]:
         if other.fingerprint != first.fingerprint:
@@ -380,7 +453,7 @@ def read_policies(args) -> tuple[str, list[Policy]]:
                 f"{other.adapter} was trained on another base model than {first.adapter}; "
                 f"evaluate adapters of one base model together, or pass --model"
             )
-    return first.base_model, [BASE, *adapters]
+    return first.base_model, points
 
 
 def read_pairs(args, tokenizer):
@@ -442,6 +515,8 @@ def measure(
 ) -> dict:
     """Every measurement asked for, of one policy."""
     result = {"name": policy.name, "policy": policy.mode, "adapter": policy.adapter}
+    result["scale"] = policy.scale if policy.adapter else None
+    result["alpha0"] = policy.alpha0 if policy.mode == "customised" else None
     if args.tasks:
         result.update(run_lm_eval(model, tokenizer, policy, manager, model_name, args))
     if pairs:
@@ -560,6 +635,33 @@ def column_names(names: list[str]) -> list[str]:
     return short if len(set(short)) == len(short) else names
 
 
+def frontier_metrics(args, world: bool) -> tuple[str | None, str | None]:
+    """The frontier's two metrics: --learned and --kept, or the defaults for what this command measures
+    (None where it measures none), checked before any model is loaded."""
+    asked = [
+        ("preference", args.pairs or world),
+        ("world", world),
+        ("reply_nll", args.reply_nll),
+        ("reward", args.prompts),
+    ]
+    measured = {measurement for measurement, yes in asked if yes}
+    for flag in ("learned", "kept"):
+        if getattr(args, flag) is not None:
+            check_metric(flag, getattr(args, flag), measured, args.tasks)
+    default_learned, default_kept = default_metrics(measured, args.tasks)
+    learned, kept = args.learned or default_learned, args.kept or default_kept
+    if args.plot is not None:
+        if learned is None or kept is None:
+            missing = "--learned" if learned is None else "--kept"
+            raise UserError(
+                f"--plot draws one metric of what was learned against one of what was kept, and this "
+                f"command measures nothing for {missing}; add a measurement (--pairs, --reply_nll, "
+                f"--tasks), or drop --plot"
+            )
+        pyplot()  # refused now where matplotlib is missing, not after the measurements
+    return learned, kept
+
+
 def replies_path(output) -> Path:
     """Where the replies and rewards of every prompt go: beside --output, results.json -> results.replies.jsonl."""
     return Path(output).with_suffix(".replies.jsonl")
@@ -574,6 +676,7 @@ def main(argv=None):
             "nothing to measure: pass --pairs FILE, --tasks T, --prompts FILE with --reward_model RM, "
             "or --reply_nll FILE"
         )
+    learned, kept = frontier_metrics(args, toyworld.is_world_model(model_name))
     manager = task_manager(args) if args.tasks else None
     prompts = load_prompts(args.prompts) if args.prompts else None
     reward_model_dir = check_reward_model(args.reward_model) if args.reward_model else None
@@ -617,8 +720,16 @@ def main(argv=None):
         for result in results:
             del result["replies"]  # they go to the replies file, beside the numbers
     processes.log(table(results))
+    output = {"models": results}
+    several = len(args.scale) > 1 or len(args.alpha0 or []) > 1
+    if learned and kept and (several or args.plot or args.learned or args.kept):
+        output["frontier"] = frontier_of(results, learned, kept)
+        processes.log("\n" + frontier_table(output["frontier"]))
+        if args.plot is not None and processes.master:
+            frontier_plot(output["frontier"], Path(args.plot))
+            processes.log(f"frontier: {args.plot}")
     if args.output is not None and processes.master:
-        write_json(Path(args.output), {"models": results})
+        write_json(Path(args.output), output)
         if prompts:
             replies_file = replies_path(args.output)
             atomic_write(

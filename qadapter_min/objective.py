@@ -93,9 +93,9 @@ class Objective:
 
         Beside each objective's own terms, the metrics hold `rewards` (2B,), each reply's implicit
             R(y) = sum over its actions of alpha log pi(a_t|s_t) - alpha0 log pi1(a_t|s_t)
-        for the policy trained (pi~, where R is (4) at gamma 1; DPO's adapter-on model), with
-        preference_accuracy (share of pairs with R(y_w) > R(y_l)) and preference_margin (mean
-        R(y_w) - R(y_l)): one definition for every policy, so that all of them compare.
+        for the policy trained (pi~, where R is (4) at gamma 1; DPO's model at alpha 1, alpha0 0: its
+        log-likelihood, as any plain model's), with preference_accuracy (share of pairs with
+        R(y_w) > R(y_l)) and preference_margin (mean R(y_w) - R(y_l)): one definition for all.
         """
         if not self.on_pairs:  # rows are single conversations, without the base model
             return sft_loss(q_taken - v, scored), {}
@@ -105,7 +105,8 @@ class Objective:
         else:
             loss, metrics = dpo_loss(q_taken - v, log_pi1, scored, self.dpo_beta)
             log_pi = q_taken - v
-        rewards = torch.where(scored, self.alpha * log_pi.detach() - self.alpha0 * log_pi1, 0.0)
+        alpha, alpha0 = self.temperatures  # DPO: (1, 0)
+        rewards = torch.where(scored, alpha * log_pi.detach() - alpha0 * log_pi1, 0.0)
         rewards = rewards.sum(dim=1)  # (2B,)
         chosen, rejected = rewards.chunk(2)
         metrics.update(

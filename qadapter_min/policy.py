@@ -10,9 +10,9 @@ A base model with an adapter on it defines a policy by the objective the adapter
     preference_metrics   accuracy and margin of the implicit reward R on held-out pairs
 
 R(y) = sum over the reply of alpha log pi(a_t|s_t) - alpha0 log pi1(a_t|s_t), the reward that
-objective.Objective.loss defines; for the base model alpha = 1 and alpha0 = 0, so R is its
-log-likelihood of the reply. Preference accuracy is the share of pairs with R(chosen) > R(rejected);
-preference margin the mean of R(chosen) - R(rejected).
+objective.Objective.loss defines; for the base model (and a DPO or SFT adapter) alpha = 1 and
+alpha0 = 0, so R is its log-likelihood of the reply. Preference accuracy is the share of pairs with
+R(chosen) > R(rejected); preference margin the mean of R(chosen) - R(rejected).
 """
 
 import dataclasses
@@ -47,13 +47,15 @@ class Policy:
         None  # the base model the adapter was trained on, as train.py was given it
     )
     fingerprint: str | None = None  # and a fingerprint of it (weights.model_fingerprint)
+    scale: float = 1.0  # the adapter's update scaled: W + scale (alpha/r) B A (0: the base weights)
 
 
 BASE = Policy("base")
 
 
-def read_policy(adapter: str, alpha0: float | None = None) -> Policy:
-    """The policy an output directory of train.py defines; alpha0 (if given) overrides a Q-Adapter's own."""
+def read_policy(adapter: str, alpha0: float | None = None, scale: float = 1.0) -> Policy:
+    """The policy an output directory of train.py defines, its update scaled by `scale`; alpha0 (if given)
+    overrides a Q-Adapter's own."""
     config = load_run_config(adapter)
     objective = Objective.read(config)
     if alpha0 is not None and objective.policy_mode == "customised":
@@ -67,6 +69,7 @@ def read_policy(adapter: str, alpha0: float | None = None) -> Policy:
         objective,
         config["base_model"],
         config["base_model_fingerprint"],
+        scale,
     )
 
 
@@ -90,11 +93,13 @@ def remove_lora(model: nn.Module):
 
 @contextmanager
 def policy_applied(model: nn.Module, policy: Policy):
-    """Inside this block the model carries the policy's adapter (none for the base model), in eval mode;
-    afterwards it is the bare base model again."""
+    """Inside this block the model carries the policy's adapter (none for the base model), its update
+    scaled by the policy's scale, in eval mode; afterwards it is the bare base model again."""
     assert not lora_layers(model), "the model already carries an adapter"
     if policy.adapter is not None:
         load_adapter(model, policy.adapter)
+        for layer in lora_layers(model).values():
+            layer.scale *= policy.scale  # alpha/r times the knob: no weight is copied
     model.eval()
     try:
         yield model

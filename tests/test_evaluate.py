@@ -2,16 +2,18 @@
 before any model is loaded."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from test_step import slow_rewards
 
 import evaluate
 import train
 from conftest import run_script, tiny_model_dir, write_pairs
-from qadapter_min import UserError
+from qadapter_min import UserError, frontier, plots
 from qadapter_min.adapters import load_adapter
 from qadapter_min.data import collate, encode_pairs, load_pairs
 from qadapter_min.lora import adapter_disabled
@@ -85,7 +87,7 @@ def test_each_adapter_is_measured_as_the_policy_it_was_trained_for(adapters, tmp
     expected = [  # the definition, from full logits: R = sum alpha log pi - alpha0 log pi1 of the policy
         (None, "base", 1.0, 0.0),  # the base model: its log-likelihood
         (qadapter, "customised", 1.0, 0.3),  # --alpha0 overrides the trained 0.01
-        (dpo, "adapter", 1.0, 0.01),  # and leaves a DPO adapter as it was
+        (dpo, "adapter", 1.0, 0.0),  # and leaves a DPO adapter a plain model: its log-likelihood
     ]
     for result, (adapter, mode, alpha, alpha0) in zip(results, expected):
         model = load_model(model_dir)
@@ -211,12 +213,29 @@ def test_an_adapter_of_another_base_model_is_refused_naming_it(adapters, tmp_pat
 
 @pytest.mark.parametrize(
     "case",
-    ["not an adapter", "empty pairs", "missing pairs", "output is a directory", "missing replies"],
+    [
+        "not an adapter",
+        "empty pairs",
+        "missing pairs",
+        "output is a directory",
+        "missing replies",
+        "negative scale",
+        "infinite scale",
+        "negative alpha0",
+        "alpha0 without a Q-Adapter",
+        "scale without an adapter",
+        "plot without a second metric",
+        "plot in a missing directory",
+        "plot not a png",
+        "unknown metric",
+        "metric not measured",
+    ],
 )
 def test_bad_input_is_refused_in_one_sentence_with_exit_code_2_and_nothing_written(
     adapters, tmp_path, case
 ):
-    model_dir, held_out, qadapter, _ = adapters
+    model_dir, held_out, qadapter, dpo = adapters
+    on_pairs = ["--adapter", str(qadapter), "--pairs", str(held_out)]
     (tmp_path / "empty.jsonl").write_text("")
     flags, message = {
         "not an adapter": (
@@ -239,6 +258,68 @@ def test_bad_input_is_refused_in_one_sentence_with_exit_code_2_and_nothing_writt
             ["--adapter", str(qadapter), "--reply_nll", str(tmp_path / "nowhere.jsonl")],
             f"--reply_nll {tmp_path / 'nowhere.jsonl'} is not a file",
         ),
+        "negative scale": (
+            [*on_pairs, "--scale", "1", "-0.5"],
+            "--scale must be finite and >= 0, got -0.5",
+        ),
+        "infinite scale": (
+            [*on_pairs, "--scale", "inf"],
+            "--scale must be finite and >= 0, got inf",
+        ),
+        "negative alpha0": (
+            [*on_pairs, "--alpha0", "-1"],
+            "--alpha0 must be finite and >= 0, got -1.0",
+        ),
+        "alpha0 without a Q-Adapter": (
+            ["--adapter", str(dpo), "--pairs", str(held_out), "--alpha0", "0.1", "1"],
+            "--alpha0 sets the weight of log pi1 in a Q-Adapter's policy, and no --adapter is a Q-Adapter",
+        ),
+        "scale without an adapter": (
+            ["--model", str(model_dir), "--pairs", str(held_out), "--scale", "0", "1"],
+            "--scale scales an adapter's update; pass --adapter",
+        ),
+        "plot without a second metric": (
+            [
+                "--adapter",
+                str(qadapter),
+                "--pairs",
+                str(held_out),
+                "--plot",
+                str(tmp_path / "f.png"),
+            ],
+            "--plot draws one metric of what was learned against one of what was kept, and this command "
+            "measures nothing for --kept",
+        ),
+        "plot in a missing directory": (
+            [
+                "--adapter",
+                str(qadapter),
+                "--pairs",
+                str(held_out),
+                "--plot",
+                str(tmp_path / "no" / "f.png"),
+            ],
+            f"--plot {tmp_path / 'no' / 'f.png'}: the directory {tmp_path / 'no'} does not exist",
+        ),
+        "plot not a png": (
+            [
+                "--adapter",
+                str(qadapter),
+                "--pairs",
+                str(held_out),
+                "--plot",
+                str(tmp_path / "f.pdf"),
+            ],
+            f"--plot {tmp_path / 'f.pdf'} is not a .png file",
+        ),
+        "unknown metric": (
+            [*on_pairs, "--kept", "retention"],
+            "--kept retention is not a metric evaluate.py measures",
+        ),
+        "metric not measured": (
+            [*on_pairs, "--kept", "reply_nll"],
+            "--kept reply_nll is not measured by this command; pass conversations with --reply_nll",
+        ),
     }[case]
     output = [] if case == "output is a directory" else ["--output", str(tmp_path / "results.json")]
     result = run_script(evaluate.main, *flags, *output)
@@ -247,3 +328,137 @@ def test_bad_input_is_refused_in_one_sentence_with_exit_code_2_and_nothing_writt
         result.stderr
     )
     assert not (tmp_path / "results.json").exists()
+
+
+def scaled_copy(adapter: Path, factor: float, to: Path) -> Path:
+    """The adapter with every B matrix multiplied by factor, as files: the update scaled by hand."""
+    shutil.copytree(adapter, to)
+    weights = load_file(to / "adapter_model.safetensors")
+    scaled = {k: v * factor if "lora_B" in k else v for k, v in weights.items()}
+    save_file(scaled, to / "adapter_model.safetensors")
+    return to
+
+
+def test_points_along_scale_and_alpha0_equal_scaled_files_full_logits_and_the_single_point(
+    adapters, tmp_path
+):
+    model_dir, held_out, qadapter, dpo = adapters
+    pairs = ["--pairs", str(held_out)]
+    grid = ["--scale", "0", "0.5", "1", "--alpha0", "0.01", "0.5"]
+    evaluate.main(
+        [
+            "--adapter",
+            str(qadapter),
+            str(dpo),
+            *pairs,
+            *grid,
+            "--output",
+            str(tmp_path / "grid.json"),
+        ]
+    )
+    points = {r["name"]: r for r in json.loads((tmp_path / "grid.json").read_text())["models"]}
+    assert [(r["scale"], r["alpha0"]) for r in points.values()] == [
+        (None, None),
+        *[(s, a) for s in (0.0, 0.5, 1.0) for a in (0.01, 0.5)],
+        (0.0, None),
+        (0.5, None),
+        (1.0, None),
+    ]
+    halved = [scaled_copy(a, 0.5, tmp_path / f"{a.name}-halved") for a in (qadapter, dpo)]
+    evaluate.main(
+        [
+            "--adapter",
+            *map(str, [qadapter, dpo, *halved]),
+            *pairs,
+            "--output",
+            str(tmp_path / "one.json"),
+        ]
+    )
+    base, as_trained, dpo_as_trained, q_halved, dpo_halved = (
+        r["preference"] for r in json.loads((tmp_path / "one.json").read_text())["models"]
+    )
+
+    def at(adapter, knobs):
+        return points[f"{adapter}{knobs}"]["preference"]
+
+    assert at(qadapter, " x1 a0 0.01") == as_trained  # the trained alpha0 (0.01), at scale 1
+    assert at(dpo, " x1") == dpo_as_trained
+    assert at(dpo, " x0") == base  # scale 0 of a DPO adapter: exactly the base model
+    for got, want in ((at(qadapter, " x0.5 a0 0.01"), q_halved), (at(dpo, " x0.5"), dpo_halved)):
+        assert got == pytest.approx(want, abs=1e-5)
+    # alpha0 0.5: R from full logits, with pi~ = softmax((Q + 0.5 log pi1) / alpha)
+    tokenizer = Tokenizer(model_dir)
+    encoded = encode_pairs(
+        load_pairs(held_out, log=lambda *_: None), tokenizer, 1024, log=lambda *_: None
+    )
+    tokens, response_mask = collate(encoded, tokenizer.eot_id)
+    model = load_model(model_dir)
+    load_adapter(model, qadapter)
+    rewards = slow_rewards(model.eval(), tokens, response_mask, "customised", 1.0, 0.5)
+    chosen, rejected = rewards[: len(encoded)], rewards[len(encoded) :]
+    assert at(qadapter, " x1 a0 0.5")["preference_accuracy"] == pytest.approx(
+        (chosen > rejected).float().mean().item()
+    )
+    assert at(qadapter, " x1 a0 0.5")["preference_margin"] == pytest.approx(
+        (chosen - rejected).mean().item(), rel=1e-5
+    )
+
+
+def test_the_frontier_marks_the_points_no_other_beats_on_both_metrics():
+    points = [(0.0, 1.0), (0.5, 1.0), (0.5, 0.8), (0.9, 0.2), (0.9, 0.2), (0.3, 0.9)]
+    assert frontier.frontier(points, "preference_rate", "skill_accuracy") == [
+        False,  # (0.5, 1.0) is as good on skill and better on preference
+        True,
+        False,
+        True,  # two equal points: neither beats the other
+        True,
+        False,
+    ]
+    # reply NLL: lower is better, so the least NLL at equal preference wins
+    assert frontier.frontier(
+        [(0.5, 2.0), (0.5, 1.5), (0.1, 1.0)], "preference_accuracy", "reply_nll"
+    ) == [
+        False,
+        True,
+        True,
+    ]
+
+
+def test_plot_draws_the_frontier_and_the_training_curves_as_png(adapters, tmp_path, capsys):
+    matplotlib_image = pytest.importorskip("matplotlib.image")
+    _, held_out, qadapter, dpo = adapters
+    replies = tmp_path / "replies.jsonl"
+    replies.write_text(json.dumps({"prompt": "What is 2 plus 2?", "reply": "4."}) + "\n")
+    evaluate.main(
+        [
+            "--adapter",
+            str(qadapter),
+            str(dpo),
+            "--pairs",
+            str(held_out),
+            "--reply_nll",
+            str(replies),
+        ]
+        + ["--scale", "0", "1", "2", "--plot", str(tmp_path / "frontier.png")]
+    )
+    table = capsys.readouterr().out
+    assert (
+        "frontier: preference_accuracy (higher is better) against reply_nll (lower is better)"
+        in table
+    )
+    plots.main([str(qadapter), str(dpo), "--output", str(tmp_path / "curves.png")])
+    for name, (height, width) in (("frontier.png", (480, 640)), ("curves.png", (600, 1260))):
+        png = tmp_path / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert matplotlib_image.imread(png).shape[:2] == (height, width)
+
+
+def test_a_plot_without_matplotlib_is_refused_saying_what_to_install(
+    adapters, tmp_path, monkeypatch
+):
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
+    with pytest.raises(
+        UserError,
+        match="^plots need matplotlib, which is not installed: pip install -r requirements-eval.txt",
+    ):
+        plots.main([str(adapters[2]), "--output", str(tmp_path / "curves.png")])

@@ -72,7 +72,9 @@ def test_the_rewards_of_each_policy_match_full_logits_and_give_the_reports_accur
     )
     with torch.no_grad(), adapter_disabled(model) if policy_mode == "base" else nullcontext():
         _, metrics = micro_batch_objective(model, tokens, response_mask, settings)
-    expected = slow_rewards(model, tokens, response_mask, policy_mode)
+    # pi~'s R at its own alpha and alpha0; a plain model's (base, DPO's adapter on) its log-likelihood
+    temperatures = (ALPHA, ALPHA0) if policy_mode == "customised" else (1.0, 0.0)
+    expected = slow_rewards(model, tokens, response_mask, policy_mode, *temperatures)
     torch.testing.assert_close(metrics["rewards"], expected, rtol=1e-5, atol=1e-5)
 
     policy = Policy(policy_mode, policy_mode, alpha=ALPHA, alpha0=ALPHA0)
