@@ -111,8 +111,9 @@ def launch(n: int) -> int:
     """Run this same command as n processes on this node, as `torchrun --standalone --nproc_per_node n`
     would, and return the run's exit code. The first process to fail ends the others, and its code is the
     run's: a refusal (2) or Ctrl-C (130) has said all there is in rank 0's one line, so nothing is added;
-    any other failure gets one line naming the rank. The others get five seconds to end by themselves
-    (each meets the same refusal), then are stopped. Ctrl-C reaches every process from the terminal."""
+    any other failure gets one line naming the rank. After a refusal or Ctrl-C the others get five
+    seconds to end by themselves (each meets it too, and rank 0 says why), then are stopped. Ctrl-C
+    reaches every process from the terminal."""
     with socket.socket() as probe:  # a free port for rank 0 to listen on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -133,14 +134,14 @@ def launch(n: int) -> int:
         time.sleep(0.1)
     if not failed:
         return 0
-    deadline = time.time() + 5  # a moment to end by themselves (rank 0 saying why), then stopped
+    rank, code = failed[0], codes[failed[0]]
+    deadline = time.time() + (5 if code in (2, 130) else 0)  # a moment for rank 0 to say why
     for process in ranks:
         try:
             process.wait(timeout=max(0.0, deadline - time.time()))
         except subprocess.TimeoutExpired:
             process.terminate()
             process.wait()
-    rank, code = failed[0], codes[failed[0]]
     if code < 0:
         print(
             f"error: rank {rank} was killed by {signal.Signals(-code).name}; the others were stopped",

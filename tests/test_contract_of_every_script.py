@@ -196,6 +196,7 @@ def test_the_built_in_line_shows_each_flag_once_with_the_typed_value(capsys):
     ]
 
 
+@pytest.mark.slow  # out of CI's six minutes: python -m pytest -m slow
 def test_an_lm_eval_dataset_out_of_reach_is_one_sentence_not_a_traceback(world):
     """Offline (as the datasets library is told to be here), a Hub task's data cannot be fetched."""
     model_dir, _, _ = world

@@ -81,6 +81,7 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow  # out of CI's six minutes: python -m pytest -m slow
 def test_a_sharded_run_killed_midway_resumes_sharded_or_on_one_process_to_the_uninterrupted_adapter(
     world, tmp_path
 ):

@@ -121,6 +121,7 @@ def test_a_record_whose_last_message_is_not_the_assistants_is_refused_naming_its
         load_conversations(path, log=lambda *_: None)
 
 
+@pytest.mark.slow  # out of CI's six minutes: python -m pytest -m slow
 def test_two_processes_and_a_run_killed_and_resumed_give_the_sft_adapter_of_one_uninterrupted_process(
     world, tmp_path
 ):

@@ -16,7 +16,7 @@ import toyworld
 from qadapter_min import flags
 from qadapter_min.data import REPLY_KEYS, load_pairs
 from qadapter_min.tokenizer import Tokenizer
-from toyworld import baselines
+from toyworld import baselines, seeds
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -262,19 +262,28 @@ def test_evaluate_py_gives_the_numbers_of_train_pys_report_for_q_adapter_and_dpo
     assert result.stdout.splitlines()[0].split() == ["base", builtin_run[0].name, out_dpo.name]
 
 
-def test_seeds_says_each_runs_number_what_it_is_and_its_time_on_stderr():
-    result = subprocess.run(
-        [sys.executable, "-m", "toyworld.seeds", "--seeds", "1", "--objectives", "qadapter"]
-        + ["--", "--max_steps", "1"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
+def test_seeds_says_each_runs_number_what_it_is_and_its_time_on_stderr(monkeypatch, capsys):
+    runs = []
+
+    def run(seed, objective, extra, directory):  # a run's numbers, as seeds.run reads them
+        runs.append((seed, objective, extra))
+        return {"preference_accuracy": 0.5, "skill_accuracy": 1.0}
+
+    monkeypatch.setattr(seeds, "run", run)
+    monkeypatch.setattr(
+        sys, "argv", ["seeds", "--seeds", "1", "2", "--objectives", "dpo", "--", "--lr", "1"]
     )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "[1/1] qadapter, seed 1 ...\n" in result.stderr
-    assert re.search(r"^\[1/1\] qadapter, seed 1: \d+s$", result.stderr, re.MULTILINE)
-    assert result.stdout.startswith("qadapter seed 1: preference_accuracy ")  # the numbers: stdout
+    seeds.main()
+    out, err = capsys.readouterr()
+    assert runs == [(1, "dpo", ["--lr", "1"]), (2, "dpo", ["--lr", "1"])]
+    assert re.fullmatch(
+        r"\[1/2\] dpo, seed 1 \.\.\.\n\[1/2\] dpo, seed 1: \d+s\n"
+        r"\[2/2\] dpo, seed 2 \.\.\.\n\[2/2\] dpo, seed 2: \d+s\n",
+        err,
+    )
+    assert out.startswith(
+        "dpo seed 1: preference_accuracy 0.50, skill_accuracy 1.00\n"
+    )  # numbers: stdout
 
 
 def test_baselines_prints_each_command_as_it_can_be_pasted_and_its_progress_on_stderr(capfd):

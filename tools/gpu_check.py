@@ -197,8 +197,11 @@ def greedy_replies(model, prompts):
 # 2. The training step
 
 
-def training_steps(args: ModelArgs, device: str, peak_tflops, repeats: int, configurations):
-    """(the model, N, a row of numbers per configuration (pairs, checkpointing, memory cap in GiB or None))."""
+def training_steps(
+    args: ModelArgs, device: str, peak_tflops, repeats: int, configurations, length: int = 512
+):
+    """(the model, N, a row of numbers per configuration (pairs, checkpointing, memory cap in GiB or None)),
+    each pair's replies `length` tokens with the prompt."""
     model = build(args, device, torch.bfloat16)
     model.train()
     if gpu():
@@ -208,7 +211,9 @@ def training_steps(args: ModelArgs, device: str, peak_tflops, repeats: int, conf
     rows = []
     for pairs, checkpointing, cap_gib in configurations:
         model.gradient_checkpointing = checkpointing
-        tokens, response_mask = pair_batch(args.vocab_size, pairs=pairs, device=device)
+        tokens, response_mask = pair_batch(
+            args.vocab_size, length, length // 2, device=device, pairs=pairs
+        )
         row = {
             "micro_batch_pairs": pairs,
             "gradient_checkpointing": checkpointing,
@@ -302,7 +307,7 @@ def copy_bandwidth_gbs(device: str) -> float:
 
 def matmul_tflops(device: str) -> float:
     """Measured bf16 matrix-product speed: what MFU's peak can be compared with."""
-    n = 8192 if device == "cuda" else 1024
+    n = 8192 if device == "cuda" else 512
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     return 2 * n**3 / seconds_of(lambda: a @ a, repeats=5) / 1e12
 
@@ -473,7 +478,7 @@ def main():
 
     def step():
         held["model"], parameters, rows = training_steps(
-            shape, device, peak, 1 if args.cpu else 3, configurations
+            shape, device, peak, 1 if args.cpu else 3, configurations, 128 if args.cpu else 512
         )
         return {
             "shape": "tiny (CPU)" if args.cpu else "llama-3.1-8b",
