@@ -146,6 +146,7 @@ def test_ctrl_c_stops_a_reply_and_returns_to_the_prompt_with_the_conversation_ke
     assert uninterrupted.close() == 0
 
 
+@pytest.mark.slow  # out of CI's six minutes: python -m pytest -m slow
 def test_system_sets_the_system_message_and_starts_a_new_conversation(model_dir):
     flags = ["--model", model_dir, "--temperature", 0, "--max_new_tokens", 6]
     with_system = Terminal(*flags, "--system", "Be brief.")

@@ -174,11 +174,13 @@ def test_a_chat_templated_string_tokenizes_to_exactly_encode_chats_ids():
     )
 
 
-def test_an_unknown_task_or_a_missing_lm_eval_is_refused_before_any_model_is_loaded(
-    tmp_path, monkeypatch
-):
+@pytest.mark.slow  # out of CI's six minutes: python -m pytest -m slow
+def test_an_unknown_task_is_refused_before_any_model_is_loaded():  # lm-eval's whole index: 15 s
     with pytest.raises(UserError, match="^Tasks not found: no_such_task; "):
         evaluate.main(["--model", "nowhere", "--tasks", "tiny_mc", "no_such_task", *TASK_FLAGS])
+
+
+def test_a_missing_lm_eval_is_refused_before_any_model_is_loaded(monkeypatch):
     monkeypatch.setitem(
         __import__("sys").modules, "lm_eval.tasks", None
     )  # as if lm-eval were not installed
@@ -201,11 +203,10 @@ def test_a_task_whose_data_file_is_nowhere_is_one_sentence(tmp_path):
         evaluate.main(flags)
 
 
-def test_two_processes_split_the_requests_and_still_give_lm_evals_numbers_from_any_directory(
-    tmp_path,
-):
+@pytest.mark.parametrize("processes", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_one_or_two_processes_give_lm_evals_numbers_from_any_directory(tmp_path, processes):
     """The task YAMLs copied elsewhere, naming their data file beside themselves, and run from a third
-    directory: each finds its data there."""
+    directory: each finds its data there; two processes split the requests."""
     golden = json.loads((FIXTURE / "golden.json").read_text())
     tasks = shutil.copytree(ROOT / "tests" / "lm_eval_tasks", tmp_path / "tasks")
     for yaml in tasks.glob("*.yaml"):
@@ -218,7 +219,7 @@ def test_two_processes_split_the_requests_and_still_give_lm_evals_numbers_from_a
             sys.executable,
             str(ROOT / "evaluate.py"),
             "--nproc_per_node",
-            "2",
+            str(processes),
             "--model",
             str(MODEL),
             "--adapter",
@@ -243,7 +244,7 @@ def test_two_processes_split_the_requests_and_still_give_lm_evals_numbers_from_a
         json.loads((tmp_path / "two.json").read_text())["models"],
         (golden["base"], golden["adapter"]),
     ):
-        samples = model["samples"]  # gathered from both ranks
+        samples = model["samples"]  # with two processes, gathered from both
         assert sorted(s["doc_id"] for s in samples["tiny_mc"]) == sorted(
             map(int, expected["tiny_mc"])
         )

@@ -216,6 +216,7 @@ def test_replies_to_a_prompts_file_are_the_replies_of_one_prompt_each(
         assert line["reply"] + "\n" == capsys.readouterr().out
 
 
+@pytest.mark.slow  # out of CI's six minutes: python -m pytest -m slow
 def test_evaluate_py_gives_the_numbers_of_train_pys_report_for_q_adapter_and_dpo(
     builtin_run, tmp_path
 ):
