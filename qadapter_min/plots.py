@@ -120,7 +120,8 @@ def frontier_plot(front: dict, output: Path):
     figure, axes = plt.subplots(figsize=(6.4, 4.8))
     for colour, (name, points) in enumerate(curves.items()):
         xs, ys, labels = zip(*points)
-        axes.plot(xs, ys, color=f"C{colour}", marker="o", label=name)
+        size = max(3.0, 11 - 1.5 * colour)  # curves that share points show as rings inside rings
+        axes.plot(xs, ys, color=f"C{colour}", marker="o", markersize=size, label=name, alpha=0.85)
         for x, y, label in points:
             axes.annotate(
                 label,
