@@ -1,0 +1,155 @@
+"""export.py: the merged checkpoint gives what transformers + peft give with the adapter (numbers that
+tools/make_export_golden.py wrote with both libraries; transformers' own load of an export matched them
+too, to 1.4e-5), holds one tensor of the base at a time, and refuses bad input before writing."""
+
+import json
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import export
+from conftest import run_script
+from qadapter_min.weights import INDEX_FILE, SINGLE_FILE, load_model
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
+GOLDEN = load_file(FIXTURES / "export" / "golden.safetensors")
+CASES = {
+    "dpo-single": (FIXTURES / "lm-eval-llama" / "model", FIXTURES / "lm-eval-llama" / "adapter"),
+    "qadapter-sharded": (
+        FIXTURES / "tiny-llama-untied-sharded",
+        FIXTURES / "export" / "qadapter-adapter",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_export_gives_the_logits_of_transformers_and_peft_with_the_adapter(
+    case, tmp_path, capsys
+):
+    base, adapter = CASES[case]
+    out = tmp_path / "merged"
+    export.main(["--adapter", str(adapter), "--model", str(base), "--out", str(out)])
+    merged = load_model(out).eval()  # a plain model: no adapter, no LoRA layers
+    with torch.no_grad():
+        logits = merged(GOLDEN[f"{case}.tokens"])
+    # float32 rounding of W + (alpha/r) B A against W x + B (A x), through logits that reach 7.3:
+    # transformers' own load of the export differs from peft by 1.4e-5 too
+    torch.testing.assert_close(logits, GOLDEN[f"{case}.logits"], atol=2e-5, rtol=1e-5)
+    assert (out / SINGLE_FILE).is_file() and not (out / INDEX_FILE).exists()
+    for name in ("config.json", "generation_config.json"):
+        assert (out / name).read_bytes() == (base / name).read_bytes()
+    said = capsys.readouterr().out
+    assert ("a Q-Adapter adapter: the export is softmax(Q)" in said) == case.startswith("qadapter")
+
+
+def test_shards_of_at_most_max_shard_size_with_transformers_index(tmp_path):
+    base, adapter = CASES["qadapter-sharded"]
+    out = tmp_path / "merged"
+    export.main(["--adapter", str(adapter), "--out", str(out), "--max_shard_size", "40KB"])
+    index = json.loads((out / INDEX_FILE).read_text())
+    files = sorted({file for file in index["weight_map"].values()})
+    assert files == [
+        f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)
+    ]
+    tensors = {}
+    for file in files:
+        shard = load_file(out / file)
+        assert set(shard) == {n for n, f in index["weight_map"].items() if f == file}
+        assert (
+            sum(t.numel() * t.element_size() for t in shard.values()) <= 40_000 or len(shard) == 1
+        )
+        tensors.update(shard)
+    assert index["metadata"]["total_size"] == sum(
+        t.numel() * t.element_size() for t in tensors.values()
+    )
+    single = tmp_path / "single"
+    export.main(["--adapter", str(adapter), "--out", str(single)])
+    assert load_file(single / SINGLE_FILE).keys() == tensors.keys()
+    for name, tensor in load_file(single / SINGLE_FILE).items():
+        assert torch.equal(tensor, tensors[name]), name  # the same bytes, however the files split
+
+
+def test_one_tensor_of_the_base_is_held_at_a_time(tmp_path, monkeypatch):
+    """Every tensor read from the base is gone before the next is read (the adapter's, small, are kept)."""
+    alive, reads = [], []
+    opened = export.open_safetensors
+
+    class Counting:
+        def __init__(self, path):
+            self.file, self.of_the_base = opened(path), "adapter" not in Path(path).name
+
+        def __enter__(self):
+            self.handle = self.file.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.file.__exit__(*exc)
+
+        def keys(self):
+            return self.handle.keys()
+
+        def get_slice(self, name):
+            return self.handle.get_slice(name)
+
+        def get_tensor(self, name):
+            tensor = self.handle.get_tensor(name)
+            if self.of_the_base:
+                reads.append(sum(r() is not None for r in alive))
+                alive.append(weakref.ref(tensor))
+            return tensor
+
+    monkeypatch.setattr(export, "open_safetensors", Counting)
+    base, adapter = CASES["qadapter-sharded"]
+    export.main(["--adapter", str(adapter), "--out", str(tmp_path / "merged")])
+    assert len(reads) == 1 + 21 and set(reads) == {
+        0
+    }  # the norm (the fingerprint's), then each once
+
+
+@pytest.mark.parametrize("case", ["not an adapter", "out exists", "another base", "bad shard size"])
+def test_bad_input_is_one_sentence_and_nothing_is_written(case, tmp_path):
+    base, adapter = CASES["dpo-single"]
+    out = tmp_path / "merged"
+    flags, message = {
+        "not an adapter": (["--adapter", str(base)], f"{base}/qadapter_config.json does not exist"),
+        "out exists": (["--adapter", str(adapter)], f"--out {out} already exists"),
+        "another base": (
+            ["--adapter", str(adapter), "--model", str(CASES["qadapter-sharded"][0])],
+            f"{adapter} was trained on another base model than",
+        ),
+        "bad shard size": (
+            ["--adapter", str(adapter), "--max_shard_size", "big"],
+            "--max_shard_size big is not a size",
+        ),
+    }[case]
+    if case == "out exists":
+        out.mkdir()
+        (out / "keep.txt").write_text("earlier work")
+    result = run_script(export.main, *flags, "--out", str(out))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"error: {message}"), result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == (
+        ["merged"] if case == "out exists" else []
+    )
+    if case == "out exists":
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_an_export_is_a_base_model_for_train_py(tmp_path):
+    import train
+    from conftest import write_pairs
+
+    base, adapter = CASES["dpo-single"]
+    export.main(
+        ["--adapter", str(adapter), "--model", str(base), "--out", str(tmp_path / "merged")]
+    )
+    data = write_pairs(tmp_path / "pairs.jsonl", n=4)
+    flags = ["--model", tmp_path / "merged", "--data", data, "--batch_size", 2, "--max_steps", 1]
+    flags += ["--max_len", 128]
+    train.main([str(f) for f in [*flags, "--out", tmp_path / "stage-two"]])
+    config = json.loads((tmp_path / "stage-two" / "qadapter_config.json").read_text())
+    assert config["base_model"] == str(tmp_path / "merged")
