@@ -28,14 +28,30 @@ from pathlib import Path
 import torch
 
 from qadapter_min import UserError
-from qadapter_min.adapters import ADAPTER_WEIGHTS, load_run_config, read_adapter_config
-from qadapter_min.common import HelpFormatter, Progress, run_command_line
-from qadapter_min.objective import Objective
+from qadapter_min.adapters import (
+    ADAPTER_WEIGHTS,
+    load_adapter,
+    load_run_config,
+    read_adapter_config,
+)
+from qadapter_min.common import (
+    HelpFormatter,
+    Progress,
+    choose_dtype,
+    default_device,
+    run_command_line,
+    write_json,
+)
+from qadapter_min.data import check_data_file, collate, encode_pairs, load_pairs
+from qadapter_min.lora import adapter_disabled
+from qadapter_min.objective import Objective, policy_logits
+from qadapter_min.tokenizer import Tokenizer
 from qadapter_min.weights import (
     INDEX_FILE,
     SINGLE_FILE,
     checkpoint_name_to_ours,
     empty_model,
+    load_model,
     model_fingerprint,
     open_safetensors,
     resolve_model_dir,
@@ -66,7 +82,25 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="the largest safetensors file, as transformers writes it: 5GB, 500MB, or bytes",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument(
+        "--pairs",
+        default=None,
+        help="for a Q-Adapter adapter: preference pairs (any format train.py reads) on whose replies "
+        "to measure how far the export is from pi~, into OUT/export.json",
+    )
+    p.add_argument("--domain", default=None, help="with --pairs of DSP: the preferred domain")
+    p.add_argument(
+        "--max_len",
+        type=int,
+        default=1024,
+        help="with --pairs: longest sequence (truncated as train.py does)",
+    )
     args = p.parse_args(argv)
+    if args.pairs is None and (args.domain is not None or args.max_len != 1024):
+        flag = "--domain" if args.domain is not None else "--max_len"
+        raise UserError(f"{flag} sets how --pairs is read; pass --pairs FILE too, or drop {flag}")
+    if args.pairs is not None:
+        check_data_file(Path(args.pairs))
     args.max_shard_bytes = shard_bytes(args.max_shard_size)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -172,11 +206,53 @@ def write_shard(path: Path, tensors: list, lora: dict, scale: float, progress: P
             progress.advance(1)
 
 
+@torch.no_grad()
+def distance_to_the_policy(model_dir: Path, adapter: Path, objective, args) -> dict:
+    """How far the export, softmax(Q), is from the policy pi~ the Q-Adapter defines: the mean over every
+    reply token of both replies of each pair of KL(pi~(.|s_t) || softmax(Q(s_t, .)))."""
+    tokenizer = Tokenizer(model_dir)
+    quiet = lambda *_: None  # noqa: E731
+    pairs = encode_pairs(
+        load_pairs(args.pairs, args.domain, log=quiet), tokenizer, args.max_len, log=quiet
+    )
+    if not pairs:
+        raise UserError(f"--pairs {args.pairs} holds no pair that fits --max_len {args.max_len}")
+    device = default_device()
+    model = load_model(model_dir, dtype=choose_dtype(None, device), device=device)
+    load_adapter(model, adapter)
+    model.eval()
+    total, tokens = 0.0, 0
+    progress = Progress("KL to pi~", len(pairs), "pairs")
+    for pair in pairs:  # a pair at a time: two rows of vocabulary-wide logits
+        ids, response_mask = (t.to(device) for t in collate([pair], tokenizer.pad_id))
+        q = model(ids).float()[:, :-1]  # the logits at t-1 choose token t
+        with adapter_disabled(model):
+            base = model(ids).float()[:, :-1]
+        log_pi = policy_logits(q, base, objective.alpha, objective.alpha0).log_softmax(-1)
+        kl = (log_pi.exp() * (log_pi - q.log_softmax(-1))).sum(-1)  # (2, T - 1)
+        scored = response_mask[:, 1:]
+        total, tokens = total + kl[scored].sum().item(), tokens + int(scored.sum())
+        progress.advance(1)
+    return {
+        "kl_customised_to_exported": total / tokens,
+        "tokens": tokens,
+        "pairs": len(pairs),
+        "alpha": objective.alpha,
+        "alpha0": objective.alpha0,
+        "data": str(args.pairs),
+    }
+
+
 def main(argv=None):
     args = parse_args(argv)
     adapter, out = Path(args.adapter), Path(args.out)
     run, config, lora = read_adapter(adapter)
     objective = Objective.read(run)
+    if args.pairs is not None and objective.policy_mode != "customised":
+        raise UserError(
+            f"--pairs measures how far a Q-Adapter's export is from its policy pi~; {adapter} is a "
+            f"{objective.name} adapter, whose export is its policy exactly: drop --pairs"
+        )
     model_dir = resolve_model_dir(args.model or run["base_model"])
     check_base(model_dir, run, adapter)
     scale = config["lora_alpha"] / config["r"]
@@ -203,6 +279,9 @@ def main(argv=None):
     for file in BESIDE_THE_WEIGHTS:
         if (model_dir / file).is_file():
             shutil.copyfile(model_dir / file, partial / file)
+    if args.pairs is not None:
+        distance = distance_to_the_policy(model_dir, adapter, objective, args)
+        write_json(partial / "export.json", distance)
     if out.exists():  # --overwrite: the old export goes only now that the new one is whole
         shutil.rmtree(out)
     os.replace(partial, out)
@@ -210,6 +289,11 @@ def main(argv=None):
         f"{len(lora)} projections merged into {model_dir}'s weights: {out}/ "
         f"({len(names)} file{'s' if len(names) > 1 else ''}, {time.time() - started:.0f}s)"
     )
+    if args.pairs is not None:
+        print(
+            f"KL(pi~ || the export) per reply token: {distance['kl_customised_to_exported']:.4g} over "
+            f"{distance['tokens']} tokens of {distance['pairs']} pairs ({out / 'export.json'})"
+        )
     if objective.policy_mode == "customised":
         print(
             f"a Q-Adapter adapter: the export is softmax(Q), not the customised policy pi~ "

@@ -11,7 +11,12 @@ import torch
 from safetensors.torch import load_file
 
 import export
-from conftest import run_script
+import train
+from conftest import run_script, tiny_model_dir, write_pairs
+from qadapter_min.adapters import load_adapter
+from qadapter_min.data import collate, encode_pairs, load_pairs
+from qadapter_min.lora import adapter_disabled
+from qadapter_min.tokenizer import Tokenizer
 from qadapter_min.weights import INDEX_FILE, SINGLE_FILE, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,7 +115,9 @@ def test_one_tensor_of_the_base_is_held_at_a_time(tmp_path, monkeypatch):
     }  # the norm (the fingerprint's), then each once
 
 
-@pytest.mark.parametrize("case", ["not an adapter", "out exists", "another base", "bad shard size"])
+@pytest.mark.parametrize(
+    "case", ["not an adapter", "out exists", "another base", "bad shard size", "pairs for dpo"]
+)
 def test_bad_input_is_one_sentence_and_nothing_is_written(case, tmp_path):
     base, adapter = CASES["dpo-single"]
     out = tmp_path / "merged"
@@ -124,6 +131,10 @@ def test_bad_input_is_one_sentence_and_nothing_is_written(case, tmp_path):
         "bad shard size": (
             ["--adapter", str(adapter), "--max_shard_size", "big"],
             "--max_shard_size big is not a size",
+        ),
+        "pairs for dpo": (
+            ["--adapter", str(adapter), "--pairs", str(adapter / "qadapter_config.json")],
+            "--pairs measures how far a Q-Adapter's export is from its policy pi~",
         ),
     }[case]
     if case == "out exists":
@@ -140,8 +151,6 @@ def test_bad_input_is_one_sentence_and_nothing_is_written(case, tmp_path):
 
 
 def test_an_export_is_a_base_model_for_train_py(tmp_path):
-    import train
-    from conftest import write_pairs
 
     base, adapter = CASES["dpo-single"]
     export.main(
@@ -153,3 +162,48 @@ def test_an_export_is_a_base_model_for_train_py(tmp_path):
     train.main([str(f) for f in [*flags, "--out", tmp_path / "stage-two"]])
     config = json.loads((tmp_path / "stage-two" / "qadapter_config.json").read_text())
     assert config["base_model"] == str(tmp_path / "merged")
+
+
+def test_export_json_holds_the_kl_from_pi_tilde_to_the_export_of_the_formula(
+    tmp_path, tokenizer_file
+):
+
+    model_dir = tiny_model_dir(tmp_path / "model", tokenizer_file)
+    pairs = write_pairs(tmp_path / "pairs.jsonl", n=4)
+    flags = [
+        "--model",
+        model_dir,
+        "--data",
+        pairs,
+        "--batch_size",
+        2,
+        "--max_steps",
+        3,
+        "--lr",
+        0.05,
+    ]
+    train.main([str(f) for f in [*flags, "--alpha0", 0.5, "--out", tmp_path / "qadapter"]])
+    out = tmp_path / "merged"
+    export.main(["--adapter", str(tmp_path / "qadapter"), "--out", str(out), "--pairs", str(pairs)])
+    measured = json.loads((out / "export.json").read_text())
+
+    # the definition, token by token: pi~ = softmax((Q + alpha0 log pi1) / alpha) against softmax(Q)
+
+    tokenizer = Tokenizer(model_dir)
+    encoded = encode_pairs(load_pairs(pairs, log=print), tokenizer, 1024, log=print)
+    model = load_model(model_dir)
+    load_adapter(model, tmp_path / "qadapter")
+    kls = []
+    with torch.no_grad():
+        ids, mask = collate(encoded, tokenizer.pad_id)
+        q = model.eval()(ids)
+        with adapter_disabled(model):
+            log_pi1 = model(ids).log_softmax(-1)
+    for row in range(ids.shape[0]):
+        for t in range(1, ids.shape[1]):
+            if mask[row, t]:
+                pi = torch.softmax(q[row, t - 1] + 0.5 * log_pi1[row, t - 1], -1)  # alpha 1
+                kls.append(float((pi * (pi.log() - q[row, t - 1].log_softmax(-1))).sum()))
+    assert measured["tokens"] == len(kls) and measured["pairs"] == len(encoded)
+    assert measured["kl_customised_to_exported"] == pytest.approx(sum(kls) / len(kls), rel=1e-4)
+    assert measured["kl_customised_to_exported"] > 1e-4  # at alpha0 0.5 the two differ
