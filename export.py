@@ -45,6 +45,7 @@ from qadapter_min.common import (
 from qadapter_min.data import check_data_file, collate, encode_pairs, load_pairs
 from qadapter_min.lora import adapter_disabled
 from qadapter_min.objective import Objective, policy_logits
+from qadapter_min.run_dir import write_model_card
 from qadapter_min.tokenizer import Tokenizer
 from qadapter_min.weights import (
     INDEX_FILE,
@@ -282,6 +283,7 @@ def main(argv=None):
     if args.pairs is not None:
         distance = distance_to_the_policy(model_dir, adapter, objective, args)
         write_json(partial / "export.json", distance)
+    write_model_card(partial, adapter)
     if out.exists():  # --overwrite: the old export goes only now that the new one is whole
         shutil.rmtree(out)
     os.replace(partial, out)

@@ -16,11 +16,14 @@ One file per concern beside it:
     adapters.py   adapters on disk: PEFT's layout, and qadapter_config.json
     flags.py      train.py's flags, and every check of them that needs no model
     run_dir.py    the run directory's contract: checkpoints, --resume, --overwrite, metrics
+    model_card.py the README.md beside every adapter and export
     sharding.py   FSDP2 for train.py --fsdp
     memory.py     the memory model of one training rank, its plan, the out-of-memory advice
     processes.py  the processes of a run: started by --nproc_per_node, by torchrun, or one alone
     harness.py    lm-evaluation-harness's model API over a policy (evaluate.py alone imports it)
     reward.py     reward models in the LlamaForSequenceClassification layout
+    frontier.py   the learning-forgetting frontier: metrics, and the points no other beats
+    plots.py      pictures of the frontier and of training curves (matplotlib, imported there alone)
     common.py     what the scripts share: device, dtype, atomic writes, JSON, errors on the command line
 """
 

@@ -4,6 +4,7 @@
     qadapter_config.json                             the objective, the base model, every flag
     metrics.jsonl                                    a row per logged step and per evaluation
     report.json                                      the built-in world's table (toyworld/report.py)
+    README.md                                        the model card (model_card.py)
     checkpoint/state.pt                              everything --resume needs (--save_every)
 
 The contract: an --out that cannot take the run, or holds another run's results, is refused before
@@ -29,13 +30,15 @@ from qadapter_min.adapters import (
     save_run_config,
 )
 from qadapter_min.common import atomic_write, check_output_dir, full, is_fsdp_model, like
+from qadapter_min.model_card import model_card
 from qadapter_min.sharding import full_optimizer_state, load_optimizer_state
 from qadapter_min.weights import model_fingerprint
 
 CHECKPOINT = "checkpoint/state.pt"
 METRICS = "metrics.jsonl"
 REPORT = "report.json"
-OUTPUTS = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, RUN_CONFIG, METRICS, REPORT, "checkpoint")
+MODEL_CARD = "README.md"
+OUTPUTS = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, RUN_CONFIG, METRICS, REPORT, MODEL_CARD, "checkpoint")
 # Flags that may change when a run is resumed: where it writes, how often it logs, evaluates and
 # saves, what it evaluates on, and how it is spread over the ranks (a checkpoint holds whole
 # tensors). Every other flag, present or future, must be the one the checkpoint was made with.
@@ -48,6 +51,7 @@ MAY_DIFFER_ON_RESUME = (
     "save_every",
     "eval_data",
     "fsdp",
+    "nproc_per_node",
 )
 MAX_NON_FINITE_STEPS = 3  # non-finite steps in a row that stop a run
 
@@ -183,7 +187,23 @@ def write_outputs(model, args, total_steps: int, num_pairs: int, processes):
         save_run_config(
             out, model, vars(args), steps=total_steps, epochs=epochs, fingerprint=fingerprint
         )
+        write_model_card(out)
         shutil.rmtree(out / "checkpoint", ignore_errors=True)
+
+
+def write_model_card(out: Path, adapter: Path | None = None):
+    """README.md in out: the card of the run in out, or (export.py) of the adapter a merged model in out
+    was made from."""
+    from qadapter_min.flags import defaults  # train.py's, for the command that made the run
+
+    run = Path(adapter or out)
+    config = json.loads((run / RUN_CONFIG).read_text())
+    metrics = run / METRICS
+    rows = (
+        [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    )
+    card = model_card(config, rows, defaults(), str(run), exported=adapter is not None)
+    atomic_write(out / MODEL_CARD, lambda p: Path(p).write_text(card))
 
 
 def skip_step(out: Path, done: int, total_steps: int, in_a_row: int, processes):

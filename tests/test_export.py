@@ -3,6 +3,7 @@ tools/make_export_golden.py wrote with both libraries; transformers' own load of
 too, to 1.4e-5), holds one tensor of the base at a time, and refuses bad input before writing."""
 
 import json
+import shlex
 import weakref
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 import export
 import train
 from conftest import run_script, tiny_model_dir, write_pairs
+from qadapter_min import flags as flags_module
 from qadapter_min.adapters import load_adapter
 from qadapter_min.data import collate, encode_pairs, load_pairs
 from qadapter_min.lora import adapter_disabled
@@ -207,3 +209,33 @@ def test_export_json_holds_the_kl_from_pi_tilde_to_the_export_of_the_formula(
     assert measured["tokens"] == len(kls) and measured["pairs"] == len(encoded)
     assert measured["kl_customised_to_exported"] == pytest.approx(sum(kls) / len(kls), rel=1e-4)
     assert measured["kl_customised_to_exported"] > 1e-4  # at alpha0 0.5 the two differ
+
+
+def test_a_run_and_its_export_carry_a_model_card_that_says_what_they_are(tmp_path, tokenizer_file):
+    model_dir = tiny_model_dir(tmp_path / "model", tokenizer_file)
+    pairs = write_pairs(tmp_path / "pairs.jsonl", n=4)
+    run = tmp_path / "run"
+    flags = ["--model", model_dir, "--data", pairs, "--eval_data", pairs, "--batch_size", 2]
+    flags += ["--max_steps", 2, "--beta", 0.3, "--out", run]
+    train.main([str(f) for f in flags])
+    card = (run / "README.md").read_text()
+    assert card.startswith(f"---\nbase_model: {model_dir}\nlibrary_name: peft\ntags:\n")
+    assert "- qadapter\n---\n" in card and "beta 0.3" in card
+    assert f"`python sample.py --adapter {run}`" in card and "softmax(Q) instead" in card
+    assert (
+        f"- data: {pairs} (4 pairs used)" in card and "- steps: 2 of 2 pairs (1.00 epochs)" in card
+    )
+    assert (
+        "- last metrics (step 2): loss " in card
+        and "- last evaluation (step 2): eval_loss " in card
+    )
+    made_by = card.split("```\n")[1].strip()  # the command, typed again, is the run
+    argv = shlex.split(made_by)[2:]
+    assert flags_module.parse_args(argv) == flags_module.parse_args([str(f) for f in flags])
+
+    export.main(["--adapter", str(run), "--out", str(tmp_path / "merged")])
+    merged_card = (tmp_path / "merged" / "README.md").read_text()
+    assert (
+        "library_name: transformers" in merged_card
+        and "This merged model is softmax(Q) alone" in merged_card
+    )

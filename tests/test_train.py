@@ -205,9 +205,7 @@ def test_two_processes_give_the_adapter_of_one_and_continue_its_checkpoint(
         "fp32",
     ]
     run_train(*flags, "--out", tmp_path / "one")
-    run_train(
-        *flags, "--out", tmp_path / "two", "--nproc_per_node", 2
-    )  # started by train.py itself
+    torchrun(*flags, "--out", tmp_path / "two")
     assert_same_adapter(tmp_path / "two", tmp_path / "one")
 
     # one process stops after its step-2 checkpoint; two processes resume it
@@ -216,7 +214,8 @@ def test_two_processes_give_the_adapter_of_one_and_continue_its_checkpoint(
     )
     with pytest.raises(RuntimeError):
         train.main(strings(flags + ["--out", tmp_path / "mixed"]))
-    torchrun(*flags, "--out", tmp_path / "mixed", "--resume")
+    resumed = ["--resume", "--nproc_per_node", 2]  # two processes that train.py starts itself
+    run_train(*flags, "--out", tmp_path / "mixed", *resumed)
     assert_same_adapter(tmp_path / "mixed", tmp_path / "one")
 
 
