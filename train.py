@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from qadapter_min import UserError, run_dir
+from qadapter_min import UserError, run_dir, tracking
 from qadapter_min.common import Progress, choose_dtype, full, run_command_line
 from qadapter_min.data import (
     collate,
@@ -51,6 +51,7 @@ def main(argv=None):
     objective = Objective.read(vars(args))
     checkpoint = run_dir.check_out_dir(args, defaults())  # with --resume, its flags checked
     processes = start_processes(args.nproc_per_node)
+    tracking.start(args, processes)  # --wandb_project: every metrics row, also to W&B
     model_dir, tokenizer, train_set, eval_set = read_data(args, objective, processes)
     model, wrapped, adamw = build_model(model_dir, args, processes)
     out, start_step = Path(args.out), 0
@@ -68,6 +69,7 @@ def main(argv=None):
     processes.log(f"adapter written to {args.out}/ ({time.time() - started:.0f}s)")
     report_run(model, model_dir, tokenizer, pad_id, args, processes)  # the built-in world's table
     del wrapped, adamw, model  # DDP holds the process group: let it go before the group ends
+    tracking.finish()
     leave_processes(processes)
 
 

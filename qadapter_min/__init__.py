@@ -17,6 +17,7 @@ One file per concern beside it:
     flags.py      train.py's flags, and every check of them that needs no model
     run_dir.py    the run directory's contract: checkpoints, --resume, --overwrite, metrics
     model_card.py the README.md beside every adapter and export
+    tracking.py   train.py --wandb_project: every metrics row to Weights & Biases (wandb imported there alone)
     sharding.py   FSDP2 for train.py --fsdp
     memory.py     the memory model of one training rank, its plan, the out-of-memory advice
     processes.py  the processes of a run: started by --nproc_per_node, by torchrun, or one alone

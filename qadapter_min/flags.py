@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import toyworld
-from qadapter_min import UserError
+from qadapter_min import UserError, tracking
 from qadapter_min.common import HelpFormatter
 from qadapter_min.data import check_data_file
 from qadapter_min.lora import PROJECTIONS, check_targets
@@ -192,6 +192,12 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     )
     p.add_argument("--log_every", type=int, default=1, help="print and log metrics every N steps")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint/")
+    p.add_argument(
+        "--wandb_project",
+        default=None,
+        help="log every metrics row to this Weights & Biases project (needs wandb)",
+    )
+    p.add_argument("--wandb_run_name", default=None, help="with --wandb_project: the run's name")
     return p
 
 
@@ -250,6 +256,7 @@ def check_flags(args):
     if not 0 <= args.lora_dropout < 1:
         raise UserError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
     check_targets(args.lora_targets)
+    tracking.check(args)
     if args.nproc_per_node <= 0:
         raise UserError(f"--nproc_per_node must be positive, got {args.nproc_per_node}")
     world_size = int(os.environ.get("WORLD_SIZE", args.nproc_per_node))  # torchrun's, or ours

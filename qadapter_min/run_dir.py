@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from qadapter_min import UserError
+from qadapter_min import UserError, tracking
 from qadapter_min.adapters import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -52,6 +52,8 @@ MAY_DIFFER_ON_RESUME = (
     "eval_data",
     "fsdp",
     "nproc_per_node",
+    "wandb_project",
+    "wandb_run_name",
 )
 MAX_NON_FINITE_STEPS = 3  # non-finite steps in a row that stop a run
 
@@ -131,10 +133,12 @@ def restore(state: dict, model, optimizer, out: Path, processes) -> int:
 
 
 def append_metrics(out: Path, row: dict, processes):
+    """A row of metrics.jsonl, and to the tracker with --wandb_project (tracking.py)."""
     if processes.master:
         out.mkdir(parents=True, exist_ok=True)
         with open(out / METRICS, "a") as f:
             f.write(json.dumps(row) + "\n")
+        tracking.log(row)
 
 
 def keep_metrics_up_to(path: Path, step: int):
