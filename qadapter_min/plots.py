@@ -49,8 +49,12 @@ def read_metrics(run: str) -> list[dict]:
         raise UserError(
             f"{run} holds no metrics.jsonl; pass the --out directories of train.py runs"
         )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text; is it train.py's metrics.jsonl?") from None
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
