@@ -96,9 +96,9 @@ def read_data(args, objective: Objective, processes: Processes):
     def encoded(paths):
         log = processes.log
         if not objective.on_pairs:  # SFT: conversations, each ending with the reply to learn
-            records = [c for path in paths for c in load_conversations(path, args.domain, log=log)]
+            records = load_conversations(paths, args.domain, log=log)
             return encode_conversations(records, tokenizer, args.max_len, log=log)
-        pairs = [pair for path in paths for pair in load_pairs(path, args.domain, log=log)]
+        pairs = load_pairs(paths, args.domain, log=log)
         return encode_pairs(pairs, tokenizer, args.max_len, log=log)
 
     train_set = encoded(args.data)

@@ -222,16 +222,18 @@ def record_to_conversations(record, domain: str | None, where: str) -> list[list
     return [pair.chosen for pair in record_to_pairs(record, domain, where)]
 
 
-def load_pairs(path, domain: str | None = None, log=print) -> list[Pair]:
-    """All usable pairs of one file; prints how many were read and why any were skipped."""
-    return load_items(path, domain, log, record_to_pairs, "preference pair", "pairs")
+def load_pairs(paths, domain: str | None = None, log=print) -> list[Pair]:
+    """All usable pairs of one file or several; prints, per file, how many were read and why any were
+    skipped."""
+    return load_items(paths, domain, log, record_to_pairs, "preference pair", "pairs")
 
 
-def load_conversations(path, domain: str | None = None, log=print) -> list[list[dict]]:
-    """All usable conversations of one file to fine-tune on (SFT): {"messages": [...]} records and the
-    chosen conversations of preference records; prints how many were read and why any were skipped."""
+def load_conversations(paths, domain: str | None = None, log=print) -> list[list[dict]]:
+    """All usable conversations of one file or several to fine-tune on (SFT): {"messages": [...]} records
+    and the chosen conversations of preference records; prints how many were read and why any were
+    skipped."""
     return load_items(
-        path,
+        paths,
         domain,
         log,
         record_to_conversations,
@@ -240,25 +242,38 @@ def load_conversations(path, domain: str | None = None, log=print) -> list[list[
     )
 
 
-def load_items(path, domain: str | None, log, items_of_record, one: str, many: str) -> list:
-    """items_of_record(record, domain, where) over every record of a file, skipped records counted."""
-    path = Path(path)
+def load_items(paths, domain: str | None, log, items_of_record, one: str, many: str) -> list:
+    """items_of_record(record, domain, where) over every record of each file, skipped records counted.
+    --domain needs DSP records in one of the files, not in all: Replay's data beside DSP's holds none."""
+    paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
     if domain is not None and domain not in DSP_DOMAINS:
         raise UserError(
             f"--domain {domain!r} is not a DSP domain; choose one of {', '.join(DSP_DOMAINS)}"
         )
-    items, skipped, dsp_records = [], Counter(), 0
-    for where, record in read_records(path):
-        dsp_records += isinstance(record, dict) and "query" in record and "responses" in record
+    files = [(path, list(read_records(path))) for path in paths]
+    if domain is not None and not any(
+        isinstance(record, dict) and "query" in record and "responses" in record
+        for _, records in files
+        for _, record in records
+    ):
+        raise UserError(
+            f"--domain {domain} picks the preferred reply of DSP records, and "
+            f"{' and '.join(map(str, paths))} {'holds' if len(paths) == 1 else 'hold'} none; drop --domain"
+        )
+    return [
+        item
+        for path, records in files
+        for item in items_of_file(path, records, domain, log, items_of_record, one, many)
+    ]
+
+
+def items_of_file(path, records, domain, log, items_of_record, one: str, many: str) -> list:
+    items, skipped = [], Counter()
+    for where, record in records:
         try:
             items += items_of_record(record, domain, f"{path}: {where}")
         except Skip as reason:
             skipped[str(reason)] += 1
-    if domain is not None and not dsp_records:
-        raise UserError(
-            f"--domain {domain} picks the preferred reply of DSP records, and {path} holds none; "
-            f"drop --domain"
-        )
     reasons = ", ".join(f"{n} {why}" for why, n in skipped.most_common())
     if not items:
         raise UserError(

@@ -8,11 +8,13 @@ import pytest
 from conftest import FIXTURES
 from qadapter_min import UserError
 from qadapter_min.data import (
+    DSP_RESPONSES,
     EncodedPair,
     Pair,
     collate,
     encode_conversation,
     encode_pairs,
+    load_conversations,
     load_pairs,
     load_prompts,
 )
@@ -96,6 +98,22 @@ def test_dsp_gives_four_pairs_per_query_with_the_domain_reply_preferred(tmp_path
         load_pairs(tmp_path / "dsp.json", log=quiet)
     with pytest.raises(UserError, match="--domain 'sports' is not a DSP domain"):
         load_pairs(tmp_path / "dsp.json", domain="sports", log=quiet)
+
+
+def test_replays_data_beside_dsps_takes_the_domain_and_a_domain_needs_dsp_in_some_file(tmp_path):
+    """Replay on DSP: train.py --data dsp.json replay.jsonl --domain D, the replies carrying no domain."""
+    dsp = write_jsonl(
+        tmp_path / "dsp.json",
+        [{"query": "Q?", "responses": {d: f"{d} answer" for d in DSP_RESPONSES}}],
+    )
+    replay = write_jsonl(tmp_path / "replay.jsonl", [{"prompt": "Q?", "reply": "own answer"}])
+    conversations = load_conversations([dsp, replay], domain="academy", log=quiet)
+    assert conversations == [
+        *[[user("Q?"), assistant("academy answer")]] * 4,
+        [user("Q?"), assistant("own answer")],
+    ]
+    with pytest.raises(UserError, match=r"replay.jsonl holds none; drop --domain"):
+        load_conversations([replay], domain="academy", log=quiet)
 
 
 def test_messy_records_are_skipped_and_counted(tmp_path):

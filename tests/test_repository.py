@@ -8,6 +8,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WRITTEN = {
     "summary.md",
     "table.md",
+    "frontier.md",
 }  # what tools/gpu_check.py and tools/smollm2_study.py write, not documents cited
 
 

@@ -9,9 +9,10 @@ The two cases:
     qadapter-sharded  tests/fixtures/tiny-llama-untied-sharded/ (three shards), and an adapter peft writes
                       here (export/qadapter-adapter/): LoRA on all seven projections, A and B random, marked
                       a Q-Adapter adapter of that base by its qadapter_config.json
-Written: export/golden.safetensors, "{case}.tokens" and "{case}.logits" (fp32) of the base with the adapter
-through peft. Then each case is exported by export.py and loaded back by transformers'
-LlamaForCausalLM.from_pretrained, and the largest difference from peft's logits is printed.
+Written: export/golden.safetensors, "{case}.tokens", "{case}.logits" (fp32) of the base with the adapter
+through peft, "{case}.merged_logits" of peft's own merge (merge_and_unload, fp32) and "{case}.exact_logits"
+(peft in fp64). Then each case is exported by export.py and loaded back by transformers'
+LlamaForCausalLM.from_pretrained, and the largest differences are printed.
 """
 
 import json
@@ -55,10 +56,13 @@ def qadapter_adapter(base: Path, out: Path):
     (out / "qadapter_config.json").write_text(json.dumps(run, indent=2) + "\n")
 
 
-def peft_logits(base: Path, adapter: Path, tokens: torch.Tensor) -> torch.Tensor:
-    model = LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
+def peft_logits(base: Path, adapter: Path, tokens: torch.Tensor, dtype=torch.float32):
+    """Logits of the base with the adapter through peft, and of peft's merge of the two."""
+    model = LlamaForCausalLM.from_pretrained(base, dtype=dtype)
     with torch.no_grad():
-        return PeftModel.from_pretrained(model, adapter).eval()(tokens).logits
+        with_adapter = PeftModel.from_pretrained(model, adapter).eval()
+        logits = with_adapter(tokens).logits
+        return logits, with_adapter.merge_and_unload()(tokens).logits
 
 
 def main():
@@ -75,10 +79,11 @@ def main():
     for case, (base, adapter) in cases.items():
         vocab = json.loads((base / "config.json").read_text())["vocab_size"]
         tokens = torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(1))
-        golden[f"{case}.tokens"], golden[f"{case}.logits"] = (
-            tokens,
-            peft_logits(base, adapter, tokens),
+        golden[f"{case}.tokens"] = tokens
+        golden[f"{case}.logits"], golden[f"{case}.merged_logits"] = peft_logits(
+            base, adapter, tokens
         )
+        golden[f"{case}.exact_logits"] = peft_logits(base, adapter, tokens, torch.float64)[0]
         with tempfile.TemporaryDirectory() as directory:
             exported = Path(directory) / "merged"
             export = [
@@ -92,8 +97,14 @@ def main():
             subprocess.run([*export, "--max_shard_size", "40KB"], cwd=ROOT, check=True)
             merged = LlamaForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
             with torch.no_grad():
-                difference = (merged(tokens).logits - golden[f"{case}.logits"]).abs().max().item()
-        print(f"{case}: transformers on the export against transformers + peft: {difference:.2e}")
+                logits = merged(tokens).logits
+        for what, key, reference in [
+            ("transformers on the export", "logits", logits),
+            ("transformers on the export", "merged_logits", logits),
+            ("peft in fp32", "exact_logits", golden[f"{case}.logits"]),
+        ]:
+            difference = (reference.double() - golden[f"{case}.{key}"]).abs().max().item()
+            print(f"{case}: {what} against {key}: {difference:.2e}")
     save_file({k: v.contiguous() for k, v in golden.items()}, OUT / "golden.safetensors")
 
 

@@ -4,6 +4,14 @@ and the chi2 term's form and weight. Every step is a train.py, sample.py or eval
 before it runs, so any row can be rerun by hand.
 
     python tools/smollm2_study.py --model SMOLLM2_DIR --data harmless-base-test.jsonl.gz --out study
+    python tools/smollm2_study.py --model SMOLLM2_DIR --data harmless-base-test.jsonl.gz --out study \
+        --frontier --dsp dsp-test.json.gz
+
+--frontier: the frontier step instead of the comparison: the four methods (first seed) on the harmless
+pairs (the comparison's runs, kept and shared) and on DSP with the academy reply preferred (queries 0-49
+train, 600-609 are held out; pairs of at most 128 tokens), each adapter measured at scales 0.5, 1 and 2
+and Q-Adapter also at alpha0 0.1 and 1 (scale 1), on 40 held-out pairs each: held-out preference
+accuracy against the reply NLL of the base model's own replies, a table and a PNG per data set.
 
 --model: HuggingFaceTB/SmolLM2-135M-Instruct (online), or a local copy in the Hugging Face layout.
 --data: HH-RLHF pairs (the harmless-base split); records 0-199 train, records 2000-2099 are held out.
@@ -32,21 +40,19 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from qadapter_min.frontier import frontier_of  # noqa: E402
+from qadapter_min.plots import frontier_plot  # noqa: E402
+
 STUDY = ROOT / "tools" / "study"
 TRAIN = (0, 200)  # record ranges of the data file
 HELD_OUT = (2000, 2100)
-COMMON = [
-    "--max_steps",
-    "40",
-    "--batch_size",
-    "4",
-    "--micro_batch_size",
-    "2",
-    "--max_len",
-    "160",
-    "--lr",
-    "1e-3",
-]
+COMMON = ["--max_steps", "40", "--batch_size", "4", "--micro_batch_size", "2", "--lr", "1e-3"]
+MAX_LEN = "160"
+# the frontier step: its held-out slices, DSP's query ranges (4 pairs a query) and the knobs' settings
+FRONTIER_HELD_OUT = (2000, 2040)
+DSP_TRAIN, DSP_HELD_OUT, DSP_MAX_LEN = (0, 50), (600, 610), "128"
+SCALES, ALPHA0S = ["0.5", "1", "2"], ["0.1", "1"]
 METHODS = {  # name: train.py flags beyond COMMON ("Replay": SFT on the data and the base model's own replies)
     "Q-Adapter": ["--objective", "qadapter"],
     "DPO": ["--objective", "dpo"],
@@ -81,13 +87,40 @@ def run_dir(out: Path, method: str, seed: int) -> Path:
 
 def run(command: list[str]):
     print("$ " + " ".join(command), flush=True)
-    subprocess.run(command, cwd=ROOT, check=True)
+    code = subprocess.run(command, cwd=ROOT).returncode
+    if code:  # the command said why; the study stops there, keeping what is finished
+        sys.exit(code)
 
 
 def slice_records(source: Path, target: Path, start: int, stop: int):
+    """Records start..stop-1 of a JSON Lines or JSON array file, gzipped or not, as JSON Lines."""
     opener = gzip.open if source.suffix == ".gz" else open
     with opener(source, "rt") as f:
-        target.write_text("".join(itertools.islice(f, start, stop)))
+        text = f.read()
+    if text.lstrip().startswith("["):  # DSP's one JSON array
+        lines = [json.dumps(record) + "\n" for record in json.loads(text)]
+    else:
+        lines = text.splitlines(keepends=True)
+    target.write_text("".join(lines[start:stop]))
+
+
+def sample(model: str, prompts: Path, target: Path, unique: bool):
+    """The base model's greedy replies of 64 tokens: the retention prompts', or Replay's data."""
+    if not target.exists():
+        run(
+            [sys.executable, "sample.py", "--model", model, "--prompts", str(prompts)]
+            + ["--out", str(target), "--temperature", "0", "--max_new_tokens", "64"]
+            + (["--unique"] if unique else [])
+        )
+
+
+def train(model: str, directory: Path, data: list[Path], flags: list[str]):
+    """One train.py run, unless its adapter is already there."""
+    if not (directory / "adapter_model.safetensors").exists():
+        run(
+            [sys.executable, "train.py", "--model", model, "--data", *map(str, data)]
+            + [*COMMON, *flags, "--out", str(directory), "--overwrite"]
+        )
 
 
 def main():
@@ -113,51 +146,28 @@ def main():
         default=[1],
         help="seeds of the chi2 variants' runs (none: skip them)",
     )
+    p.add_argument(
+        "--frontier",
+        action="store_true",
+        help="the frontier step instead of the comparison (needs --dsp)",
+    )
+    p.add_argument("--dsp", type=Path, help="DSP's pairs (its test split, JSON, .gz ok)")
     args = p.parse_args()
+    if args.frontier != (args.dsp is not None):
+        p.error("--frontier and --dsp go together: the frontier step's second data set is DSP's")
     out = args.out.resolve()
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    python = sys.executable
     train_data, held_out = out / "train.jsonl", out / "held_out.jsonl"
     slice_records(args.data, train_data, *TRAIN)
     slice_records(args.data, held_out, *HELD_OUT)
     base_replies, replay = out / "base_replies.jsonl", out / "replay.jsonl"
-    if not base_replies.exists():
-        run(
-            [
-                python,
-                "sample.py",
-                "--model",
-                args.model,
-                "--prompts",
-                str(STUDY / "retention_prompts.jsonl"),
-                "--out",
-                str(base_replies),
-                "--temperature",
-                "0",
-                "--max_new_tokens",
-                "64",
-            ]
-        )
-    if not replay.exists():
-        run(
-            [
-                python,
-                "sample.py",
-                "--model",
-                args.model,
-                "--prompts",
-                str(train_data),
-                "--out",
-                str(replay),
-                "--temperature",
-                "0",
-                "--max_new_tokens",
-                "64",
-                "--unique",
-            ]
-        )
-
+    sample(args.model, STUDY / "retention_prompts.jsonl", base_replies, unique=False)
+    sample(args.model, train_data, replay, unique=True)
     started = time.time()
+    if args.frontier:
+        frontier_step(args, out, started)
+        return
+
     flags = {**METHODS, **CHI2_VARIANTS}
     runs = [
         (method, seed, run_dir(out, method, seed))
@@ -167,29 +177,14 @@ def main():
         ]
     ]
     for method, seed, directory in runs:
-        if not (directory / "adapter_model.safetensors").exists():
-            data = [str(train_data)] + ([str(replay)] if method == "Replay" else [])
-            run(
-                [
-                    python,
-                    "train.py",
-                    "--model",
-                    args.model,
-                    "--data",
-                    *data,
-                    *COMMON,
-                    *flags[method],
-                    "--seed",
-                    str(seed),
-                    "--out",
-                    str(directory),
-                    "--overwrite",
-                ]
-            )
+        data = [train_data] + ([replay] if method == "Replay" else [])
+        train(
+            args.model, directory, data, [*flags[method], "--max_len", MAX_LEN, "--seed", str(seed)]
+        )
     results_file = out / "results.json"
     run(
         [
-            python,
+            sys.executable,
             "evaluate.py",
             "--model",
             args.model,
@@ -198,7 +193,7 @@ def main():
             "--pairs",
             str(held_out),
             "--max_len",
-            "160",
+            MAX_LEN,
             "--reply_nll",
             str(base_replies),
             "--tasks",
@@ -215,6 +210,85 @@ def main():
     )
     (out / "table.md").write_text(table)
     print(table)
+
+
+def frontier_step(args, out: Path, started: float):
+    """Both frontiers: HH-RLHF's harmless pairs (the comparison's first-seed runs) and DSP's academy."""
+    seed = args.seeds[0]
+    dsp = out / "dsp"
+    (dsp / "runs").mkdir(parents=True, exist_ok=True)
+    slice_records(args.data, out / "frontier_held_out.jsonl", *FRONTIER_HELD_OUT)
+    slice_records(args.dsp, dsp / "train.jsonl", *DSP_TRAIN)
+    slice_records(args.dsp, dsp / "held_out.jsonl", *DSP_HELD_OUT)
+    sample(args.model, dsp / "train.jsonl", dsp / "replay.jsonl", unique=True)
+    data_sets = {  # name: (where its runs go, its own flags, held-out pairs)
+        "hh-harmless": (out, ["--max_len", MAX_LEN], out / "frontier_held_out.jsonl"),
+        "dsp-academy": (
+            dsp,
+            ["--max_len", DSP_MAX_LEN, "--domain", "academy"],
+            dsp / "held_out.jsonl",
+        ),
+    }
+    tables = []
+    for name, (where, flags, held_out) in data_sets.items():
+        runs = [run_dir(where, method, seed) for method in METHODS]
+        for method, directory in zip(METHODS, runs):
+            data = [where / "train.jsonl"] + (
+                [where / "replay.jsonl"] if method == "Replay" else []
+            )
+            train(args.model, directory, data, [*METHODS[method], *flags, "--seed", str(seed)])
+        measure = [sys.executable, "evaluate.py", "--model", args.model, "--pairs", str(held_out)]
+        measure += [*flags, "--reply_nll", str(out / "base_replies.jsonl")]
+        along_scale, along_alpha0 = (
+            out / f"frontier-{name}-scale.json",
+            out / f"frontier-{name}-alpha0.json",
+        )
+        run(
+            measure
+            + ["--adapter", *map(str, runs), "--scale", *SCALES, "--output", str(along_scale)]
+        )
+        # alpha0 moves Q-Adapter alone, at scale 1: its own alpha0's point is in the call above
+        run(
+            measure
+            + ["--adapter", str(runs[0]), "--alpha0", *ALPHA0S, "--output", str(along_alpha0)]
+        )
+        results = json.loads(along_scale.read_text())["models"] + [
+            r for r in json.loads(along_alpha0.read_text())["models"] if r["adapter"]
+        ]
+        front = frontier_of(results, "preference_accuracy", "reply_nll")
+        frontier_plot(front, out / f"frontier-{name}.png")
+        methods = {str(directory): method for method, directory in zip(METHODS, runs)}
+        tables.append(
+            f"{name} (seed {seed}; {out / f'frontier-{name}.png'}):\n\n"
+            + frontier_markdown(front, methods)
+        )
+    text = "\n".join(tables) + f"\n(this call took {(time.time() - started) / 60:.0f} minutes)\n"
+    (out / "frontier.md").write_text(text)
+    print(text)
+
+
+def frontier_markdown(front: dict, methods: dict[str, str]) -> str:
+    """A row per adapter and alpha0, a column per scale: held-out preference accuracy / reply NLL, in bold
+    where no other point is as good on both and better on one. methods: {adapter: its method's name}."""
+    scales = sorted({p["scale"] for p in front["points"] if p["adapter"]})
+    rows = {}
+    for p in front["points"][1:]:
+        label = methods[p["adapter"]] + (
+            f", alpha0 {p['alpha0']:g}" if p["alpha0"] is not None else ""
+        )
+        cell = f"{p['learned']:.2f} / {p['kept']:.3f}"
+        rows.setdefault(label, {})[p["scale"]] = f"**{cell}**" if p["on_frontier"] else cell
+    base = front["points"][0]
+    lines = [
+        "| preference accuracy / reply NLL | " + " | ".join(f"scale {s:g}" for s in scales) + " |",
+        "|---" * (len(scales) + 1) + "|",
+    ]
+    lines += [
+        f"| {label} | " + " | ".join(cells.get(s, "") for s in scales) + " |"
+        for label, cells in rows.items()
+    ]
+    lines.append(f"\n(the base model: {base['learned']:.2f} / {base['kept']:.3f})")
+    return "\n".join(lines) + "\n"
 
 
 def study_table(models: list[dict], runs: list[tuple[str, int, Path]]) -> str:
