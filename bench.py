@@ -9,18 +9,24 @@ step written the way the authors' code works (full fp32 logits of both passes, t
 in a fresh process so its peak memory (the process's peak resident size above what it held before the
 step) is its own. Both must give the same loss and LoRA gradients.
 
-Decoding (tokens per second): the base model alone, the customised policy with two passes per token
-(adapter on, then off), and with the combined batch that reads the weights once.
+Decoding (tokens per second) at batch 1, 8 and 32, eager and compiled (--compile's decoding step): the
+base model, and the customised policy's combined batch that reads the weights once (and at batch 1 its
+two passes per token, adapter on and then off), each against the limit that reading every weight once
+per step sets, at the read rate measured in the same run (the LM head's product). The training step
+runs compiled too (train.py --compile), in its own process; its first step's time is the compilation.
 """
 
 import argparse
 import multiprocessing
+import os
 import resource
 import statistics
+import tempfile
 import time
 
 import torch
 
+from qadapter_min import compiled as compiled_steps
 from qadapter_min.generate import Decoder, generate, generate_batch
 from qadapter_min.lora import adapter_disabled, add_lora, lora_layers
 from qadapter_min.memory import PRESETS, training_memory_gib
@@ -119,28 +125,34 @@ def cpu_step_worker(which, repeats, queue):
     torch.set_num_threads(torch.get_num_threads())
     model = build(CPU_ARGS, "cpu", torch.float32)
     tokens, response_mask = pair_batch(CPU_ARGS.vocab_size)
+    step = naive_step if which == "naive" else our_step
+    first = 0.0
+    if which == "compiled":  # its first step compiles: timed apart, then timed like the others
+        compiled_steps.compile_for_training(model)
+        started = time.perf_counter()
+        step(model, tokens, response_mask)
+        first = time.perf_counter() - started
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    seconds, loss, grads = time_step(
-        our_step if which == "ours" else naive_step, model, tokens, response_mask, repeats
-    )
+    seconds, loss, grads = time_step(step, model, tokens, response_mask, repeats)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     # numpy: pickled by value
-    queue.put((seconds, peak / 1024**2, loss, [g.numpy() for g in grads]))
+    queue.put((seconds, peak / 1024**2, loss, [g.numpy() for g in grads], first))
 
 
 def cpu_training_step(repeats):
     context = multiprocessing.get_context("spawn")
     results = {}
-    for which in ("naive", "ours"):
+    for which in ("naive", "ours", "compiled"):
         queue = context.Queue()
         process = context.Process(target=cpu_step_worker, args=(which, repeats, queue))
         process.start()
         results[which] = queue.get()
         process.join()
-    (t_naive, m_naive, loss_naive, g_naive), (t_ours, m_ours, loss_ours, g_ours) = (
+    (t_naive, m_naive, loss_naive, g_naive, _), (t_ours, m_ours, loss_ours, g_ours, _) = (
         results["naive"],
         results["ours"],
     )
+    t_compiled, _, loss_compiled, g_compiled, first = results["compiled"]
     loss_error = abs(loss_ours - loss_naive) / abs(loss_naive)
     grad_error = max(abs(a - b).max() / max(abs(b).max(), 1e-30) for a, b in zip(g_ours, g_naive))
     print(
@@ -153,22 +165,82 @@ def cpu_training_step(repeats):
         f"  ratio: time {t_ours / t_naive:.2f}x, peak memory {m_ours / m_naive:.2f}x "
         f"(same loss to {loss_error:.1e} relative, LoRA gradients to {grad_error:.1e})"
     )
-
-
-def decode_speed(model, policy_mode, combined, new_tokens, prompt_length=32):
-    """Tokens per second of greedy decoding after a prefill (the stop ids are ignored)."""
-    prompt = list(range(1, prompt_length + 1))
-    decoder = Decoder(
-        model, policy_mode, max_seq_len=prompt_length + new_tokens + 1, combined=combined
+    compiled_grad_error = max(
+        abs(a - b).max() / max(abs(b).max(), 1e-30) for a, b in zip(g_compiled, g_ours)
     )
-    device = next(model.parameters()).device
-    logits = decoder.feed(torch.tensor([prompt], device=device))[0]
+    print(
+        f"  ours, compiled (--compile): {t_compiled * 1000:.0f} ms, {t_ours / t_compiled:.2f}x faster than "
+        f"eager; its first step, compiling, {first:.0f} s (loss to "
+        f"{abs(loss_compiled - loss_ours) / abs(loss_ours):.1e} of eager's, LoRA gradients to "
+        f"{compiled_grad_error:.1e})"
+    )
+
+
+def bytes_read_per_step(model) -> int:
+    """The bytes of weights a decoding step reads: every matrix once (LoRA's too); the embedding is a
+    lookup of one row, unless it is also the tied LM head."""
+    tied = model.args.tie_word_embeddings
+    return sum(
+        p.numel() * p.element_size()
+        for name, p in model.named_parameters()
+        if tied or "embed_tokens" not in name
+    )
+
+
+def head_product_seconds(model, rows: int, repeats: int = 20) -> float:
+    """Seconds of the LM head's product with `rows` hidden states, the BLAS library alone: the fastest
+    of `repeats` (on a shared machine the others wait for the neighbours)."""
+    weight = model.head_weight.detach()
+    hidden = torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    weight @ hidden.T
+    times = []
+    for _ in range(repeats):
+        synchronize(model)
+        started = time.perf_counter()
+        weight @ hidden.T
+        synchronize(model)
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def read_rate_gbs(model) -> float:
+    """How fast this machine reads weights, measured: the LM head's bytes over the time of its product
+    with two rows, as a decoding step runs it (generate.next_token_logits)."""
+    weight = model.head_weight
+    return weight.numel() * weight.element_size() / head_product_seconds(model, 2) / 1e9
+
+
+def decode_speed(
+    model, policy_mode, new_tokens, batch_size=1, combined=True, compiled=False, prompt_length=32
+):
+    """(tokens per second of greedy decoding after a prefill, all rows together, in the fastest of three
+    stretches of new_tokens steps; seconds of the first one-token step, which for a compiled decoder is
+    its compilation)."""
+    prompts = torch.arange(1, prompt_length + 1).repeat(batch_size, 1)
+    needed = compiled_steps.cache_length(prompt_length + 3 * new_tokens + 2, compiled)
+    decoder = Decoder(
+        model,
+        policy_mode,
+        max_seq_len=needed,
+        combined=combined,
+        batch_size=batch_size,
+        compiled=compiled,
+    )
+    logits = decoder.feed(prompts.to(next(model.parameters()).device))
     synchronize(model)
     started = time.perf_counter()
-    for _ in range(new_tokens):
-        logits = decoder.feed(torch.tensor([[int(logits.argmax())]], device=device))[0]
+    for _ in range(2):  # warm-up: compiling, and on a GPU recording the CUDA graph
+        logits = decoder.feed(logits.argmax(-1)[:, None])
     synchronize(model)
-    return new_tokens / (time.perf_counter() - started)
+    first = time.perf_counter() - started
+    speeds = []
+    for _ in range(3):
+        started = time.perf_counter()
+        for _ in range(new_tokens):
+            logits = decoder.feed(logits.argmax(-1)[:, None])
+        synchronize(model)
+        speeds.append(batch_size * new_tokens / (time.perf_counter() - started))
+    return max(speeds), first
 
 
 def synchronize(model):
@@ -176,28 +248,39 @@ def synchronize(model):
         torch.cuda.synchronize()
 
 
-def decoding(model, new_tokens, bandwidth_gbs=None):
+def decoding(model, new_tokens, bandwidth_gbs=None, batch_sizes=(1, 8, 32)):
+    """Tokens/s at each batch size, eager and compiled, against the limit that reading the weights once
+    per step sets: at the card's stated bandwidth, or (a CPU) at the read rate measured here, now."""
     model.eval()
-    base = decode_speed(model, "base", True, new_tokens)
-    two_passes = decode_speed(model, "customised", False, new_tokens)
-    combined = decode_speed(model, "customised", True, new_tokens)
-    print(f"decoding, {new_tokens} tokens after a 32-token prompt, batch 1")
+    measured = bandwidth_gbs is None
+    rate = read_rate_gbs(model) if measured else bandwidth_gbs
+    steps_limit = rate * 1e9 / bytes_read_per_step(model)  # steps/s: batch B gives B tokens a step
     print(
-        f"  base model alone:                        {base:8.1f} tokens/s  (1.00x time per token)"
+        f"decoding, {new_tokens} greedy tokens per row after a 32-token prompt; a step reads "
+        f"{bytes_read_per_step(model) / 1e6:.0f} MB of weights, at {rate:.1f} GB/s "
+        + ("(measured now: the LM head's product)" if measured else "(the card's)")
+        + f": at most {steps_limit:.1f} steps/s, B x that in tokens/s at batch B"
     )
+    print(f"  {'':28}" + "".join(f"{f'batch {b}':>20}" for b in batch_sizes))
+    first_steps = []
+    for policy_mode, label in (("base", "base model"), ("customised", "customised, combined")):
+        for compiled in (False, True):
+            cells = ""
+            for batch_size in batch_sizes:
+                speed, first = decode_speed(
+                    model, policy_mode, new_tokens, batch_size, True, compiled
+                )
+                cells += f"{f'{speed:.1f} ({speed / (batch_size * steps_limit):.0%})':>20}"
+                if compiled:
+                    first_steps.append(f"{policy_mode} batch {batch_size} {first:.1f} s")
+            print(f"  {label + (', compiled' if compiled else ', eager'):28}{cells}")
+    two_passes, _ = decode_speed(model, "customised", new_tokens, combined=False)
+    combined, _ = decode_speed(model, "customised", new_tokens)
     print(
-        f"  customised policy, two passes per token:  {two_passes:8.1f} tokens/s  ({base / two_passes:.2f}x)"
+        f"  customised, two passes per token (adapter on, then off), eager, batch 1: {two_passes:.1f} "
+        f"tokens/s: {combined / two_passes:.2f}x the combined batch's time per token"
     )
-    print(
-        f"  customised policy, combined batch:        {combined:8.1f} tokens/s  ({base / combined:.2f}x)"
-    )
-    if bandwidth_gbs:
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        limit = bandwidth_gbs * 1e9 / weight_bytes
-        print(
-            f"  memory-bandwidth limit (weights read once per token): {limit:.1f} tokens/s; "
-            f"base reaches {base / limit:.0%}, combined {combined / limit:.0%}"
-        )
+    print(f"  compiled: first steps (compiling) {', '.join(first_steps)}")
 
 
 def batched_decoding(model, new_tokens, prompts_count=32, batch_sizes=(1, 8, 32)):
@@ -246,27 +329,17 @@ def batched_decoding(model, new_tokens, prompts_count=32, batch_sizes=(1, 8, 32)
     head_product_gains(model, batch_sizes)
 
 
-def head_product_gains(model, batch_sizes, repeats=20):
+def head_product_gains(model, batch_sizes):
     """The gain that batching can give at most where the LM head dominates: the time per prompt of the head's
     matrix product alone (the BLAS library, no model code) for a batch of B prompts against one prompt,
     with one row per prompt for the base model and two for the customised policy."""
-    weight = model.head_weight.detach()
-
-    def seconds(rows):
-        hidden = torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
-        weight @ hidden.T
-        synchronize(model)
-        started = time.perf_counter()
-        for _ in range(repeats):
-            weight @ hidden.T
-        synchronize(model)
-        return (time.perf_counter() - started) / repeats
-
     line = "  LM head product alone, per prompt against one prompt:"
     for policy_mode, rows_per_prompt in (("base", 1), ("customised", 2)):
-        alone = seconds(max(rows_per_prompt, 2))  # one row runs as two (generate.next_token_logits)
+        # one row runs as two (generate.next_token_logits)
+        alone = head_product_seconds(model, max(rows_per_prompt, 2))
         gains = ", ".join(
-            f"batch {b} {b * alone / seconds(b * rows_per_prompt):.1f}x" for b in batch_sizes[1:]
+            f"batch {b} {b * alone / head_product_seconds(model, b * rows_per_prompt):.1f}x"
+            for b in batch_sizes[1:]
         )
         line += f" {policy_mode} {gains};"
     print(line.rstrip(";"))
@@ -347,6 +420,8 @@ def preset_run(name, device, peak_tflops, bandwidth_gbs, repeats, decode_tokens)
 
 
 def main():
+    # compiling from nothing, as on a fresh machine: not from the traces of earlier runs
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="bench-inductor-"))
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

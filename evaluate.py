@@ -67,6 +67,7 @@ from qadapter_min.common import (
     run_command_line,
     write_json,
 )
+from qadapter_min.compiled import add_compile_flag
 from qadapter_min.data import (
     EncodedConversation,
     check_data_file,
@@ -190,6 +191,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=int,
         default=256,
         help="with --prompts: longest greedy reply in tokens",
+    )
+    add_compile_flag(
+        p, "each decoding step (greedy replies, the built-in checks, lm-eval's generation)"
     )
     p.add_argument(
         "--dtype",
@@ -384,6 +388,7 @@ def run_lm_eval(model, tokenizer, policy: Policy, manager, model_name: str, args
         policy,
         name=f"{model_name}+{policy.name}",
         batch_size=args.batch_size,
+        compiled=args.compile,
     )
     try:
         out = simple_evaluate(
@@ -527,7 +532,7 @@ def measure(
     if replies:
         result["reply_nll"] = reply_nll(model, policy, replies, args.batch_size)
     if world:
-        result["world"] = greedy_report(model, tokenizer, policy)
+        result["world"] = greedy_report(model, tokenizer, policy, compiled=args.compile)
     if prompts:
         result["replies"] = greedy_replies(model, tokenizer, policy, prompts, args)
     return result
@@ -549,6 +554,7 @@ def greedy_replies(model, tokenizer, policy: Policy, prompts, args) -> list[str]
             policy_mode=policy.mode,
             alpha=policy.alpha,
             alpha0=policy.alpha0,
+            compiled=args.compile,
         ):
             replies.append(tokenizer.decode(ids, skip_special_tokens=True))
         progress.advance(len(batch))

@@ -47,6 +47,7 @@ from qadapter_min.common import (
     refuse_out_of_range,
     run_command_line,
 )
+from qadapter_min.compiled import add_compile_flag
 from qadapter_min.data import REPLY_KEYS, load_prompts
 from qadapter_min.generate import generate, generate_batch
 from qadapter_min.policy import BASE, Policy, check_base, read_policy
@@ -92,6 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="weight of log pi1 in the customised policy (None: as trained)",
     )
+    add_compile_flag(p)
     p.add_argument(
         "--dtype",
         choices=["bf16", "fp32"],
@@ -202,6 +204,7 @@ def reply(model, tokenizer, messages, policy_mode, alpha, alpha0, args) -> str:
         policy_mode=policy_mode,
         alpha=alpha,
         alpha0=alpha0,
+        compiled=args.compile,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
@@ -306,6 +309,7 @@ def write_replies(items, encoded, done, out, to_stdout, model, tokenizer, policy
                     top_k=args.top_k,
                     top_p=args.top_p,
                     generators=generators,
+                    compiled=args.compile,
                 )
                 for record, reply_ids in zip(records, ids):
                     record[key] = tokenizer.decode(reply_ids)

@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from qadapter_min import UserError, run_dir, tracking
 from qadapter_min.common import Progress, choose_dtype, full, run_command_line
+from qadapter_min.compiled import compile_for_training
 from qadapter_min.data import (
     collate,
     encode_conversations,
@@ -138,6 +139,8 @@ def build_model(model_dir: Path, args, processes: Processes):
             device_ids = [processes.local_rank] if processes.device.type == "cuda" else None
             wrapped = DistributedDataParallel(model, device_ids=device_ids)
     model.gradient_checkpointing = args.grad_checkpointing
+    if args.compile:  # the forward pass traced into fused kernels (compiled.py)
+        compile_for_training(model)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     return model, wrapped, torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)

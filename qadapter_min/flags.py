@@ -14,6 +14,7 @@ from pathlib import Path
 import toyworld
 from qadapter_min import UserError, tracking
 from qadapter_min.common import HelpFormatter
+from qadapter_min.compiled import add_compile_flag
 from qadapter_min.data import check_data_file
 from qadapter_min.lora import PROJECTIONS, check_targets
 from qadapter_min.objective import CHI2_FORMS, Objective
@@ -198,6 +199,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         help="log every metrics row to this Weights & Biases project (needs wandb)",
     )
     p.add_argument("--wandb_run_name", default=None, help="with --wandb_project: the run's name")
+    add_compile_flag(p, "the model's forward pass and the built-in report's decoding")
     return p
 
 

@@ -44,10 +44,11 @@ class PolicyLM(TemplateLM):
         name: str,
         batch_size: int = 8,
         max_length: int | None = None,
+        compiled: bool = False,
     ):
         super().__init__()
         self.model, self.qtokenizer, self.policy, self.name = model, tokenizer, policy, name
-        self.batch_size = batch_size
+        self.batch_size, self.compiled = batch_size, compiled
         self.max_length = max_length or model.args.max_position_embeddings
         self._device = next(model.parameters()).device
         if dist.is_initialized():
@@ -188,6 +189,7 @@ class PolicyLM(TemplateLM):
                     top_p=top_p,
                     top_k=top_k,
                     generators=generators,
+                    compiled=self.compiled,
                     finished=(
                         lambda _, reply: any(stop in self.tok_decode(reply) for stop in until)
                     )

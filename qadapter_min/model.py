@@ -124,10 +124,12 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Keys and values of the positions decoded so far, for every layer.
+    """Keys and values of the positions decoded so far, for every layer, in buffers of a fixed size.
 
     Created by the generation code for one batch, never by the model. `length` is the number of
-    positions already stored; the model writes the next ones and then advances it.
+    positions already stored; the model writes the next ones and then advances it. Every step attends
+    over the whole buffer, masked, and `length` is a tensor: a decoding step has the same shapes and
+    the same Python values each time, so a compiled step runs again without compiling again.
     """
 
     def __init__(self, args: ModelArgs, batch_size: int, max_seq_len: int, dtype, device):
@@ -140,7 +142,7 @@ class KVCache:
         )
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self.length = 0
+        self.length = torch.zeros((), dtype=torch.long, device=device)
         # (B, max_seq_len) bool: which positions hold a token of the row (False: the left padding
         # of a prompt shorter than the batch's longest), set by the generation code; None: all do.
         self.valid = None
@@ -150,17 +152,12 @@ class KVCache:
         return self.keys.shape[3]
 
     def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, columns: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, KV, T, D) after the cached positions; return all of them (B, KV, S, D)."""
-        end = self.length + k.shape[2]
-        assert end <= self.max_seq_len, f"KV cache holds {self.max_seq_len} positions, {end} needed"
-        self.keys[layer, :, :, self.length : end] = k
-        self.values[layer, :, :, self.length : end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
-
-    def advance(self, num_positions: int):
-        self.length += num_positions
+        """Store k, v (B, KV, T, D) at columns (T,); return the whole buffers (B, KV, S, D)."""
+        self.keys[layer].index_copy_(2, columns, k)
+        self.values[layer].index_copy_(2, columns, v)
+        return self.keys[layer], self.values[layer]
 
     def keep_rows(self, rows: torch.Tensor):
         """Keep only the batch rows listed in rows (a 1-D index tensor), in that order: the others'
@@ -185,25 +182,22 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, args.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x, cos, sin, kv_cache: KVCache | None = None, columns=None) -> torch.Tensor:
+        """columns (T,): the cache columns of x's positions, with a kv_cache."""
         B, T, _ = x.shape
         H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
         q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
         v = self.v_proj(x).view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_index, k, v)  # (B, KV, S, D), S = cached + T
-        S = k.shape[2]
-        padded = kv_cache is not None and kv_cache.valid is not None
-        if S == T and not padded:  # no cached prefix, no padding: the plain causal mask
+        if kv_cache is None:  # the whole sequence at once: the plain causal mask
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:  # query i sits at column S - T + i and sees keys 0 .. S - T + i
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)  # (T, S)
-            if padded:  # and no padding key; a padding query sees itself, so no row is empty
-                columns = torch.arange(S, device=x.device)
-                itself = columns == columns[S - T :, None]  # (T, S)
-                mask = (mask & kv_cache.valid[:, None, None, :S]) | itself  # (B, 1, T, S)
+        else:  # over the whole cache: a query sees the keys at its column and before it
+            k, v = kv_cache.update(self.layer_index, k, v, columns)  # (B, KV, S, D)
+            keys = torch.arange(k.shape[2], device=x.device)
+            mask = keys <= columns[:, None]  # (T, S)
+            if kv_cache.valid is not None:  # and no padding key; a padding query sees itself
+                mask = (mask & kv_cache.valid[:, None, None, :]) | (keys == columns[:, None])
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
         return self.o_proj(y)
@@ -232,8 +226,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, cos, sin, kv_cache: KVCache | None = None) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache)
+    def forward(self, x, cos, sin, kv_cache: KVCache | None = None, columns=None) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, columns)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -269,9 +263,11 @@ class Transformer(nn.Module):
         length.
         """
         B, T = tokens.shape
+        columns = torch.arange(T, device=tokens.device)  # (T,): the cache columns written
+        if kv_cache is not None:
+            columns = columns + kv_cache.length
         if positions is None:
-            start = kv_cache.length if kv_cache is not None else 0
-            positions = torch.arange(start, start + T, device=tokens.device)  # (T,): every row's
+            positions = columns  # (T,): every row's
         # The RoPE tables are recomputed on every call (a few hundred numbers) rather than kept in a
         # buffer: they stay fp32 whatever .to(dtype) does to the module, and need no set-up after a
         # model is built on the meta device.
@@ -284,9 +280,9 @@ class Transformer(nn.Module):
             if self.gradient_checkpointing and torch.is_grad_enabled() and kv_cache is None:
                 x = checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, kv_cache)
+                x = layer(x, cos, sin, kv_cache, columns)
         if kv_cache is not None:
-            kv_cache.advance(T)
+            kv_cache.length += T
         hidden = self.norm(x)  # (B, T, C)
         return hidden if return_hidden else self.logits_from_hidden(hidden)
 

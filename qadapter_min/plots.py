@@ -115,7 +115,7 @@ def frontier_plot(front: dict, output: Path):
     for p in adapters:
         name, setting = Path(p["adapter"]).name or p["adapter"], p["name"][len(p["adapter"]) :]
         if both_knobs and p["alpha0"] is not None:  # a curve per alpha0, along the scale
-            name, setting = f"{name} a0 {p['alpha0']:g}", setting.split(" a0 ")[0]
+            name, setting = f"{name} a0 {p['alpha0']:g}", f"x{p['scale']:g}"
         curves.setdefault(name, []).append((p, setting.strip() or "as trained"))
     curves = {
         name: [(p["learned"], p["kept"], setting) for p, setting in sorted(points, key=knob)]

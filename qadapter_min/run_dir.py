@@ -54,6 +54,7 @@ MAY_DIFFER_ON_RESUME = (
     "nproc_per_node",
     "wandb_project",
     "wandb_run_name",
+    "compile",
 )
 MAX_NON_FINITE_STEPS = 3  # non-finite steps in a row that stop a run
 

@@ -21,6 +21,7 @@ def test_the_cpu_form_runs_every_part_and_writes_both_summaries(tmp_path):
         "parity",
         "step",
         "decoding",
+        "compiled",
     ]  # in the order they ran
     assert summary["torch"] and summary["python"] and summary["date"]
 
@@ -52,7 +53,17 @@ def test_the_cpu_form_runs_every_part_and_writes_both_summaries(tmp_path):
         (p, b) for p in ("base", "customised") for b in (1, 8, 32)
     ]
     assert all(0 < r["of_limit"] and r["tokens_per_s"] > 0 for r in decoding)
+    assert [r["gain_over_one_prompt"] for r in decoding if r["batch"] == 1] == [1.0, 1.0]
+
+    compiled = summary["parts"]["compiled"]
+    assert "error" not in compiled, compiled
+    assert [(r["policy"], r["batch"], r["compiled"]) for r in compiled["rows"]] == [
+        (p, b, True) for p in ("base", "customised") for b in (1, 32)
+    ]
+    assert all(r["tokens_per_s"] > 0 and r["first_call_s"] > 0 for r in compiled["rows"])
+    step = compiled["step"]
+    assert step["step_ms"] > 0 and step["eager_step_ms"] == rows[2]["step_ms"]
 
     text = (tmp_path / "summary.md").read_text()
-    for heading in ("## 1. Parity", "## 2. Training step", "## 3. Decoding"):
+    for heading in ("## 1. Parity", "## 2. Training step", "## 3. Decoding", "## 4. Compiled"):
         assert heading in text

@@ -15,7 +15,11 @@ soon as it has them, so a run cut short still reports the parts it finished:
              24 GiB memory cap (a 4090's memory), then micro-batch 4 without the cap, with and without
              checkpointing. Time, tokens/s, MFU and peak memory against the memory plan.
 3. decoding  greedy tokens/s at batch 1, 8 and 32, base model and customised policy, against the limit
-             memory bandwidth sets (each decoding step reads every weight once).
+             memory bandwidth sets (each decoding step reads every weight once), and batching's gain
+             over one prompt at a time.
+4. compiled  the same with --compile's decoding step at batch 1 and 32 (each first call compiles, and
+             is timed), and the training step of 4 pairs without checkpointing compiled (train.py
+             --compile) beside its eager time from part 2. Last: compiling takes the longest.
 
 MFU counts 6N FLOPs per token, N the base model's parameters without the embedding (a lookup, not a
 product; bench.matmul_parameters): the usual convention, and here also the real count of a step
@@ -25,8 +29,10 @@ for the base pass). With checkpointing each block runs forward once more: 8N, th
 Both overcount slightly: the objective applies the LM head at the reply positions alone.
 
 Sized for 8 minutes on one H200 from a fresh checkout: building the 8B model takes seconds, a step of 4
-pairs about a second, 64 decoding steps under a second at batch 1 to a few at batch 32; about two
-minutes in all, most of it start-up and warm-up, leaving room for a slower card.
+pairs about a second, 64 decoding steps under a second at batch 1 to a few at batch 32; parts 1-3
+about two minutes in all, most of it start-up and warm-up. Part 4 compiles five graphs (four decoding
+steps, the training step's passes) on the machine's CPUs, each about a minute for an 8B model, so the
+check ends within 8 minutes; were it cut short, the summaries already hold parts 1-3.
 """
 
 import argparse
@@ -43,7 +49,16 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import CARDS, build, matmul_parameters, our_step, pair_batch, time_step  # noqa: E402
+from bench import (  # noqa: E402
+    CARDS,
+    build,
+    bytes_read_per_step,
+    matmul_parameters,
+    our_step,
+    pair_batch,
+    time_step,
+)
+from qadapter_min.compiled import compile_for_training  # noqa: E402
 from qadapter_min.generate import generate, generate_batch  # noqa: E402
 from qadapter_min.lora import add_lora, lora_layers  # noqa: E402
 from qadapter_min.memory import PRESETS, training_memory_gib  # noqa: E402
@@ -62,6 +77,10 @@ CPU_SHAPE = ModelArgs(
     vocab_size=4096,
     rope_scaling=PRESETS["llama-3.1-8b"].rope_scaling,
 )
+STEP_4 = {
+    "micro_batch_pairs": 4,
+    "gradient_checkpointing": False,
+}  # the step the compiled one is set beside
 CAP_GIB = 23.5  # an RTX 4090's 24 GiB less about 0.5 GiB that CUDA's context takes outside PyTorch's allocator
 
 
@@ -265,10 +284,14 @@ def training_steps(
 # 3. Decoding
 
 
-def decoding(model, bandwidth_gbs: float, new_tokens: int, batch_sizes=(1, 8, 32)) -> dict:
-    """Greedy tokens/s (all rows together) for prompts of 32 tokens; the limit: every weight read once per step."""
+def decoding(
+    model, bandwidth_gbs: float, new_tokens: int, batch_sizes=(1, 8, 32), compiled=False
+) -> dict:
+    """Greedy tokens/s (all rows together) for prompts of 32 tokens, eager or compiled (--compile); the
+    limit: every weight read once per step (bench.bytes_read_per_step); batching's gain over one prompt
+    at a time; each row's first call, which for a compiled one compiles."""
     model.eval()
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weight_bytes = bytes_read_per_step(model)
     steps_per_s_limit = bandwidth_gbs * 1e9 / weight_bytes
     generator = torch.Generator().manual_seed(0)
     numbers = {"weight_gb": weight_bytes / 1e9, "new_tokens": new_tokens, "rows": []}
@@ -278,21 +301,38 @@ def decoding(model, bandwidth_gbs: float, new_tokens: int, batch_sizes=(1, 8, 32
                 torch.randint(3, model.args.vocab_size, (32,), generator=generator).tolist()
                 for _ in range(batch_size)
             ]
-            seconds = seconds_of(
-                lambda: generate_batch(
-                    model, prompts, stop_ids=[], max_new_tokens=new_tokens, policy_mode=policy_mode
-                ),
-                repeats=1,
-            )
-            tokens_per_s = batch_size * new_tokens / seconds
+
+            def work():
+                generate_batch(
+                    model,
+                    prompts,
+                    stop_ids=[],
+                    max_new_tokens=new_tokens,
+                    policy_mode=policy_mode,
+                    compiled=compiled,
+                )
+
+            synchronize()
+            started = time.perf_counter()
+            work()  # compiling, for a compiled row
+            synchronize()
+            first = time.perf_counter() - started
+            tokens_per_s = batch_size * new_tokens / seconds_of(work, repeats=1)
             limit = batch_size * steps_per_s_limit
+            alone = next(
+                (r for r in numbers["rows"] if (r["policy"], r["batch"]) == (policy_mode, 1)),
+                {"tokens_per_s": tokens_per_s},
+            )
             numbers["rows"].append(
                 {
                     "policy": policy_mode,
+                    "compiled": compiled,
                     "batch": batch_size,
                     "tokens_per_s": tokens_per_s,
                     "bandwidth_limit_tokens_per_s": limit,
                     "of_limit": tokens_per_s / limit,
+                    "gain_over_one_prompt": tokens_per_s / alone["tokens_per_s"],
+                    "first_call_s": first,
                 }
             )
     return numbers
@@ -396,15 +436,39 @@ def markdown(data: dict) -> str:
             f"{d['weight_gb']:.2f} GB of weights, "
             f"limit at {d['bandwidth_gbs']:.0f} GB/s ({d['bandwidth_source']})",
             "",
-            "| policy | batch | tokens/s | bandwidth limit | of the limit |",
-            "|---|---|---|---|---|",
+            "| policy | decoding step | batch | tokens/s | bandwidth limit | of the limit "
+            "| gain over batch 1 | first call |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         lines += [
-            f"| {r['policy']} | {r['batch']} | {r['tokens_per_s']:.1f} | {r['bandwidth_limit_tokens_per_s']:.1f} | "
-            f"{r['of_limit']:.0%} |"
+            f"| {r['policy']} | {'compiled' if r['compiled'] else 'eager'} | {r['batch']} | "
+            f"{r['tokens_per_s']:.1f} | {r['bandwidth_limit_tokens_per_s']:.1f} | {r['of_limit']:.0%} | "
+            f"{r['gain_over_one_prompt']:.1f}x | {r['first_call_s']:.1f} s |"
             for r in d["rows"]
         ]
         lines += ["", f"({d['seconds']:.0f} s)", ""]
+    if "compiled" in parts:
+        c, s = parts["compiled"], parts["compiled"]["step"]
+        lines += [
+            "## 4. Compiled (--compile): decoding, and the step of 4 pairs without checkpointing",
+            "",
+            "| policy | batch | tokens/s | of the limit | gain over batch 1 | first call (compiling) |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['policy']} | {r['batch']} | {r['tokens_per_s']:.1f} | {r['of_limit']:.0%} | "
+            f"{r['gain_over_one_prompt']:.1f}x | {r['first_call_s']:.1f} s |"
+            for r in c["rows"]
+        ]
+        eager = f", eager {s['eager_step_ms']:.0f} ms" if s["eager_step_ms"] else ""
+        lines += [
+            "",
+            f"Training step compiled: {s['step_ms']:.0f} ms{eager}; its first call, compiling, "
+            f"{s['first_call_s']:.0f} s",
+            "",
+            f"({c['seconds']:.0f} s)",
+            "",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -506,6 +570,37 @@ def main():
         }
 
     part("decoding", decode)
+
+    def compiled():
+        """Decoding at batch 1 and 32 and the step of 4 pairs without checkpointing, compiled: last, as
+        compiling takes the longest; the model stays compiled afterwards."""
+        model = held.get("model") or build(shape, device, torch.bfloat16)
+        numbers = decoding(model, bandwidth, decode_tokens, (1, 32), compiled=True)
+        eager = next(
+            (r for r in summary.data["parts"]["step"].get("rows", []) if r == {**r, **STEP_4}),
+            None,
+        )
+        compile_for_training(model.train())
+        tokens, response_mask = pair_batch(
+            shape.vocab_size, *(128, 64) if args.cpu else (512, 256), device=device, pairs=4
+        )
+        model.gradient_checkpointing = False
+        started = time.perf_counter()
+        our_step(model, tokens, response_mask)
+        synchronize()
+        first = time.perf_counter() - started
+        seconds, loss, _ = time_step(
+            our_step, model, tokens, response_mask, 1 if args.cpu else 3, synchronize
+        )
+        numbers["step"] = {
+            "step_ms": seconds * 1000,
+            "first_call_s": first,
+            "loss": loss,
+            "eager_step_ms": eager and eager.get("step_ms"),
+        }
+        return {**numbers, "bandwidth_gbs": bandwidth, "bandwidth_source": source}
+
+    part("compiled", compiled)
     print((args.out / "summary.md").read_text())
     failed = [name for name, numbers in summary.data["parts"].items() if "error" in numbers]
     if failed:

@@ -42,8 +42,11 @@ def evaluation_prompts(per_skill: int = 30, seed: int = 1234) -> list[tuple[str,
 
 
 @torch.no_grad()
-def greedy_report(model, tokenizer: Tokenizer, policy: Policy, per_skill: int = 30) -> dict:
-    """preference_rate and skill_accuracy of the policy's greedy replies, overall and per skill."""
+def greedy_report(
+    model, tokenizer: Tokenizer, policy: Policy, per_skill: int = 30, compiled: bool = False
+) -> dict:
+    """preference_rate and skill_accuracy of the policy's greedy replies, overall and per skill
+    (compiled: each decoding step through torch.compile)."""
     tasks = evaluation_prompts(per_skill)
     prompts = [
         tokenizer.encode_chat([{"role": "user", "content": question}], add_generation_prompt=True)
@@ -57,6 +60,7 @@ def greedy_report(model, tokenizer: Tokenizer, policy: Policy, per_skill: int = 
         policy_mode=policy.mode,
         alpha=policy.alpha,
         alpha0=policy.alpha0,
+        compiled=compiled,
     )
     shown, correct, counts = {}, {}, {}
     for (skill, _, answer), reply_ids in zip(tasks, replies):
@@ -96,7 +100,7 @@ def compare(model, tokenizer: Tokenizer, pad_id: int, args) -> dict:
             ]
             report[name] = {
                 "preference_accuracy": accuracy,
-                **greedy_report(model, tokenizer, policy),
+                **greedy_report(model, tokenizer, policy, compiled=args.compile),
             }
     return report
 

@@ -1,0 +1,72 @@
+"""--compile: torch.compile of the decoding step and of the training forward pass, gpt-fast's recipe.
+
+What stops plain PyTorch from running a decoding step at the speed the weights can be read is the
+Python around the kernels: a few hundred small operations launched one by one, each with its own
+overhead. torch.compile traces a step once into fused kernels (on a GPU, replayed as one CUDA graph);
+that pays only if the next step can reuse the trace, so a decoding step keeps its shapes and its Python
+values fixed from token to token:
+
+    KV cache       buffers of a fixed size, written at a tensor of columns (model.KVCache); attention
+                   runs over the whole buffer, masked, so the keys' shape does not grow
+    positions      tensors, counted outside the step (generate.Decoder)
+    finished rows  stay in the batch (a smaller batch would be a new shape) and are fed a token whose
+                   logits nobody reads
+    the prefill    runs eagerly: its length changes with every prompt
+
+So a step compiles once per batch shape, policy and adapter setting: the first call of each pays the
+compilation (measured in bench.py), and the rest run the compiled code. The shapes are compiled as
+they are, not as symbols (dynamic=False): a step traced for any batch size runs several times slower
+on a CPU. The cache's length is rounded up to a multiple of CACHE_COLUMNS, so that batches of nearby
+lengths share a compiled step.
+
+Training compiles the model's forward pass (both passes of a step, adapter on and off: two traces);
+the chunked objective (lean_head.py) stays eager: its chunks are large products already, and their
+number changes with every micro-batch.
+"""
+
+import torch
+
+CACHE_COLUMNS = 256
+COMPILED = {}  # (function, mode) -> its compiled form, shared by every decoder
+
+
+def add_compile_flag(parser, what: str = "each decoding step"):
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help=f"run {what} through torch.compile (qadapter_min/compiled.py); the first call of each "
+        f"shape pays the compilation",
+    )
+
+
+def cache_length(needed: int, compiled: bool) -> int:
+    """The KV cache's columns: as many as needed, rounded up to a multiple of CACHE_COLUMNS when
+    compiled."""
+    return -(-needed // CACHE_COLUMNS) * CACHE_COLUMNS if compiled else needed
+
+
+def compiled(function, device):
+    """function under torch.compile, for the shapes it is called with; on a GPU in "reduce-overhead"
+    mode, which replays each step as a CUDA graph: one launch instead of hundreds."""
+    mode = "reduce-overhead" if torch.device(device).type == "cuda" else None
+    if (function, mode) not in COMPILED:
+        # a trace per policy, batch shape and --scale point: more than the default limit of 8
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        COMPILED[function, mode] = torch.compile(function, mode=mode, dynamic=False)
+    return COMPILED[function, mode]
+
+
+def decoding_step(step, caches, device):
+    """The compiled form of a decoding step over these caches. A CUDA graph replays fixed addresses:
+    the caches' buffers, written in place every step, are marked as staying where they are."""
+    for cache in caches:
+        for tensor in (cache.keys, cache.values, cache.length, cache.valid):
+            if tensor is not None:
+                torch._dynamo.mark_static_address(tensor)
+    return compiled(step, device)
+
+
+def compile_for_training(model):
+    """The model's forward pass compiled in place (nn.Module.compile): train.py --compile."""
+    model.compile(mode="reduce-overhead" if next(model.parameters()).is_cuda else None)
+    return model

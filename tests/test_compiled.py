@@ -1,0 +1,85 @@
+"""--compile: compiled decoding gives eager decoding's greedy replies token for token, for every policy
+alone and batched, and a compiled training run gives an eager run's loss and adapter. Compiling costs
+seconds per trace on a CPU, so these few tests share their traces (one model shape, one cache length),
+and those that compile traces of their own are marked slow (python -m pytest -m slow runs them)."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from conftest import tiny_model_dir, write_pairs
+from qadapter_min.generate import generate, generate_batch
+from qadapter_min.lora import add_lora, lora_layers
+from qadapter_min.weights import load_model
+
+PROMPTS = [[5, 9, 14, 3, 22], [7, 8, 9], [10, 11, 12, 13, 14, 15, 16]]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory, tokenizer_file):
+    model = load_model(tiny_model_dir(tmp_path_factory.mktemp("compiled"), tokenizer_file)).eval()
+    torch.manual_seed(0)
+    add_lora(model, dropout=0.0, targets=("q_proj", "v_proj", "down_proj"))
+    with torch.no_grad():  # an adapter that moves the logits, so the three policies differ
+        for layer in lora_layers(model).values():
+            layer.lora_B.weight.normal_(0.0, 0.5)
+    return model
+
+
+# the customised policy's combined batch runs the most of the code (the adapter on half the rows, both
+# halves' logits combined); the two others compile traces of their own: slow
+@pytest.mark.parametrize(
+    "policy_mode",
+    [
+        pytest.param("base", marks=pytest.mark.slow),
+        pytest.param("adapter", marks=pytest.mark.slow),
+        "customised",
+    ],
+)
+@torch.no_grad()
+def test_compiled_greedy_replies_equal_eager_ones_alone_and_batched(model, policy_mode):
+    settings = dict(stop_ids=[], max_new_tokens=12, policy_mode=policy_mode, alpha0=0.3)
+    eager = [list(generate(model, p, **settings)) for p in PROMPTS]
+    assert len({tuple(reply) for reply in eager}) > 1  # replies that a wrong mask would change
+    assert [list(generate(model, p, **settings, compiled=True)) for p in PROMPTS] == eager
+    assert generate_batch(model, PROMPTS, **settings, compiled=True) == eager
+
+
+@torch.no_grad()
+def test_a_finished_row_stays_in_a_compiled_batch_and_the_others_decode_on(model):
+    """A stop id ends one reply early; the compiled batch keeps its row (same shapes) and the other
+    replies are those decoded alone."""
+    settings = dict(max_new_tokens=12, policy_mode="customised", alpha0=0.3)
+    free = [list(generate(model, p, stop_ids=[], **settings)) for p in PROMPTS]
+    stop = free[0][3]  # prompt 0's fourth token
+    alone = [list(generate(model, p, stop_ids=[stop], **settings)) for p in PROMPTS]
+    assert len(alone[0]) == free[0].index(stop)
+    assert generate_batch(model, PROMPTS, stop_ids=[stop], **settings, compiled=True) == alone
+
+
+@pytest.mark.slow  # compiling both passes and the backward of a step takes minutes on 2 cores
+def test_a_compiled_training_run_gives_the_loss_and_adapter_of_an_eager_one(
+    tmp_path, tokenizer_file
+):
+    model_dir = tiny_model_dir(tmp_path / "model", tokenizer_file)
+    data = write_pairs(tmp_path / "pairs.jsonl", n=8)
+    flags = ["--model", model_dir, "--data", data, "--max_steps", 3, "--batch_size", 2]
+    for name, more in (("eager", []), ("compiled", ["--compile"])):
+        train.main([str(f) for f in [*flags, "--out", tmp_path / name, *more]])
+    rows = {
+        name: [
+            json.loads(line)
+            for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        ]
+        for name in ("eager", "compiled")
+    }
+    assert abs(rows["compiled"][0]["loss"] - rows["eager"][0]["loss"]) < 1e-5
+    eager, compiled = (
+        load_file(tmp_path / name / "adapter_model.safetensors") for name in ("eager", "compiled")
+    )
+    assert eager.keys() == compiled.keys()
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], atol=1e-5, rtol=0)
