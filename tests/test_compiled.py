@@ -1,7 +1,7 @@
 """--compile: compiled decoding gives eager decoding's greedy replies token for token, for every policy
 alone and batched, and a compiled training run gives an eager run's loss and adapter. Compiling costs
-seconds per trace on a CPU, so these few tests share their traces (one model shape, one cache length),
-and those that compile traces of their own are marked slow (python -m pytest -m slow runs them)."""
+seconds per trace on a CPU: they share their traces (one model shape, one cache length), and are all
+marked slow, outside the suite's 6 minutes (python -m pytest -m slow runs them)."""
 
 import json
 
@@ -15,6 +15,7 @@ from qadapter_min.generate import generate, generate_batch
 from qadapter_min.lora import add_lora, lora_layers
 from qadapter_min.weights import load_model
 
+pytestmark = pytest.mark.slow
 PROMPTS = [[5, 9, 14, 3, 22], [7, 8, 9], [10, 11, 12, 13, 14, 15, 16]]
 
 
@@ -29,16 +30,7 @@ def model(tmp_path_factory, tokenizer_file):
     return model
 
 
-# the customised policy's combined batch runs the most of the code (the adapter on half the rows, both
-# halves' logits combined); the two others compile traces of their own: slow
-@pytest.mark.parametrize(
-    "policy_mode",
-    [
-        pytest.param("base", marks=pytest.mark.slow),
-        pytest.param("adapter", marks=pytest.mark.slow),
-        "customised",
-    ],
-)
+@pytest.mark.parametrize("policy_mode", ["base", "adapter", "customised"])
 @torch.no_grad()
 def test_compiled_greedy_replies_equal_eager_ones_alone_and_batched(model, policy_mode):
     settings = dict(stop_ids=[], max_new_tokens=12, policy_mode=policy_mode, alpha0=0.3)
@@ -60,7 +52,6 @@ def test_a_finished_row_stays_in_a_compiled_batch_and_the_others_decode_on(model
     assert generate_batch(model, PROMPTS, stop_ids=[stop], **settings, compiled=True) == alone
 
 
-@pytest.mark.slow  # compiling both passes and the backward of a step takes minutes on 2 cores
 def test_a_compiled_training_run_gives_the_loss_and_adapter_of_an_eager_one(
     tmp_path, tokenizer_file
 ):

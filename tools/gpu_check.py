@@ -1,7 +1,7 @@
 """The GPU check: one prepared command for a bare machine with one GPU, reporting what a user asks first.
 
     tools/gpu_check.sh OUT_DIR         # on a GPU: bf16 parity, the 8B step in 24 GiB, MFU, decoding
-    tools/gpu_check.sh --cpu OUT_DIR   # the same parts on the CPU at a tiny shape (a test runs it)
+    tools/gpu_check.sh --cpu OUT_DIR   # the same parts on the CPU at a tiny shape (tests run it)
 
 Its parts run in this order, and each adds its numbers to OUT_DIR/summary.json and OUT_DIR/summary.md as
 soon as it has them, so a run cut short still reports the parts it finished:
@@ -111,7 +111,7 @@ def synchronize():
 
 
 def seconds_of(work, repeats: int) -> float:
-    """Median seconds of work() after one warm-up."""
+    """Median seconds of work() after one warm-up (repeats 0: the one call's, no warm-up)."""
     times = []
     for _ in range(repeats + 1):
         synchronize()
@@ -119,7 +119,7 @@ def seconds_of(work, repeats: int) -> float:
         work()
         synchronize()
         times.append(time.perf_counter() - started)
-    return statistics.median(times[1:])
+    return statistics.median(times[1:] or times)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -312,12 +312,8 @@ def decoding(
                     compiled=compiled,
                 )
 
-            synchronize()
-            started = time.perf_counter()
-            work()  # compiling, for a compiled row
-            synchronize()
-            first = time.perf_counter() - started
-            tokens_per_s = batch_size * new_tokens / seconds_of(work, repeats=1)
+            first, again = (seconds_of(work, repeats=0) for _ in range(2))  # compiling, then not
+            tokens_per_s = batch_size * new_tokens / again
             limit = batch_size * steps_per_s_limit
             alone = next(
                 (r for r in numbers["rows"] if (r["policy"], r["batch"]) == (policy_mode, 1)),
@@ -486,6 +482,11 @@ def main():
     )
     p.add_argument("out", type=Path, help="directory for summary.json and summary.md")
     p.add_argument("--cpu", action="store_true", help="run every part on the CPU at a tiny shape")
+    p.add_argument(
+        "--no_compiled",
+        action="store_true",
+        help="leave out part 4 (compiled), which takes the longest to start",
+    )
     args = p.parse_args()
     device = "cpu" if args.cpu else "cuda"
     if device == "cuda" and not gpu():
@@ -600,7 +601,8 @@ def main():
         }
         return {**numbers, "bandwidth_gbs": bandwidth, "bandwidth_source": source}
 
-    part("compiled", compiled)
+    if not args.no_compiled:
+        part("compiled", compiled)
     print((args.out / "summary.md").read_text())
     failed = [name for name, numbers in summary.data["parts"].items() if "error" in numbers]
     if failed:
