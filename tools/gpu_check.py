@@ -530,7 +530,7 @@ def main():
         },
     )
     part("parity", lambda: parity(device))
-    shape, decode_tokens = (CPU_SHAPE, 16) if args.cpu else (PRESETS["llama-3.1-8b"], 64)
+    shape, decode_tokens = (CPU_SHAPE, 8) if args.cpu else (PRESETS["llama-3.1-8b"], 64)
     configurations = [(1, True, None if args.cpu else CAP_GIB), (4, True, None), (4, False, None)]
     held = {}
 
