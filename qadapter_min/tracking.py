@@ -37,7 +37,12 @@ def log(row: dict):
 
 
 def finish():
+    """End the run and wait for wandb's service process to write all of it: finish() alone can
+    return while the run's file is still being written."""
     global run
     if run is not None:
+        import wandb
+
         run.finish()
+        wandb.teardown()
         run = None
