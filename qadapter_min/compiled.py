@@ -22,12 +22,19 @@ lengths share a compiled step.
 Training compiles the model's forward pass (both passes of a step, adapter on and off: two traces);
 the chunked objective (lean_head.py) stays eager: its chunks are large products already, and their
 number changes with every micro-batch.
+
+BACKEND is torch.compile's backend: "inductor" generates the fused kernels, which is --compile's
+point and takes its seconds per trace (C++ built with a compiler on a CPU). "aot_eager" captures the
+same graphs, forward and backward, and runs them with PyTorch's own kernels: no code generation, so
+seconds instead of minutes, which is how the suite and the GPU check's --compile_backend check the
+capture on a small CPU.
 """
 
 import torch
 
 CACHE_COLUMNS = 256
-COMPILED = {}  # (function, mode) -> its compiled form, shared by every decoder
+BACKEND = "inductor"
+COMPILED = {}  # (function, backend, mode) -> its compiled form, shared by every decoder
 
 
 def add_compile_flag(parser, what: str = "each decoding step"):
@@ -48,12 +55,18 @@ def cache_length(needed: int, compiled: bool) -> int:
 def compiled(function, device):
     """function under torch.compile, for the shapes it is called with; on a GPU in "reduce-overhead"
     mode, which replays each step as a CUDA graph: one launch instead of hundreds."""
-    mode = "reduce-overhead" if torch.device(device).type == "cuda" else None
-    if (function, mode) not in COMPILED:
+    key = function, BACKEND, reduce_overhead(device)
+    if key not in COMPILED:
         # a trace per policy, batch shape and --scale point: more than the default limit of 8
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        COMPILED[function, mode] = torch.compile(function, mode=mode, dynamic=False)
-    return COMPILED[function, mode]
+        COMPILED[key] = torch.compile(function, backend=BACKEND, mode=key[2], dynamic=False)
+    return COMPILED[key]
+
+
+def reduce_overhead(device):
+    """inductor's mode on a GPU: "reduce-overhead" (CUDA graphs); None otherwise."""
+    cuda = torch.device(device).type == "cuda"
+    return "reduce-overhead" if cuda and BACKEND == "inductor" else None
 
 
 def decoding_step(step, caches, device):
@@ -68,5 +81,5 @@ def decoding_step(step, caches, device):
 
 def compile_for_training(model):
     """The model's forward pass compiled in place (nn.Module.compile): train.py --compile."""
-    model.compile(mode="reduce-overhead" if next(model.parameters()).is_cuda else None)
+    model.compile(backend=BACKEND, mode=reduce_overhead(next(model.parameters()).device))
     return model

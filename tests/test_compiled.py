@@ -1,22 +1,36 @@
 """--compile: compiled decoding gives eager decoding's greedy replies token for token, for every policy
-alone and batched, and a compiled training run gives an eager run's loss and adapter. Compiling costs
-seconds per trace on a CPU: they share their traces (one model shape, one cache length), and are all
-marked slow, outside the suite's 6 minutes (python -m pytest -m slow runs them)."""
+alone and batched, a decoding step compiles once per batch shape, and a compiled training run gives an
+eager run's loss and adapter.
+
+Each test runs under two of torch.compile's backends (compiled.BACKEND). aot_eager captures the
+graphs that --compile compiles, forward and backward, and runs them with PyTorch's kernels: seconds,
+in the suite. inductor is --compile itself: its code generation costs 15-40 s per trace on 2 cores,
+minutes for these tests from a cold cache, so those are marked slow (python -m pytest -m slow)."""
 
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch._dynamo.testing import CompileCounter
 
 import train
 from conftest import tiny_model_dir, write_pairs
+from qadapter_min import compiled as compiled_steps
 from qadapter_min.generate import generate, generate_batch
 from qadapter_min.lora import add_lora, lora_layers
 from qadapter_min.weights import load_model
 
-pytestmark = pytest.mark.slow
 PROMPTS = [[5, 9, 14, 3, 22], [7, 8, 9], [10, 11, 12, 13, 14, 15, 16]]
+
+
+@pytest.fixture(params=["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def backend(request, monkeypatch):
+    """compiled.BACKEND for one test, with dynamo's traces of other backends forgotten."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(compiled_steps, "BACKEND", request.param)
+    yield request.param
+    torch._dynamo.reset()
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +46,7 @@ def model(tmp_path_factory, tokenizer_file):
 
 @pytest.mark.parametrize("policy_mode", ["base", "adapter", "customised"])
 @torch.no_grad()
-def test_compiled_greedy_replies_equal_eager_ones_alone_and_batched(model, policy_mode):
+def test_compiled_greedy_replies_equal_eager_ones_alone_and_batched(model, policy_mode, backend):
     settings = dict(stop_ids=[], max_new_tokens=12, policy_mode=policy_mode, alpha0=0.3)
     eager = [list(generate(model, p, **settings)) for p in PROMPTS]
     assert len({tuple(reply) for reply in eager}) > 1  # replies that a wrong mask would change
@@ -41,7 +55,7 @@ def test_compiled_greedy_replies_equal_eager_ones_alone_and_batched(model, polic
 
 
 @torch.no_grad()
-def test_a_finished_row_stays_in_a_compiled_batch_and_the_others_decode_on(model):
+def test_a_finished_row_stays_in_a_compiled_batch_and_the_others_decode_on(model, backend):
     """A stop id ends one reply early; the compiled batch keeps its row (same shapes) and the other
     replies are those decoded alone."""
     settings = dict(max_new_tokens=12, policy_mode="customised", alpha0=0.3)
@@ -52,11 +66,31 @@ def test_a_finished_row_stays_in_a_compiled_batch_and_the_others_decode_on(model
     assert generate_batch(model, PROMPTS, stop_ids=[stop], **settings, compiled=True) == alone
 
 
+@torch.no_grad()
+def test_a_decoding_step_compiles_once_per_batch_shape(model, monkeypatch):
+    """Every step of a reply reuses one trace (the cache keeps its shapes), and so does another batch
+    of prompts of other lengths; one prompt alone is a new shape."""
+    counter = CompileCounter()  # a backend that counts the graphs it is given
+    torch._dynamo.reset()
+    monkeypatch.setattr(compiled_steps, "BACKEND", counter)
+    settings = dict(stop_ids=[], max_new_tokens=12, policy_mode="customised", compiled=True)
+    generate_batch(model, PROMPTS, **settings)
+    assert counter.frame_count == 1  # 11 one-token steps
+    generate_batch(model, [[4, *p, 6] for p in PROMPTS], **settings)
+    assert counter.frame_count == 1
+    list(generate(model, PROMPTS[0], **settings))
+    assert counter.frame_count == 2
+    torch._dynamo.reset()
+
+
 def test_a_compiled_training_run_gives_the_loss_and_adapter_of_an_eager_one(
-    tmp_path, tokenizer_file
+    tmp_path, tokenizer_file, backend
 ):
     model_dir = tiny_model_dir(tmp_path / "model", tokenizer_file)
-    data = write_pairs(tmp_path / "pairs.jsonl", n=8)
+    # one pair eight times: every micro-batch the same length, so two traces (adapter on with
+    # gradients, off without) and no recompilation for a new length
+    data = write_pairs(tmp_path / "pairs.jsonl", n=1)
+    data.write_text(data.read_text() * 8)
     flags = ["--model", model_dir, "--data", data, "--max_steps", 3, "--batch_size", 2]
     for name, more in (("eager", []), ("compiled", ["--compile"])):
         train.main([str(f) for f in [*flags, "--out", tmp_path / name, *more]])

@@ -67,14 +67,15 @@ def check_parts_1_to_3(out: Path, compiled: list[str]) -> dict:
     return summary
 
 
-def test_the_cpu_form_runs_parts_1_to_3_and_writes_both_summaries(tmp_path):
-    run_cpu_form(tmp_path, "--no_compiled")
-    check_parts_1_to_3(tmp_path, compiled=[])
-
-
-@pytest.mark.slow  # compiling five traces takes minutes on 2 cores
-def test_the_cpu_form_runs_the_compiled_part_too(tmp_path):
-    run_cpu_form(tmp_path)
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "aot_eager",  # part 4's graphs captured, run with PyTorch's kernels: seconds
+        pytest.param("inductor", marks=pytest.mark.slow),  # --compile's: 2.5 minutes on 2 cores
+    ],
+)
+def test_the_cpu_form_runs_every_part_and_writes_both_summaries(tmp_path, backend):
+    run_cpu_form(tmp_path, "--compile_backend", backend)
     summary = check_parts_1_to_3(tmp_path, compiled=["compiled"])
     rows = summary["parts"]["step"]["rows"]
     compiled = summary["parts"]["compiled"]
@@ -86,4 +87,6 @@ def test_the_cpu_form_runs_the_compiled_part_too(tmp_path):
     step = compiled["step"]
     assert step["step_ms"] > 0 and step["eager_step_ms"] == rows[2]["step_ms"]
 
-    assert "## 4. Compiled" in (tmp_path / "summary.md").read_text()
+    assert compiled["backend"] == backend
+    text = (tmp_path / "summary.md").read_text()
+    assert "## 4. Compiled" in text and f"torch.compile backend: {backend}" in text

@@ -1,7 +1,8 @@
 """The GPU check: one prepared command for a bare machine with one GPU, reporting what a user asks first.
 
     tools/gpu_check.sh OUT_DIR         # on a GPU: bf16 parity, the 8B step in 24 GiB, MFU, decoding
-    tools/gpu_check.sh --cpu OUT_DIR   # the same parts on the CPU at a tiny shape (tests run it)
+    tools/gpu_check.sh --cpu OUT_DIR   # the same parts on the CPU at a tiny shape
+    tools/gpu_check.sh --cpu --compile_backend aot_eager OUT_DIR   # the suite's run: see part 4
 
 Its parts run in this order, and each adds its numbers to OUT_DIR/summary.json and OUT_DIR/summary.md as
 soon as it has them, so a run cut short still reports the parts it finished:
@@ -19,7 +20,11 @@ soon as it has them, so a run cut short still reports the parts it finished:
              over one prompt at a time.
 4. compiled  the same with --compile's decoding step at batch 1 and 32 (each first call compiles, and
              is timed), and the training step of 4 pairs without checkpointing compiled (train.py
-             --compile) beside its eager time from part 2. Last: compiling takes the longest.
+             --compile) beside its eager time from part 2. Last: compiling takes the longest. With
+             --compile_backend aot_eager the graphs are captured as --compile captures them but run
+             with PyTorch's kernels: the part's code is checked in seconds, its times are not
+             --compile's (inductor's code generation takes 2.5 minutes for this part at --cpu's
+             shape on 2 cores).
 
 MFU counts 6N FLOPs per token, N the base model's parameters without the embedding (a lookup, not a
 product; bench.matmul_parameters): the usual convention, and here also the real count of a step
@@ -30,9 +35,10 @@ Both overcount slightly: the objective applies the LM head at the reply position
 
 Sized for 8 minutes on one H200 from a fresh checkout: building the 8B model takes seconds, a step of 4
 pairs about a second, 64 decoding steps under a second at batch 1 to a few at batch 32; parts 1-3
-about two minutes in all, most of it start-up and warm-up. Part 4 compiles five graphs (four decoding
-steps, the training step's passes) on the machine's CPUs, each about a minute for an 8B model, so the
-check ends within 8 minutes; were it cut short, the summaries already hold parts 1-3.
+about two minutes in all, most of it start-up and warm-up. Part 4 compiles six graphs (four decoding
+steps; the training step's pass with the adapter, with its backward, and without) on the machine's
+CPUs, each under a minute for an 8B model (its 32 blocks give the same kernels, generated once), so
+the check ends within 8 minutes; were it cut short, the summaries already hold parts 1-3.
 """
 
 import argparse
@@ -58,6 +64,7 @@ from bench import (  # noqa: E402
     pair_batch,
     time_step,
 )
+from qadapter_min import compiled as compiled_steps  # noqa: E402
 from qadapter_min.compiled import compile_for_training  # noqa: E402
 from qadapter_min.generate import generate, generate_batch  # noqa: E402
 from qadapter_min.lora import add_lora, lora_layers  # noqa: E402
@@ -448,6 +455,8 @@ def markdown(data: dict) -> str:
         lines += [
             "## 4. Compiled (--compile): decoding, and the step of 4 pairs without checkpointing",
             "",
+            f"torch.compile backend: {c['backend']}",
+            "",
             "| policy | batch | tokens/s | of the limit | gain over batch 1 | first call (compiling) |",
             "|---|---|---|---|---|---|",
         ]
@@ -487,7 +496,15 @@ def main():
         action="store_true",
         help="leave out part 4 (compiled), which takes the longest to start",
     )
+    p.add_argument(
+        "--compile_backend",
+        choices=("inductor", "aot_eager"),
+        default="inductor",
+        help="part 4's torch.compile backend: inductor (--compile's) or aot_eager, the same graphs "
+        "run with PyTorch's kernels, which checks the part in seconds (the suite's --cpu run)",
+    )
     args = p.parse_args()
+    compiled_steps.BACKEND = args.compile_backend
     device = "cpu" if args.cpu else "cuda"
     if device == "cuda" and not gpu():
         p.error("no GPU is visible; run on a machine with one, or add --cpu")
@@ -599,7 +616,12 @@ def main():
             "loss": loss,
             "eager_step_ms": eager and eager.get("step_ms"),
         }
-        return {**numbers, "bandwidth_gbs": bandwidth, "bandwidth_source": source}
+        return {
+            **numbers,
+            "backend": args.compile_backend,
+            "bandwidth_gbs": bandwidth,
+            "bandwidth_source": source,
+        }
 
     if not args.no_compiled:
         part("compiled", compiled)
