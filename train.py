@@ -139,7 +139,7 @@ def build_model(model_dir: Path, args, processes: Processes):
             device_ids = [processes.local_rank] if processes.device.type == "cuda" else None
             wrapped = DistributedDataParallel(model, device_ids=device_ids)
     model.gradient_checkpointing = args.grad_checkpointing
-    if args.compile:  # the forward pass traced into fused kernels (compiled.py)
+    if args.compile:  # each block traced into fused kernels (compiled.py)
         compile_for_training(model)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]

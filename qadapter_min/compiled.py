@@ -19,9 +19,14 @@ they are, not as symbols (dynamic=False): a step traced for any batch size runs 
 on a CPU. The cache's length is rounded up to a multiple of CACHE_COLUMNS, so that batches of nearby
 lengths share a compiled step.
 
-Training compiles the model's forward pass (both passes of a step, adapter on and off: two traces);
-the chunked objective (lean_head.py) stays eager: its chunks are large products already, and their
-number changes with every micro-batch.
+Training compiles each block rather than the whole model, as torchtune does: the blocks run the
+same code on their own weights, so one trace serves all of them (an 8B model's 32 blocks compile
+once, not as one graph 32 blocks long), and a layer's number, which its LoRA dropout reads, is a
+value of the trace rather than a reason for a new one. A step traces a block three ways: under the
+adapter with gradients, for the first block (its input needs none) and the others, and without
+gradients for the base pass; a second micro-batch length traces each once more, for any length. The
+embedding, the final norm and the chunked objective (lean_head.py) stay eager: the objective's chunks
+are large products already, and their number changes with every micro-batch.
 
 BACKEND is torch.compile's backend: "inductor" generates the fused kernels, which is --compile's
 point and takes its seconds per trace (C++ built with a compiler on a CPU). "aot_eager" captures the
@@ -80,6 +85,8 @@ def decoding_step(step, caches, device):
 
 
 def compile_for_training(model):
-    """The model's forward pass compiled in place (nn.Module.compile): train.py --compile."""
-    model.compile(backend=BACKEND, mode=reduce_overhead(next(model.parameters()).device))
+    """Each block's forward pass compiled in place (nn.Module.compile): train.py --compile."""
+    torch._dynamo.config.allow_unspec_int_on_nn_module = True  # LoRA's layer number: a value
+    for block in model.layers:  # no CUDA graphs: a step's launches are few beside its products,
+        block.compile(backend=BACKEND)  # and every new micro-batch length would record another
     return model

@@ -199,7 +199,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         help="log every metrics row to this Weights & Biases project (needs wandb)",
     )
     p.add_argument("--wandb_run_name", default=None, help="with --wandb_project: the run's name")
-    add_compile_flag(p, "the model's forward pass and the built-in report's decoding")
+    add_compile_flag(p, "each block's forward pass and the built-in report's decoding")
     return p
 
 

@@ -15,10 +15,11 @@ from safetensors.torch import load_file
 from torch._dynamo.testing import CompileCounter
 
 import train
-from conftest import tiny_model_dir, write_pairs
+from conftest import tiny_args, tiny_model_dir, write_pairs
 from qadapter_min import compiled as compiled_steps
 from qadapter_min.generate import generate, generate_batch
 from qadapter_min.lora import add_lora, lora_layers
+from qadapter_min.model import Transformer
 from qadapter_min.weights import load_model
 
 PROMPTS = [[5, 9, 14, 3, 22], [7, 8, 9], [10, 11, 12, 13, 14, 15, 16]]
@@ -83,12 +84,35 @@ def test_a_decoding_step_compiles_once_per_batch_shape(model, monkeypatch):
     torch._dynamo.reset()
 
 
+def test_one_trace_serves_every_block_of_a_compiled_training_step(monkeypatch):
+    """Four blocks, LoRA dropout keyed by each layer's number: a step traces a block three ways (the
+    first block's input needs no gradient, the others' do, the base pass needs none), whatever the
+    number of blocks; a second length traces each of the three once more, for every length after it."""
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    monkeypatch.setattr(compiled_steps, "BACKEND", counter)
+    torch.manual_seed(0)
+    model = Transformer(tiny_args(num_hidden_layers=4)).train()
+    add_lora(model, dropout=0.1, targets=("q_proj", "v_proj", "down_proj"))
+    for layer in lora_layers(model).values():
+        layer.dropout_keys = torch.tensor([3, 4])
+    compiled_steps.compile_for_training(model)
+    traces = []
+    for length in (20, 24, 28):
+        tokens = torch.randint(0, model.args.vocab_size, (2, length))
+        model(tokens).sum().backward()
+        with torch.no_grad():
+            model(tokens)
+        traces.append(counter.frame_count)
+    assert traces == [3, 6, 6]
+    torch._dynamo.reset()
+
+
 def test_a_compiled_training_run_gives_the_loss_and_adapter_of_an_eager_one(
     tmp_path, tokenizer_file, backend
 ):
     model_dir = tiny_model_dir(tmp_path / "model", tokenizer_file)
-    # one pair eight times: every micro-batch the same length, so two traces (adapter on with
-    # gradients, off without) and no recompilation for a new length
+    # one pair eight times: every micro-batch the same length, so no trace for a new length
     data = write_pairs(tmp_path / "pairs.jsonl", n=1)
     data.write_text(data.read_text() * 8)
     flags = ["--model", model_dir, "--data", data, "--max_steps", 3, "--batch_size", 2]

@@ -35,9 +35,9 @@ Both overcount slightly: the objective applies the LM head at the reply position
 
 Sized for 8 minutes on one H200 from a fresh checkout: building the 8B model takes seconds, a step of 4
 pairs about a second, 64 decoding steps under a second at batch 1 to a few at batch 32; parts 1-3
-about two minutes in all, most of it start-up and warm-up. Part 4 compiles six graphs (four decoding
-steps; the training step's pass with the adapter, with its backward, and without) on the machine's
-CPUs, each under a minute for an 8B model (its 32 blocks give the same kernels, generated once), so
+about two minutes in all, most of it start-up and warm-up. Part 4 compiles four decoding steps on the
+machine's CPUs, about a minute each for an 8B model (its 32 blocks give the same kernels, generated
+once), and the training step's three traces of a single block (compiled.compile_for_training), so
 the check ends within 8 minutes; were it cut short, the summaries already hold parts 1-3.
 """
 
