@@ -128,7 +128,7 @@ def test_history_recall_gives_back_the_typed_line_and_reset_forgets_the_conversa
 def test_ctrl_c_stops_a_reply_and_returns_to_the_prompt_with_the_conversation_kept(model_dir):
     """An exchange, a reply stopped by Ctrl-C, then another exchange: the last reply is the one a
     chat without the stopped exchange gives (greedy), so the conversation before it was kept."""
-    flags = ["--model", model_dir, "--temperature", 0, "--max_new_tokens", 300]
+    flags = ["--model", model_dir, "--temperature", 0, "--max_new_tokens", 150]
     terminal = Terminal(*flags)
     terminal.read_until(r"> $")
     first = reply_to(terminal, "hello")
