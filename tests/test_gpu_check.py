@@ -67,6 +67,17 @@ def check_parts_1_to_3(out: Path, compiled: list[str]) -> dict:
     return summary
 
 
+def test_a_backend_for_a_part_left_out_is_refused_before_any_work(tmp_path):
+    result = subprocess.run(
+        [str(ROOT / "tools" / "gpu_check.sh"), "--cpu", str(tmp_path / "out"), "--no_compiled"]
+        + ["--compile_backend", "aot_eager"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "--no_compiled leaves part 4 out" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     "backend",
     [

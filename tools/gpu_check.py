@@ -65,7 +65,6 @@ from bench import (  # noqa: E402
     time_step,
 )
 from qadapter_min import compiled as compiled_steps  # noqa: E402
-from qadapter_min.compiled import compile_for_training  # noqa: E402
 from qadapter_min.generate import generate, generate_batch  # noqa: E402
 from qadapter_min.lora import add_lora, lora_layers  # noqa: E402
 from qadapter_min.memory import PRESETS, training_memory_gib  # noqa: E402
@@ -504,6 +503,10 @@ def main():
         "run with PyTorch's kernels, which checks the part in seconds (the suite's --cpu run)",
     )
     args = p.parse_args()
+    if args.no_compiled and args.compile_backend != "inductor":
+        p.error(
+            "--compile_backend chooses part 4's backend and --no_compiled leaves part 4 out: pass one"
+        )
     compiled_steps.BACKEND = args.compile_backend
     device = "cpu" if args.cpu else "cuda"
     if device == "cuda" and not gpu():
@@ -598,7 +601,7 @@ def main():
             (r for r in summary.data["parts"]["step"].get("rows", []) if r == {**r, **STEP_4}),
             None,
         )
-        compile_for_training(model.train())
+        compiled_steps.compile_for_training(model.train())
         tokens, response_mask = pair_batch(
             shape.vocab_size, *(128, 64) if args.cpu else (512, 256), device=device, pairs=4
         )
