@@ -67,15 +67,56 @@ def check_parts_1_to_3(out: Path, compiled: list[str]) -> dict:
     return summary
 
 
-def test_a_backend_for_a_part_left_out_is_refused_before_any_work(tmp_path):
+@pytest.mark.parametrize(
+    "flags, said",
+    [
+        (["--no_compiled", "--compile_backend", "aot_eager"], "--no_compiled leaves part 4 out"),
+        (["--minutes", "0"], "--minutes 0: the budget must be more than 0 minutes"),
+    ],
+)
+def test_bad_flags_are_refused_before_any_work(tmp_path, flags, said):
     result = subprocess.run(
-        [str(ROOT / "tools" / "gpu_check.sh"), "--cpu", str(tmp_path / "out"), "--no_compiled"]
+        [str(ROOT / "tools" / "gpu_check.sh"), "--cpu", str(tmp_path / "out"), *flags],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and said in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_at_the_budget_the_part_running_stops_with_what_it_finished_and_the_rest_are_left_out(
+    tmp_path,
+):
+    """--minutes 0.05: the alarm rings three seconds in, in whichever part is running then (or, rarely,
+    as one part ends and the next has not begun: then none is cut and the rest are left out)."""
+    result = subprocess.run(
+        [str(ROOT / "tools" / "gpu_check.sh"), "--cpu", str(tmp_path), "--minutes", "0.05"]
         + ["--compile_backend", "aot_eager"],
         capture_output=True,
         text=True,
     )
-    assert result.returncode == 2 and "--no_compiled leaves part 4 out" in result.stderr
-    assert not (tmp_path / "out").exists()
+    parts = json.loads((tmp_path / "summary.json").read_text())["parts"]
+    assert list(parts) == ["device", "parity", "step", "decoding", "compiled"]
+    states = [
+        "cut" if "error" in p else "left out" if "left_out" in p else "done" for p in parts.values()
+    ]
+    done = states.count("done")
+    cut = list(parts)[done : done + 1] if states[done : done + 1] == ["cut"] else []
+    left_out = list(parts)[done + len(cut) :]
+    assert states == ["done"] * done + ["cut"] * len(cut) + ["left out"] * len(left_out)
+    assert cut or left_out
+    assert result.returncode == 1 and result.stderr.splitlines()[-1] == (
+        "the 0.05-minute budget (--minutes) ran out"
+        + "".join(f" in {name}" for name in cut)
+        + (f", leaving out {', '.join(left_out)}" if left_out else "")
+        + " (the summaries hold what finished)"
+    )
+    text = (tmp_path / "summary.md").read_text()
+    for name in cut:
+        assert parts[name]["error"] == "OutOfTime: stopped at the 0.05-minute budget (--minutes)"
+        assert f"**{name} stopped** after" in text
+    for name in left_out:
+        assert f"**{name} left out**: the 0.05-minute budget was spent" in text
 
 
 @pytest.mark.parametrize(

@@ -3,9 +3,10 @@
     tools/gpu_check.sh OUT_DIR         # on a GPU: bf16 parity, the 8B step in 24 GiB, MFU, decoding
     tools/gpu_check.sh --cpu OUT_DIR   # the same parts on the CPU at a tiny shape
     tools/gpu_check.sh --cpu --compile_backend aot_eager OUT_DIR   # the suite's run: see part 4
+    tools/gpu_check.sh --minutes 6 OUT_DIR   # stop at 6 minutes instead of 8, keeping what finished
 
 Its parts run in this order, and each adds its numbers to OUT_DIR/summary.json and OUT_DIR/summary.md as
-soon as it has them, so a run cut short still reports the parts it finished:
+soon as it has them (parts 3 and 4 row by row), so a run cut short still reports what it finished:
 
 1. parity    the test fixtures' logits on the device against fp32 on the CPU (max and mean absolute
              difference, top-1 agreement), the objective's loss and LoRA gradients, and greedy decoding of
@@ -38,12 +39,15 @@ pairs about a second, 64 decoding steps under a second at batch 1 to a few at ba
 about two minutes in all, most of it start-up and warm-up. Part 4 compiles four decoding steps on the
 machine's CPUs, about a minute each for an 8B model (its 32 blocks give the same kernels, generated
 once), and the training step's three traces of a single block (compiled.compile_for_training), so
-the check ends within 8 minutes; were it cut short, the summaries already hold parts 1-3.
+the check ends within 8 minutes. --minutes (8) makes sure of it, as no GPU has timed part 4 yet: at
+the deadline an alarm stops the part running, which keeps the rows it finished, and the parts after
+it are left out, each marked so in the summaries.
 """
 
 import argparse
 import json
 import platform
+import signal
 import statistics
 import sys
 import time
@@ -105,6 +109,29 @@ class Summary:
     def write(self):
         (self.out / "summary.json").write_text(json.dumps(self.data, indent=2) + "\n")
         (self.out / "summary.md").write_text(markdown(self.data))
+
+
+class OutOfTime(Exception):
+    """The --minutes budget ran out in the middle of a part."""
+
+
+class Budget:
+    """--minutes: an alarm at the deadline raises OutOfTime in the part running (outside a part it only
+    marks the budget spent), and every part after it is left out."""
+
+    def __init__(self, minutes: float):
+        self.why = f"stopped at the {minutes:g}-minute budget (--minutes)"
+        self.spent, self.in_part = False, False
+        signal.signal(signal.SIGALRM, self.ring)
+        signal.setitimer(signal.ITIMER_REAL, minutes * 60)
+
+    def ring(self, *_):
+        self.spent = True
+        if self.in_part:
+            raise OutOfTime(self.why)
+
+    def stop(self):
+        signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 def gpu() -> bool:
@@ -291,16 +318,23 @@ def training_steps(
 
 
 def decoding(
-    model, bandwidth_gbs: float, new_tokens: int, batch_sizes=(1, 8, 32), compiled=False
+    model, bandwidth, new_tokens: int, keep, batch_sizes=(1, 8, 32), compiled=False
 ) -> dict:
     """Greedy tokens/s (all rows together) for prompts of 32 tokens, eager or compiled (--compile); the
-    limit: every weight read once per step (bench.bytes_read_per_step); batching's gain over one prompt
-    at a time; each row's first call, which for a compiled one compiles."""
+    limit at bandwidth (GB/s, where the number comes from): every weight read once per step
+    (bench.bytes_read_per_step); batching's gain over one prompt at a time; each row's first call,
+    which for a compiled one compiles. keep(numbers) after each row."""
     model.eval()
     weight_bytes = bytes_read_per_step(model)
-    steps_per_s_limit = bandwidth_gbs * 1e9 / weight_bytes
+    steps_per_s_limit = bandwidth[0] * 1e9 / weight_bytes
     generator = torch.Generator().manual_seed(0)
-    numbers = {"weight_gb": weight_bytes / 1e9, "new_tokens": new_tokens, "rows": []}
+    numbers = {
+        "weight_gb": weight_bytes / 1e9,
+        "new_tokens": new_tokens,
+        "bandwidth_gbs": bandwidth[0],
+        "bandwidth_source": bandwidth[1],
+        "rows": [],
+    }
     for policy_mode in ("base", "customised"):
         for batch_size in batch_sizes:
             prompts = [
@@ -337,6 +371,7 @@ def decoding(
                     "first_call_s": first,
                 }
             )
+            keep(numbers)
     return numbers
 
 
@@ -370,10 +405,20 @@ def markdown(data: dict) -> str:
         f"{data['date']}; torch {data['torch']}, CUDA {data['cuda']}, Python {data['python']}; {stated}",
         "",
     ]
-    parts = {name: numbers for name, numbers in data["parts"].items() if "error" not in numbers}
+    parts = {  # a part that stopped keeps the rows it finished
+        name: numbers
+        for name, numbers in data["parts"].items()
+        if "rows" in numbers or not {"error", "left_out"} & numbers.keys()
+    }
     for name, numbers in data["parts"].items():
         if "error" in numbers:
-            lines += [f"**{name} failed** after {numbers['seconds']:.0f} s: {numbers['error']}", ""]
+            stopped = "stopped" if numbers["error"].startswith(OutOfTime.__name__) else "failed"
+            lines += [
+                f"**{name} {stopped}** after {numbers['seconds']:.0f} s: {numbers['error']}",
+                "",
+            ]
+        if "left_out" in numbers:
+            lines += [f"**{name} left out**: {numbers['left_out']}", ""]
     if "device" in parts:
         d = parts["device"]
         lines += [
@@ -450,7 +495,7 @@ def markdown(data: dict) -> str:
         ]
         lines += ["", f"({d['seconds']:.0f} s)", ""]
     if "compiled" in parts:
-        c, s = parts["compiled"], parts["compiled"]["step"]
+        c = parts["compiled"]
         lines += [
             "## 4. Compiled (--compile): decoding, and the step of 4 pairs without checkpointing",
             "",
@@ -462,17 +507,18 @@ def markdown(data: dict) -> str:
         lines += [
             f"| {r['policy']} | {r['batch']} | {r['tokens_per_s']:.1f} | {r['of_limit']:.0%} | "
             f"{r['gain_over_one_prompt']:.1f}x | {r['first_call_s']:.1f} s |"
-            for r in c["rows"]
+            for r in c.get("rows", [])  # none yet while the first compiles
         ]
-        eager = f", eager {s['eager_step_ms']:.0f} ms" if s["eager_step_ms"] else ""
-        lines += [
-            "",
-            f"Training step compiled: {s['step_ms']:.0f} ms{eager}; its first call, compiling, "
-            f"{s['first_call_s']:.0f} s",
-            "",
-            f"({c['seconds']:.0f} s)",
-            "",
-        ]
+        lines.append("")
+        if "step" in c:
+            s = c["step"]
+            eager = f", eager {s['eager_step_ms']:.0f} ms" if s["eager_step_ms"] else ""
+            lines += [
+                f"Training step compiled: {s['step_ms']:.0f} ms{eager}; its first call, compiling, "
+                f"{s['first_call_s']:.0f} s",
+                "",
+            ]
+        lines += [f"({c['seconds']:.0f} s)", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -502,11 +548,19 @@ def main():
         help="part 4's torch.compile backend: inductor (--compile's) or aot_eager, the same graphs "
         "run with PyTorch's kernels, which checks the part in seconds (the suite's --cpu run)",
     )
+    p.add_argument(
+        "--minutes",
+        type=float,
+        default=8.0,
+        help="stop at this many minutes, keeping what finished (default 8)",
+    )
     args = p.parse_args()
     if args.no_compiled and args.compile_backend != "inductor":
         p.error(
             "--compile_backend chooses part 4's backend and --no_compiled leaves part 4 out: pass one"
         )
+    if args.minutes <= 0:
+        p.error(f"--minutes {args.minutes:g}: the budget must be more than 0 minutes")
     compiled_steps.BACKEND = args.compile_backend
     device = "cpu" if args.cpu else "cuda"
     if device == "cuda" and not gpu():
@@ -530,26 +584,44 @@ def main():
         },
     )
 
+    budget = Budget(args.minutes)
+
     def part(name, work):
-        """Run one part and write its numbers; a part that fails is reported and the next still runs."""
+        """Run work(keep) and write its numbers, and through keep(numbers) those it has so far; a part
+        that fails is reported with what it kept and the next still runs, unless the budget is spent."""
+        if budget.spent:
+            summary.add(name, {"left_out": f"the {args.minutes:g}-minute budget was spent"})
+            return
         started = time.perf_counter()
         print(f"{name} ...", flush=True)
+        kept = {}
+
+        def keep(numbers):
+            kept.update(numbers, seconds=time.perf_counter() - started)
+            summary.add(name, kept)
+
+        budget.in_part = True
         try:
-            numbers = work()
+            numbers = work(keep)
         except Exception as error:  # noqa: BLE001 (a scarce GPU run reports what it can)
-            traceback.print_exc()
-            numbers = {"error": f"{type(error).__name__}: {error}"}
+            if budget.spent:  # the alarm's OutOfTime, perhaps wrapped by torch.compile in its own
+                what = f"{OutOfTime.__name__}: {budget.why}"
+            else:
+                traceback.print_exc()
+                what = f"{type(error).__name__}: {error}"
+            numbers = {**kept, "error": what}
+        budget.in_part = False
         numbers["seconds"] = time.perf_counter() - started
         summary.add(name, numbers)
 
     part(
         "device",
-        lambda: {
+        lambda keep: {
             "matmul_tflops": matmul_tflops(device),
             "copy_bandwidth_gbs": copy_bandwidth_gbs(device),
         },
     )
-    part("parity", lambda: parity(device))
+    part("parity", lambda keep: parity(device))
     shape, decode_tokens = (CPU_SHAPE, 8) if args.cpu else (PRESETS["llama-3.1-8b"], 64)
     configurations = [(1, True, None if args.cpu else CAP_GIB), (4, True, None), (4, False, None)]
     held = {}
@@ -561,7 +633,7 @@ def main():
         else (measured.get("matmul_tflops"), "measured bf16 product's")
     )
 
-    def step():
+    def step(keep):
         held["model"], parameters, rows = training_steps(
             shape, device, peak, 1 if args.cpu else 3, configurations, 128 if args.cpu else 512
         )
@@ -574,29 +646,26 @@ def main():
         }
 
     part("step", step)
-    bandwidth, source = (
+    bandwidth = (
         (stated_bandwidth, "stated")
         if stated_bandwidth
         else (measured.get("copy_bandwidth_gbs"), "measured by a copy")
     )
 
-    def decode():
+    def decode(keep):
         model = held.get("model") or build(
             shape, device, torch.bfloat16
         )  # built here if the step part failed
-        return {
-            **decoding(model, bandwidth, decode_tokens),
-            "bandwidth_gbs": bandwidth,
-            "bandwidth_source": source,
-        }
+        return decoding(model, bandwidth, decode_tokens, keep)
 
     part("decoding", decode)
 
-    def compiled():
+    def compiled(keep):
         """Decoding at batch 1 and 32 and the step of 4 pairs without checkpointing, compiled: last, as
         compiling takes the longest; the model stays compiled afterwards."""
         model = held.get("model") or build(shape, device, torch.bfloat16)
-        numbers = decoding(model, bandwidth, decode_tokens, (1, 32), compiled=True)
+        keep({"backend": args.compile_backend})
+        numbers = decoding(model, bandwidth, decode_tokens, keep, (1, 32), compiled=True)
         eager = next(
             (r for r in summary.data["parts"]["step"].get("rows", []) if r == {**r, **STEP_4}),
             None,
@@ -619,19 +688,26 @@ def main():
             "loss": loss,
             "eager_step_ms": eager and eager.get("step_ms"),
         }
-        return {
-            **numbers,
-            "backend": args.compile_backend,
-            "bandwidth_gbs": bandwidth,
-            "bandwidth_source": source,
-        }
+        return {**numbers, "backend": args.compile_backend}
 
     if not args.no_compiled:
         part("compiled", compiled)
+    budget.stop()
     print((args.out / "summary.md").read_text())
-    failed = [name for name, numbers in summary.data["parts"].items() if "error" in numbers]
-    if failed:
-        sys.exit(f"failed: {', '.join(failed)} (the summaries hold the errors)")
+    errors = {name: n["error"] for name, n in summary.data["parts"].items() if "error" in n}
+    cut = [name for name, error in errors.items() if error.startswith(OutOfTime.__name__)]
+    failed = [name for name in errors if name not in cut]
+    left_out = [name for name, n in summary.data["parts"].items() if "left_out" in n]
+    said = [f"failed: {', '.join(failed)} (the summaries hold the errors)"] if failed else []
+    if cut or left_out:
+        said.append(
+            f"the {args.minutes:g}-minute budget (--minutes) ran out"
+            + (f" in {cut[0]}" if cut else "")
+            + (f", leaving out {', '.join(left_out)}" if left_out else "")
+            + " (the summaries hold what finished)"
+        )
+    if said:
+        sys.exit("; ".join(said))
 
 
 if __name__ == "__main__":
