@@ -6,8 +6,11 @@ overhead. torch.compile traces a step once into fused kernels (on a GPU, replaye
 that pays only if the next step can reuse the trace, so a decoding step keeps its shapes and its Python
 values fixed from token to token:
 
-    KV cache       buffers of a fixed size, written at a tensor of columns (model.KVCache); attention
-                   runs over the whole buffer, masked, so the keys' shape does not grow
+    KV cache       a buffer of a fixed size per layer, written in place at a tensor of columns
+                   (model.KVCache); attention runs over the whole buffer, masked, so the keys' shape
+                   does not grow. (Slices of one buffer for all layers would be rewritten whole by
+                   every compiled step: the customised policy at batch 8 over 4096 columns took 113 ms a step
+                   instead of 28 on 2 CPU cores.)
     positions      tensors, counted outside the step (generate.Decoder)
     finished rows  stay in the batch (a smaller batch would be a new shape) and are fed a token whose
                    logits nobody reads
@@ -78,7 +81,7 @@ def decoding_step(step, caches, device):
     """The compiled form of a decoding step over these caches. A CUDA graph replays fixed addresses:
     the caches' buffers, written in place every step, are marked as staying where they are."""
     for cache in caches:
-        for tensor in (cache.keys, cache.values, cache.length, cache.valid):
+        for tensor in (*cache.keys, *cache.values, cache.length, cache.valid):
             if tensor is not None:
                 torch._dynamo.mark_static_address(tensor)
     return compiled(step, device)

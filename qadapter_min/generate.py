@@ -115,7 +115,7 @@ class Decoder:
         if padded:
             for cache in self.caches:
                 cache.valid = torch.zeros(
-                    cache.keys.shape[1], max_seq_len, dtype=torch.bool, device=param.device
+                    cache.rows, max_seq_len, dtype=torch.bool, device=param.device
                 )
             self.lengths = torch.zeros(batch_size, dtype=torch.long, device=param.device)
         # the first copy: Q
@@ -138,7 +138,7 @@ class Decoder:
             positions = (self.lengths[:, None] + valid.cumsum(1) - 1).clamp(min=0)
             self.lengths += valid.sum(1)
             for cache in self.caches:
-                copies = cache.keys.shape[1] // B
+                copies = cache.rows // B
                 cache.valid[:, self.written : self.written + T] = valid.repeat(copies, 1)
         self.written += T
         step = self.step if T == 1 else step_logits  # a prefill's length varies: it runs eagerly
@@ -161,13 +161,13 @@ class Decoder:
         (A compiled decoder keeps its rows instead: a smaller batch would compile again.)"""
         B = self.batch_size
         for cache in self.caches:
-            copies = cache.keys.shape[1] // B
+            copies = cache.rows // B
             # every copy of each kept row
             cache.keep_rows(torch.cat([rows + copy * B for copy in range(copies)]))
         if self.lengths is not None:
             self.lengths = self.lengths[rows]
         self.batch_size = len(rows)
-        self.adapter_rows = torch.arange(self.cache.keys.shape[1], device=rows.device) < len(rows)
+        self.adapter_rows = torch.arange(self.cache.rows, device=rows.device) < len(rows)
 
 
 def generate(
@@ -196,7 +196,7 @@ def generate(
         combined=combined,
         compiled=compiled,
     )
-    device = decoder.cache.keys.device
+    device = next(model.parameters()).device
     logits = decoder.feed(torch.tensor([prompt_ids], device=device))[0]  # prefill
     for step in range(max_new_tokens):
         token = sample_token(logits, temperature, top_k, top_p, generator)

@@ -133,23 +133,24 @@ class KVCache:
     """
 
     def __init__(self, args: ModelArgs, batch_size: int, max_seq_len: int, dtype, device):
-        shape = (
-            args.num_hidden_layers,
-            batch_size,
-            args.num_key_value_heads,
-            max_seq_len,
-            args.head_dim,
-        )
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch_size, args.num_key_value_heads, max_seq_len, args.head_dim)
+        # a buffer per layer: a compiled step writes each in place, where a layer's slice of one
+        # buffer for all layers would have torch.compile rewrite the whole of it every step
+        layers = range(args.num_hidden_layers)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
         self.length = torch.zeros((), dtype=torch.long, device=device)
         # (B, max_seq_len) bool: which positions hold a token of the row (False: the left padding
         # of a prompt shorter than the batch's longest), set by the generation code; None: all do.
         self.valid = None
 
     @property
+    def rows(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
     def max_seq_len(self) -> int:
-        return self.keys.shape[3]
+        return self.keys[0].shape[2]
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, columns: torch.Tensor
@@ -162,7 +163,7 @@ class KVCache:
     def keep_rows(self, rows: torch.Tensor):
         """Keep only the batch rows listed in rows (a 1-D index tensor), in that order: the others'
         keys, values and padding go, so later steps neither compute nor attend over them."""
-        self.keys, self.values = self.keys[:, rows], self.values[:, rows]
+        self.keys, self.values = [k[rows] for k in self.keys], [v[rows] for v in self.values]
         if self.valid is not None:
             self.valid = self.valid[rows]
 
