@@ -12,8 +12,7 @@ step) is its own. Both must give the same loss and LoRA gradients.
 Decoding (tokens per second) at batch 1, 8 and 32, eager and compiled (--compile's decoding step): the
 base model, and the customised policy's combined batch that reads the weights once (and at batch 1 its
 two passes per token, adapter on and then off), each against the limit that reading every weight once
-per step sets, at the read rate measured beside each (the LM head's product, run as many times as
-the decoding's steps right after each stretch of them: a shared machine's rate moves). The training step
+per step sets, at the read rate measured in the same run (the LM head's product). The training step
 runs compiled too (train.py --compile), in its own process; its first step's time is the compilation.
 """
 
@@ -211,38 +210,12 @@ def read_rate_gbs(model) -> float:
     return weight.numel() * weight.element_size() / head_product_seconds(model, 2) / 1e9
 
 
-def limit_seconds_now(model):
-    """A function giving the seconds that n decoding steps take at the limit, at the read rate of that
-    moment: n products of the LM head with two rows, timed, scaled from its bytes to every weight's."""
-    head = model.head_weight.detach()
-    hidden = torch.randn(2, head.shape[1], dtype=head.dtype, device=head.device)
-    every_weight = bytes_read_per_step(model) / (head.numel() * head.element_size())
-
-    def seconds(n: int) -> float:
-        synchronize(model)
-        started = time.perf_counter()
-        for _ in range(n):
-            head @ hidden.T
-        synchronize(model)
-        return every_weight * (time.perf_counter() - started)
-
-    return seconds
-
-
 def decode_speed(
-    model,
-    policy_mode,
-    new_tokens,
-    batch_size=1,
-    combined=True,
-    compiled=False,
-    prompt_length=32,
-    limit_seconds=None,
+    model, policy_mode, new_tokens, batch_size=1, combined=True, compiled=False, prompt_length=32
 ):
     """(tokens per second of greedy decoding after a prefill, all rows together, in the fastest of three
     stretches of new_tokens steps; seconds of the first one-token step, which for a compiled decoder is
-    its compilation; given limit_seconds (limit_seconds_now), the share of the limit reached: the
-    median over the stretches of limit_seconds(new_tokens), timed right after each, over its time)."""
+    its compilation)."""
     prompts = torch.arange(1, prompt_length + 1).repeat(batch_size, 1)
     needed = compiled_steps.cache_length(prompt_length + 3 * new_tokens + 2, compiled)
     decoder = Decoder(
@@ -260,17 +233,14 @@ def decode_speed(
         logits = decoder.feed(logits.argmax(-1)[:, None])
     synchronize(model)
     first = time.perf_counter() - started
-    speeds, shares = [], []
+    speeds = []
     for _ in range(3):
         started = time.perf_counter()
         for _ in range(new_tokens):
             logits = decoder.feed(logits.argmax(-1)[:, None])
         synchronize(model)
-        seconds = time.perf_counter() - started
-        speeds.append(batch_size * new_tokens / seconds)
-        if limit_seconds:
-            shares.append(limit_seconds(new_tokens) / seconds)
-    return max(speeds), first, statistics.median(shares) if shares else None
+        speeds.append(batch_size * new_tokens / (time.perf_counter() - started))
+    return max(speeds), first
 
 
 def synchronize(model):
@@ -279,9 +249,8 @@ def synchronize(model):
 
 
 def decoding(model, new_tokens, bandwidth_gbs=None, batch_sizes=(1, 8, 32)):
-    """Tokens/s at each batch size, eager and compiled, and the share reached of the limit that reading
-    the weights once per step sets: at the card's stated bandwidth, or (a CPU) at the read rate measured
-    beside each stretch of decoding (a shared machine's rate moves from second to second)."""
+    """Tokens/s at each batch size, eager and compiled, against the limit that reading the weights once
+    per step sets: at the card's stated bandwidth, or (a CPU) at the read rate measured here, now."""
     model.eval()
     measured = bandwidth_gbs is None
     rate = read_rate_gbs(model) if measured else bandwidth_gbs
@@ -291,29 +260,22 @@ def decoding(model, new_tokens, bandwidth_gbs=None, batch_sizes=(1, 8, 32)):
         f"{bytes_read_per_step(model) / 1e6:.0f} MB of weights, at {rate:.1f} GB/s "
         + ("(measured now: the LM head's product)" if measured else "(the card's)")
         + f": at most {steps_limit:.1f} steps/s, B x that in tokens/s at batch B"
-        + (
-            "; a share in brackets is of the limit at the rate measured beside that row's decoding"
-            if measured
-            else ""
-        )
     )
-    limit_seconds = limit_seconds_now(model) if measured else None
     print(f"  {'':28}" + "".join(f"{f'batch {b}':>20}" for b in batch_sizes))
     first_steps = []
     for policy_mode, label in (("base", "base model"), ("customised", "customised, combined")):
         for compiled in (False, True):
             cells = ""
             for batch_size in batch_sizes:
-                speed, first, share = decode_speed(
-                    model, policy_mode, new_tokens, batch_size, True, compiled, 32, limit_seconds
+                speed, first = decode_speed(
+                    model, policy_mode, new_tokens, batch_size, True, compiled
                 )
-                share = share or speed / (batch_size * steps_limit)
-                cells += f"{f'{speed:.1f} ({share:.0%})':>20}"
+                cells += f"{f'{speed:.1f} ({speed / (batch_size * steps_limit):.0%})':>20}"
                 if compiled:
                     first_steps.append(f"{policy_mode} batch {batch_size} {first:.1f} s")
             print(f"  {label + (', compiled' if compiled else ', eager'):28}{cells}")
-    two_passes, *_ = decode_speed(model, "customised", new_tokens, combined=False)
-    combined, *_ = decode_speed(model, "customised", new_tokens)
+    two_passes, _ = decode_speed(model, "customised", new_tokens, combined=False)
+    combined, _ = decode_speed(model, "customised", new_tokens)
     print(
         f"  customised, two passes per token (adapter on, then off), eager, batch 1: {two_passes:.1f} "
         f"tokens/s: {combined / two_passes:.2f}x the combined batch's time per token"
