@@ -146,6 +146,7 @@ class KVCache:
 
     @property
     def rows(self) -> int:
+        """The batch rows held: the customised policy's batch holds each sequence twice."""
         return self.keys[0].shape[0]
 
     @property
