@@ -108,14 +108,19 @@ def test_one_trace_serves_every_block_of_a_compiled_training_step(monkeypatch):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize(
+    "checkpointing", [[], ["--grad_checkpointing"]], ids=["plain", "checkpointed"]
+)
 def test_a_compiled_training_run_gives_the_loss_and_adapter_of_an_eager_one(
-    tmp_path, tokenizer_file, backend
+    tmp_path, tokenizer_file, backend, checkpointing
 ):
+    """With --grad_checkpointing too: the backward pass runs each compiled block again."""
     model_dir = tiny_model_dir(tmp_path / "model", tokenizer_file)
     # one pair eight times: every micro-batch the same length, so no trace for a new length
     data = write_pairs(tmp_path / "pairs.jsonl", n=1)
     data.write_text(data.read_text() * 8)
     flags = ["--model", model_dir, "--data", data, "--max_steps", 3, "--batch_size", 2]
+    flags += checkpointing
     for name, more in (("eager", []), ("compiled", ["--compile"])):
         train.main([str(f) for f in [*flags, "--out", tmp_path / name, *more]])
     rows = {
