@@ -1,6 +1,6 @@
 """--compile: compiled decoding gives eager decoding's greedy replies token for token, for every policy
-alone and batched, a decoding step compiles once per batch shape, and a compiled training run gives an
-eager run's loss and adapter.
+alone and batched, and sample.py's replies file; a decoding step compiles once per batch shape; and a
+compiled training run gives an eager run's loss and adapter, with checkpointing too.
 
 Each test runs under two of torch.compile's backends (compiled.BACKEND). aot_eager captures the
 graphs that --compile compiles, forward and backward, and runs them with PyTorch's kernels: seconds,
@@ -12,10 +12,12 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_generate import train_an_adapter, write_prompts
 from torch._dynamo.testing import CompileCounter
 
+import sample
 import train
-from conftest import tiny_args, tiny_model_dir, write_pairs
+from conftest import run_script, tiny_args, tiny_model_dir, write_pairs
 from qadapter_min import compiled as compiled_steps
 from qadapter_min.generate import generate, generate_batch
 from qadapter_min.lora import add_lora, lora_layers
@@ -53,6 +55,24 @@ def test_compiled_greedy_replies_equal_eager_ones_alone_and_batched(model, polic
     assert len({tuple(reply) for reply in eager}) > 1  # replies that a wrong mask would change
     assert [list(generate(model, p, **settings, compiled=True)) for p in PROMPTS] == eager
     assert generate_batch(model, PROMPTS, **settings, compiled=True) == eager
+
+
+def test_sample_py_with_compile_writes_the_replies_file_of_an_eager_run(
+    tmp_path, tokenizer_file, backend
+):
+    """A Q-Adapter adapter, so the customised policy's combined batch; 7 prompts in batches of 3: two
+    batch shapes, and stop ids that end replies early."""
+    _, adapter = train_an_adapter(tiny_model_dir(tmp_path / "model", tokenizer_file), tmp_path)
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 7)
+    flags = ["--adapter", adapter, "--prompts", prompts, "--batch_size", 3, "--temperature", 0]
+    flags += ["--max_new_tokens", 10]
+    for name, more in (("eager", []), ("compiled", ["--compile"])):
+        torch._dynamo.utils.counters.clear()
+        result = run_script(sample.main, *flags, *more, "--out", tmp_path / f"{name}.jsonl")
+        assert result.returncode == 0, result.stderr
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # batches of 3 and of 1
+    eager = (tmp_path / "eager.jsonl").read_text()
+    assert eager.count("\n") == 7 and (tmp_path / "compiled.jsonl").read_text() == eager
 
 
 @torch.no_grad()
