@@ -73,6 +73,7 @@ def test_sample_py_with_compile_writes_the_replies_file_of_an_eager_run(
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # batches of 3 and of 1
     eager = (tmp_path / "eager.jsonl").read_text()
     assert eager.count("\n") == 7 and (tmp_path / "compiled.jsonl").read_text() == eager
+    assert '"finish_reason": "stop"' in eager and '"finish_reason": "length"' in eager
 
 
 @torch.no_grad()
