@@ -17,6 +17,7 @@ pytest.importorskip("lm_eval", reason="the lm-eval tests need requirements-eval.
 import evaluate  # noqa: E402
 import sample  # noqa: E402
 from qadapter_min import UserError  # noqa: E402
+from qadapter_min import compiled as compiled_steps  # noqa: E402
 from qadapter_min.adapters import load_adapter  # noqa: E402
 from qadapter_min.harness import PolicyLM, cut_at_first  # noqa: E402
 from qadapter_min.lora import adapter_disabled  # noqa: E402
@@ -69,6 +70,23 @@ def test_scores_and_replies_equal_those_of_lm_evals_hugging_face_backend(tmp_pat
         assert replies == expected["tiny_gen"]  # greedy replies, cut at the first "until" string
     greedy = [r[0][1] for s in adapter["samples"]["tiny_mc"] for r in s["resps"]]
     assert any(greedy) and not all(greedy)
+
+
+def test_with_compile_the_generated_replies_are_still_lm_evals_own(tmp_path, monkeypatch):
+    """evaluate.py --compile decodes through the compiled step: under aot_eager here, which captures
+    the graphs --compile compiles (tests/test_compiled.py runs inductor too)."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(compiled_steps, "BACKEND", "aot_eager")
+    torch._dynamo.utils.counters.clear()
+    golden = json.loads((FIXTURE / "golden.json").read_text())
+    base, adapter = run_evaluate(
+        tmp_path, "--model", MODEL, "--adapter", ADAPTER, "--tasks", "tiny_gen", "--compile"
+    )
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # the base, the adapter
+    for result, expected in ((base, golden["base"]), (adapter, golden["adapter"])):
+        replies = {str(s["doc_id"]): s["resps"] for s in result["samples"]["tiny_gen"]}
+        assert replies == expected["tiny_gen"]
+    torch._dynamo.reset()
 
 
 def test_a_q_adapter_scores_every_continuation_under_the_customised_policy(tmp_path):
