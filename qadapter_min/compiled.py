@@ -8,9 +8,9 @@ values fixed from token to token:
 
     KV cache       a buffer of a fixed size per layer, written in place at a tensor of columns
                    (model.KVCache); attention runs over the whole buffer, masked, so the keys' shape
-                   does not grow. (Slices of one buffer for all layers would be rewritten whole by
-                   every compiled step: the customised policy at batch 8 over 4096 columns took 113 ms a step
-                   instead of 28 on 2 CPU cores.)
+                   does not grow. (Were the layers slices of one buffer, a compiled step would
+                   rewrite all of it: the customised policy at batch 8 over 4096 columns took
+                   113 ms a step so, 28 ms with a buffer per layer, on 2 CPU cores.)
     positions      tensors, counted outside the step (generate.Decoder)
     finished rows  stay in the batch (a smaller batch would be a new shape) and are fed a token whose
                    logits nobody reads

@@ -134,8 +134,7 @@ class KVCache:
 
     def __init__(self, args: ModelArgs, batch_size: int, max_seq_len: int, dtype, device):
         shape = (batch_size, args.num_key_value_heads, max_seq_len, args.head_dim)
-        # a buffer per layer: a compiled step writes each in place, where a layer's slice of one
-        # buffer for all layers would have torch.compile rewrite the whole of it every step
+        # a buffer per layer, which a compiled step writes in place (compiled.py says why)
         layers = range(args.num_hidden_layers)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
