@@ -15,6 +15,10 @@ What the model learned, on held-out preference pairs (--pairs, any format train.
                         for the policy pi (the base model, a DPO or SFT adapter: alpha 1, alpha0 0,
                         its log-likelihood)
   preference_margin     mean of R(chosen) - R(rejected)
+  implicit_reward_accuracy   what the policy learned relative to the base model: share of pairs with
+                        z(chosen) > z(rejected), ties counting half (the base model: 0.5), where
+                        z(y) = sum over the reply of log pi(a_t|s_t) - log pi1(a_t|s_t)
+  implicit_reward_margin     mean of z(chosen) - z(rejected)
 On the built-in world's model (held-out pairs: its test.jsonl unless --pairs), also its checks of
 greedy replies (README, "What `python train.py` shows"):
   preference_rate       share of greedy replies that take the preferred prefix, per skill
@@ -136,7 +140,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--learned",
         default=None,
         help="the frontier's metric of what was learned (None: the first of preference_rate, "
-        "preference_accuracy, win_rate measured)",
+        "implicit_reward_accuracy, win_rate measured)",
     )
     p.add_argument(
         "--kept",
@@ -154,7 +158,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--pairs",
         nargs="+",
         default=None,
-        help="held-out preference files: preference_accuracy and _margin",
+        help="held-out preference files: preference_ and implicit_reward_ accuracy and margin",
     )
     p.add_argument(
         "--domain",
@@ -612,6 +616,14 @@ def table(results: list[dict]) -> str:
             (
                 "preference margin (held out)",
                 [r["preference"]["preference_margin"] for r in results],
+            ),
+            (
+                "implicit reward accuracy (held out)",
+                [r["preference"]["implicit_reward_accuracy"] for r in results],
+            ),
+            (
+                "implicit reward margin (held out)",
+                [r["preference"]["implicit_reward_margin"] for r in results],
             ),
         ]
     if "world" in results[0]:

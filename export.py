@@ -5,11 +5,9 @@ transformers, vLLM, llama.cpp's converter and every script here.
     python export.py --adapter out --model DIR --out merged      # the base, where it is now
 
 Every adapted projection becomes W + (alpha/r) B A, in the base model's dtype; every other tensor is
-copied as stored. The base's config.json, generation_config.json and tokenizer files go beside the
-weights, in safetensors shards of at most --max_shard_size (with model.safetensors.index.json when there
-are several, as transformers' save_pretrained writes them). One tensor of the base is held at a time:
-each shard's header is planned from the base's headers, then every tensor is read, merged and appended.
-The checkpoint appears at --out only once it is whole.
+copied as stored, one tensor at a time, in safetensors shards of at most --max_shard_size
+(qadapter_min/merge.py). The base's config.json, generation_config.json and tokenizer files go beside
+the weights. The checkpoint appears at --out only once it is whole.
 
 What the export is: a DPO or SFT adapter's policy, exactly (its adapter-on model). A Q-Adapter adapter's
 policy is pi~ = softmax((Q + alpha0 log pi1) / alpha), which needs the base model beside the adapter;
@@ -17,11 +15,9 @@ the export is softmax(Q) alone, pi~ only at alpha0 0 and alpha 1 (sample.py --ad
 """
 
 import argparse
-import json
 import os
 import re
 import shutil
-import struct
 import time
 from pathlib import Path
 
@@ -44,12 +40,11 @@ from qadapter_min.common import (
 )
 from qadapter_min.data import check_data_file, collate, encode_pairs, load_pairs
 from qadapter_min.lora import adapter_disabled
+from qadapter_min.merge import write_merged_checkpoint
 from qadapter_min.objective import Objective, policy_logits
 from qadapter_min.run_dir import write_model_card
 from qadapter_min.tokenizer import Tokenizer
 from qadapter_min.weights import (
-    INDEX_FILE,
-    SINGLE_FILE,
     checkpoint_name_to_ours,
     empty_model,
     load_model,
@@ -66,8 +61,6 @@ BESIDE_THE_WEIGHTS = [  # copied from the base, where it has them
     "tokenizer_config.json",
     "special_tokens_map.json",
 ]
-DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-BYTES = {"F32": 4, "F16": 2, "BF16": 2}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -154,59 +147,6 @@ def check_base(model_dir: Path, run: dict, adapter: Path):
         )
 
 
-def plan_shards(files: dict, max_bytes: int) -> list[list[tuple[str, str, list, Path]]]:
-    """The tensors of the export, (name, dtype, shape, source file), in shards of at most max_bytes
-    (a tensor larger than that alone in its own), in the base's order."""
-    shards, size = [[]], 0
-    for path, names in files.items():
-        with open_safetensors(path) as f:
-            for name in names:
-                if name.endswith("rotary_emb.inv_freq"):  # a buffer some old checkpoints kept
-                    continue
-                view = f.get_slice(name)
-                dtype, shape = view.get_dtype(), view.get_shape()
-                if dtype not in DTYPES:
-                    raise UserError(
-                        f"{path}: tensor {name} is {dtype}; export.py merges F32, F16, BF16"
-                    )
-                nbytes = BYTES[dtype] * int(torch.Size(shape).numel())
-                if shards[-1] and size + nbytes > max_bytes:
-                    shards.append([])
-                    size = 0
-                shards[-1].append((name, dtype, shape, path))
-                size += nbytes
-    return shards
-
-
-def merged(name: str, tensor: torch.Tensor, lora: dict, scale: float) -> torch.Tensor:
-    """W + scale B A for an adapted projection, in W's dtype; any other tensor as it is."""
-    module = checkpoint_name_to_ours(name).removesuffix(".weight")
-    if module not in lora:
-        return tensor
-    A, B = lora[module]
-    return (tensor.float() + scale * (B @ A)).to(tensor.dtype)
-
-
-def write_shard(path: Path, tensors: list, lora: dict, scale: float, progress: Progress):
-    """A safetensors file written a tensor at a time: the header (each tensor's dtype, shape and byte
-    range) first, from the plan, then each tensor's bytes as it is read and merged."""
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, dtype, shape, _ in tensors:
-        nbytes = BYTES[dtype] * int(torch.Size(shape).numel())
-        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    with open(path, "wb") as out:
-        out.write(struct.pack("<Q", len(blob)) + blob)
-        for name, _, _, source in tensors:
-            with open_safetensors(source) as f:
-                tensor = merged(name, f.get_tensor(name), lora, scale)
-            out.write(tensor.contiguous().view(torch.uint8).numpy().tobytes())
-            del tensor  # the one tensor held
-            progress.advance(1)
-
-
 @torch.no_grad()
 def distance_to_the_policy(model_dir: Path, adapter: Path, objective, args) -> dict:
     """How far the export, softmax(Q), is from the policy pi~ the Q-Adapter defines: the mean over every
@@ -257,26 +197,12 @@ def main(argv=None):
     model_dir = resolve_model_dir(args.model or run["base_model"])
     check_base(model_dir, run, adapter)
     scale = config["lora_alpha"] / config["r"]
-    files = safetensors_files(model_dir)
-    shards = plan_shards(files, args.max_shard_bytes)
     started, partial = time.time(), out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)  # what an interrupted export left
     partial.mkdir()
-    progress = Progress("export", sum(len(s) for s in shards), "tensors")
-    names = (
-        [SINGLE_FILE]
-        if len(shards) == 1
-        else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    names = write_merged_checkpoint(
+        model_dir, partial, lora, scale, args.max_shard_bytes, what="export"
     )
-    for name, tensors in zip(names, shards):
-        write_shard(partial / name, tensors, lora, scale, progress)
-    if len(shards) > 1:
-        total = sum(
-            BYTES[d] * int(torch.Size(s).numel()) for shard in shards for _, d, s, _ in shard
-        )
-        weight_map = {t[0]: name for name, tensors in zip(names, shards) for t in tensors}
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (partial / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     for file in BESIDE_THE_WEIGHTS:
         if (model_dir / file).is_file():
             shutil.copyfile(model_dir / file, partial / file)

@@ -39,6 +39,7 @@ from qadapter_min.lora import add_lora, dropout_keys, keyed_dropout_masks
 from qadapter_min.memory import out_of_memory_advice, training_plan
 from qadapter_min.objective import Objective
 from qadapter_min.processes import Processes, leave_processes, start_processes
+from qadapter_min.reward import add_score_head, reward_model_pairs
 from qadapter_min.sharding import evaluation_batches, gradient_sync, load_sharded_model
 from qadapter_min.step import micro_batch_objective
 from qadapter_min.tokenizer import Tokenizer
@@ -54,7 +55,7 @@ def main(argv=None):
     processes = start_processes(args.nproc_per_node)
     tracking.start(args, processes)  # --wandb_project: every metrics row, also to W&B
     model_dir, tokenizer, train_set, eval_set = read_data(args, objective, processes)
-    model, wrapped, adamw = build_model(model_dir, args, processes)
+    model, wrapped, adamw = build_model(model_dir, args, objective, processes)
     out, start_step = Path(args.out), 0
     if checkpoint is not None:
         start_step = run_dir.restore(checkpoint, model, adamw, out, processes)
@@ -66,8 +67,10 @@ def main(argv=None):
     started, steps, pad_id = time.time(), range(start_step, total_steps), tokenizer.pad_id
     with out_of_memory_advice(memory, processes):
         train(model, wrapped, adamw, objective, train_set, eval_set, pad_id, steps, args, processes)
-    run_dir.write_outputs(model, args, total_steps, len(train_set), processes)  # only now, complete
-    processes.log(f"adapter written to {args.out}/ ({time.time() - started:.0f}s)")
+    # only now, complete
+    run_dir.write_outputs(model, args, total_steps, len(train_set), processes, model_dir, pad_id)
+    written = "reward model" if objective.name == "rm" else "adapter"
+    processes.log(f"{written} written to {args.out}/ ({time.time() - started:.0f}s)")
     report_run(model, model_dir, tokenizer, pad_id, args, processes)  # the built-in world's table
     del wrapped, adamw, model  # DDP holds the process group: let it go before the group ends
     tracking.finish()
@@ -100,6 +103,8 @@ def read_data(args, objective: Objective, processes: Processes):
             records = load_conversations(paths, args.domain, log=log)
             return encode_conversations(records, tokenizer, args.max_len, log=log)
         pairs = load_pairs(paths, args.domain, log=log)
+        if objective.name == "rm":  # each conversation to the very end that a reward model reads
+            return reward_model_pairs(pairs, tokenizer, args.max_len, log=log)
         return encode_pairs(pairs, tokenizer, args.max_len, log=log)
 
     train_set = encoded(args.data)
@@ -117,10 +122,12 @@ def read_data(args, objective: Objective, processes: Processes):
     return model_dir, tokenizer, train_set, eval_set
 
 
-def build_model(model_dir: Path, args, processes: Processes):
+def build_model(model_dir: Path, args, objective: Objective, processes: Processes):
     """The frozen base weights in the run's dtype, fp32 LoRA on the target projections (the same
-    init on every rank), what runs the adapter pass (under torchrun the DDP wrapper that syncs the
-    LoRA gradients; with --fsdp the model sharded over the ranks, sharding.py) and AdamW."""
+    init on every rank) and a reward model's score head, what runs the adapter pass (under torchrun
+    the DDP wrapper that syncs the LoRA gradients; with --fsdp the model sharded over the ranks,
+    sharding.py) and AdamW."""
+    score_head = objective.name == "rm"
     dtype = choose_dtype(args.dtype, processes.device)
     lora = dict(
         r=args.lora_r,
@@ -130,11 +137,14 @@ def build_model(model_dir: Path, args, processes: Processes):
     )
     if args.fsdp and processes.distributed:  # weights, LoRA, gradients and AdamW's state split
         torch.manual_seed(args.seed)
-        model = wrapped = load_sharded_model(model_dir, dtype, processes.device, **lora)
+        model = load_sharded_model(model_dir, dtype, processes.device, score_head, **lora)
+        wrapped = model
     else:
         model = wrapped = load_model(model_dir, dtype=dtype, device=processes.device)
         torch.manual_seed(args.seed)
         add_lora(model, **lora)
+        if score_head:
+            add_score_head(model, processes.device)
         if processes.distributed:
             device_ids = [processes.local_rank] if processes.device.type == "cuda" else None
             wrapped = DistributedDataParallel(model, device_ids=device_ids)
@@ -189,12 +199,7 @@ def train(model, wrapped, adamw, objective, train_set, eval_set, pad_id, steps, 
                     "tokens_per_s": tokens_per_s,
                 }
                 eta = eta_seconds(steps, done, train_seconds, eval_seconds, evals, eval_set, args)
-                shown = ""
-                if objective.on_pairs:
-                    shown = (
-                        f" | preference_accuracy {means['preference_accuracy']:.2f} "
-                        f"| preference_margin {means['preference_margin']:.3f}"
-                    )
+                shown = "".join(f" | {n} {means[n]:.3f}" for n in shown_metrics(objective))
                 processes.log(
                     f"step {done}/{total_steps} | loss {means['loss']:.4f}{shown} | "
                     f"{tokens_per_s:.0f} tokens/s | ETA {eta:.0f}s"
@@ -205,9 +210,7 @@ def train(model, wrapped, adamw, objective, train_set, eval_set, pad_id, steps, 
                 results = evaluate(model, objective, eval_set, pad_id, args, processes)
                 row = {"step": done, **results}
                 eval_seconds, evals = eval_seconds + time.time() - eval_started, evals + 1
-                shown = ""
-                if objective.on_pairs:
-                    shown = f" | eval_preference_accuracy {row['eval_preference_accuracy']:.2f}"
+                shown = "".join(f" | {n} {row[n]:.3f}" for n in list(row)[2:])
                 processes.log(
                     f"step {done}/{total_steps} | eval_loss {row['eval_loss']:.4f}{shown}"
                 )
@@ -258,10 +261,10 @@ def run_micro_batches(model, wrapped, objective, train_set, pairs, step, pad_id,
 
 
 def evaluate(model, objective, eval_set, pad_id, args, processes: Processes) -> dict:
-    """eval_loss, eval_preference_accuracy and eval_preference_margin (means over the eval pairs),
-    each rank taking its share of the micro-batches (sharding.evaluation_batches)."""
+    """eval_loss and eval_ of the shown metrics (means over the eval pairs), each rank taking its
+    share of the micro-batches (sharding.evaluation_batches)."""
     model.eval()
-    names = ("loss", "preference_accuracy", "preference_margin")[: 3 if objective.on_pairs else 1]
+    names = ("loss", *shown_metrics(objective))
     totals = torch.zeros(len(names) + 1, device=processes.device)  # sums over pairs, then pairs
     rank, world_size = processes.rank, processes.world_size
     with torch.no_grad():
@@ -277,6 +280,11 @@ def evaluate(model, objective, eval_set, pad_id, args, processes: Processes) -> 
         dist.all_reduce(totals)
     model.train()
     return {f"eval_{name}": (totals[i] / totals[-1]).item() for i, name in enumerate(names)}
+
+
+def shown_metrics(objective: Objective) -> tuple[str, ...]:
+    """How the model scores pairs, beside the loss on the log line and in the eval rows."""
+    return tuple(n for n in objective.metric_names if n.endswith(("accuracy", "margin")))
 
 
 def eta_seconds(steps, done, train_seconds, eval_seconds, evals, eval_set, args) -> float:

@@ -178,4 +178,9 @@ def load_run_config(adapter_dir) -> dict:
     ]
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}; train the adapter again")
+    if config["objective"] == "rm":
+        raise UserError(
+            f"{adapter_dir} holds a reward model (train.py --objective rm), not an adapter; "
+            f"evaluate.py judges replies with it as --reward_model {adapter_dir}"
+        )
     return config

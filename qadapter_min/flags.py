@@ -49,8 +49,8 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         "--eval_data",
         nargs="+",
         default=None,
-        help="held-out preference files for the eval rows (eval_loss, eval_preference_accuracy, "
-        "eval_preference_margin)",
+        help="held-out preference files for the eval rows (eval_loss, and the preference and implicit "
+        "reward accuracies and margins)",
     )
     p.add_argument(
         "--out",
@@ -64,10 +64,12 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--objective",
-        choices=["qadapter", "dpo", "sft"],
+        choices=["qadapter", "dpo", "sft", "rm"],
         default=Objective.name,
         help='Q-Adapter, or a baseline: DPO, or SFT on the chosen replies (or on {"messages"} '
-        "records); the flags marked Q-Adapter: or DPO: are refused with the other objectives",
+        "records); or rm, a reward model that judges replies (a score head on the base model, "
+        "written whole: reward.py); the flags marked Q-Adapter: or DPO: are refused with the "
+        "other objectives",
     )
     p.add_argument(
         "--alpha",

@@ -7,6 +7,7 @@ log pi1 inside pi~. The base model is a point too (scale 0 of a DPO or SFT adapt
 
 The metrics, by the names --learned and --kept take (each from what evaluate.py measured):
     preference_accuracy, preference_margin   held-out pairs (--pairs)             higher is better
+    implicit_reward_accuracy, _margin        the same pairs, relative to the base  higher is better
     preference_rate, skill_accuracy          the built-in world's greedy checks   higher is better
     reply_nll                                NLL per reply token (--reply_nll)    lower is better
     reward, win_rate                         judged replies (--reward_model)      higher is better
@@ -23,6 +24,8 @@ from qadapter_min.common import format_table
 METRICS = {
     "preference_accuracy": ("preference", "preference_accuracy", True),
     "preference_margin": ("preference", "preference_margin", True),
+    "implicit_reward_accuracy": ("preference", "implicit_reward_accuracy", True),
+    "implicit_reward_margin": ("preference", "implicit_reward_margin", True),
     "preference_rate": ("world", "preference_rate", True),
     "skill_accuracy": ("world", "skill_accuracy", True),
     "reply_nll": ("reply_nll", "nll_per_token", False),
@@ -74,14 +77,14 @@ HOW = {
 
 def default_metrics(measured: set[str], tasks) -> tuple[str | None, str | None]:
     """(learned, kept) for what is measured: on the built-in world its preference rate and skill
-    accuracy; on real data held-out preference accuracy (or the judged win rate), and the reply NLL (or
+    accuracy; on real data held-out implicit reward accuracy (or the judged win rate), and the reply NLL (or
     the first lm-eval task's first metric)."""
     learned = next(
         (
             m
             for m, asked in [
                 ("preference_rate", "world"),
-                ("preference_accuracy", "preference"),
+                ("implicit_reward_accuracy", "preference"),
                 ("win_rate", "reward"),
             ]
             if asked in measured

@@ -23,7 +23,7 @@ the loss and the gradients equal objective.loss_from_logits's on full logits, in
 
 import torch
 
-from qadapter_min.objective import Objective, sequence_lengths
+from qadapter_min.objective import Objective, sequence_lengths, taken_log_prob
 
 CHUNK_SIZE = 256  # scored positions per chunk: five fp32 (256, V) tensors live at once (memory.py)
 
@@ -42,22 +42,19 @@ class ChunkedTokenValues(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             h, a = hidden[start : start + chunk_size], actions[start : start + chunk_size, None]
             z = (h @ weight.T).float()  # (n, V) Q(s_t, .)
+            log_pi1_taken = torch.zeros_like(z[:, 0])
             if base_hidden is None:  # SFT: no base model term (alpha0 0)
-                log_pi1 = torch.zeros_like(z[:, :1])
                 combined = z / alpha
             else:
-                log_pi1 = (
-                    (base_hidden[start : start + chunk_size] @ weight.T).float().log_softmax(-1)
-                )
-                combined = (z + alpha0 * log_pi1) / alpha  # (n, V)
+                base_z = (base_hidden[start : start + chunk_size] @ weight.T).float()  # (n, V)
+                log_pi1_taken = taken_log_prob(base_z, a)
+                combined = (z + alpha0 * base_z.log_softmax(-1)) / alpha  # (n, V)
+                del base_z
             log_normaliser = torch.logsumexp(combined, dim=-1, keepdim=True)  # (n, 1)
             v = alpha * log_normaliser.squeeze(-1)  # V(s_t), equation (2)
             q_taken = z.gather(-1, a).squeeze(-1)  # Q(s_t, a_t)
             p = (combined - log_normaliser).exp_()  # p_t, in place: (n, V)
             expected_rows.append(p.to(weight.dtype) @ weight)  # W^T p_t (n, C)
-            log_pi1_taken = torch.zeros_like(v)
-            if base_hidden is not None:
-                log_pi1_taken = log_pi1.gather(-1, a).squeeze(-1)
             outputs.append(torch.stack([q_taken, v, log_pi1_taken]))
         ctx.save_for_backward(torch.cat(expected_rows), weight, actions)
         ctx.hidden_dtype = hidden.dtype

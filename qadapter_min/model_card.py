@@ -1,6 +1,7 @@
-"""The model card, README.md, that train.py writes beside an adapter and export.py beside a merged
-model: the Hub's metadata block, then what the model is, the policy it defines and how to sample it,
-what it was trained on, its last numbers, and the command that made it."""
+"""The model card, README.md, that train.py writes beside an adapter or a reward model and export.py
+beside a merged model: the Hub's metadata block, then what the model is, the policy it defines and how
+to sample it (or how a reward model scores), what it was trained on, its last numbers, and the command
+that made it."""
 
 import shlex
 
@@ -11,6 +12,18 @@ POLICIES = {
     ),
     "dpo": "the adapter-on model, softmax(logits), as any LoRA loader gives it",
     "sft": "the adapter-on model, softmax(logits), as any LoRA loader gives it",
+}
+REWARD_MODEL = (
+    "In transformers' LlamaForSequenceClassification layout, its LoRA merged into the "
+    "base weights: the reward of a conversation is score.weight @ h, h the final hidden state at its "
+    "last token, trained on preference pairs with the Bradley-Terry loss -log sigmoid(r(y_w) - r(y_l))."
+)
+
+
+KINDS = {
+    (False, False): "A LoRA adapter",
+    (True, False): "A merged model",
+    (False, True): "A reward model",
 }
 
 
@@ -34,32 +47,41 @@ def model_card(
     """config: qadapter_config.json; metrics: metrics.jsonl's rows; defaults: train.py's flag defaults;
     out: the adapter's directory (for an export, the adapter it was made from)."""
     args, name = config.get("args"), config["objective"]
+    merged = exported or name == "rm"  # weights of its own, not an adapter
     last = next((row for row in reversed(metrics) if "loss" in row), {})
     evaluated = next((row for row in reversed(metrics) if "eval_loss" in row), {})
     settings = {"qadapter": ("alpha", "alpha0", "beta", "gamma", "chi2"), "dpo": ("dpo_beta",)}
     lines = [
         "---",
         f"base_model: {config['base_model']}",
-        f"library_name: {'transformers' if exported else 'peft'}",
+        f"library_name: {'transformers' if merged else 'peft'}",
         "tags:",
         "- qadapter-min",
         "- lora",
         f"- {name}",
         "---",
         "",
-        f"# {'A merged model' if exported else 'A LoRA adapter'} of {config['base_model']}, trained with {name}",
+        f"# {KINDS[exported, name == 'rm']} of {config['base_model']}, trained with {name}",
         "",
         "Made with qadapter-min. "
         + (
             f"The adapter of `{out}` merged into the base weights, W + (alpha/r) B A: a plain model."
             if exported
+            else REWARD_MODEL
+            if name == "rm"
             else "An adapter in PEFT's layout, with qadapter_config.json beside it."
         ),
         "",
-        "## The policy",
-        "",
-        f"The adapter defines {POLICIES[name]}.",
     ]
+    if name == "rm":
+        lines += [
+            "## Judging replies",
+            "",
+            f"`python evaluate.py --prompts FILE --reward_model {out}` judges every model's greedy "
+            f"replies with it; transformers' AutoModelForSequenceClassification loads it as it is.",
+        ]
+    else:
+        lines += ["## The policy", "", f"The adapter defines {POLICIES[name]}."]
     if name == "qadapter":
         lines += [
             f"Sample it with `python sample.py --adapter {out}` (alpha {config['alpha']:g}, alpha0 "
@@ -71,7 +93,7 @@ def model_card(
                 "is pi~ only at alpha 1 and alpha0 0."
             ),
         ]
-    else:
+    elif name != "rm":
         lines.append(f"Sample it with `python sample.py --adapter {out}`, or any LoRA loader.")
     lines += [
         "",

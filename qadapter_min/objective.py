@@ -38,14 +38,18 @@ import torch
 import torch.nn.functional as F
 
 CHI2_FORMS = ("authors", "bellman")  # what the chi2 term squares: (3)'s r_t, or (7')'s r'_t
-METRIC_NAMES = ("loss", "pref_loss", "chi2_loss", "preference_accuracy", "preference_margin")
+# how the policy trained scores each pair, by R and by z (Objective.loss); then all a step logs
+PAIR_METRICS = ("preference_accuracy", "preference_margin")
+PAIR_METRICS += ("implicit_reward_accuracy", "implicit_reward_margin")
+METRIC_NAMES = ("loss", "pref_loss", "chi2_loss", *PAIR_METRICS)
+REWARD_MODEL_METRICS = ("loss", "reward_accuracy", "reward_margin")  # reward.py's
 
 
 @dataclass(frozen=True)
 class Objective:
     """What a run optimises: train.py's flags of these names, and qadapter_config.json's keys."""
 
-    name: str = "qadapter"  # "qadapter", or a baseline: "dpo", "sft" (the key "objective")
+    name: str = "qadapter"  # "qadapter", a baseline "dpo", "sft", or "rm" (the key "objective")
     alpha: float = 1.0  # (1): temperature of the customised policy
     alpha0: float = 0.01  # (1): weight of the base model's log-probabilities (the paper's lambda)
     beta: float = 0.1  # (7): weight of the chi2 term
@@ -68,7 +72,7 @@ class Objective:
 
     @property
     def on_pairs(self) -> bool:
-        """Q-Adapter and DPO learn from pairs and the base model; SFT from replies alone."""
+        """Q-Adapter, DPO and a reward model learn from pairs; SFT from replies alone."""
         return self.name != "sft"
 
     @property
@@ -80,7 +84,8 @@ class Objective:
     def metric_names(self) -> tuple[str, ...]:
         """What a training step logs (SFT: its loss alone)."""
         dpo = tuple(name for name in METRIC_NAMES if name != "chi2_loss")  # DPO has no chi2 term
-        return {"qadapter": METRIC_NAMES, "dpo": dpo}.get(self.name, METRIC_NAMES[:1])
+        names = {"qadapter": METRIC_NAMES, "dpo": dpo, "rm": REWARD_MODEL_METRICS}
+        return names.get(self.name, METRIC_NAMES[:1])
 
     @property
     def temperatures(self) -> tuple[float, float]:
@@ -91,12 +96,11 @@ class Objective:
         """(loss, metrics) from Q(s_t, a_t), V(s_t) (2B, T-1), both with gradient, log pi1(a_t|s_t)
         and scored (2B, T-1), True where a_t is a reply token; lengths (2B,): unpadded lengths.
 
-        Beside each objective's own terms, the metrics hold `rewards` (2B,), each reply's implicit
-            R(y) = sum over its actions of alpha log pi(a_t|s_t) - alpha0 log pi1(a_t|s_t)
-        for the policy trained (pi~, where R is (4) at gamma 1; DPO's model at alpha 1, alpha0 0: its
-        log-likelihood, as any plain model's), with preference_accuracy (share of pairs with
-        R(y_w) > R(y_l)) and preference_margin (mean R(y_w) - R(y_l)): one definition for all.
-        """
+        The metrics score each reply under the policy trained, pi (pi~ for Q-Adapter, DPO's adapter
+        on), summed over its actions: `rewards` R = alpha log pi - alpha0 log pi1 ((4) at gamma 1),
+        and `implicit_rewards` z = log pi - log pi1, learning measured from the base model as TRL
+        measures DPO's (its reward over beta); each with the share of pairs whose chosen reply scores
+        higher (_accuracy; for z a tie counts half: the base model's is 0.5) and the mean gap."""
         if not self.on_pairs:  # rows are single conversations, without the base model
             return sft_loss(q_taken - v, scored), {}
         if self.name == "qadapter":
@@ -106,14 +110,14 @@ class Objective:
             loss, metrics = dpo_loss(q_taken - v, log_pi1, scored, self.dpo_beta)
             log_pi = q_taken - v
         alpha, alpha0 = self.temperatures  # DPO: (1, 0)
-        rewards = torch.where(scored, alpha * log_pi.detach() - alpha0 * log_pi1, 0.0)
-        rewards = rewards.sum(dim=1)  # (2B,)
-        chosen, rejected = rewards.chunk(2)
-        metrics.update(
-            rewards=rewards,
-            preference_accuracy=(chosen > rejected).float().mean(),
-            preference_margin=(chosen - rejected).mean(),
-        )
+        log_pi = log_pi.detach()
+        R = torch.where(scored, alpha * log_pi - alpha0 * log_pi1, 0.0).sum(dim=1)  # (2B,)
+        z = torch.where(scored, log_pi - log_pi1, 0.0).sum(dim=1)  # (2B,)
+        (R_w, R_l), (z_w, z_l) = R.chunk(2), z.chunk(2)
+        metrics.update(rewards=R, implicit_rewards=z, preference_margin=(R_w - R_l).mean())
+        metrics.update(preference_accuracy=(R_w > R_l).float().mean())
+        metrics.update(implicit_reward_accuracy=((z_w > z_l) + 0.5 * (z_w == z_l)).mean())
+        metrics.update(implicit_reward_margin=(z_w - z_l).mean())
         return loss, metrics
 
 
@@ -143,8 +147,6 @@ def qadapter_loss(q_taken, v, scored, lengths, objective: Objective):
     metrics = {
         "pref_loss": pref_loss.mean().detach(),
         "chi2_loss": chi2_loss.mean().detach(),  # (7), (B,) before the mean
-        "accuracy": (R_chosen > R_rejected).float().mean(),
-        "margin": (R_chosen - R_rejected).mean().detach(),
     }
     return loss, metrics
 
@@ -154,17 +156,10 @@ def dpo_loss(log_pi, reference_log_pi, scored, beta: float):
     -log sigmoid(beta * ((log pi(y_w) - ref(y_w)) - (log pi(y_l) - ref(y_l)))), where log pi(y) sums
     the reply's log pi(a_t|s_t) (2B, T-1). (loss, metrics)."""
     B = log_pi.shape[0] // 2
-    policy = torch.where(scored, log_pi, 0.0).sum(dim=1)  # (2B,) log-probability of each reply
-    reference = torch.where(scored, reference_log_pi, 0.0).sum(dim=1)
-    reward = beta * (policy - reference)  # DPO's implicit reward
-    margin = reward[:B] - reward[B:]
-    loss = -F.logsigmoid(margin).mean()
-    metrics = {
-        "pref_loss": loss.detach(),
-        "accuracy": (margin > 0).float().mean(),
-        "margin": margin.mean().detach(),
-    }
-    return loss, metrics
+    # (2B,) DPO's implicit reward, beta (log pi(y) - ref(y)) (Objective.loss: z = it over beta)
+    reward = beta * torch.where(scored, log_pi - reference_log_pi, 0.0).sum(dim=1)
+    loss = -F.logsigmoid(reward[:B] - reward[B:]).mean()
+    return loss, {"pref_loss": loss.detach()}
 
 
 def sft_loss(log_pi, scored) -> torch.Tensor:
@@ -187,11 +182,16 @@ def token_values(logits, base_logits, tokens, objective: Objective):
     (1)-(2) read at the objective's temperatures; base_logits None: no base model (SFT)."""
     alpha, alpha0 = objective.temperatures
     q, actions = logits[:, :-1].float(), tokens[:, 1:, None]
-    log_pi1 = torch.zeros_like(q)
-    if base_logits is not None:
-        log_pi1 = base_logits[:, :-1].float().log_softmax(dim=-1).detach()  # pi1 is fixed
+    base = torch.zeros_like(q) if base_logits is None else base_logits[:, :-1].float().detach()
+    log_pi1 = base.log_softmax(dim=-1)  # pi1 is fixed (SFT has none: alpha0 0 leaves it out)
     v = alpha * torch.logsumexp((q + alpha0 * log_pi1) / alpha, dim=-1)  # (2): through every Q
-    return q.gather(-1, actions).squeeze(-1), v, log_pi1.gather(-1, actions).squeeze(-1)
+    return q.gather(-1, actions).squeeze(-1), v, taken_log_prob(base, actions)
+
+
+def taken_log_prob(logits: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[a], (..., V), (..., 1) -> (...), computed as log pi = Q - V is (a policy
+    equal to the base model then has z = 0 exactly; log_softmax rounds otherwise)."""
+    return logits.gather(-1, actions).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def loss_from_logits(logits, base_logits, tokens, response_mask, objective=Objective()):

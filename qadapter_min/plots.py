@@ -22,9 +22,17 @@ PANELS = {
     "chi2_loss": "chi2 loss",
     "preference_accuracy": "preference accuracy (training batch)",
     "preference_margin": "preference margin (training batch)",
+    "implicit_reward_accuracy": "implicit reward accuracy (training batch)",
+    "implicit_reward_margin": "implicit reward margin (training batch)",
+    "reward_accuracy": "reward model accuracy (training batch)",
+    "reward_margin": "reward model margin (training batch)",
     "eval_loss": "eval loss",
     "eval_preference_accuracy": "eval preference accuracy",
     "eval_preference_margin": "eval preference margin",
+    "eval_implicit_reward_accuracy": "eval implicit reward accuracy",
+    "eval_implicit_reward_margin": "eval implicit reward margin",
+    "eval_reward_accuracy": "eval reward model accuracy",
+    "eval_reward_margin": "eval reward model margin",
     "lr": "learning rate",
 }
 

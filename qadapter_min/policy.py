@@ -7,12 +7,15 @@ A base model with an adapter on it defines a policy by the objective the adapter
 (the "customised", "adapter" and "base" modes of generate.py). The measurements:
 
     log_probs            log pi(a_t | s_t) of given tokens, for lm-eval's log-likelihoods
-    preference_metrics   accuracy and margin of the implicit reward R on held-out pairs
+    preference_metrics   how the policy scores held-out pairs, by R and by z
 
 R(y) = sum over the reply of alpha log pi(a_t|s_t) - alpha0 log pi1(a_t|s_t), the reward that
 objective.Objective.loss defines; for the base model (and a DPO or SFT adapter) alpha = 1 and
 alpha0 = 0, so R is its log-likelihood of the reply. Preference accuracy is the share of pairs with
 R(chosen) > R(rejected); preference margin the mean of R(chosen) - R(rejected).
+z(y) = sum over the reply of log pi(a_t|s_t) - log pi1(a_t|s_t), the implicit reward: what the policy
+learned relative to the base model (0 for the base model itself). Implicit reward accuracy is the share
+of pairs with z(chosen) > z(rejected), ties counting half; implicit reward margin the mean difference.
 """
 
 import dataclasses
@@ -28,7 +31,7 @@ from qadapter_min.common import Progress
 from qadapter_min.data import collate
 from qadapter_min.lean_head import CHUNK_SIZE
 from qadapter_min.lora import adapter_disabled, adapter_on_rows, lora_layers
-from qadapter_min.objective import Objective, policy_logits
+from qadapter_min.objective import PAIR_METRICS, Objective, policy_logits
 from qadapter_min.step import micro_batch_objective
 from qadapter_min.weights import model_fingerprint
 
@@ -206,25 +209,28 @@ def preference_metrics(
     micro_batch_size: int = 4,
     progress: Progress | None = None,
 ) -> dict:
-    """preference_accuracy and preference_margin (module docstring) over encoded pairs (data.encode_pairs),
-    computed by the micro-batch function train.py runs."""
+    """preference_ and implicit_reward_ accuracy and margin (module docstring) over encoded pairs
+    (data.encode_pairs), computed by the micro-batch function train.py runs."""
     whose = "qadapter" if policy.mode == "customised" else "dpo"  # whose policy R is of
     objective = dataclasses.replace(
         policy.objective or Objective(), name=whose, alpha=policy.alpha, alpha0=policy.alpha0
     )
     device = next(model.parameters()).device
-    wins, margin = 0, 0.0
+    sums = dict.fromkeys(PAIR_METRICS, 0.0)
     for start in range(0, len(encoded_pairs), micro_batch_size):
         batch = encoded_pairs[start : start + micro_batch_size]
         tokens, response_mask = (t.to(device) for t in collate(batch, pad_id))
         with adapter_disabled(model) if policy.mode == "base" else nullcontext():
             _, metrics = micro_batch_objective(model, tokens, response_mask, objective)
-        rewards = metrics["rewards"].double()
-        wins += int((rewards[: len(batch)] > rewards[len(batch) :]).sum())
-        margin += float((rewards[: len(batch)] - rewards[len(batch) :]).sum())
+        # (R, z) of each reply; a tie counts half a pair for z alone (the base model's z ties all)
+        for kind, rewards, tie in [
+            ("preference", "rewards", 0),
+            ("implicit_reward", "implicit_rewards", 0.5),
+        ]:
+            chosen, rejected = metrics[rewards].double().chunk(2)
+            wins = (chosen > rejected).sum() + tie * (chosen == rejected).sum()
+            sums[f"{kind}_accuracy"] += float(wins)
+            sums[f"{kind}_margin"] += float((chosen - rejected).sum())
         if progress is not None:
             progress.advance(len(batch))
-    return {
-        "preference_accuracy": wins / len(encoded_pairs),
-        "preference_margin": margin / len(encoded_pairs),
-    }
+    return {name: total / len(encoded_pairs) for name, total in sums.items()}

@@ -1,6 +1,8 @@
 """The run directory (train.py --out): what a run writes there, and the contract that keeps it whole.
 
     adapter_model.safetensors, adapter_config.json   the adapter, in PEFT's layout (adapters.py)
+    config.json, model*.safetensors, tokenizer files  instead, with --objective rm: the reward model
+                                                     (reward.py)
     qadapter_config.json                             the objective, the base model, every flag
     metrics.jsonl                                    a row per logged step and per evaluation
     report.json                                      the built-in world's table (toyworld/report.py)
@@ -31,14 +33,22 @@ from qadapter_min.adapters import (
 )
 from qadapter_min.common import atomic_write, check_output_dir, full, is_fsdp_model, like
 from qadapter_min.model_card import model_card
+from qadapter_min.reward import TOKENIZER_FILES, save_reward_model
 from qadapter_min.sharding import full_optimizer_state, load_optimizer_state
-from qadapter_min.weights import model_fingerprint
+from qadapter_min.weights import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, model_fingerprint
 
 CHECKPOINT = "checkpoint/state.pt"
 METRICS = "metrics.jsonl"
 REPORT = "report.json"
 MODEL_CARD = "README.md"
 OUTPUTS = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, RUN_CONFIG, METRICS, REPORT, MODEL_CARD, "checkpoint")
+REWARD_MODEL_OUTPUTS = (
+    CONFIG_FILE,
+    SINGLE_FILE,
+    INDEX_FILE,
+    *TOKENIZER_FILES,
+    "model-*.safetensors",
+)
 # Flags that may change when a run is resumed: where it writes, how often it logs, evaluates and
 # saves, what it evaluates on, and how it is spread over the ranks (a checkpoint holds whole
 # tensors). Every other flag, present or future, must be the one the checkpoint was made with.
@@ -75,7 +85,7 @@ def check_out_dir(args, defaults: dict) -> dict | None:
             f"--out {out} holds a checkpoint of another run; pass --resume to continue "
             f"it, --overwrite to start afresh, or another --out"
         )
-    earlier = [name for name in OUTPUTS if (out / name).exists()]
+    earlier = [path.name for path in earlier_outputs(out)]
     if earlier and not args.overwrite:
         raise UserError(
             f"--out {out} holds the results of an earlier run ({', '.join(earlier)}); "
@@ -153,10 +163,15 @@ def keep_metrics_up_to(path: Path, step: int):
         atomic_write(path, lambda p: p.write_text("".join(row + "\n" for row in rows)))
 
 
+def earlier_outputs(out: Path) -> list[Path]:
+    """What an earlier run (of any objective) wrote to out."""
+    names = OUTPUTS + REWARD_MODEL_OUTPUTS
+    return [path for name in names for path in sorted(out.glob(name))]
+
+
 def remove_outputs(out: Path):
     """Remove what an earlier run wrote to --out (--overwrite), and only that."""
-    for name in OUTPUTS:
-        path = out / name
+    for path in earlier_outputs(out):
         if path.is_dir():
             shutil.rmtree(path)
         else:
@@ -181,13 +196,21 @@ def save_checkpoint(out: Path, model, optimizer, step: int, args, processes):
         atomic_write(out / CHECKPOINT, lambda p: torch.save(state, p))
 
 
-def write_outputs(model, args, total_steps: int, num_pairs: int, processes):
-    """The adapter (PEFT's layout) and qadapter_config.json, written by rank 0 (under --fsdp from
-    tensors every rank gathers); the checkpoint goes, the run being complete."""
+def write_outputs(
+    model, args, total_steps: int, num_pairs: int, processes, model_dir: Path, pad_id: int
+):
+    """The adapter (PEFT's layout), or with --objective rm the reward model (reward.py), and
+    qadapter_config.json, written by rank 0 (under --fsdp from tensors every rank gathers); the
+    checkpoint goes, the run being complete."""
     out = Path(args.out)
-    tensors, fingerprint = adapter_tensors(model), model_fingerprint(model)
+    fingerprint = model_fingerprint(model)
+    if args.objective == "rm":
+        save_reward_model(model, model_dir, out, pad_id, processes.master)
+    else:
+        tensors = adapter_tensors(model)
     if processes.master:
-        save_adapter(model, out, base_model_name_or_path=args.model, tensors=tensors)
+        if args.objective != "rm":
+            save_adapter(model, out, base_model_name_or_path=args.model, tensors=tensors)
         epochs = total_steps * args.batch_size / num_pairs
         save_run_config(
             out, model, vars(args), steps=total_steps, epochs=epochs, fingerprint=fingerprint

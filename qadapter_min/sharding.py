@@ -32,18 +32,20 @@ from torch.nn.parallel import DistributedDataParallel
 
 from qadapter_min.common import full, is_fsdp_model, like
 from qadapter_min.lora import add_lora, lora_layers
+from qadapter_min.reward import add_score_head
 from qadapter_min.weights import checkpoint_tensors, empty_model
 
 
 def shard_model(model: nn.Module) -> nn.Module:
-    """Shard the model in place: the LoRA matrices, each block, then the root."""
+    """Shard the model in place: the LoRA matrices (and a reward model's score head), each block,
+    then the root."""
     from torch.distributed.fsdp import (
         fully_shard,  # imported on use: most of a second that runs without --fsdp skip
     )
 
-    for layer in lora_layers(model).values():
-        fully_shard(layer.lora_A)
-        fully_shard(layer.lora_B)
+    trained = [m for layer in lora_layers(model).values() for m in (layer.lora_A, layer.lora_B)]
+    for module in trained + ([model.score] if hasattr(model, "score") else []):
+        fully_shard(module)  # fp32, trained: a unit of its own
     for block in model.layers:
         fully_shard(block)
     fully_shard(model)
@@ -51,7 +53,7 @@ def shard_model(model: nn.Module) -> nn.Module:
 
 
 def load_sharded_model(
-    model_dir: Path, dtype: torch.dtype, device: torch.device, **lora
+    model_dir: Path, dtype: torch.dtype, device: torch.device, score_head: bool = False, **lora
 ) -> nn.Module:
     """The checkpoint's model sharded over the ranks with LoRA (add_lora's keyword arguments) on every target,
     the base weights frozen in dtype, the LoRA in fp32 with the very values add_lora draws on a loaded model
@@ -59,6 +61,8 @@ def load_sharded_model(
     model = empty_model(model_dir).to(dtype)  # meta: no memory yet
     # real LoRA weights: small, and drawn as train.py always draws them
     add_lora(model, device=device, **lora)
+    if score_head:
+        add_score_head(model, device)
     shard_model(model)
     adapter = {
         name: p.to_local().clone() for name, p in model.named_parameters() if p.requires_grad

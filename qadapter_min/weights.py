@@ -300,9 +300,11 @@ def checkpoint_tensors(
     files = safetensors_files(model_dir)
     if score_head:
         check_score_head(model_dir, files)
-    expected_shapes = {
-        name: tuple(t.shape) for name, t in model.state_dict().items() if ".lora_" not in name
-    }  # the base's
+    expected_shapes = {  # the base's: not what train.py adds (LoRA, a reward model's new score head)
+        name: tuple(t.shape)
+        for name, t in model.state_dict().items()
+        if ".lora_" not in name and not name.startswith("score.")
+    }
     read = set()
     for path, names in files.items():
         with open_safetensors(path) as f:

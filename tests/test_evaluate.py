@@ -443,11 +443,14 @@ def test_plot_draws_the_frontier_and_the_training_curves_as_png(adapters, tmp_pa
     )
     table = capsys.readouterr().out
     assert (
-        "frontier: preference_accuracy (higher is better) against reply_nll (lower is better)"
+        "frontier: implicit_reward_accuracy (higher is better) against reply_nll (lower is better)"
         in table
     )
     plots.main([str(qadapter), str(dpo), "--output", str(tmp_path / "curves.png")])
-    for name, (height, width) in (("frontier.png", (480, 640)), ("curves.png", (600, 1260))):
+    for name, (height, width) in (
+        ("frontier.png", (480, 640)),
+        ("curves.png", (900, 1260)),
+    ):  # 8 panels, 3 rows
         png = tmp_path / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert matplotlib_image.imread(png).shape[:2] == (height, width)

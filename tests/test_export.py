@@ -15,6 +15,7 @@ import export
 import train
 from conftest import run_script, tiny_model_dir, write_pairs
 from qadapter_min import flags as flags_module
+from qadapter_min import merge
 from qadapter_min.adapters import load_adapter
 from qadapter_min.data import collate, encode_pairs, load_pairs
 from qadapter_min.lora import adapter_disabled
@@ -138,7 +139,10 @@ def test_one_tensor_of_the_base_is_held_at_a_time(tmp_path, monkeypatch):
                 alive.append(weakref.ref(tensor))
             return tensor
 
-    monkeypatch.setattr(export, "open_safetensors", Counting)
+    monkeypatch.setattr(
+        export, "open_safetensors", Counting
+    )  # the base's norm, for its fingerprint
+    monkeypatch.setattr(merge, "open_safetensors", Counting)  # every tensor, merged
     base, adapter = CASES["qadapter-sharded"]
     export.main(["--adapter", str(adapter), "--out", str(tmp_path / "merged")])
     assert len(reads) == 1 + 21 and set(reads) == {

@@ -65,8 +65,8 @@ def test_qadapter_loss_on_a_hand_worked_example():
     assert metrics["chi2_loss"].item() == pytest.approx(chi2, rel=1e-6)
     assert loss.item() == pytest.approx(pref + chi2, rel=1e-6)
     assert pref == pytest.approx(0.62987, abs=1e-5) and chi2 == pytest.approx(0.011437, abs=1e-6)
-    assert metrics["accuracy"].item() == 1.0  # R_w = ln(3/4) > R_l = -0.5 ln3
-    assert metrics["margin"].item() == pytest.approx(2 * r_chosen - r_rejected, rel=1e-6)
+    assert metrics["preference_accuracy"].item() == 1.0  # R_w = ln(3/4) > R_l = -0.5 ln3
+    assert metrics["preference_margin"].item() == pytest.approx(2 * r_chosen - r_rejected, rel=1e-6)
 
 
 def test_the_bellman_chi2_term_on_the_same_hand_worked_example():
@@ -188,7 +188,7 @@ def test_with_gamma_1_the_reward_is_alpha_log_pi_tilde_minus_alpha0_log_pi1():
     r = alpha * log_pi_tilde.gather(1, a[:, None]) - alpha0 * log_pi1.gather(
         1, a[:, None]
     )  # (2, 1)
-    torch.testing.assert_close(metrics["margin"], (r[0] - r[1]).squeeze())
+    torch.testing.assert_close(metrics["preference_margin"], (r[0] - r[1]).squeeze())
 
 
 def test_policy_logits_give_pi1_to_the_alpha0_times_exp_q_over_alpha():
@@ -211,7 +211,53 @@ def test_dpo_loss_on_a_hand_worked_example():
     loss, metrics = dpo_loss(adapter_logits, reference_logits, tokens, response_mask, beta=0.1)
     assert loss.item() == pytest.approx(math.log1p(3**-0.1), rel=1e-6)
     assert loss.item() == pytest.approx(0.63972, abs=1e-5)
-    assert metrics["margin"].item() == pytest.approx(0.1 * LN3, rel=1e-6)
+    # the implicit reward is DPO's own over its beta: z_w - z_l = ln3, the chosen reply's the larger
+    assert metrics["implicit_reward_margin"].item() == pytest.approx(LN3, rel=1e-6)
+    assert metrics["implicit_reward_accuracy"].item() == 1.0
+
+
+def test_dpo_implicit_reward_accuracy_is_the_share_of_positive_dpo_margins_ties_half():
+    """TRL's rewards/accuracies and rewards/margins / beta, from two log-softmaxes by hand, over pairs
+    where the policy moved either way and pairs where it equals the reference (a tie: half a pair)."""
+    torch.manual_seed(3)
+    reference_logits, _, tokens, response_mask = random_batch(B=6, T=7, V=11)
+    adapter_logits = reference_logits + 0.7 * torch.randn_like(reference_logits)
+    tied = [0, 2]  # pairs whose replies the policy scores as the reference does
+    for pair in tied:
+        for row in (pair, pair + 6):
+            adapter_logits[row] = reference_logits[row]
+    _, metrics = dpo_loss(adapter_logits, reference_logits, tokens, response_mask, beta=0.3)
+
+    def reply_log_prob(logits):
+        taken = logits[:, :-1].log_softmax(-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+        return (taken * response_mask[:, 1:]).sum(dim=1)  # (2B,)
+
+    reward = 0.3 * (reply_log_prob(adapter_logits) - reply_log_prob(reference_logits))
+    margins = reward[:6] - reward[6:]  # DPO's, as dpo_loss forms them
+    assert all(margins[pair] == 0 for pair in tied)
+    expected = ((margins > 0).sum().item() + 0.5 * len(tied)) / 6
+    assert 0 < expected < 1 and expected != 0.5
+    assert metrics["implicit_reward_accuracy"].item() == pytest.approx(expected, abs=1e-7)
+    assert metrics["implicit_reward_margin"].item() == pytest.approx(
+        margins.mean().item() / 0.3, rel=1e-5
+    )
+
+
+@pytest.mark.parametrize("name", ["dpo", "qadapter"])
+def test_a_policy_equal_to_the_base_model_has_an_implicit_reward_of_exactly_zero(name):
+    """Adapter pass and base pass alike (a LoRA whose B is still zero): z = 0 for every reply, so the
+    accuracy is 0.5 and the margin 0 exactly, on the chunked path training takes. For Q-Adapter pi~ is
+    not pi1 even then (alpha0 < 1 sharpens it), so only DPO's z vanishes."""
+    torch.manual_seed(4)
+    _, _, tokens, response_mask = random_batch(B=3, T=9, V=13)
+    weight, hidden = torch.randn(13, 6), torch.randn(6, 9, 6)
+    _, metrics = loss_from_hidden(weight, hidden, hidden, tokens, response_mask, Objective(name))
+    if name == "dpo":
+        assert metrics["implicit_rewards"].abs().max().item() == 0.0
+        assert metrics["implicit_reward_accuracy"].item() == 0.5
+        assert metrics["implicit_reward_margin"].item() == 0.0
+    else:
+        assert metrics["implicit_rewards"].abs().max().item() > 0
 
 
 @pytest.mark.parametrize("objective", ["qadapter", "qadapter-bellman", "dpo"])

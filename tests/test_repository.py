@@ -9,6 +9,7 @@ WRITTEN = {
     "summary.md",
     "table.md",
     "frontier.md",
+    "learning.md",
 }  # what tools/gpu_check.py and tools/smollm2_study.py write, not documents cited
 
 

@@ -5,12 +5,21 @@ from contextlib import nullcontext
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from conftest import tiny_model_dir, write_pairs
+from qadapter_min.adapters import save_adapter, save_run_config
 from qadapter_min.data import collate, encode_pairs, load_pairs
 from qadapter_min.lora import adapter_disabled, add_lora, lora_layers
 from qadapter_min.objective import Objective, loss_from_logits, policy_logits
-from qadapter_min.policy import Policy, log_probs, preference_metrics
+from qadapter_min.policy import (
+    BASE,
+    Policy,
+    log_probs,
+    policy_applied,
+    preference_metrics,
+    read_policy,
+)
 from qadapter_min.step import micro_batch_objective
 from qadapter_min.tokenizer import Tokenizer
 from qadapter_min.weights import load_model
@@ -153,3 +162,102 @@ def test_log_probs_of_each_policy_are_those_of_full_logits(batch, policy_mode):
         )
         assert greedy == bool((log_pi.argmax(1) == targets).all())
     assert [greedy for _, greedy in got] == [False, False, True, False, True, False, False, False]
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, tokenizer_file):
+    """A base model, 5 encoded pairs, and a DPO and a Q-Adapter adapter on disk (B != 0)."""
+    directory = tmp_path_factory.mktemp("implicit")
+    model_dir = tiny_model_dir(directory / "model", tokenizer_file)
+    tokenizer = Tokenizer(model_dir)
+    quiet = lambda *_: None  # noqa: E731
+    pairs = encode_pairs(
+        load_pairs(write_pairs(directory / "pairs.jsonl", n=5), log=quiet),
+        tokenizer,
+        512,
+        log=quiet,
+    )
+    for seed, objective in enumerate(["dpo", "qadapter"]):
+        model = add_lora(
+            load_model(model_dir), r=4, alpha=8, dropout=0.0, targets=("q_proj", "v_proj")
+        )
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for layer in lora_layers(model).values():
+                layer.lora_B.weight.normal_(0.0, 0.3)
+        save_adapter(model, directory / objective)
+        flags = {"objective": objective, "alpha0": 0.3, "model": str(model_dir)}
+        save_run_config(directory / objective, model, flags, steps=1, epochs=1.0)
+    return model_dir, pairs, tokenizer.pad_id, directory
+
+
+def slow_implicit_rewards(model_dir, adapter, mode, alpha0, scale, pairs) -> torch.Tensor:
+    """z(y) = sum over the reply of log pi(a_t|s_t) - log pi1(a_t|s_t) per reply (chosen ones, then
+    rejected), each reply through two full forward passes alone: the base model's, and a model whose
+    weights are W + scale (alpha/r) B A, merged by hand."""
+    base, merged = load_model(model_dir), load_model(model_dir)
+    if adapter is not None:
+        with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
+            for name in f.keys():
+                if name.endswith("lora_A.weight"):
+                    module = name.removeprefix("base_model.model.model.").removesuffix(
+                        ".lora_A.weight"
+                    )
+                    B = f.get_tensor(name.replace("lora_A", "lora_B"))
+                    weight = merged.get_submodule(module).weight
+                    weight.data += scale * (8 / 4) * B @ f.get_tensor(name)
+    rewards = []
+    for side in ("chosen", "rejected"):
+        for pair in pairs:
+            ids, prompt_len = getattr(pair, side), getattr(pair, f"{side}_prompt_len")
+            tokens = torch.tensor([ids])
+            with torch.no_grad():
+                log_pi1 = base(tokens)[0].log_softmax(-1)
+                logits = merged(tokens)[0]
+            log_pi = {
+                "base": log_pi1,
+                "adapter": logits.log_softmax(-1),
+                "customised": policy_logits(logits, base(tokens)[0], 1.0, alpha0).log_softmax(-1),
+            }[mode]
+            rewards.append(
+                sum(
+                    log_pi[t - 1, ids[t]] - log_pi1[t - 1, ids[t]]
+                    for t in range(prompt_len, len(ids))
+                )
+            )
+    return torch.stack(rewards) if adapter is not None else torch.zeros(2 * len(pairs))
+
+
+@pytest.mark.parametrize(
+    "objective, alpha0, scale",
+    [
+        (None, None, 1.0),
+        ("dpo", None, 1.0),
+        ("dpo", None, 0.5),
+        ("qadapter", 0.3, 1.0),
+        ("qadapter", 1.0, 1.0),
+        ("qadapter", 0.3, 0.5),
+    ],
+)
+def test_implicit_reward_accuracy_and_margin_equal_two_full_forward_passes_per_reply(
+    adapters, objective, alpha0, scale
+):
+    """evaluate.py's implicit_reward_accuracy and _margin of the base model (0.5 and 0 exactly), a DPO
+    adapter and a Q-Adapter adapter at two alpha0 and at scale 0.5, against log-softmaxes summed by hand."""
+    model_dir, pairs, pad_id, directory = adapters
+    adapter = None if objective is None else directory / objective
+    policy = BASE if adapter is None else read_policy(str(adapter), alpha0, scale)
+    model = load_model(model_dir)
+    with policy_applied(model, policy):
+        measured = preference_metrics(model, policy, pairs, pad_id, micro_batch_size=2)
+    z = slow_implicit_rewards(model_dir, adapter, policy.mode, policy.alpha0, scale, pairs)
+    chosen, rejected = z.chunk(2)
+    if adapter is None:
+        assert measured["implicit_reward_accuracy"] == 0.5
+        assert measured["implicit_reward_margin"] == 0.0
+        return
+    assert (chosen - rejected).abs().min() > 1e-3  # no near tie that rounding could turn
+    assert measured["implicit_reward_accuracy"] == (chosen > rejected).sum().item() / len(pairs)
+    assert measured["implicit_reward_margin"] == pytest.approx(
+        (chosen - rejected).mean().item(), rel=1e-4, abs=1e-5
+    )

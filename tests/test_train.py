@@ -134,11 +134,19 @@ def test_outputs_and_the_metrics_schema(world, tmp_path):
             "chi2_loss",
             "preference_accuracy",
             "preference_margin",
+            "implicit_reward_accuracy",
+            "implicit_reward_margin",
             "lr",
             "grad_norm",
             "tokens_per_s",
         }
         assert row["loss"] == pytest.approx(row["pref_loss"] + row["chi2_loss"], rel=1e-5)
+    for row in eval_rows:
+        assert set(row) == {"step", "eval_loss"} | {
+            f"eval_{kind}_{what}"
+            for kind in ("preference", "implicit_reward")
+            for what in ("accuracy", "margin")
+        }
     assert [r["lr"] for r in train_rows] == pytest.approx(
         [3e-4, 2e-4, 1e-4]
     )  # linear decay to 0 after step 3

@@ -13,7 +13,8 @@ original_max_position_embeddings (32), so all three frequency bands of the scali
 tiny-reward-llama is a LlamaForSequenceClassification reward model with golden.json: conversations, their
 ids and transformers' reward of each. tiny-chatml is a tokenizer of the ChatML kind (SmolLM2's special
 tokens and chat template in tokenizer_config.json) with golden.json: conversations and the ids of
-transformers' apply_chat_template for each, with and without the generation prompt.
+transformers' apply_chat_template for each, with and without the generation prompt. trained-reward
+holds pairs.jsonl and golden.json: transformers' rewards from a reward model train.py trains on them.
 """
 
 import json
@@ -95,6 +96,7 @@ def make_reward(name: str, tokenizer_dir: Path):
         rope_theta=500000.0,
         num_labels=1,
         bos_token_id=tokenizer.bos_id,
+        pad_token_id=tokenizer.pad_id,  # transformers reads a padded row's reward before the first pad
         tie_word_embeddings=False,
         attn_implementation="eager",
     )
@@ -129,6 +131,94 @@ def make_reward(name: str, tokenizer_dir: Path):
         json.dumps({"conversations": conversations, "input_ids": input_ids, "rewards": rewards})
     )
     print(name, sorted(p.name for p in out.iterdir()))
+
+
+TRAINED_REWARD_FLAGS = [  # train.py's flags for the trained-reward fixture (golden.json's "flags")
+    "--objective",
+    "rm",
+    "--batch_size",
+    "4",
+    "--micro_batch_size",
+    "2",
+    "--max_steps",
+    "4",
+    "--lr",
+    "0.01",
+    "--dtype",
+    "fp32",
+    "--max_len",
+    "128",
+]
+
+
+def make_trained_reward(name: str, base: Path):
+    """A reward model that train.py --objective rm trains on the lm-eval fixture's model (untied: its
+    LM head is left out) from pairs.jsonl, and golden.json: conversations, their ids, and the reward of
+    each that transformers' AutoModelForSequenceClassification gives when it loads train.py's output as
+    it is and scores the conversations in one right-padded batch. The test trains the same run again
+    and scores the conversations with evaluate.py's reader; the checkpoint itself is not kept."""
+    import subprocess
+    import tempfile
+
+    from transformers import AutoModelForSequenceClassification
+
+    sys.path.insert(0, str(FIXTURES.parent.parent))
+    from qadapter_min.tokenizer import Tokenizer
+
+    out = FIXTURES / name
+    out.mkdir(exist_ok=True)
+    pairs = out / "pairs.jsonl"
+    with open(pairs, "w") as f:
+        for i in range(8):
+            prompt = [{"role": "user", "content": f"Name a number near {i}."}]
+            f.write(
+                json.dumps(
+                    {
+                        "chosen": prompt + [{"role": "assistant", "content": f"Sure! {i + 1}."}],
+                        "rejected": prompt + [{"role": "assistant", "content": f"{i * 7} maybe"}],
+                    }
+                )
+                + "\n"
+            )
+    with tempfile.TemporaryDirectory() as directory:
+        trained = Path(directory) / "rm"
+        command = [sys.executable, "train.py", "--model", str(base), "--data", str(pairs)]
+        subprocess.run(
+            command + TRAINED_REWARD_FLAGS + ["--out", str(trained)],
+            check=True,
+            cwd=FIXTURES.parent.parent,
+        )
+        tokenizer = Tokenizer(trained)
+        conversations = [
+            [
+                {"role": "user", "content": "Name a number near 3."},
+                {"role": "assistant", "content": "Sure! 4."},
+            ],
+            [
+                {"role": "user", "content": "Name a number near 5."},
+                {"role": "assistant", "content": "35 maybe"},
+            ],
+            [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Name a number near 11."},
+                {"role": "assistant", "content": "Sure! 12, or 10."},
+            ],
+        ]
+        input_ids = [tokenizer.encode_chat(c) for c in conversations]
+        model = AutoModelForSequenceClassification.from_pretrained(trained, dtype=torch.float32)
+        model.eval()
+        pad, width = model.config.pad_token_id, max(map(len, input_ids))
+        batch = torch.tensor([ids + [pad] * (width - len(ids)) for ids in input_ids])
+        with torch.no_grad():
+            logits = model(batch, attention_mask=(batch != pad).long()).logits
+        golden = {
+            "flags": TRAINED_REWARD_FLAGS,
+            "conversations": conversations,
+            "input_ids": input_ids,
+            "rewards": logits[:, 0].tolist(),
+        }
+    (out / "golden.json").write_text(json.dumps(golden))
+    print(name, sorted(p.name for p in out.iterdir()), golden["rewards"])
 
 
 # SmolLM2-Instruct's chat template, as its tokenizer_config.json holds it
@@ -242,6 +332,7 @@ if __name__ == "__main__":
         "tiny-llama-tied",
         "tiny-reward-llama",
         "tiny-chatml",
+        "trained-reward",
     ]
     if "tiny-llama-untied-sharded" in names:
         # untied, explicit head_dim (24 != 64/4), sharded, the config as recent transformers writes it
@@ -262,3 +353,5 @@ if __name__ == "__main__":
         make_reward("tiny-reward-llama", FIXTURES / "lm-eval-llama" / "model")
     if "tiny-chatml" in names:
         make_chatml("tiny-chatml")
+    if "trained-reward" in names:
+        make_trained_reward("trained-reward", FIXTURES / "lm-eval-llama" / "model")

@@ -33,6 +33,7 @@ import argparse
 import gzip
 import itertools
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -53,6 +54,13 @@ MAX_LEN = "160"
 FRONTIER_HELD_OUT = (2000, 2040)
 DSP_TRAIN, DSP_HELD_OUT, DSP_MAX_LEN = (0, 50), (600, 610), "128"
 SCALES, ALPHA0S = ["0.5", "1", "2"], ["0.1", "1"]
+# the learning step (--learn): DSP's queries 0-399 train (4 pairs each, academy preferred), 600-660 are
+# held out; every reply cut to its first 48 words (the 2-core budget; DSP's replies run to 126 on average)
+LEARN_TRAIN, LEARN_HELD_OUT, LEARN_WORDS = (0, 400), (600, 661), 48
+LEARN_STEPS = 200  # one epoch of the 1,596 training pairs, 8 a step
+LEARN_FLAGS = ["--batch_size", "8", "--micro_batch_size", "4", "--lr", "5e-4", "--max_len", "256"]
+LEARN_FLAGS += ["--domain", "academy"]
+LEARN_REPLY_TOKENS = "96"  # the judged greedy replies' length
 METHODS = {  # name: train.py flags beyond COMMON ("Replay": SFT on the data and the base model's own replies)
     "Q-Adapter": ["--objective", "qadapter"],
     "DPO": ["--objective", "dpo"],
@@ -92,16 +100,25 @@ def run(command: list[str]):
         sys.exit(code)
 
 
-def slice_records(source: Path, target: Path, start: int, stop: int):
-    """Records start..stop-1 of a JSON Lines or JSON array file, gzipped or not, as JSON Lines."""
+def slice_records(source: Path, target: Path, start: int, stop: int, words: int | None = None):
+    """Records start..stop-1 of a JSON Lines or JSON array file, gzipped or not, as JSON Lines; words:
+    each DSP reply cut to its first `words` words, the white space between them kept."""
     opener = gzip.open if source.suffix == ".gz" else open
     with opener(source, "rt") as f:
         text = f.read()
     if text.lstrip().startswith("["):  # DSP's one JSON array
-        lines = [json.dumps(record) + "\n" for record in json.loads(text)]
+        records = json.loads(text)[start:stop]
+        for record in records if words else []:
+            record["responses"] = {k: cut(v, words) for k, v in record["responses"].items()}
+        lines = [json.dumps(record) + "\n" for record in records]
     else:
-        lines = text.splitlines(keepends=True)
-    target.write_text("".join(lines[start:stop]))
+        lines = text.splitlines(keepends=True)[start:stop]
+    target.write_text("".join(lines))
+
+
+def cut(text: str, words: int) -> str:
+    """The text up to the end of its words-th word."""
+    return re.match(r"\s*(\S+\s+){0,%s}\S*".replace("%s", str(words - 1)), text).group(0).rstrip()
 
 
 def sample(model: str, prompts: Path, target: Path, unique: bool):
@@ -114,13 +131,21 @@ def sample(model: str, prompts: Path, target: Path, unique: bool):
         )
 
 
-def train(model: str, directory: Path, data: list[Path], flags: list[str]):
-    """One train.py run, unless its adapter is already there."""
-    if not (directory / "adapter_model.safetensors").exists():
+def train(model: str, directory: Path, data: list[Path], flags: list[str], common=COMMON):
+    """One train.py run, unless its output (an adapter, or a reward model) is already there."""
+    if not any(
+        (directory / name).exists() for name in ("adapter_model.safetensors", "config.json")
+    ):
         run(
             [sys.executable, "train.py", "--model", model, "--data", *map(str, data)]
-            + [*COMMON, *flags, "--out", str(directory), "--overwrite"]
+            + [*common, *flags, "--out", str(directory), "--overwrite"]
         )
+
+
+def last_eval(directory: Path) -> dict:
+    """A run's last eval row (train.py's metrics.jsonl)."""
+    rows = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+    return [row for row in rows if "eval_loss" in row][-1]
 
 
 def main():
@@ -130,9 +155,7 @@ def main():
     p.add_argument(
         "--model", required=True, help="SmolLM2-135M-Instruct: a Hub id or a local directory"
     )
-    p.add_argument(
-        "--data", required=True, type=Path, help="HH-RLHF harmless-base pairs (JSON Lines, .gz ok)"
-    )
+    p.add_argument("--data", type=Path, help="HH-RLHF harmless-base pairs (JSON Lines, .gz ok)")
     p.add_argument(
         "--out", default="study", type=Path, help="where data slices, runs and results go"
     )
@@ -152,18 +175,30 @@ def main():
         help="the frontier step instead of the comparison (needs --dsp)",
     )
     p.add_argument("--dsp", type=Path, help="DSP's pairs (its test split, JSON, .gz ok)")
+    p.add_argument(
+        "--learn",
+        type=Path,
+        metavar="DSP",
+        help="the learning step instead (DSP's test split, JSON, .gz ok; --data is not read)",
+    )
     args = p.parse_args()
+    if args.data is None and args.learn is None:
+        p.error("pass --data (HH-RLHF pairs), or --learn DSP for the learning step")
     if args.frontier != (args.dsp is not None):
         p.error("--frontier and --dsp go together: the frontier step's second data set is DSP's")
     out = args.out.resolve()
     (out / "runs").mkdir(parents=True, exist_ok=True)
+    base_replies = out / "base_replies.jsonl"
+    sample(args.model, STUDY / "retention_prompts.jsonl", base_replies, unique=False)
+    started = time.time()
+    if args.learn:
+        learning_step(args, out, base_replies, started)
+        return
     train_data, held_out = out / "train.jsonl", out / "held_out.jsonl"
     slice_records(args.data, train_data, *TRAIN)
     slice_records(args.data, held_out, *HELD_OUT)
-    base_replies, replay = out / "base_replies.jsonl", out / "replay.jsonl"
-    sample(args.model, STUDY / "retention_prompts.jsonl", base_replies, unique=False)
+    replay = out / "replay.jsonl"
     sample(args.model, train_data, replay, unique=True)
-    started = time.time()
     if args.frontier:
         frontier_step(args, out, started)
         return
@@ -265,6 +300,136 @@ def frontier_step(args, out: Path, started: float):
     text = "\n".join(tables) + f"\n(this call took {(time.time() - started) / 60:.0f} minutes)\n"
     (out / "frontier.md").write_text(text)
     print(text)
+
+
+def learning_step(args, out: Path, base_replies: Path, started: float):
+    """DSP's academy style at a budget where DPO learns it: a reward model trained on the training pairs,
+    then the four methods (and Q-Adapter at two and four times the steps where it learned less than DPO),
+    each measured on held-out pairs relative to the base model, judged by the reward model, and on what it
+    kept; the frontier over scale and alpha0, a table and a PNG."""
+    learn = out / "dsp-learn"
+    (learn / "runs").mkdir(parents=True, exist_ok=True)
+    train_pairs, held_out = learn / "train.jsonl", learn / "held_out.jsonl"
+    slice_records(args.learn, train_pairs, *LEARN_TRAIN, words=LEARN_WORDS)
+    slice_records(args.learn, held_out, *LEARN_HELD_OUT, words=LEARN_WORDS)
+    replay = learn / "replay.jsonl"  # the base model's greedy replies to the training queries
+    sample(args.model, train_pairs, replay, unique=True)
+    common = [*LEARN_FLAGS, "--eval_data", str(held_out)]
+    steps = ["--max_steps", str(LEARN_STEPS)]
+    timings = {}
+
+    def timed_train(name: str, directory: Path, data: list[Path], flags: list[str]):
+        begun = time.time()
+        train(args.model, directory, data, flags, common)
+        timings.setdefault(name, time.time() - begun)
+
+    reward_model = learn / "runs" / "reward-model"
+    timed_train("reward model", reward_model, [train_pairs], ["--objective", "rm", *steps])
+    runs = {}  # label: directory
+    for seed in args.seeds:
+        for method in METHODS if seed == args.seeds[0] else ["Q-Adapter", "DPO"]:
+            directory = run_dir(learn, method, seed)
+            data = [train_pairs] + ([replay] if method == "Replay" else [])
+            flags = [*METHODS[method], *steps, "--seed", str(seed)]
+            timed_train(f"{method}, seed {seed}", directory, data, flags)
+            runs[f"{method}, seed {seed}"] = directory
+    first = args.seeds[0]
+    qadapter, dpo = (last_eval(runs[f"{m}, seed {first}"]) for m in ("Q-Adapter", "DPO"))
+    if qadapter["eval_implicit_reward_accuracy"] < dpo["eval_implicit_reward_accuracy"]:
+        for times in (2, 4):  # where Q-Adapter gets with more of the same steps
+            directory = learn / "runs" / f"q-adapter-x{times}-seed{first}"
+            flags = [
+                *METHODS["Q-Adapter"],
+                "--max_steps",
+                str(times * LEARN_STEPS),
+                "--seed",
+                str(first),
+            ]
+            timed_train(f"Q-Adapter x{times} steps, seed {first}", directory, [train_pairs], flags)
+            runs[f"Q-Adapter x{times} steps, seed {first}"] = directory
+    measure = [sys.executable, "evaluate.py", "--model", args.model, "--pairs", str(held_out)]
+    measure += ["--domain", "academy", "--max_len", "256", "--reply_nll", str(base_replies)]
+    measure += ["--tasks", "facts_mc", "--include_path", str(STUDY)]
+    measure += ["--prompts", str(held_out), "--reward_model", str(reward_model)]
+    measure += ["--max_new_tokens", LEARN_REPLY_TOKENS, "--learned", "implicit_reward_accuracy"]
+    measure += ["--kept", "reply_nll"]
+    first_runs = {label: d for label, d in runs.items() if label.endswith(f"seed {first}")}
+    calls = {  # the results file: evaluate.py's flags beyond `measure`
+        learn / "scale.json": ["--adapter", *map(str, first_runs.values()), "--scale", *SCALES],
+        learn / "alpha0.json": [
+            "--adapter",
+            str(first_runs[f"Q-Adapter, seed {first}"]),
+            "--alpha0",
+            *ALPHA0S,
+        ],
+    }
+    other_seeds = [str(d) for label, d in runs.items() if label not in first_runs]
+    if other_seeds:  # the first seed's runs at scale 1 are in scale.json
+        calls[learn / "seeds.json"] = ["--adapter", *other_seeds]
+    for results_file, flags in calls.items():
+        if not results_file.exists():
+            begun = time.time()
+            run(measure + flags + ["--output", str(results_file)])
+            timings[f"measure {results_file.stem}"] = time.time() - begun
+    results = json.loads((learn / "scale.json").read_text())["models"] + [
+        r for r in json.loads((learn / "alpha0.json").read_text())["models"] if r["adapter"]
+    ]
+    front = frontier_of(results, "implicit_reward_accuracy", "reply_nll")
+    frontier_plot(front, learn / "frontier.png")
+    methods = {str(d): label.rsplit(", seed", 1)[0] for label, d in runs.items()}
+    rm_eval = last_eval(reward_model)
+    text = (
+        f"reward model: held-out pair accuracy {rm_eval['eval_reward_accuracy']:.3f} "
+        f"(margin {rm_eval['eval_reward_margin']:.2f}) on {held_out.name}\n\n"
+        + learning_markdown(results, front, methods)
+        + "\n"
+        + seeds_markdown(
+            [r for f in calls if f.stem != "alpha0" for r in json.loads(f.read_text())["models"]],
+            runs,
+        )
+        + "\nwall time on this machine (minutes): "
+        + ", ".join(f"{name} {seconds / 60:.0f}" for name, seconds in timings.items())
+        + f"; this call {(time.time() - started) / 60:.0f}\n"
+    )
+    (learn / "learning.md").write_text(text)
+    print(text)
+
+
+def learning_markdown(results: list[dict], front: dict, methods: dict[str, str]) -> str:
+    """A row per point: what it learned (held-out implicit reward accuracy and margin, the reward model's
+    win rate of its greedy replies against the base model's) and what it kept (reply NLL, facts_mc), with
+    a star where no other point beats it on implicit reward accuracy and reply NLL together."""
+    lines = [
+        "| point | implicit reward accuracy | implicit margin | win rate (RM) | reply NLL | facts_mc |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r, point in zip(results, front["points"]):
+        label = "base model" if r["adapter"] is None else methods[r["adapter"]]
+        if r["adapter"] is not None:
+            label += f", scale {r['scale']:g}" + (
+                f", alpha0 {r['alpha0']:g}" if r["alpha0"] is not None else ""
+            )
+        star = " *" if point["on_frontier"] else ""
+        p = r["preference"]
+        lines.append(
+            f"| {label}{star} | {p['implicit_reward_accuracy']:.3f} | {p['implicit_reward_margin']:.2f} | "
+            f"{r['reward']['win_rate_against_base']:.3f} | {r['reply_nll']['nll_per_token']:.3f} | "
+            f"{r['lm_eval']['facts_mc']['acc,none']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def seeds_markdown(models: list[dict], runs: dict[str, Path]) -> str:
+    """Each run at scale 1 and its own alpha0: implicit reward accuracy and win rate."""
+    by_adapter = {r["adapter"]: r for r in models if r["adapter"] and r["scale"] == 1}
+    lines = ["| run (scale 1) | implicit reward accuracy | win rate (RM) |", "|---|---|---|"]
+    for label, directory in runs.items():
+        r = by_adapter[str(directory)]
+        lines.append(
+            f"| {label} | {r['preference']['implicit_reward_accuracy']:.3f} | "
+            f"{r['reward']['win_rate_against_base']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def frontier_markdown(front: dict, methods: dict[str, str]) -> str:

@@ -25,8 +25,8 @@ from toyworld import PREFERENCE_SKILLS, SKILLS, WORLD_DIR, check_reply, is_world
 def report_run(model, model_dir, tokenizer: Tokenizer, pad_id: int, args, processes):
     """After a run of train.py on this world's model, both axes: the new preference learned, the old
     skills kept. The table is printed and written to OUT/report.json, by rank 0."""
-    if not (processes.master and is_world_model(model_dir)):
-        return
+    if not (processes.master and is_world_model(model_dir)) or args.objective == "rm":
+        return  # the table compares policies; a reward model is none
     if is_fsdp_model(model):  # rank 0 alone cannot run a sharded model: this one, whole
         model = load_model(model_dir)
         load_adapter(model, args.out)
