@@ -313,7 +313,6 @@ def learning_step(args, out: Path, base_replies: Path, started: float):
     slice_records(args.learn, train_pairs, *LEARN_TRAIN, words=LEARN_WORDS)
     slice_records(args.learn, held_out, *LEARN_HELD_OUT, words=LEARN_WORDS)
     replay = learn / "replay.jsonl"  # the base model's greedy replies to the training queries
-    sample(args.model, train_pairs, replay, unique=True)
     common = [*LEARN_FLAGS, "--eval_data", str(held_out)]
     steps = ["--max_steps", str(LEARN_STEPS)]
     timings = {}
@@ -324,10 +323,15 @@ def learning_step(args, out: Path, base_replies: Path, started: float):
         timings.setdefault(name, time.time() - begun)
 
     reward_model = learn / "runs" / "reward-model"
-    timed_train("reward model", reward_model, [train_pairs], ["--objective", "rm", *steps])
-    runs = {}  # label: directory
+    runs = {}  # label: directory, DPO first: the baseline the budget is set by
     for seed in args.seeds:
-        for method in METHODS if seed == args.seeds[0] else ["Q-Adapter", "DPO"]:
+        for method in ["DPO", "Q-Adapter"] + ["SFT", "Replay"] * (seed == args.seeds[0]):
+            if method == "SFT":
+                timed_train(
+                    "reward model", reward_model, [train_pairs], ["--objective", "rm", *steps]
+                )
+            if method == "Replay":
+                sample(args.model, train_pairs, replay, unique=True)
             directory = run_dir(learn, method, seed)
             data = [train_pairs] + ([replay] if method == "Replay" else [])
             flags = [*METHODS[method], *steps, "--seed", str(seed)]
