@@ -15,10 +15,16 @@ import train
 from conftest import run_script
 from qadapter_min import run_dir
 from qadapter_min.adapters import load_adapter
-from qadapter_min.data import load_pairs
+from qadapter_min.data import Pair, load_pairs
 from qadapter_min.flags import parse_args
 from qadapter_min.generate import generate_batch
-from qadapter_min.reward import check_reward_model, load_reward_model, rewards, win_rate
+from qadapter_min.reward import (
+    check_reward_model,
+    load_reward_model,
+    reward_model_pairs,
+    rewards,
+    win_rate,
+)
 from qadapter_min.tokenizer import Tokenizer
 from qadapter_min.weights import load_model
 
@@ -311,3 +317,18 @@ def test_bad_input_to_a_reward_model_is_one_sentence_and_nothing_is_written(tmp_
     result = run_script(train.main, *flags)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert result.stderr.count("\n") == 1 and sorted(tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("tokenizer_dir", [MODEL, ROOT / "tests" / "fixtures" / "tiny-chatml"])
+def test_a_reward_model_trains_on_each_conversation_as_the_template_renders_it(tokenizer_dir):
+    """Its reward is read at the last token of the rendered conversation, where evaluate.py and
+    transformers read it: ChatML's newline after <|im_end|> included, Llama 3.1's <|eot_id|> last."""
+    tokenizer = Tokenizer(tokenizer_dir)
+    prompt = [{"role": "user", "content": "Name a colour."}]
+    chosen, rejected = (prompt + [{"role": "assistant", "content": c}] for c in ("Blue.", "No."))
+    (pair,) = reward_model_pairs(
+        [Pair(chosen, rejected, "x:1")], tokenizer, 256, log=lambda *_: None
+    )
+    assert pair.chosen == tokenizer.encode_chat(chosen)
+    assert pair.rejected == tokenizer.encode_chat(rejected)
+    assert pair.chosen[-1] != tokenizer.pad_id
