@@ -60,6 +60,7 @@ import torch
 
 import toyworld
 from qadapter_min import UserError
+from qadapter_min.adapters import recorded_base_model
 from qadapter_min.common import (
     HelpFormatter,
     Progress,
@@ -462,7 +463,7 @@ def read_policies(args) -> tuple[str, list[Policy]]:
                 f"{other.adapter} was trained on another base model than {first.adapter}; "
                 f"evaluate adapters of one base model together, or pass --model"
             )
-    return first.base_model, points
+    return recorded_base_model(first.adapter, first.base_model), points
 
 
 def read_pairs(args, tokenizer):

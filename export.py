@@ -29,6 +29,7 @@ from qadapter_min.adapters import (
     load_adapter,
     load_run_config,
     read_adapter_config,
+    recorded_base_model,
 )
 from qadapter_min.common import (
     HelpFormatter,
@@ -194,7 +195,7 @@ def main(argv=None):
             f"--pairs measures how far a Q-Adapter's export is from its policy pi~; {adapter} is a "
             f"{objective.name} adapter, whose export is its policy exactly: drop --pairs"
         )
-    model_dir = resolve_model_dir(args.model or run["base_model"])
+    model_dir = resolve_model_dir(args.model or recorded_base_model(adapter, run["base_model"]))
     check_base(model_dir, run, adapter)
     scale = config["lora_alpha"] / config["r"]
     started, partial = time.time(), out.with_name(out.name + ".partial")

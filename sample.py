@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from qadapter_min import UserError
-from qadapter_min.adapters import load_adapter
+from qadapter_min.adapters import load_adapter, recorded_base_model
 from qadapter_min.common import (
     HelpFormatter,
     choose_dtype,
@@ -373,7 +373,7 @@ def completed_lines(path: Path, items, settings: dict) -> tuple[int, dict | None
 def main(argv=None):
     args = parse_args(argv)
     policy = read_adapter_policy(args)
-    model_name = args.model or policy.base_model
+    model_name = args.model or recorded_base_model(policy.adapter, policy.base_model)
     # a bad prompts file is refused before loading
     items = load_prompts(args.prompts, args.unique) if args.prompts else None
     settings = sampling_settings(args, policy, model_name)

@@ -156,13 +156,31 @@ def save_run_config(
     every flag of the run."""
     config = Objective.read(flags).config()
     config.update(
-        base_model=flags["model"],
+        base_model=base_model_record(flags["model"]),
         base_model_fingerprint=fingerprint or model_fingerprint(model),
         steps=steps,
         epochs=round(epochs, 4),
         args=flags,
     )
     write_json(Path(out_dir) / RUN_CONFIG, config)
+
+
+def base_model_record(model: str) -> str:
+    """How an adapter records its base model: a local directory by its absolute path, so that the
+    adapter finds it from any working directory; a Hub id as it is."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.is_dir() else str(model)
+
+
+def recorded_base_model(adapter_dir, base_model: str) -> str:
+    """The base model an adapter's run recorded, for a command given no --model; refused where the
+    record is a directory that is not here (the adapter or its base moved)."""
+    if Path(base_model).is_absolute() and not Path(base_model).is_dir():
+        raise UserError(
+            f"{adapter_dir} was trained on {base_model}, which is not a directory here; pass its "
+            f"base model with --model"
+        )
+    return base_model
 
 
 def load_run_config(adapter_dir) -> dict:

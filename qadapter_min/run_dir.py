@@ -28,6 +28,7 @@ from qadapter_min.adapters import (
     ADAPTER_WEIGHTS,
     RUN_CONFIG,
     adapter_tensors,
+    base_model_record,
     save_adapter,
     save_run_config,
 )
@@ -210,7 +211,8 @@ def write_outputs(
         tensors = adapter_tensors(model)
     if processes.master:
         if args.objective != "rm":
-            save_adapter(model, out, base_model_name_or_path=args.model, tensors=tensors)
+            base = base_model_record(args.model)
+            save_adapter(model, out, base_model_name_or_path=base, tensors=tensors)
         epochs = total_steps * args.batch_size / num_pairs
         save_run_config(
             out, model, vars(args), steps=total_steps, epochs=epochs, fingerprint=fingerprint

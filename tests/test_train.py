@@ -2,6 +2,7 @@
 
 import json
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -410,3 +411,26 @@ def test_a_pairs_dropout_keys_depend_on_seed_step_pair_and_side_only():
     ]  # each pair in a micro-batch of its own
     assert keys.tolist() == [k[0] for k in alone] + [k[1] for k in alone]
     assert dropout_keys(7, 4, [5])[0] != keys[0] and dropout_keys(8, 3, [5])[0] != keys[0]
+
+
+def test_an_adapter_finds_its_base_model_from_any_directory_or_says_to_pass_model(
+    world, tmp_path, monkeypatch
+):
+    """Trained with --model given as a relative path, the adapter records where the base model is, so
+    sample.py --adapter finds it from elsewhere; a base model moved since is refused, saying --model."""
+    import sample
+    from conftest import run_script
+
+    model_dir, data = world
+    base = tmp_path / "here" / "base"
+    shutil.copytree(model_dir, base)
+    monkeypatch.chdir(base.parent)
+    flags = ["--model", "base", "--data", data, "--batch_size", 4, "--max_steps", 1]
+    train.main(strings(flags + ["--out", tmp_path / "out"]))
+    monkeypatch.chdir(tmp_path)  # where no "base" is
+    reply = ["--adapter", tmp_path / "out", "--prompt", "hi", "--max_new_tokens", 2]
+    result = run_script(sample.main, *reply)
+    assert result.returncode == 0, result.stderr
+    base.rename(tmp_path / "moved")
+    result = run_script(sample.main, *reply)
+    assert result.returncode == 2 and "pass its base model with --model" in result.stderr
