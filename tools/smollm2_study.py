@@ -6,17 +6,30 @@ before it runs, so any row can be rerun by hand.
     python tools/smollm2_study.py --model SMOLLM2_DIR --data harmless-base-test.jsonl.gz --out study
     python tools/smollm2_study.py --model SMOLLM2_DIR --data harmless-base-test.jsonl.gz --out study \
         --frontier --dsp dsp-test.json.gz
+    python tools/smollm2_study.py --model SMOLLM2_DIR --learn dsp-test.json.gz --out study --seeds 1
+
+--learn: DSP's academy style at a budget where DPO learns it (learning_step): queries 0-399 train (1,596
+pairs), 600-660 held out (244), every reply cut to its first 48 words; 200 steps of 8 pairs at 5e-4,
+pairs of at most 256 tokens. DPO first, then Q-Adapter, a reward model trained on the same pairs
+(train.py --objective rm) as the judge, SFT and Replay, and Q-Adapter at two and four times the steps
+where it learns less than DPO; every adapter at scales 0.5, 1 and 2 (Q-Adapter also at alpha0 0.1 and
+1): held-out implicit reward accuracy and the reward model's win rate of the greedy replies to the 61
+held-out queries (learned), the reply NLL and facts accuracy (kept); a table (learning.md), a PNG, and
+the wall time of each part.
 
 --frontier: the frontier step instead of the comparison: the four methods (first seed) on the harmless
 pairs (the comparison's runs, kept and shared) and on DSP with the academy reply preferred (queries 0-49
 train, 600-609 are held out; pairs of at most 128 tokens), each adapter measured at scales 0.5, 1 and 2
-and Q-Adapter also at alpha0 0.1 and 1 (scale 1), on 40 held-out pairs each: held-out preference
-accuracy against the reply NLL of the base model's own replies, a table and a PNG per data set.
+and Q-Adapter also at alpha0 0.1 and 1 (scale 1), on 40 held-out pairs each: held-out
+implicit reward accuracy against the reply NLL of the base model's own replies, a table and a PNG per
+data set.
 
 --model: HuggingFaceTB/SmolLM2-135M-Instruct (online), or a local copy in the Hugging Face layout.
 --data: HH-RLHF pairs (the harmless-base split); records 0-199 train, records 2000-2099 are held out.
 
 What each run measures (evaluate.py, all adapters in one call, the base model first):
+    implicit reward accuracy   held-out pairs with z(chosen) > z(rejected), z = log pi - log pi1: what
+                          the run learned, relative to the base model (the base model: 0.5)
     preference accuracy   held-out pairs with R(chosen) > R(rejected) under the run's policy
     added NLL             retention: evaluate.py --reply_nll over the base model's own greedy replies to 24
                           unrelated prompts (tools/study/retention_prompts.jsonl), less the base model's
@@ -290,7 +303,7 @@ def frontier_step(args, out: Path, started: float):
         results = json.loads(along_scale.read_text())["models"] + [
             r for r in json.loads(along_alpha0.read_text())["models"] if r["adapter"]
         ]
-        front = frontier_of(results, "preference_accuracy", "reply_nll")
+        front = frontier_of(results, "implicit_reward_accuracy", "reply_nll")
         frontier_plot(front, out / f"frontier-{name}.png")
         methods = {str(directory): method for method, directory in zip(METHODS, runs)}
         tables.append(
@@ -437,7 +450,7 @@ def seeds_markdown(models: list[dict], runs: dict[str, Path]) -> str:
 
 
 def frontier_markdown(front: dict, methods: dict[str, str]) -> str:
-    """A row per adapter and alpha0, a column per scale: held-out preference accuracy / reply NLL, in bold
+    """A row per adapter and alpha0, a column per scale: held-out implicit reward accuracy / reply NLL, in bold
     where no other point is as good on both and better on one. methods: {adapter: its method's name}."""
     scales = sorted({p["scale"] for p in front["points"] if p["adapter"]})
     rows = {}
@@ -449,7 +462,9 @@ def frontier_markdown(front: dict, methods: dict[str, str]) -> str:
         rows.setdefault(label, {})[p["scale"]] = f"**{cell}**" if p["on_frontier"] else cell
     base = front["points"][0]
     lines = [
-        "| preference accuracy / reply NLL | " + " | ".join(f"scale {s:g}" for s in scales) + " |",
+        "| implicit reward accuracy / reply NLL | "
+        + " | ".join(f"scale {s:g}" for s in scales)
+        + " |",
         "|---" * (len(scales) + 1) + "|",
     ]
     lines += [
@@ -466,6 +481,7 @@ def study_table(models: list[dict], runs: list[tuple[str, int, Path]]) -> str:
 
     def numbers(result):
         return (
+            result["preference"]["implicit_reward_accuracy"],
             result["preference"]["preference_accuracy"],
             result["reply_nll"]["added_to_base"],
             result["lm_eval"]["facts_mc"]["acc,none"],
@@ -473,9 +489,10 @@ def study_table(models: list[dict], runs: list[tuple[str, int, Path]]) -> str:
 
     base = numbers(results["base"])
     lines = [
-        "| method | held-out preference accuracy | added NLL per token of the base model's replies | facts accuracy |",
-        "|---|---|---|---|",
-        f"| base | {base[0]:.2f} | 0 | {base[2]:.2f} |",
+        "| method | held-out implicit reward accuracy | held-out preference accuracy | added NLL per token "
+        "of the base model's replies | facts accuracy |",
+        "|---|---|---|---|---|",
+        f"| base | {base[0]:.2f} | {base[1]:.2f} | 0 | {base[3]:.2f} |",
     ]
     for method in dict.fromkeys(m for m, _, _ in runs):
         columns = zip(*[numbers(results[str(d)]) for m, _, d in runs if m == method])
