@@ -45,7 +45,7 @@ from qadapter_min.sharding import evaluation_batches, gradient_sync, load_sharde
 from qadapter_min.step import micro_batch_objective
 from qadapter_min.tokenizer import Tokenizer
 from qadapter_min.weights import load_model, read_config
-from toyworld.report import report_run
+from toyworld import is_world_model
 
 
 def main(argv=None):
@@ -72,7 +72,10 @@ def main(argv=None):
     run_dir.write_outputs(model, args, total_steps, len(train_set), processes, model_dir, pad_id)
     written = "reward model" if objective.name == "rm" else "adapter"
     processes.log(f"{written} written to {args.out}/ ({time.time() - started:.0f}s)")
-    report_run(model, model_dir, tokenizer, pad_id, args, processes)  # the built-in world's table
+    if is_world_model(model_dir):  # the built-in world's table, printed after its run
+        from toyworld.report import report_run
+
+        report_run(model, model_dir, tokenizer, pad_id, args, processes)
     del wrapped, adamw, model  # DDP holds the process group: let it go before the group ends
     tracking.finish()
     leave_processes(processes)

@@ -19,14 +19,14 @@ from qadapter_min.policy import BASE, Policy, preference_metrics
 from qadapter_min.run_dir import REPORT
 from qadapter_min.tokenizer import Tokenizer
 from qadapter_min.weights import load_model
-from toyworld import PREFERENCE_SKILLS, SKILLS, WORLD_DIR, check_reply, is_world_model, make_task
+from toyworld import PREFERENCE_SKILLS, SKILLS, WORLD_DIR, check_reply, make_task
 
 
 def report_run(model, model_dir, tokenizer: Tokenizer, pad_id: int, args, processes):
     """After a run of train.py on this world's model, both axes: the new preference learned, the old
     skills kept. The table is printed and written to OUT/report.json, by rank 0."""
-    if not (processes.master and is_world_model(model_dir)) or args.objective == "rm":
-        return  # the table compares policies; a reward model is none
+    if not processes.master or args.objective == "rm":
+        return  # rank 0 prints it; the table compares policies, and a reward model is none
     if is_fsdp_model(model):  # rank 0 alone cannot run a sharded model: this one, whole
         model = load_model(model_dir)
         load_adapter(model, args.out)
