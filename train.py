@@ -2,7 +2,7 @@
 
 Built-in world:     python train.py     (a tiny pre-trained model and a preference: CPU, a minute)
 One process:        python train.py --model DIR_OR_HUB_ID --data pairs.json
-One node, 4 GPUs:   torchrun --nproc_per_node=4 train.py --model meta-llama/Llama-3.1-8B-Instruct ...
+One node, 4 GPUs:   torchrun --nproc_per_node=4 train.py --model meta-llama/Llama-3.1-8B-Instruct
 Sharded (FSDP2):    torchrun --nproc_per_node=4 train.py ... --fsdp   (models larger than one GPU)
 Several nodes:      torchrun --nnodes 2 ... train.py ...   (docs/scaling.md)
 (python train.py --nproc_per_node 4 starts the same processes itself, after checking every flag.)
