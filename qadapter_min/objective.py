@@ -100,7 +100,7 @@ class Objective:
         on), summed over its actions: `rewards` R = alpha log pi - alpha0 log pi1 ((4) at gamma 1),
         and `implicit_rewards` z = log pi - log pi1, learning measured from the base model as TRL
         measures DPO's (its reward over beta); each with the share of pairs whose chosen reply
-        scores higher (_accuracy; for z a tie counts half: the base model's 0.5) and the mean gap."""
+        scores higher (_accuracy; for z ties count half: the base's 0.5) and the mean."""
         if not self.on_pairs:  # rows are single conversations, without the base model
             return sft_loss(q_taken - v, scored), {}
         if self.name == "qadapter":
