@@ -9,7 +9,7 @@ before it runs, so any row can be rerun by hand.
     python tools/smollm2_study.py --model SMOLLM2_DIR --learn dsp-test.json.gz --out study --seeds 1
 
 --learn: DSP's academy style at a budget where DPO learns it (learning_step): queries 0-399 train (1,596
-pairs), 600-660 held out (244), every reply cut to its first 48 words; 200 steps of 8 pairs at 5e-4,
+pairs), 600-660 held out (244), every reply cut to its first 48 words; 200 steps of 8 pairs at 1e-3,
 pairs of at most 256 tokens. DPO first, then Q-Adapter, a reward model trained on the same pairs
 (train.py --objective rm) as the judge, SFT and Replay, and Q-Adapter at two and four times the steps
 where it learns less than DPO; every adapter at scales 0.5, 1 and 2 (Q-Adapter also at alpha0 0.1 and
@@ -71,7 +71,7 @@ SCALES, ALPHA0S = ["0.5", "1", "2"], ["0.1", "1"]
 # held out; every reply cut to its first 48 words (the 2-core budget; DSP's replies run to 126 on average)
 LEARN_TRAIN, LEARN_HELD_OUT, LEARN_WORDS = (0, 400), (600, 661), 48
 LEARN_STEPS = 200  # one epoch of the 1,596 training pairs, 8 a step
-LEARN_FLAGS = ["--batch_size", "8", "--micro_batch_size", "4", "--lr", "5e-4", "--max_len", "256"]
+LEARN_FLAGS = ["--batch_size", "8", "--micro_batch_size", "4", "--lr", "1e-3", "--max_len", "256"]
 LEARN_FLAGS += ["--domain", "academy"]
 LEARN_REPLY_TOKENS = "96"  # the judged greedy replies' length
 METHODS = {  # name: train.py flags beyond COMMON ("Replay": SFT on the data and the base model's own replies)
