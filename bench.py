@@ -46,13 +46,7 @@ CPU_ARGS = ModelArgs(
     rope_scaling=PRESETS["llama-3.1-8b"].rope_scaling,
 )
 # Dense bf16 tensor-core peaks (TFLOP/s) and memory bandwidths (GB/s) of cards people use.
-CARDS = {
-    "H200": (989, 4800),
-    "H100": (989, 3350),
-    "A100": (312, 2039),
-    "4090": (165, 1008),
-    "L40S": (362, 864),
-}
+CARDS = {"H200": (989, 4800), "H100": (989, 3350), "A100": (312, 2039), "4090": (165, 1008), "L40S": (362, 864)}
 
 
 def build(args: ModelArgs, device, dtype, seed=0) -> Transformer:
@@ -83,11 +77,7 @@ def pair_batch(vocab_size, length=512, prompt=256, device="cpu", pairs=1):
 def matmul_parameters(model) -> int:
     """N in the FLOP count 2N per token per pass: the base weights that enter matrix products (the
     embedding is a lookup, unless it is also the tied LM head)."""
-    n = sum(
-        p.numel()
-        for name, p in model.named_parameters()
-        if "lora_" not in name and "embed_tokens" not in name
-    )
+    n = sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name and "embed_tokens" not in name)
     return n + (model.embed_tokens.weight.numel() if model.args.tie_word_embeddings else 0)
 
 
@@ -166,9 +156,7 @@ def cpu_training_step(repeats):
         f"  ratio: time {t_ours / t_naive:.2f}x, peak memory {m_ours / m_naive:.2f}x "
         f"(same loss to {loss_error:.1e} relative, LoRA gradients to {grad_error:.1e})"
     )
-    compiled_grad_error = max(
-        abs(a - b).max() / max(abs(b).max(), 1e-30) for a, b in zip(g_compiled, g_ours)
-    )
+    compiled_grad_error = max(abs(a - b).max() / max(abs(b).max(), 1e-30) for a, b in zip(g_compiled, g_ours))
     print(
         f"  ours, compiled (--compile): {t_compiled * 1000:.0f} ms, {t_ours / t_compiled:.2f}x faster than "
         f"eager; its first step, compiling, {first:.0f} s (loss to "
@@ -182,9 +170,7 @@ def bytes_read_per_step(model) -> int:
     lookup of one row, unless it is also the tied LM head."""
     tied = model.args.tie_word_embeddings
     return sum(
-        p.numel() * p.element_size()
-        for name, p in model.named_parameters()
-        if tied or "embed_tokens" not in name
+        p.numel() * p.element_size() for name, p in model.named_parameters() if tied or "embed_tokens" not in name
     )
 
 
@@ -211,21 +197,14 @@ def read_rate_gbs(model) -> float:
     return weight.numel() * weight.element_size() / head_product_seconds(model, 2) / 1e9
 
 
-def decode_speed(
-    model, policy_mode, new_tokens, batch_size=1, combined=True, compiled=False, prompt_length=32
-):
+def decode_speed(model, policy_mode, new_tokens, batch_size=1, combined=True, compiled=False, prompt_length=32):
     """(tokens per second of greedy decoding after a prefill, all rows together, in the fastest of three
     stretches of new_tokens steps; seconds of the first one-token step, which for a compiled decoder is
     its compilation)."""
     prompts = torch.arange(1, prompt_length + 1).repeat(batch_size, 1)
     needed = compiled_steps.cache_length(prompt_length + 3 * new_tokens + 2, compiled)
     decoder = Decoder(
-        model,
-        policy_mode,
-        max_seq_len=needed,
-        combined=combined,
-        batch_size=batch_size,
-        compiled=compiled,
+        model, policy_mode, max_seq_len=needed, combined=combined, batch_size=batch_size, compiled=compiled
     )
     logits = decoder.feed(prompts.to(next(model.parameters()).device))
     synchronize(model)
@@ -268,9 +247,7 @@ def decoding(model, new_tokens, bandwidth_gbs=None, batch_sizes=(1, 8, 32)):
         for compiled in (False, True):
             cells = ""
             for batch_size in batch_sizes:
-                speed, first = decode_speed(
-                    model, policy_mode, new_tokens, batch_size, True, compiled
-                )
+                speed, first = decode_speed(model, policy_mode, new_tokens, batch_size, True, compiled)
                 cells += f"{f'{speed:.1f} ({speed / (batch_size * steps_limit):.0%})':>20}"
                 if compiled:
                     first_steps.append(f"{policy_mode} batch {batch_size} {first:.1f} s")
@@ -291,9 +268,7 @@ def batched_decoding(model, new_tokens, prompts_count=32, batch_sizes=(1, 8, 32)
     model.eval()
     generator = torch.Generator().manual_seed(0)
     lengths = torch.randint(16, 49, (prompts_count,), generator=generator).tolist()
-    prompts = [
-        torch.randint(1, model.args.vocab_size, (n,), generator=generator).tolist() for n in lengths
-    ]
+    prompts = [torch.randint(1, model.args.vocab_size, (n,), generator=generator).tolist() for n in lengths]
     args = model.args
     row_bytes = (
         2
@@ -329,9 +304,7 @@ def batched_decoding(model, new_tokens, prompts_count=32, batch_sizes=(1, 8, 32)
             differ = ""
             if same < prompts_count:  # in fp32 a fault; in bf16 a batch's products round otherwise
                 exact = next(model.parameters()).dtype == torch.float32
-                differ = (
-                    f", {'REPLIES DIFFER' if exact else 'bf16'}: {same}/{prompts_count} the same"
-                )
+                differ = f", {'REPLIES DIFFER' if exact else 'bf16'}: {same}/{prompts_count} the same"
             line += f" | batch {batch_size}: {speed:7.1f} ({speed / one_at_a_time:.1f}x{differ})"
         print(line)
     head_product_gains(model, batch_sizes)
@@ -346,8 +319,7 @@ def head_product_gains(model, batch_sizes):
         # one row runs as two (generate.next_token_logits)
         alone = head_product_seconds(model, max(rows_per_prompt, 2))
         gains = ", ".join(
-            f"batch {b} {b * alone / head_product_seconds(model, b * rows_per_prompt):.1f}x"
-            for b in batch_sizes[1:]
+            f"batch {b} {b * alone / head_product_seconds(model, b * rows_per_prompt):.1f}x" for b in batch_sizes[1:]
         )
         line += f" {policy_mode} {gains};"
     print(line.rstrip(";"))
@@ -356,29 +328,19 @@ def head_product_gains(model, batch_sizes):
 def memory_plans(presets=("llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b"), ranks=(4, 8, 16)):
     """The memory model's estimate per rank (GiB) of one training step: 1 pair x 512 tokens, bf16 weights,
     gradient checkpointing, LoRA r 8 on q_proj and v_proj; each rank a whole copy (DDP) or a shard (FSDP)."""
-    print(
-        "memory per rank (GiB, estimated), 1 pair x 512 tokens, bf16, gradient checkpointing, LoRA r 8 on q/v"
-    )
+    print("memory per rank (GiB, estimated), 1 pair x 512 tokens, bf16, gradient checkpointing, LoRA r 8 on q/v")
     print(f"{'':16}{'DDP':>8}" + "".join(f"{f'FSDP x{r}':>10}" for r in ranks))
     for name in presets:
         args = PRESETS[name]
         lora = (
             args.num_hidden_layers
             * 8
-            * (
-                2 * args.hidden_size
-                + (args.num_attention_heads + args.num_key_value_heads) * args.head_dim
-            )
+            * (2 * args.hidden_size + (args.num_attention_heads + args.num_key_value_heads) * args.head_dim)
         )
         plans = [training_memory_gib(args, lora, 1, 512)] + [
             training_memory_gib(args, lora, 1, 512, fsdp_ranks=r) for r in ranks
         ]
-        print(
-            f"{name:16}"
-            + "".join(
-                f"{sum(plan.values()):{8 if i == 0 else 10}.1f}" for i, plan in enumerate(plans)
-            )
-        )
+        print(f"{name:16}" + "".join(f"{sum(plan.values()):{8 if i == 0 else 10}.1f}" for i, plan in enumerate(plans)))
 
 
 def preset_run(name, device, peak_tflops, bandwidth_gbs, repeats, decode_tokens):
@@ -394,12 +356,7 @@ def preset_run(name, device, peak_tflops, bandwidth_gbs, repeats, decode_tokens)
         torch.cuda.reset_peak_memory_stats()
     model.train()
     seconds, loss, _ = time_step(
-        our_step,
-        model,
-        tokens,
-        response_mask,
-        repeats,
-        torch.cuda.synchronize if cuda else (lambda: None),
+        our_step, model, tokens, response_mask, repeats, torch.cuda.synchronize if cuda else (lambda: None)
     )
     parameters = matmul_parameters(model)
     tokens_per_s = tokens.numel() / seconds
@@ -431,9 +388,7 @@ def preset_run(name, device, peak_tflops, bandwidth_gbs, repeats, decode_tokens)
     our_step(model, tokens, response_mask)
     synchronize(model)
     first = time.perf_counter() - started
-    compiled, compiled_loss, _ = time_step(
-        our_step, model, tokens, response_mask, repeats, lambda: synchronize(model)
-    )
+    compiled, compiled_loss, _ = time_step(our_step, model, tokens, response_mask, repeats, lambda: synchronize(model))
     print(
         f"{name}, the step again, compiled (--compile): {compiled * 1000:.0f} ms, "
         f"{seconds / compiled:.2f}x faster than eager; its first step, compiling, {first:.0f} s "
@@ -444,36 +399,19 @@ def preset_run(name, device, peak_tflops, bandwidth_gbs, repeats, decode_tokens)
 def main():
     # compiling from nothing, as on a fresh machine: not from the traces of earlier runs
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="bench-inductor-"))
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--preset",
-        choices=sorted(PRESETS),
-        default=None,
-        help="a published Llama shape, random bf16 weights",
+        "--preset", choices=sorted(PRESETS), default=None, help="a published Llama shape, random bf16 weights"
     )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions after one warm-up")
+    p.add_argument("--decode_tokens", type=int, default=64, help="tokens decoded per decoding measurement")
     p.add_argument(
-        "--decode_tokens", type=int, default=64, help="tokens decoded per decoding measurement"
+        "--peak_tflops", type=float, default=None, help="the card's dense bf16 peak (default: looked up by name)"
     )
+    p.add_argument("--bandwidth_gbs", type=float, default=None, help="the card's memory bandwidth (default: looked up)")
     p.add_argument(
-        "--peak_tflops",
-        type=float,
-        default=None,
-        help="the card's dense bf16 peak (default: looked up by name)",
-    )
-    p.add_argument(
-        "--bandwidth_gbs",
-        type=float,
-        default=None,
-        help="the card's memory bandwidth (default: looked up)",
-    )
-    p.add_argument(
-        "--plan",
-        action="store_true",
-        help="print the memory plan per rank of the large presets, DDP and FSDP",
+        "--plan", action="store_true", help="print the memory plan per rank of the large presets, DDP and FSDP"
     )
     args = p.parse_args()
     if args.plan:
@@ -484,9 +422,7 @@ def main():
     if args.preset:
         card = (None, None)
         if args.device == "cuda":
-            card = next(
-                (v for k, v in CARDS.items() if k in torch.cuda.get_device_name()), (None, None)
-            )
+            card = next((v for k, v in CARDS.items() if k in torch.cuda.get_device_name()), (None, None))
         preset_run(
             args.preset,
             args.device,

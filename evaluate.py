@@ -82,23 +82,10 @@ from qadapter_min.data import (
     load_pairs,
     load_prompts,
 )
-from qadapter_min.frontier import (
-    check_metric,
-    default_metrics,
-    frontier_of,
-    frontier_table,
-)
+from qadapter_min.frontier import check_metric, default_metrics, frontier_of, frontier_table
 from qadapter_min.generate import generate_batch
 from qadapter_min.plots import frontier_plot, pyplot
-from qadapter_min.policy import (
-    BASE,
-    Policy,
-    check_base,
-    log_probs,
-    policy_applied,
-    preference_metrics,
-    read_policy,
-)
+from qadapter_min.policy import BASE, Policy, check_base, log_probs, policy_applied, preference_metrics, read_policy
 from qadapter_min.processes import add_nproc_flag, leave_processes, start_processes
 from qadapter_min.reward import check_reward_model, load_reward_model, rewards, win_rate
 from qadapter_min.tokenizer import Tokenizer
@@ -114,14 +101,8 @@ WORLD_FLAGS = dict(
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument(
-        "--model",
-        default=None,
-        help="base model directory or Hub id (None: the adapters' base model)",
-    )
-    p.add_argument(
-        "--adapter", nargs="+", default=None, help="output directories of train.py, a column each"
-    )
+    p.add_argument("--model", default=None, help="base model directory or Hub id (None: the adapters' base model)")
+    p.add_argument("--adapter", nargs="+", default=None, help="output directories of train.py, a column each")
     p.add_argument(
         "--alpha0",
         type=float,
@@ -172,9 +153,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=1024,
         help="with --pairs or --reply_nll: longest sequence in tokens (longer: truncated as train.py does)",
     )
-    p.add_argument(
-        "--micro_batch_size", type=int, default=4, help="with --pairs: pairs per forward pass"
-    )
+    p.add_argument("--micro_batch_size", type=int, default=4, help="with --pairs: pairs per forward pass")
     p.add_argument(
         "--reply_nll",
         default=None,
@@ -182,54 +161,24 @@ def parse_args(argv=None) -> argparse.Namespace:
         "records): each model's mean negative log-likelihood per reply token, truncated to --max_len",
     )
     p.add_argument(
-        "--prompts",
-        default=None,
-        help="with --reward_model: a JSON Lines file of prompts (as sample.py reads)",
+        "--prompts", default=None, help="with --reward_model: a JSON Lines file of prompts (as sample.py reads)"
     )
     p.add_argument(
-        "--reward_model",
-        default=None,
-        help="a reward model (LlamaForSequenceClassification layout) to judge replies",
+        "--reward_model", default=None, help="a reward model (LlamaForSequenceClassification layout) to judge replies"
     )
+    p.add_argument("--max_new_tokens", type=int, default=256, help="with --prompts: longest greedy reply in tokens")
+    add_compile_flag(p, "each decoding step (greedy replies, the built-in checks, lm-eval's generation)")
     p.add_argument(
-        "--max_new_tokens",
-        type=int,
-        default=256,
-        help="with --prompts: longest greedy reply in tokens",
-    )
-    add_compile_flag(
-        p, "each decoding step (greedy replies, the built-in checks, lm-eval's generation)"
-    )
-    p.add_argument(
-        "--dtype",
-        choices=["bf16", "fp32"],
-        default=None,
-        help="weights' dtype (None: bf16 on GPU, fp32 on CPU)",
+        "--dtype", choices=["bf16", "fp32"], default=None, help="weights' dtype (None: bf16 on GPU, fp32 on CPU)"
     )
     p.add_argument("--output", default=None, help="a JSON file for every number measured")
     lm = p.add_argument_group(
         "lm-evaluation-harness (pip install -r requirements-eval.txt), under lm-eval's own flag names"
     )
-    lm.add_argument(
-        "--tasks", nargs="+", default=None, help="lm-eval task or group names (mmlu gsm8k_cot ...)"
-    )
-    lm.add_argument(
-        "--num_fewshot",
-        type=int,
-        default=None,
-        help="examples in each prompt (None: each task's own)",
-    )
-    lm.add_argument(
-        "--limit",
-        type=float,
-        default=None,
-        help="at most this many documents per task (below 1: a share)",
-    )
-    lm.add_argument(
-        "--apply_chat_template",
-        action="store_true",
-        help="put each prompt in the Llama 3.1 chat format",
-    )
+    lm.add_argument("--tasks", nargs="+", default=None, help="lm-eval task or group names (mmlu gsm8k_cot ...)")
+    lm.add_argument("--num_fewshot", type=int, default=None, help="examples in each prompt (None: each task's own)")
+    lm.add_argument("--limit", type=float, default=None, help="at most this many documents per task (below 1: a share)")
+    lm.add_argument("--apply_chat_template", action="store_true", help="put each prompt in the Llama 3.1 chat format")
     lm.add_argument(
         "--fewshot_as_multiturn",
         type=lambda x: x.lower() in ("true", "1", "yes"),
@@ -242,16 +191,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_nproc_flag(p)
     lm.add_argument("--include_path", default=None, help="a directory of task YAMLs of your own")
     lm.add_argument(
-        "--batch_size",
-        type=int,
-        default=8,
-        help="requests per forward pass (sequences, or prompts decoded together)",
+        "--batch_size", type=int, default=8, help="requests per forward pass (sequences, or prompts decoded together)"
     )
-    lm.add_argument(
-        "--log_samples",
-        action="store_true",
-        help="keep lm-eval's record of every document in --output",
-    )
+    lm.add_argument("--log_samples", action="store_true", help="keep lm-eval's record of every document in --output")
     args = p.parse_args(argv)
     if args.model is None and args.adapter is None and args.pairs is None:  # the built-in world
         for name, value in WORLD_FLAGS.items():
@@ -275,19 +217,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         if not (math.isfinite(alpha0) and alpha0 >= 0):
             raise UserError(f"--alpha0 must be finite and >= 0, got {alpha0}")
     if args.adapter is None and args.scale != [1.0]:
-        raise UserError(
-            "--scale scales an adapter's update; pass --adapter DIR ..., or drop --scale"
-        )
+        raise UserError("--scale scales an adapter's update; pass --adapter DIR ..., or drop --scale")
     if args.plot is not None:
         if Path(args.plot).suffix.lower() != ".png":
-            raise UserError(
-                f"--plot {args.plot} is not a .png file; pass a path such as frontier.png"
-            )
+            raise UserError(f"--plot {args.plot} is not a .png file; pass a path such as frontier.png")
         check_output_file("plot", args.plot)
     if args.model is None and args.adapter is None:
-        raise UserError(
-            "pass --model M for a base model, --adapter DIR ... for adapters (and their base), or both"
-        )
+        raise UserError("pass --model M for a base model, --adapter DIR ... for adapters (and their base), or both")
     for path in args.pairs or []:
         check_data_file(Path(path))
     if args.reply_nll is not None and not Path(args.reply_nll).is_file():
@@ -305,21 +241,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             "that judges the replies"
         )
     if args.include_path is not None and not Path(args.include_path).is_dir():
-        raise UserError(
-            f"--include_path {args.include_path} is not a directory; pass the directory of your task YAMLs"
-        )
-    for flag in (
-        "num_fewshot",
-        "limit",
-        "apply_chat_template",
-        "fewshot_as_multiturn",
-        "include_path",
-        "log_samples",
-    ):
+        raise UserError(f"--include_path {args.include_path} is not a directory; pass the directory of your task YAMLs")
+    for flag in ("num_fewshot", "limit", "apply_chat_template", "fewshot_as_multiturn", "include_path", "log_samples"):
         if args.tasks is None and getattr(args, flag) not in (None, False):
-            raise UserError(
-                f"--{flag} sets how lm-eval runs --tasks; pass the tasks too, or drop --{flag}"
-            )
+            raise UserError(f"--{flag} sets how lm-eval runs --tasks; pass the tasks too, or drop --{flag}")
     if args.fewshot_as_multiturn is None:
         args.fewshot_as_multiturn = args.apply_chat_template
     return args
@@ -388,12 +313,7 @@ def run_lm_eval(model, tokenizer, policy: Policy, manager, model_name: str, args
     from qadapter_min.harness import PolicyLM
 
     lm = PolicyLM(
-        model,
-        tokenizer,
-        policy,
-        name=f"{model_name}+{policy.name}",
-        batch_size=args.batch_size,
-        compiled=args.compile,
+        model, tokenizer, policy, name=f"{model_name}+{policy.name}", batch_size=args.batch_size, compiled=args.compile
     )
     try:
         out = simple_evaluate(
@@ -406,9 +326,7 @@ def run_lm_eval(model, tokenizer, policy: Policy, manager, model_name: str, args
             fewshot_as_multiturn=args.fewshot_as_multiturn,
             log_samples=args.log_samples,
         )
-    except (
-        ConnectionError
-    ) as error:  # what the datasets library raises when the Hub is out of reach
+    except ConnectionError as error:  # what the datasets library raises when the Hub is out of reach
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(
             f"--tasks {' '.join(args.tasks)}: lm-eval could not fetch a task's dataset ({reason}); "
@@ -424,9 +342,7 @@ def run_lm_eval(model, tokenizer, policy: Policy, manager, model_name: str, args
     if out is None:
         return {}
     metrics = {
-        task: {
-            name: value for name, value in values.items() if "," in name
-        }  # "metric,filter"; not "alias"
+        task: {name: value for name, value in values.items() if "," in name}  # "metric,filter"; not "alias"
         for task, values in out["results"].items()
     }
     result = {"lm_eval": metrics}
@@ -473,15 +389,10 @@ def read_pairs(args, tokenizer):
     encoded = []
     for path in args.pairs:
         pairs = encode_pairs(
-            load_pairs(path, args.domain, log=lambda *_: None),
-            tokenizer,
-            args.max_len,
-            log=lambda *_: None,
+            load_pairs(path, args.domain, log=lambda *_: None), tokenizer, args.max_len, log=lambda *_: None
         )
         if not pairs:
-            raise UserError(
-                f"{path} holds no usable preference pair; pass a file of pairs in a format train.py reads"
-            )
+            raise UserError(f"{path} holds no usable preference pair; pass a file of pairs in a format train.py reads")
         encoded += pairs
     return encoded
 
@@ -494,15 +405,11 @@ def read_replies(args, tokenizer) -> list[EncodedConversation]:
     conversations = load_conversations(args.reply_nll, log=lambda *_: None)
     encoded = encode_conversations(conversations, tokenizer, args.max_len, log=lambda *_: None)
     if not encoded:
-        raise UserError(
-            f"--reply_nll {args.reply_nll}: no conversation fits --max_len {args.max_len}; raise it"
-        )
+        raise UserError(f"--reply_nll {args.reply_nll}: no conversation fits --max_len {args.max_len}; raise it")
     return encoded
 
 
-def reply_nll(
-    model, policy: Policy, conversations: list[EncodedConversation], batch_size: int
-) -> dict:
+def reply_nll(model, policy: Policy, conversations: list[EncodedConversation], batch_size: int) -> dict:
     """The policy's mean negative log-likelihood per reply token over the conversations."""
     scored = [len(c.ids) - c.prompt_len for c in conversations]
     progress = Progress(f"{policy.name}: reply NLL", len(conversations), "conversations")
@@ -511,18 +418,7 @@ def reply_nll(
     return {"nll_per_token": -sum(total for total, _ in sums) / sum(scored), "tokens": sum(scored)}
 
 
-def measure(
-    model,
-    tokenizer,
-    policy: Policy,
-    pairs,
-    world: bool,
-    prompts,
-    replies,
-    manager,
-    model_name,
-    args,
-) -> dict:
+def measure(model, tokenizer, policy: Policy, pairs, world: bool, prompts, replies, manager, model_name, args) -> dict:
     """Every measurement asked for, of one policy."""
     result = {"name": policy.name, "policy": policy.mode, "adapter": policy.adapter}
     result["scale"] = policy.scale if policy.adapter else None
@@ -569,9 +465,7 @@ def greedy_replies(model, tokenizer, policy: Policy, prompts, args) -> list[str]
 def judge(results: list[dict], prompts, reward_model_dir, device, args) -> list[dict]:
     """Each model's mean reward and win rate against the base model (the first), into its result; and a
     record per prompt: the conversation, every model's reply and reward."""
-    reward_model = load_reward_model(
-        reward_model_dir, dtype=choose_dtype(args.dtype, device), device=device
-    )
+    reward_model = load_reward_model(reward_model_dir, dtype=choose_dtype(args.dtype, device), device=device)
     tokenizer = Tokenizer(reward_model_dir)  # the conversation as the reward model reads it
     scores = {}
     for result in results:
@@ -585,10 +479,7 @@ def judge(results: list[dict], prompts, reward_model_dir, device, args) -> list[
     base = scores[results[0]["name"]]
     for result in results:
         mine = scores[result["name"]]
-        result["reward"] = {
-            "mean": sum(mine) / len(mine),
-            "win_rate_against_base": win_rate(mine, base),
-        }
+        result["reward"] = {"mean": sum(mine) / len(mine), "win_rate_against_base": win_rate(mine, base)}
     return [
         {
             "messages": messages,
@@ -610,40 +501,22 @@ def table(results: list[dict]) -> str:
         ]
     if "preference" in results[0]:
         rows += [
-            (
-                "preference accuracy (held out)",
-                [r["preference"]["preference_accuracy"] for r in results],
-            ),
-            (
-                "preference margin (held out)",
-                [r["preference"]["preference_margin"] for r in results],
-            ),
-            (
-                "implicit reward accuracy (held out)",
-                [r["preference"]["implicit_reward_accuracy"] for r in results],
-            ),
-            (
-                "implicit reward margin (held out)",
-                [r["preference"]["implicit_reward_margin"] for r in results],
-            ),
+            ("preference accuracy (held out)", [r["preference"]["preference_accuracy"] for r in results]),
+            ("preference margin (held out)", [r["preference"]["preference_margin"] for r in results]),
+            ("implicit reward accuracy (held out)", [r["preference"]["implicit_reward_accuracy"] for r in results]),
+            ("implicit reward margin (held out)", [r["preference"]["implicit_reward_margin"] for r in results]),
         ]
     if "world" in results[0]:
         rows += world_rows([r["world"] for r in results])
     if "reply_nll" in results[0]:
         rows += [
-            (
-                "NLL per reply token (--reply_nll)",
-                [r["reply_nll"]["nll_per_token"] for r in results],
-            ),
+            ("NLL per reply token (--reply_nll)", [r["reply_nll"]["nll_per_token"] for r in results]),
             ("  added to the base model's", [r["reply_nll"]["added_to_base"] for r in results]),
         ]
     if "reward" in results[0]:
         rows += [
             ("reward (mean)", [r["reward"]["mean"] for r in results]),
-            (
-                "win rate against the base model",
-                [r["reward"]["win_rate_against_base"] for r in results],
-            ),
+            ("win rate against the base model", [r["reward"]["win_rate_against_base"] for r in results]),
         ]
     return format_table(column_names([r["name"] for r in results]), rows)
 
@@ -707,28 +580,13 @@ def main(argv=None):
         args.pairs = WORLD_FLAGS["pairs"]
     pairs = read_pairs(args, tokenizer)
     replies = read_replies(args, tokenizer)
-    model = load_model(
-        model_dir, dtype=choose_dtype(args.dtype, processes.device), device=processes.device
-    )
+    model = load_model(model_dir, dtype=choose_dtype(args.dtype, processes.device), device=processes.device)
     for policy in policies:
         check_base(model, policy, model_name)
     results = []
     for policy in policies:
         with policy_applied(model, policy):
-            results.append(
-                measure(
-                    model,
-                    tokenizer,
-                    policy,
-                    pairs,
-                    world,
-                    prompts,
-                    replies,
-                    manager,
-                    model_name,
-                    args,
-                )
-            )
+            results.append(measure(model, tokenizer, policy, pairs, world, prompts, replies, manager, model_name, args))
     for result in results if replies else []:
         result["reply_nll"]["added_to_base"] = (
             result["reply_nll"]["nll_per_token"] - results[0]["reply_nll"]["nll_per_token"]
@@ -752,10 +610,7 @@ def main(argv=None):
         if prompts:
             replies_file = replies_path(args.output)
             atomic_write(
-                replies_file,
-                lambda p: Path(p).write_text(
-                    "".join(json.dumps(record) + "\n" for record in judged)
-                ),
+                replies_file, lambda p: Path(p).write_text("".join(json.dumps(record) + "\n" for record in judged))
             )
             processes.log(f"replies and rewards of every prompt: {replies_file}")
     leave_processes(processes)

@@ -31,14 +31,7 @@ from qadapter_min.adapters import (
     read_adapter_config,
     recorded_base_model,
 )
-from qadapter_min.common import (
-    HelpFormatter,
-    Progress,
-    choose_dtype,
-    default_device,
-    run_command_line,
-    write_json,
-)
+from qadapter_min.common import HelpFormatter, Progress, choose_dtype, default_device, run_command_line, write_json
 from qadapter_min.data import check_data_file, collate, encode_pairs, load_pairs
 from qadapter_min.lora import adapter_disabled
 from qadapter_min.merge import write_merged_checkpoint
@@ -68,9 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--adapter", required=True, help="an output directory of train.py")
     p.add_argument("--out", required=True, help="the directory to write the merged checkpoint to")
-    p.add_argument(
-        "--model", default=None, help="the base model (None: the one the adapter's run recorded)"
-    )
+    p.add_argument("--model", default=None, help="the base model (None: the one the adapter's run recorded)")
     p.add_argument(
         "--max_shard_size",
         default="5GB",
@@ -85,10 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--domain", default=None, help="with --pairs of DSP: the preferred domain")
     p.add_argument(
-        "--max_len",
-        type=int,
-        default=1024,
-        help="with --pairs: longest sequence (truncated as train.py does)",
+        "--max_len", type=int, default=1024, help="with --pairs: longest sequence (truncated as train.py does)"
     )
     args = p.parse_args(argv)
     if args.pairs is None and (args.domain is not None or args.max_len != 1024):
@@ -99,15 +87,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.max_shard_bytes = shard_bytes(args.max_shard_size)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
-        raise UserError(
-            f"--out {out} already exists; pass another --out, or --overwrite to replace it"
-        )
+        raise UserError(f"--out {out} already exists; pass another --out, or --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a directory")
     if not out.absolute().parent.is_dir():
-        raise UserError(
-            f"--out {out}: the directory {out.absolute().parent} does not exist; create it"
-        )
+        raise UserError(f"--out {out}: the directory {out.absolute().parent} does not exist; create it")
     return args
 
 
@@ -154,9 +138,7 @@ def distance_to_the_policy(model_dir: Path, adapter: Path, objective, args) -> d
     reply token of both replies of each pair of KL(pi~(.|s_t) || softmax(Q(s_t, .)))."""
     tokenizer = Tokenizer(model_dir)
     quiet = lambda *_: None  # noqa: E731
-    pairs = encode_pairs(
-        load_pairs(args.pairs, args.domain, log=quiet), tokenizer, args.max_len, log=quiet
-    )
+    pairs = encode_pairs(load_pairs(args.pairs, args.domain, log=quiet), tokenizer, args.max_len, log=quiet)
     if not pairs:
         raise UserError(f"--pairs {args.pairs} holds no pair that fits --max_len {args.max_len}")
     device = default_device()
@@ -201,9 +183,7 @@ def main(argv=None):
     started, partial = time.time(), out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)  # what an interrupted export left
     partial.mkdir()
-    names = write_merged_checkpoint(
-        model_dir, partial, lora, scale, args.max_shard_bytes, what="export"
-    )
+    names = write_merged_checkpoint(model_dir, partial, lora, scale, args.max_shard_bytes, what="export")
     for file in BESIDE_THE_WEIGHTS:
         if (model_dir / file).is_file():
             shutil.copyfile(model_dir / file, partial / file)

@@ -40,13 +40,7 @@ import torch
 
 from qadapter_min import UserError
 from qadapter_min.adapters import load_adapter, recorded_base_model
-from qadapter_min.common import (
-    HelpFormatter,
-    choose_dtype,
-    default_device,
-    refuse_out_of_range,
-    run_command_line,
-)
+from qadapter_min.common import HelpFormatter, choose_dtype, default_device, refuse_out_of_range, run_command_line
 from qadapter_min.compiled import add_compile_flag
 from qadapter_min.data import REPLY_KEYS, load_prompts
 from qadapter_min.generate import generate, generate_batch
@@ -58,66 +52,31 @@ from qadapter_min.weights import load_model, model_fingerprint, resolve_model_di
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument(
-        "--adapter",
-        nargs="?",
-        const="out",
-        default=None,
-        help="an output directory of train.py (alone: out)",
+        "--adapter", nargs="?", const="out", default=None, help="an output directory of train.py (alone: out)"
     )
-    p.add_argument(
-        "--model",
-        default=None,
-        help="base model directory or Hub id (None: the adapter's base model)",
-    )
-    p.add_argument(
-        "--prompt", default=None, help="one user message; without it, an interactive chat"
-    )
+    p.add_argument("--model", default=None, help="base model directory or Hub id (None: the adapter's base model)")
+    p.add_argument("--prompt", default=None, help="one user message; without it, an interactive chat")
     p.add_argument("--system", default="", help="a system message")
     p.add_argument("--max_new_tokens", type=int, default=256, help="longest reply in tokens")
+    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature; 0 is greedy")
     p.add_argument(
-        "--temperature", type=float, default=0.6, help="sampling temperature; 0 is greedy"
+        "--top_p", type=float, default=0.9, help="nucleus sampling: keep the most likely tokens up to this mass"
     )
-    p.add_argument(
-        "--top_p",
-        type=float,
-        default=0.9,
-        help="nucleus sampling: keep the most likely tokens up to this mass",
-    )
-    p.add_argument(
-        "--top_k", type=int, default=0, help="keep only the k most likely tokens (0: all)"
-    )
+    p.add_argument("--top_k", type=int, default=0, help="keep only the k most likely tokens (0: all)")
     p.add_argument("--seed", type=int, default=1337, help="seed of the sampling generator")
     p.add_argument(
-        "--alpha0",
-        type=float,
-        default=None,
-        help="weight of log pi1 in the customised policy (None: as trained)",
+        "--alpha0", type=float, default=None, help="weight of log pi1 in the customised policy (None: as trained)"
     )
     add_compile_flag(p)
     p.add_argument(
-        "--dtype",
-        choices=["bf16", "fp32"],
-        default=None,
-        help="weights' dtype (None: bf16 on GPU, fp32 on CPU)",
+        "--dtype", choices=["bf16", "fp32"], default=None, help="weights' dtype (None: bf16 on GPU, fp32 on CPU)"
     )
+    p.add_argument("--compare", action="store_true", help="print the base model's reply, then the customised one")
+    p.add_argument("--prompts", default=None, help="a JSON Lines file of prompts to reply to, all of them")
+    p.add_argument("--out", default=None, help="with --prompts: the JSON Lines file of replies (- for stdout)")
+    p.add_argument("--batch_size", type=int, default=8, help="with --prompts: prompts decoded together")
     p.add_argument(
-        "--compare",
-        action="store_true",
-        help="print the base model's reply, then the customised one",
-    )
-    p.add_argument(
-        "--prompts", default=None, help="a JSON Lines file of prompts to reply to, all of them"
-    )
-    p.add_argument(
-        "--out", default=None, help="with --prompts: the JSON Lines file of replies (- for stdout)"
-    )
-    p.add_argument(
-        "--batch_size", type=int, default=8, help="with --prompts: prompts decoded together"
-    )
-    p.add_argument(
-        "--unique",
-        action="store_true",
-        help="with --prompts: reply once to each distinct prompt (its first record)",
+        "--unique", action="store_true", help="with --prompts: reply once to each distinct prompt (its first record)"
     )
     args = p.parse_args(argv)
     refuse_out_of_range(
@@ -132,15 +91,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         ],
     )
     if args.adapter is None and args.model is None:
-        raise UserError(
-            "pass --adapter [DIR] for a customised model, or --model M for a base model alone"
-        )
+        raise UserError("pass --adapter [DIR] for a customised model, or --model M for a base model alone")
     if args.prompt is not None and args.prompts is not None:
         raise UserError("pass --prompt for one message or --prompts FILE for many, not both")
     if args.compare and args.adapter is None:
         raise UserError(
-            "--compare prints the base model's reply before the adapter's; pass --adapter DIR, "
-            "or drop --compare"
+            "--compare prints the base model's reply before the adapter's; pass --adapter DIR, or drop --compare"
         )
     if args.batch_size != p.get_default("batch_size") and args.prompts is None:
         raise UserError(
@@ -158,9 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.out not in (None, "-") and Path(args.out).is_dir():
         raise UserError(f"--out {args.out} is a directory; pass a file such as replies.jsonl")
     if args.out not in (None, "-") and not Path(args.out).resolve().parent.is_dir():
-        raise UserError(
-            f"--out {args.out}: its directory does not exist; create it or pass another --out"
-        )
+        raise UserError(f"--out {args.out}: its directory does not exist; create it or pass another --out")
     return args
 
 
@@ -257,9 +211,7 @@ def reply_to_prompts(items, done, recorded, model, tokenizer, policy, settings, 
         )
     system = [{"role": "system", "content": args.system}] if args.system else []
     encoded = [
-        tokenizer.encode_chat(
-            (system if m[0]["role"] != "system" else []) + m, add_generation_prompt=True
-        )
+        tokenizer.encode_chat((system if m[0]["role"] != "system" else []) + m, add_generation_prompt=True)
         for _, m in items
     ]
     for index, prompt in enumerate(encoded):  # refused before any decoding
@@ -270,9 +222,7 @@ def reply_to_prompts(items, done, recorded, model, tokenizer, policy, settings, 
             )
     to_stdout = args.out == "-"
     with nullcontext(sys.stdout) if to_stdout else open(args.out, "a", encoding="utf-8") as out:
-        write_replies(
-            items, encoded, done, out, to_stdout, model, tokenizer, policy, settings, args
-        )
+        write_replies(items, encoded, done, out, to_stdout, model, tokenizer, policy, settings, args)
 
 
 def write_replies(items, encoded, done, out, to_stdout, model, tokenizer, policy, settings, args):
@@ -285,17 +235,13 @@ def write_replies(items, encoded, done, out, to_stdout, model, tokenizer, policy
         streams.append(("base_reply", "base_finish_reason", "base"))
     try:
         for start in range(done, len(items), args.batch_size):
-            batch, prompts = (
-                items[start : start + args.batch_size],
-                encoded[start : start + args.batch_size],
-            )
+            batch, prompts = (items[start : start + args.batch_size], encoded[start : start + args.batch_size])
             records = [dict(record) for record, _ in batch]
             if start == 0:
                 records[0]["sampled_with"] = settings
             for key, finish, policy_mode in streams:
                 generators = [
-                    torch.Generator(device).manual_seed(args.seed + index)
-                    for index in range(start, start + len(batch))
+                    torch.Generator(device).manual_seed(args.seed + index) for index in range(start, start + len(batch))
                 ]
                 ids = generate_batch(
                     model,
@@ -351,16 +297,12 @@ def completed_lines(path: Path, items, settings: dict) -> tuple[int, dict | None
         except (json.JSONDecodeError, AttributeError):
             record = None
         if number > len(items) or record != items[number - 1][0]:
-            raise UserError(
-                f"--out {path} holds replies to other prompts (line {number}); pass another --out"
-            )
+            raise UserError(f"--out {path} holds replies to other prompts (line {number}); pass another --out")
     if not lines:
         return 0, None
     recorded = json.loads(lines[0]).get("sampled_with")
     if not isinstance(recorded, dict):
-        raise UserError(
-            f"--out {path} does not say how its replies were sampled; pass another --out"
-        )
+        raise UserError(f"--out {path} does not say how its replies were sampled; pass another --out")
     for name, value in settings.items():
         if recorded.get(name) != value:
             raise UserError(
@@ -381,10 +323,7 @@ def main(argv=None):
     if items is not None and args.out != "-":
         done, recorded = completed_lines(Path(args.out), items, settings)
         if done == len(items):
-            print(
-                f"--out {args.out} holds replies to all {done} prompts already; nothing to do",
-                file=sys.stderr,
-            )
+            print(f"--out {args.out} holds replies to all {done} prompts already; nothing to do", file=sys.stderr)
             return
     model, tokenizer = load_policy(args, policy, model_name)
     mode, alpha, alpha0 = policy.mode, policy.alpha, policy.alpha0
@@ -439,10 +378,7 @@ def chat(answer, system: str, banner: str):
         if command in ("/reset", "/system"):
             system = text.strip() if command == "/system" else system
             history = conversation(system)
-            print(
-                f"(a new conversation{', system message set' * (command == '/system')})",
-                file=sys.stderr,
-            )
+            print(f"(a new conversation{', system message set' * (command == '/system')})", file=sys.stderr)
             continue
         if not message.strip():
             continue

@@ -28,13 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from qadapter_min import UserError, run_dir, tracking
 from qadapter_min.common import Progress, choose_dtype, full, run_command_line
 from qadapter_min.compiled import compile_for_training
-from qadapter_min.data import (
-    collate,
-    encode_conversations,
-    encode_pairs,
-    load_conversations,
-    load_pairs,
-)
+from qadapter_min.data import collate, encode_conversations, encode_pairs, load_conversations, load_pairs
 from qadapter_min.flags import check_flags, defaults, parse_args
 from qadapter_min.lora import add_lora, dropout_keys, keyed_dropout_masks
 from qadapter_min.memory import out_of_memory_advice, training_plan
@@ -114,14 +108,10 @@ def read_data(args, objective: Objective, processes: Processes):
     train_set = encoded(args.data)
     eval_set = encoded(args.eval_data) if args.eval_data else []
     if not train_set:
-        raise UserError(
-            f"--max_len {args.max_len} is too small for any pair in --data; raise it "
-            f"(the paper uses 512)"
-        )
+        raise UserError(f"--max_len {args.max_len} is too small for any pair in --data; raise it (the paper uses 512)")
     if len(train_set) < args.batch_size:
         raise UserError(
-            f"--batch_size {args.batch_size} is larger than the {len(train_set)} usable "
-            f"pairs in --data; lower it"
+            f"--batch_size {args.batch_size} is larger than the {len(train_set)} usable pairs in --data; lower it"
         )
     return model_dir, tokenizer, train_set, eval_set
 
@@ -133,12 +123,7 @@ def build_model(model_dir: Path, args, objective: Objective, processes: Processe
     sharding.py) and AdamW."""
     score_head = objective.name == "rm"
     dtype = choose_dtype(args.dtype, processes.device)
-    lora = dict(
-        r=args.lora_r,
-        alpha=args.lora_alpha,
-        dropout=args.lora_dropout,
-        targets=tuple(args.lora_targets),
-    )
+    lora = dict(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=tuple(args.lora_targets))
     if args.fsdp and processes.distributed:  # weights, LoRA, gradients and AdamW's state split
         torch.manual_seed(args.seed)
         model = load_sharded_model(model_dir, dtype, processes.device, score_head, **lora)
@@ -195,13 +180,7 @@ def train(model, wrapped, adamw, objective, train_set, eval_set, pad_id, steps, 
             adamw.zero_grad(set_to_none=True)
             if done % args.log_every == 0 or done == 1 or done == total_steps:
                 tokens_per_s = tokens / (time.time() - step_started)
-                row = {
-                    "step": done,
-                    **means,
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "tokens_per_s": tokens_per_s,
-                }
+                row = {"step": done, **means, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}
                 eta = eta_seconds(steps, done, train_seconds, eval_seconds, evals, eval_set, args)
                 shown = "".join(f" | {n} {means[n]:.3f}" for n in shown_metrics(objective))
                 processes.log(
@@ -215,9 +194,7 @@ def train(model, wrapped, adamw, objective, train_set, eval_set, pad_id, steps, 
                 row = {"step": done, **results}
                 eval_seconds, evals = eval_seconds + time.time() - eval_started, evals + 1
                 shown = "".join(f" | {n} {row[n]:.3f}" for n in list(row)[2:])
-                processes.log(
-                    f"step {done}/{total_steps} | eval_loss {row['eval_loss']:.4f}{shown}"
-                )
+                processes.log(f"step {done}/{total_steps} | eval_loss {row['eval_loss']:.4f}{shown}")
                 run_dir.append_metrics(out, row, processes)
             if args.save_every and done % args.save_every == 0 and done < total_steps:
                 run_dir.save_checkpoint(out, model, adamw, done, args, processes)
@@ -296,17 +273,13 @@ def eta_seconds(steps, done, train_seconds, eval_seconds, evals, eval_set, args)
     the first, one is guessed at a third of training on as many pairs: forward passes alone)."""
     per_step = train_seconds / (done - steps.start)
     per_eval = eval_seconds / evals if evals else per_step * len(eval_set) / args.batch_size / 3
-    evals_left = sum(
-        evaluates_at(s, steps.stop, eval_set, args) for s in range(done, steps.stop + 1)
-    )
+    evals_left = sum(evaluates_at(s, steps.stop, eval_set, args) for s in range(done, steps.stop + 1))
     return per_step * (steps.stop - done) + per_eval * evals_left
 
 
 def evaluates_at(step: int, total_steps: int, eval_set, args) -> bool:
     """Whether eval rows follow optimizer step `step` (1-based): each --eval_every, and the last."""
-    return bool(eval_set) and (
-        args.eval_every and step % args.eval_every == 0 or step == total_steps
-    )
+    return bool(eval_set) and (args.eval_every and step % args.eval_every == 0 or step == total_steps)
 
 
 def lr_at(step: int, total_steps: int, args) -> float:

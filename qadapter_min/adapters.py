@@ -33,19 +33,13 @@ def peft_tensor_name(module_name: str, part: str) -> str:
 def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The LoRA weights under PEFT's names, whole, fp32, on the CPU (a collective when they are sharded)."""
     return {
-        peft_tensor_name(name, part): full(getattr(layer, part).weight)
-        .detach()
-        .float()
-        .cpu()
-        .contiguous()
+        peft_tensor_name(name, part): full(getattr(layer, part).weight).detach().float().cpu().contiguous()
         for name, layer in lora_layers(model).items()
         for part in ("lora_A", "lora_B")
     }
 
 
-def save_adapter(
-    model: nn.Module, out_dir, base_model_name_or_path: str = "", tensors: dict | None = None
-) -> Path:
+def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str = "", tensors: dict | None = None) -> Path:
     """Write adapter_model.safetensors and adapter_config.json (PEFT's LoRA layout) to out_dir; tensors:
     adapter_tensors(model), when they were gathered beforehand (under --fsdp, on every rank)."""
     layers = lora_layers(model)
@@ -71,9 +65,7 @@ def save_adapter(
         "modules_to_save": None,
         "layers_to_transform": None,
     }
-    atomic_write(
-        out_dir / ADAPTER_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"})
-    )
+    atomic_write(out_dir / ADAPTER_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     write_json(out_dir / ADAPTER_CONFIG, config)
     return out_dir
 
@@ -81,14 +73,10 @@ def save_adapter(
 def read_adapter_config(adapter_dir) -> dict:
     path = Path(adapter_dir) / ADAPTER_CONFIG
     config = read_json_file(
-        path,
-        "pass a directory written by train.py or by peft's save_pretrained",
-        "save the adapter again",
+        path, "pass a directory written by train.py or by peft's save_pretrained", "save the adapter again"
     )
     if config.get("peft_type") != "LORA":
-        raise UserError(
-            f"{path} describes a {config.get('peft_type')!r} adapter; qadapter-min loads LoRA adapters"
-        )
+        raise UserError(f"{path} describes a {config.get('peft_type')!r} adapter; qadapter-min loads LoRA adapters")
     return config
 
 
@@ -110,9 +98,7 @@ def load_adapter(model: nn.Module, adapter_dir, dtype=torch.float32) -> dict:
     layers = lora_layers(model)
     path = adapter_dir / ADAPTER_WEIGHTS
     if not path.is_file():
-        raise UserError(
-            f"{path} does not exist; pass a directory written by train.py or by peft's save_pretrained"
-        )
+        raise UserError(f"{path} does not exist; pass a directory written by train.py or by peft's save_pretrained")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             names = set(f.keys())
@@ -136,19 +122,12 @@ def load_adapter(model: nn.Module, adapter_dir, dtype=torch.float32) -> dict:
                     with torch.no_grad():
                         target.copy_(tensor)
     except (SafetensorError, OSError) as error:
-        raise UserError(
-            f"{path} is not a readable safetensors file ({error}); save the adapter again"
-        ) from None
+        raise UserError(f"{path} is not a readable safetensors file ({error}); save the adapter again") from None
     return config
 
 
 def save_run_config(
-    out_dir: Path,
-    model: nn.Module,
-    flags: dict,
-    steps: int,
-    epochs: float,
-    fingerprint: str | None = None,
+    out_dir: Path, model: nn.Module, flags: dict, steps: int, epochs: float, fingerprint: str | None = None
 ):
     """Write qadapter_config.json: the objective's settings (alpha and alpha0 define the customised
     policy), the base model and a fingerprint of it (an adapter fits only the model it was trained on;
@@ -186,13 +165,9 @@ def recorded_base_model(adapter_dir, base_model: str) -> str:
 def load_run_config(adapter_dir) -> dict:
     """qadapter_config.json of an output directory of train.py, checked for the keys a reader needs."""
     path = Path(adapter_dir) / RUN_CONFIG
-    config = read_json_file(
-        path, "--adapter needs an output directory of train.py", "train the adapter again"
-    )
+    config = read_json_file(path, "--adapter needs an output directory of train.py", "train the adapter again")
     missing = [
-        key
-        for key in ("objective", "alpha", "alpha0", "base_model", "base_model_fingerprint")
-        if key not in config
+        key for key in ("objective", "alpha", "alpha0", "base_model", "base_model_fingerprint") if key not in config
     ]
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}; train the adapter again")

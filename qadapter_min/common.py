@@ -61,9 +61,7 @@ def check_output_file(flag: str, path) -> Path:
     if not parent.exists():
         raise UserError(f"--{flag} {path}: the directory {parent} does not exist; create it first")
     if not parent.is_dir():
-        raise UserError(
-            f"--{flag} {path}: {parent} is a file, not a directory; pass another --{flag}"
-        )
+        raise UserError(f"--{flag} {path}: {parent} is a file, not a directory; pass another --{flag}")
     if not os.access(parent, os.W_OK):
         raise UserError(f"--{flag} {path}: {parent} is not writable; pass another --{flag}")
     return path
@@ -79,13 +77,9 @@ def check_output_dir(flag: str, path) -> Path:
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise UserError(
-            f"--{flag} {path}: {existing} is a file, not a directory; pass another --{flag}"
-        )
+        raise UserError(f"--{flag} {path}: {existing} is a file, not a directory; pass another --{flag}")
     if not os.access(existing, os.W_OK):
-        raise UserError(
-            f"--{flag} {path}: {existing} is not writable; pass a directory you can write to"
-        )
+        raise UserError(f"--{flag} {path}: {existing} is not writable; pass a directory you can write to")
     return path
 
 
@@ -123,8 +117,7 @@ class Progress:
             eta = (self.total - self.done) / rate if rate else 0.0
             end = "\n" if self.done >= self.total else ""
             print(
-                f"\r{self.label}: {self.done}/{self.total} {self.unit}, {rate:.1f}/s, "
-                f"ETA {eta:.0f}s ",
+                f"\r{self.label}: {self.done}/{self.total} {self.unit}, {rate:.1f}/s, ETA {eta:.0f}s ",
                 end=end,
                 file=sys.stderr,
                 flush=True,
@@ -156,11 +149,7 @@ def run_command_line(main):
         code = 2
     except KeyboardInterrupt as interrupt:
         if speaks:
-            print(
-                f"\ninterrupted{': ' + str(interrupt) if str(interrupt) else ''}",
-                file=sys.stderr,
-                flush=True,
-            )
+            print(f"\ninterrupted{': ' + str(interrupt) if str(interrupt) else ''}", file=sys.stderr, flush=True)
         code = 130
     if dist.is_initialized():
         os._exit(code)
@@ -183,10 +172,7 @@ def format_table(names: list[str], rows: list[tuple[str, list[float]]]) -> str:
     def number(v, w):  # two decimals, or three significant digits for what is too large for them
         return f"{v:{w}.2f}" if abs(v) < 1e4 else f"{v:{w}.3g}"
 
-    lines += [
-        f"{label:42}" + "".join(number(v, w) for v, w in zip(values, widths))
-        for label, values in rows
-    ]
+    lines += [f"{label:42}" + "".join(number(v, w) for v, w in zip(values, widths)) for label, values in rows]
     return "\n".join(lines)
 
 
@@ -216,8 +202,6 @@ def like(whole: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     whole = whole.to(device=param.device, dtype=param.dtype)
     if not sharded(param):
         return whole
-    from torch.distributed.tensor import (
-        distribute_tensor,  # loaded already: param is a DTensor
-    )
+    from torch.distributed.tensor import distribute_tensor  # loaded already: param is a DTensor
 
     return distribute_tensor(whole, param.device_mesh, param.placements)

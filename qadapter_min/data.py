@@ -60,20 +60,14 @@ def check_data_file(path: Path):
     """Refuse a data path that is not a file, before anything is read."""
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
-        raise UserError(
-            f"{path} {what}; pass a preference data file (JSON or JSON Lines, optionally .gz)"
-        )
+        raise UserError(f"{path} {what}; pass a preference data file (JSON or JSON Lines, optionally .gz)")
 
 
 def read_records(path: Path):
     """(line number, record) for each record of a JSON array or JSON Lines file, gzipped or not."""
     check_data_file(path)
     try:
-        with (
-            gzip.open(path, "rt", encoding="utf-8")
-            if path.suffix == ".gz"
-            else open(path, encoding="utf-8")
-        ) as f:
+        with gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8") as f:
             text = f.read()
     except (OSError, EOFError, UnicodeDecodeError) as error:
         raise UserError(
@@ -147,10 +141,7 @@ def parse_hh(text: str) -> list[dict]:
     parts = HH_TURN.split("\n\n" + text.lstrip())  # ["", "Human", " a", "Assistant", " b", ...]
     if parts[0].strip():
         raise Skip("text before the first Human turn")
-    return [
-        {"role": HH_ROLES[speaker], "content": content}
-        for speaker, content in zip(parts[1::2], parts[2::2])
-    ]
+    return [{"role": HH_ROLES[speaker], "content": content} for speaker, content in zip(parts[1::2], parts[2::2])]
 
 
 def record_to_pairs(record, domain: str | None, where: str) -> list[Pair]:
@@ -185,10 +176,7 @@ def record_to_pairs(record, domain: str | None, where: str) -> list[Pair]:
         for other in DSP_RESPONSES:
             if other != domain:
                 chosen = [prompt, {"role": "assistant", "content": record["responses"].get(domain)}]
-                rejected = [
-                    prompt,
-                    {"role": "assistant", "content": record["responses"].get(other)},
-                ]
+                rejected = [prompt, {"role": "assistant", "content": record["responses"].get(other)}]
                 pairs.append(Pair(check_conversation(chosen), check_conversation(rejected), where))
         return pairs
     raise UserError(
@@ -232,14 +220,7 @@ def load_conversations(paths, domain: str | None = None, log=print) -> list[list
     """All usable conversations of one file or several to fine-tune on (SFT): {"messages": [...]} records
     and the chosen conversations of preference records; prints how many were read and why any were
     skipped."""
-    return load_items(
-        paths,
-        domain,
-        log,
-        record_to_conversations,
-        "conversation ending with a reply",
-        "conversations",
-    )
+    return load_items(paths, domain, log, record_to_conversations, "conversation ending with a reply", "conversations")
 
 
 def load_items(paths, domain: str | None, log, items_of_record, one: str, many: str) -> list:
@@ -247,9 +228,7 @@ def load_items(paths, domain: str | None, log, items_of_record, one: str, many: 
     --domain needs DSP records in one of the files, not in all: Replay's data beside DSP's holds none."""
     paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
     if domain is not None and domain not in DSP_DOMAINS:
-        raise UserError(
-            f"--domain {domain!r} is not a DSP domain; choose one of {', '.join(DSP_DOMAINS)}"
-        )
+        raise UserError(f"--domain {domain!r} is not a DSP domain; choose one of {', '.join(DSP_DOMAINS)}")
     files = [(path, list(read_records(path))) for path in paths]
     if domain is not None and not any(
         isinstance(record, dict) and "query" in record and "responses" in record
@@ -281,10 +260,7 @@ def items_of_file(path, records, domain, log, items_of_record, one: str, many: s
             + (f" ({reasons})" if reasons else " (it is empty)")
             + "; fix its records or pass another file"
         )
-    log(
-        f"{path}: {len(items)} {many}"
-        + (f", {sum(skipped.values())} records skipped ({reasons})" if skipped else "")
-    )
+    log(f"{path}: {len(items)} {many}" + (f", {sum(skipped.values())} records skipped ({reasons})" if skipped else ""))
     return items
 
 
@@ -306,8 +282,7 @@ def prompt_of(record) -> list[dict] | None:
         if not isinstance(messages, list) or not messages:
             return None
         if not all(
-            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
-            for m in messages
+            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages
         ):
             return None
         if messages[-1]["role"] != "user" or any(m["role"] == "system" for m in messages[1:]):
@@ -329,9 +304,7 @@ def load_prompts(
     path = Path(path)
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
-        raise UserError(
-            f"--prompts {path} {what}; pass a JSON Lines file, one prompt record per line"
-        )
+        raise UserError(f"--prompts {path} {what}; pass a JSON Lines file, one prompt record per line")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
@@ -343,9 +316,7 @@ def load_prompts(
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            raise UserError(
-                f"{path}: line {number} is not JSON ({error.msg}); --prompts takes JSON Lines"
-            ) from None
+            raise UserError(f"{path}: line {number} is not JSON ({error.msg}); --prompts takes JSON Lines") from None
         try:
             messages = prompt_of(record)
         except Skip as reason:
@@ -368,9 +339,7 @@ def load_prompts(
             f"({', '.join(f'{n} {why}' for why, n in skipped.most_common())})"
         )
     if not items:
-        raise UserError(
-            f"--prompts {path} is empty; pass a JSON Lines file, one prompt record per line"
-        )
+        raise UserError(f"--prompts {path} is empty; pass a JSON Lines file, one prompt record per line")
     if unique:
         first = {}
         for record, messages in items:
@@ -418,9 +387,7 @@ def encode_conversation(messages: list[dict], tokenizer: Tokenizer, max_len: int
     def encode(turns):
         prompt = tokenizer.encode_chat(system + turns, add_generation_prompt=True)
         full = tokenizer.encode_chat(system + turns + [reply])
-        assert full[: len(prompt)] == prompt, (
-            "the prompt must be a token prefix of the conversation"
-        )
+        assert full[: len(prompt)] == prompt, "the prompt must be a token prefix of the conversation"
         reply_ids = full[len(prompt) :]
         # the reply ends with its end-of-turn token (ChatML's template writes a newline after it,
         # which no reply generates)
@@ -429,18 +396,14 @@ def encode_conversation(messages: list[dict], tokenizer: Tokenizer, max_len: int
     prompt, reply_ids = encode(turns)
     while len(prompt) + len(reply_ids) > max_len and len(turns) > 1:
         turns = turns[1:]
-        while (
-            len(turns) > 1 and turns[0]["role"] != "user"
-        ):  # start the remaining history with a user turn
+        while len(turns) > 1 and turns[0]["role"] != "user":  # start the remaining history with a user turn
             turns = turns[1:]
         prompt, reply_ids = encode(turns)
         done.add("dropped_turns")
     if len(prompt) + len(reply_ids) <= max_len:
         return prompt + reply_ids, len(prompt), done
 
-    if (
-        not system and tokenizer.default_system is not None
-    ):  # ChatML: the template's default system turn leads
+    if not system and tokenizer.default_system is not None:  # ChatML: the template's default system turn leads
         system = [{"role": "system", "content": tokenizer.default_system}]
     # the system turn (Llama 3.1: <|begin_of_text|> + the system block)
     system_block = tokenizer.encode_chat(system)
@@ -461,9 +424,7 @@ def encode_conversation(messages: list[dict], tokenizer: Tokenizer, max_len: int
     return prompt + reply_ids[:reply_room], len(prompt), done
 
 
-def encode_pairs(
-    pairs: list[Pair], tokenizer: Tokenizer, max_len: int, log=print
-) -> list[EncodedPair]:
+def encode_pairs(pairs: list[Pair], tokenizer: Tokenizer, max_len: int, log=print) -> list[EncodedPair]:
     """Encode every pair (chosen and rejected each with its own prompt); prints what truncation did."""
     encoded, counts = [], Counter()
     for pair in pairs:
@@ -511,9 +472,7 @@ def collate(batch: list[EncodedPair] | list[EncodedConversation], pad_id: int):
     if isinstance(batch[0], EncodedConversation):
         rows = [(c.ids, c.prompt_len) for c in batch]
     else:
-        rows = [(p.chosen, p.chosen_prompt_len) for p in batch] + [
-            (p.rejected, p.rejected_prompt_len) for p in batch
-        ]
+        rows = [(p.chosen, p.chosen_prompt_len) for p in batch] + [(p.rejected, p.rejected_prompt_len) for p in batch]
     T = max(len(ids) for ids, _ in rows)
     tokens = torch.full((len(rows), T), pad_id, dtype=torch.long)
     response_mask = torch.zeros(len(rows), T, dtype=torch.bool)

@@ -52,11 +52,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         help="held-out preference files for the eval rows (eval_loss, and the preference and implicit "
         "reward accuracies and margins)",
     )
-    p.add_argument(
-        "--out",
-        default="out",
-        help="output directory: adapter, configs, metrics.jsonl, checkpoint/",
-    )
+    p.add_argument("--out", default="out", help="output directory: adapter, configs, metrics.jsonl, checkpoint/")
     p.add_argument(
         "--overwrite",
         action="store_true",
@@ -72,10 +68,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         "other objectives",
     )
     p.add_argument(
-        "--alpha",
-        type=float,
-        default=Objective.alpha,
-        help="Q-Adapter: temperature of the customised policy",
+        "--alpha", type=float, default=Objective.alpha, help="Q-Adapter: temperature of the customised policy"
     )
     p.add_argument(
         "--alpha0",
@@ -84,16 +77,10 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         help="Q-Adapter: weight of the base model's log-probabilities (lambda)",
     )
     p.add_argument(
-        "--beta",
-        type=float,
-        default=Objective.beta,
-        help="Q-Adapter: weight of the chi2 (squared reward) term",
+        "--beta", type=float, default=Objective.beta, help="Q-Adapter: weight of the chi2 (squared reward) term"
     )
     p.add_argument(
-        "--gamma",
-        type=float,
-        default=Objective.gamma,
-        help="Q-Adapter: discount in r_t = Q(s_t, a_t) - gamma V(s_t)",
+        "--gamma", type=float, default=Objective.gamma, help="Q-Adapter: discount in r_t = Q(s_t, a_t) - gamma V(s_t)"
     )
     p.add_argument(
         "--chi2",
@@ -103,35 +90,16 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         "Q(s_t, a_t) - gamma V(s_{t+1}) with V = 0 after the reply (bellman)",
     )
     p.add_argument(
-        "--dpo_beta",
-        type=float,
-        default=Objective.dpo_beta,
-        help="DPO: inverse temperature of the implicit reward",
+        "--dpo_beta", type=float, default=Objective.dpo_beta, help="DPO: inverse temperature of the implicit reward"
     )
+    p.add_argument("--lr", type=float, default=3e-4, help="peak AdamW learning rate, decayed linearly to 0")
+    p.add_argument("--warmup_steps", type=int, default=0, help="linear warm-up steps before the decay")
+    p.add_argument("--batch_size", type=int, default=512, help="pairs per optimizer step, all processes together")
+    p.add_argument("--micro_batch_size", type=int, default=1, help="pairs per forward pass per process")
     p.add_argument(
-        "--lr", type=float, default=3e-4, help="peak AdamW learning rate, decayed linearly to 0"
+        "--epochs", type=float, default=3, help="passes over the data (3 for DSP and 2 for HH-RLHF in the paper)"
     )
-    p.add_argument(
-        "--warmup_steps", type=int, default=0, help="linear warm-up steps before the decay"
-    )
-    p.add_argument(
-        "--batch_size",
-        type=int,
-        default=512,
-        help="pairs per optimizer step, all processes together",
-    )
-    p.add_argument(
-        "--micro_batch_size", type=int, default=1, help="pairs per forward pass per process"
-    )
-    p.add_argument(
-        "--epochs",
-        type=float,
-        default=3,
-        help="passes over the data (3 for DSP and 2 for HH-RLHF in the paper)",
-    )
-    p.add_argument(
-        "--max_steps", type=int, default=None, help="optimizer steps; overrides --epochs"
-    )
+    p.add_argument("--max_steps", type=int, default=None, help="optimizer steps; overrides --epochs")
     p.add_argument(
         "--max_len",
         type=int,
@@ -140,30 +108,17 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     )
     p.add_argument("--lora_r", type=int, default=8, help="LoRA rank")
     p.add_argument(
-        "--lora_alpha",
-        type=float,
-        default=16,
-        help="LoRA scale numerator: the update is (lora_alpha / r) B A x",
+        "--lora_alpha", type=float, default=16, help="LoRA scale numerator: the update is (lora_alpha / r) B A x"
+    )
+    p.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the input of LoRA's A")
+    p.add_argument(
+        "--lora_targets", nargs="+", default=["q_proj", "v_proj"], help=f"layers to adapt, from {' '.join(PROJECTIONS)}"
     )
     p.add_argument(
-        "--lora_dropout", type=float, default=0.05, help="dropout on the input of LoRA's A"
+        "--dtype", choices=["bf16", "fp32"], default=None, help="base weights' dtype (None: bf16 on GPU, fp32 on CPU)"
     )
     p.add_argument(
-        "--lora_targets",
-        nargs="+",
-        default=["q_proj", "v_proj"],
-        help=f"layers to adapt, from {' '.join(PROJECTIONS)}",
-    )
-    p.add_argument(
-        "--dtype",
-        choices=["bf16", "fp32"],
-        default=None,
-        help="base weights' dtype (None: bf16 on GPU, fp32 on CPU)",
-    )
-    p.add_argument(
-        "--grad_checkpointing",
-        action="store_true",
-        help="recompute each block in the backward pass to save memory",
+        "--grad_checkpointing", action="store_true", help="recompute each block in the backward pass to save memory"
     )
     add_nproc_flag(p)
     p.add_argument(
@@ -172,33 +127,16 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         help="with several processes, shard the weights, LoRA and AdamW over every rank (FSDP2), "
         "for models larger than one GPU",
     )
+    p.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the data order, the LoRA init and the dropout masks")
     p.add_argument(
-        "--grad_clip",
-        type=float,
-        default=1.0,
-        help="clip the gradient norm to this (0: no clipping)",
+        "--eval_every", type=int, default=0, help="evaluate every N steps and at the end (0: only at the end)"
     )
-    p.add_argument(
-        "--seed",
-        type=int,
-        default=1337,
-        help="seed of the data order, the LoRA init and the dropout masks",
-    )
-    p.add_argument(
-        "--eval_every",
-        type=int,
-        default=0,
-        help="evaluate every N steps and at the end (0: only at the end)",
-    )
-    p.add_argument(
-        "--save_every", type=int, default=0, help="write checkpoint/ every N steps (0: never)"
-    )
+    p.add_argument("--save_every", type=int, default=0, help="write checkpoint/ every N steps (0: never)")
     p.add_argument("--log_every", type=int, default=1, help="print and log metrics every N steps")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint/")
     p.add_argument(
-        "--wandb_project",
-        default=None,
-        help="log every metrics row to this Weights & Biases project (needs wandb)",
+        "--wandb_project", default=None, help="log every metrics row to this Weights & Biases project (needs wandb)"
     )
     p.add_argument("--wandb_run_name", default=None, help="with --wandb_project: the run's name")
     add_compile_flag(p, "each block's forward pass and the built-in report's decoding")
@@ -244,15 +182,7 @@ def check_flags(args):
     ]:
         if getattr(args, name) <= 0:
             raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in [
-        "warmup_steps",
-        "eval_every",
-        "save_every",
-        "grad_clip",
-        "beta",
-        "alpha0",
-        "dpo_beta",
-    ]:
+    for name in ["warmup_steps", "eval_every", "save_every", "grad_clip", "beta", "alpha0", "dpo_beta"]:
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must not be negative, got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps <= 0:

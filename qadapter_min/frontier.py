@@ -62,9 +62,7 @@ def check_metric(flag: str, metric: str, measured: set[str], tasks):
             f"{', '.join(METRICS)}, or TASK:METRIC for an lm-eval task"
         )
     if METRICS[metric][0] not in measured:
-        raise UserError(
-            f"--{flag} {metric} is not measured by this command; {HOW[METRICS[metric][0]]}"
-        )
+        raise UserError(f"--{flag} {metric} is not measured by this command; {HOW[METRICS[metric][0]]}")
 
 
 HOW = {
@@ -92,11 +90,7 @@ def default_metrics(measured: set[str], tasks) -> tuple[str | None, str | None]:
         None,
     )
     kept = next(
-        (
-            m
-            for m, asked in [("skill_accuracy", "world"), ("reply_nll", "reply_nll")]
-            if asked in measured
-        ),
+        (m for m, asked in [("skill_accuracy", "world"), ("reply_nll", "reply_nll")] if asked in measured),
         f"{tasks[0]}:" if tasks else None,  # the task's first metric, named once it is measured
     )
     return learned, kept
@@ -108,9 +102,7 @@ def lm_eval_key(result: dict, metric: str) -> str:
     scores = result["lm_eval"][task]
     keys = [k for k in scores if "_stderr" not in k and (not name or k.split(",")[0] == name)]
     if not keys:
-        raise UserError(
-            f"lm-eval task {task} gave no metric {name}; it gave {', '.join(scores)}: pass one of those"
-        )
+        raise UserError(f"lm-eval task {task} gave no metric {name}; it gave {', '.join(scores)}: pass one of those")
     return keys[0]
 
 
@@ -144,8 +136,7 @@ def frontier_of(results: list[dict], learned: str, kept: str) -> dict:
             learned, kept = (name, kept) if metric == learned else (learned, name)
     values = [(value(r, learned), value(r, kept)) for r in results]
     points = [
-        {key: r[key] for key in ("name", "adapter", "scale", "alpha0")}
-        | {"learned": x, "kept": y, "on_frontier": on}
+        {key: r[key] for key in ("name", "adapter", "scale", "alpha0")} | {"learned": x, "kept": y, "on_frontier": on}
         for r, (x, y), on in zip(results, values, frontier(values, learned, kept))
     ]
     return {"learned": learned, "kept": kept, "points": points}

@@ -25,9 +25,7 @@ from qadapter_min.model import KVCache, Transformer
 from qadapter_min.objective import Objective, policy_logits
 
 
-def sample_token(
-    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator
-) -> int:
+def sample_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator) -> int:
     """One token from logits (V,): greedy at temperature 0, else softmax(logits / temperature) after the
     top-k and top-p (nucleus) cuts."""
     if temperature == 0:
@@ -45,9 +43,7 @@ def sample_token(
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
 
 
-def next_token_logits(
-    model: Transformer, tokens: torch.Tensor, cache: KVCache, positions=None
-) -> torch.Tensor:
+def next_token_logits(model: Transformer, tokens: torch.Tensor, cache: KVCache, positions=None) -> torch.Tensor:
     """Run tokens (rows, T) through the model over its cache; the logits (rows, V) of the last position only.
 
     The LM head is the largest matrix read per token (V x C). Written as W @ h^T, the product runs as one
@@ -102,21 +98,15 @@ class Decoder:
         self.batch_size = batch_size
         self.two_passes = policy_mode == "customised" and not combined
         copies = 2 if policy_mode == "customised" and combined else 1
-        self.cache = KVCache(
-            model.args, copies * batch_size, max_seq_len, param.dtype, param.device
-        )
+        self.cache = KVCache(model.args, copies * batch_size, max_seq_len, param.dtype, param.device)
         self.base_cache = (
-            KVCache(model.args, batch_size, max_seq_len, param.dtype, param.device)
-            if self.two_passes
-            else None
+            KVCache(model.args, batch_size, max_seq_len, param.dtype, param.device) if self.two_passes else None
         )
         self.caches = [c for c in (self.cache, self.base_cache) if c is not None]
         self.lengths = None  # (B,) tokens of each row so far, when padded
         if padded:
             for cache in self.caches:
-                cache.valid = torch.zeros(
-                    cache.rows, max_seq_len, dtype=torch.bool, device=param.device
-                )
+                cache.valid = torch.zeros(cache.rows, max_seq_len, dtype=torch.bool, device=param.device)
             self.lengths = torch.zeros(batch_size, dtype=torch.long, device=param.device)
         # the first copy: Q
         self.adapter_rows = torch.arange(copies * batch_size, device=param.device) < batch_size
@@ -262,9 +252,7 @@ def generate_batch(
         for j, i in enumerate(running):
             token = 0  # a finished row's, in a compiled decoder's batch
             if i is not None:
-                token = sample_token(
-                    logits[j], temperature, top_k, top_p, generators[i] if generators else None
-                )
+                token = sample_token(logits[j], temperature, top_k, top_p, generators[i] if generators else None)
                 if token not in stop_ids:
                     replies[i].append(token)
                     if finished is None or not finished(i, replies[i]):

@@ -61,24 +61,17 @@ class PolicyLM(TemplateLM):
         return self.qtokenizer.eot_id
 
     @property
-    def prefix_token_id(
-        self,
-    ) -> int:  # what precedes an empty context: the declared BOS, else the end of a turn
+    def prefix_token_id(self) -> int:  # what precedes an empty context: the declared BOS, else the end of a turn
         declared = self.qtokenizer.declared_bos_id
         return self.qtokenizer.eot_id if declared is None else declared
 
     def tok_encode(
-        self,
-        string: str,
-        add_special_tokens: bool | None = None,
-        left_truncate_len: int | None = None,
-        **kwargs,
+        self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None, **kwargs
     ) -> list[int]:
         ids = self.qtokenizer.encode_rendered(string)
         bos = self.qtokenizer.bos_id  # None for ChatML, whose tokenizers add nothing
         if bos is not None and (
-            add_special_tokens
-            or (add_special_tokens is None and not string.startswith(BEGIN_OF_TEXT))
+            add_special_tokens or (add_special_tokens is None and not string.startswith(BEGIN_OF_TEXT))
         ):
             ids = [bos] + ids
         return ids[-left_truncate_len:] if left_truncate_len else ids
@@ -94,34 +87,18 @@ class PolicyLM(TemplateLM):
         # the format Tokenizer.chat_text writes; lm-eval records it with the results
         return self.qtokenizer.chat_format
 
-    def apply_chat_template(
-        self, chat_history: list[dict], add_generation_prompt: bool = True
-    ) -> str:
+    def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
         return self.qtokenizer.chat_text(chat_history, add_generation_prompt=add_generation_prompt)
 
     # ---- the three requests
 
-    def _loglikelihood_tokens(
-        self, requests, disable_tqdm: bool = False, **kwargs
-    ) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """requests: ((context, continuation), context ids, continuation ids); a sequence longer than the
         context length loses tokens from the left, as lm-eval's Hugging Face backend does."""
-        sequences = [
-            (context + continuation)[-(self.max_length + 1) :]
-            for _, context, continuation in requests
-        ]
-        progress = (
-            None
-            if disable_tqdm
-            else Progress(f"{self.name} log-likelihoods", len(requests), "requests")
-        )
+        sequences = [(context + continuation)[-(self.max_length + 1) :] for _, context, continuation in requests]
+        progress = None if disable_tqdm else Progress(f"{self.name} log-likelihoods", len(requests), "requests")
         results = log_probs(
-            self.model,
-            self.policy,
-            sequences,
-            [len(c) for _, _, c in requests],
-            self.batch_size,
-            progress=progress,
+            self.model, self.policy, sequences, [len(c) for _, _, c in requests], self.batch_size, progress=progress
         )
         for (key, _, _), result in zip(requests, results):
             if key is not None:
@@ -132,9 +109,7 @@ class PolicyLM(TemplateLM):
         windows, owners = [], []
         for index, request in enumerate(requests):
             ids = self.tok_encode(request.args[0])
-            for window in get_rolling_token_windows(
-                ids, self.prefix_token_id, self.max_length, context_len=1
-            ):
+            for window in get_rolling_token_windows(ids, self.prefix_token_id, self.max_length, context_len=1):
                 windows.append((None, *make_disjoint_window(window)))
                 owners.append(index)
         totals = [0.0] * len(requests)
@@ -149,14 +124,10 @@ class PolicyLM(TemplateLM):
         generation settings together), each stopped at the model's stop tokens, max_gen_toks, or as soon as
         its text holds one of the `until` strings, and cut there."""
         replies = [None] * len(requests)
-        progress = (
-            None if disable_tqdm else Progress(f"{self.name} replies", len(requests), "requests")
-        )
+        progress = None if disable_tqdm else Progress(f"{self.name} replies", len(requests), "requests")
         groups = {}
         for index, request in enumerate(requests):
-            groups.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(
-                index
-            )
+            groups.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(index)
         for key, indices in groups.items():
             # lm-eval's reading of them
             settings = normalize_gen_kwargs(json.loads(key), MAX_GEN_TOKS)
@@ -164,18 +135,14 @@ class PolicyLM(TemplateLM):
             temperature = float(settings["temperature"]) if settings["do_sample"] else 0.0
             top_p, top_k = float(settings.get("top_p") or 1.0), int(settings.get("top_k") or 0)
             prompts = {
-                i: self.tok_encode(
-                    requests[i].args[0], left_truncate_len=self.max_length - max_new_tokens
-                )
+                i: self.tok_encode(requests[i].args[0], left_truncate_len=self.max_length - max_new_tokens)
                 for i in indices
             }
             indices.sort(key=lambda i: -len(prompts[i]))
             for start in range(0, len(indices), self.batch_size):
                 batch = indices[start : start + self.batch_size]
                 generators = (
-                    [torch.Generator(self._device).manual_seed(1234 + i) for i in batch]
-                    if temperature
-                    else None
+                    [torch.Generator(self._device).manual_seed(1234 + i) for i in batch] if temperature else None
                 )
                 ids = generate_batch(
                     self.model,
@@ -190,9 +157,7 @@ class PolicyLM(TemplateLM):
                     top_k=top_k,
                     generators=generators,
                     compiled=self.compiled,
-                    finished=(
-                        lambda _, reply: any(stop in self.tok_decode(reply) for stop in until)
-                    )
+                    finished=(lambda _, reply: any(stop in self.tok_decode(reply) for stop in until))
                     if until
                     else None,
                 )

@@ -70,9 +70,7 @@ class ChunkedTokenValues(torch.autograd.Function):
         return grad_hidden.to(ctx.hidden_dtype), None, None, None, None, None, None
 
 
-def token_values_from_hidden(
-    weight, hidden, base_hidden, tokens, response_mask, objective, chunk_size=CHUNK_SIZE
-):
+def token_values_from_hidden(weight, hidden, base_hidden, tokens, response_mask, objective, chunk_size=CHUNK_SIZE):
     """ChunkedTokenValues at the scored positions at the objective's temperatures, spread back to
     (rows, T-1) tensors, zero elsewhere: ([Q(s_t, a_t), V(s_t), log pi1(a_t|s_t)], scored)."""
     assert not weight.requires_grad, "the LM head is frozen: its gradient is not computed"

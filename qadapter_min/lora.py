@@ -27,15 +27,7 @@ class LoRALinear(nn.Module):
     leaves the model exactly as it was.
     """
 
-    def __init__(
-        self,
-        base: nn.Linear,
-        r: int,
-        alpha: float,
-        dropout: float,
-        dtype=torch.float32,
-        device=None,
-    ):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float, dtype=torch.float32, device=None):
         super().__init__()
         self.weight = base.weight  # (out, in), frozen
         self.r, self.alpha = r, alpha
@@ -99,10 +91,7 @@ def check_targets(targets):
     unknown = [t for t in targets if t not in PROJECTIONS]
     if unknown:
         choices = ", ".join(PROJECTIONS)
-        raise UserError(
-            f"LoRA target {unknown[0]!r} is not a projection of a Llama model; "
-            f"choose from {choices}"
-        )
+        raise UserError(f"LoRA target {unknown[0]!r} is not a projection of a Llama model; choose from {choices}")
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:

@@ -104,9 +104,7 @@ def training_memory_gib(
     fsdp_ranks, for the model sharded over that many ranks (module docstring)."""
     total_parameters = args.vocab_size * args.hidden_size * (1 if args.tie_word_embeddings else 2)
     per_block = (
-        args.hidden_size
-        * args.head_dim
-        * (2 * args.num_attention_heads + 2 * args.num_key_value_heads)
+        args.hidden_size * args.head_dim * (2 * args.num_attention_heads + 2 * args.num_key_value_heads)
         + 3 * args.hidden_size * args.intermediate_size
         + 2 * args.hidden_size
     )
@@ -115,20 +113,14 @@ def training_memory_gib(
     # Saved for backward inside one block, per token: the two norms' outputs, q, k, v, the attention output,
     # gate, up and silu(gate) * up, and the block input (in the weights' dtype).
     block_activations = (
-        5 * args.hidden_size
-        + 2 * args.num_key_value_heads * args.head_dim
-        + 3 * args.intermediate_size
+        5 * args.hidden_size + 2 * args.num_key_value_heads * args.head_dim + 3 * args.intermediate_size
     ) * weight_bytes
     if checkpointing:
-        activations = tokens * (
-            args.num_hidden_layers * args.hidden_size * weight_bytes + 2 * block_activations
-        )
+        activations = tokens * (args.num_hidden_layers * args.hidden_size * weight_bytes + 2 * block_activations)
     else:
         activations = tokens * args.num_hidden_layers * block_activations
     scored = tokens // 2  # about half of the positions are reply tokens
-    objective = (
-        min(chunk_size, scored) * args.vocab_size * 4 * 5 + scored * args.hidden_size * weight_bytes
-    )
+    objective = min(chunk_size, scored) * args.vocab_size * 4 * 5 + scored * args.hidden_size * weight_bytes
     if fsdp_ranks is None:
         return {
             "weights": total_parameters * weight_bytes / GIB,

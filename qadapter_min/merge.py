@@ -16,22 +16,14 @@ import torch
 
 from qadapter_min import UserError
 from qadapter_min.common import Progress
-from qadapter_min.weights import (
-    INDEX_FILE,
-    SINGLE_FILE,
-    checkpoint_name_to_ours,
-    open_safetensors,
-    safetensors_files,
-)
+from qadapter_min.weights import INDEX_FILE, SINGLE_FILE, checkpoint_name_to_ours, open_safetensors, safetensors_files
 
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 BYTES = {"F32": 4, "F16": 2, "BF16": 2}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
-def plan_shards(
-    files: dict, max_bytes: int, leave_out=()
-) -> list[list[tuple[str, str, list, Path]]]:
+def plan_shards(files: dict, max_bytes: int, leave_out=()) -> list[list[tuple[str, str, list, Path]]]:
     """The tensors of the merged checkpoint, (name, dtype, shape, source file), in shards of at most
     max_bytes (a tensor larger than that alone in its own), in the base's order; leave_out: names
     of the base's tensors that the checkpoint does not hold."""
@@ -44,9 +36,7 @@ def plan_shards(
                 view = f.get_slice(name)
                 dtype, shape = view.get_dtype(), view.get_shape()
                 if dtype not in DTYPES:
-                    raise UserError(
-                        f"{path}: tensor {name} is {dtype}; qadapter-min merges F32, F16, BF16"
-                    )
+                    raise UserError(f"{path}: tensor {name} is {dtype}; qadapter-min merges F32, F16, BF16")
                 nbytes = BYTES[dtype] * int(torch.Size(shape).numel())
                 if shards[-1] and size + nbytes > max_bytes:
                     shards.append([])
@@ -90,14 +80,7 @@ def write_shard(path: Path, tensors: list, lora: dict, scale: float, progress: P
 
 
 def write_merged_checkpoint(
-    model_dir: Path,
-    out: Path,
-    lora: dict,
-    scale: float,
-    max_bytes: int,
-    added=None,
-    leave_out=(),
-    what: str = "merge",
+    model_dir: Path, out: Path, lora: dict, scale: float, max_bytes: int, added=None, leave_out=(), what: str = "merge"
 ) -> list[str]:
     """The base model's tensors in model_dir, with lora ({our module name: (A, B)}, fp32) merged at
     scale, written to the directory out; added: {name: tensor} written after the base's, leave_out:
@@ -108,17 +91,11 @@ def write_merged_checkpoint(
         shards[-1].append((name, DTYPE_NAMES[tensor.dtype], list(tensor.shape), tensor))
     progress = Progress(what, sum(len(s) for s in shards), "tensors")
     count = len(shards)
-    names = (
-        [SINGLE_FILE]
-        if count == 1
-        else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
-    )
+    names = [SINGLE_FILE] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
     for name, tensors in zip(names, shards):
         write_shard(out / name, tensors, lora, scale, progress)
     if count > 1:
-        total = sum(
-            BYTES[d] * int(torch.Size(s).numel()) for shard in shards for _, d, s, _ in shard
-        )
+        total = sum(BYTES[d] * int(torch.Size(s).numel()) for shard in shards for _, d, s, _ in shard)
         weight_map = {t[0]: name for name, tensors in zip(names, shards) for t in tensors}
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")

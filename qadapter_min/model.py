@@ -50,9 +50,7 @@ class ModelArgs:
         if self.rope_scaling is not None:
             rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if rope_type != "llama3":
-                raise ValueError(
-                    f"rope_type {rope_type!r} is not supported (only 'llama3' and plain RoPE are)"
-                )
+                raise ValueError(f"rope_type {rope_type!r} is not supported (only 'llama3' and plain RoPE are)")
 
 
 # ------------------------------------------------------------------------------------------------

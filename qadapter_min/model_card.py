@@ -20,11 +20,7 @@ REWARD_MODEL = (
 )
 
 
-KINDS = {
-    (False, False): "A LoRA adapter",
-    (True, False): "A merged model",
-    (False, True): "A reward model",
-}
+KINDS = {(False, False): "A LoRA adapter", (True, False): "A merged model", (False, True): "A reward model"}
 
 
 def command(args: dict, defaults: dict) -> str:
@@ -41,9 +37,7 @@ def command(args: dict, defaults: dict) -> str:
     return shlex.join(words)
 
 
-def model_card(
-    config: dict, metrics: list[dict], defaults: dict, out: str, exported: bool = False
-) -> str:
+def model_card(config: dict, metrics: list[dict], defaults: dict, out: str, exported: bool = False) -> str:
     """config: qadapter_config.json; metrics: metrics.jsonl's rows; defaults: train.py's flag defaults;
     out: the adapter's directory (for an export, the adapter it was made from)."""
     args, name = config.get("args"), config["objective"]
@@ -91,7 +85,7 @@ def model_card(
                 if exported
                 else "peft, vLLM and lm-eval's hf backend load the adapter as softmax(Q) instead, which "
                 "is pi~ only at alpha 1 and alpha0 0."
-            ),
+            )
         ]
     elif name != "rm":
         lines.append(f"Sample it with `python sample.py --adapter {out}`, or any LoRA loader.")
@@ -99,14 +93,11 @@ def model_card(
         "",
         "## Training",
         "",
-        f"- objective: {name}"
-        + "".join(f", {key} {config[key]}" for key in settings.get(name, ()) if key in config),
+        f"- objective: {name}" + "".join(f", {key} {config[key]}" for key in settings.get(name, ()) if key in config),
     ]
     if args is None:  # an adapter marked for qadapter-min, not trained by train.py
         return "\n".join([*lines, "- not trained by train.py: no record of its data or steps", ""])
-    pairs = (
-        round(config["steps"] * args["batch_size"] / config["epochs"]) if config["epochs"] else 0
-    )
+    pairs = round(config["steps"] * args["batch_size"] / config["epochs"]) if config["epochs"] else 0
     lines += [
         f"- data: {', '.join(args['data'])} ({pairs} pairs used)",
         f"- steps: {config['steps']} of {args['batch_size']} pairs ({config['epochs']:.2f} epochs), "

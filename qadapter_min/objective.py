@@ -61,9 +61,7 @@ class Objective:
     def read(cls, values: dict) -> "Objective":
         """From qadapter_config.json's keys or train.py's flags; a missing key keeps its default."""
         names = [field.name for field in dataclasses.fields(cls)][1:]
-        return cls(
-            values.get("objective", cls.name), **{k: values[k] for k in names if k in values}
-        )
+        return cls(values.get("objective", cls.name), **{k: values[k] for k in names if k in values})
 
     def config(self) -> dict:
         """The keys qadapter_config.json records, in this order."""

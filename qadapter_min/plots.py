@@ -42,9 +42,7 @@ def pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise UserError(
-            "plots need matplotlib, which is not installed: pip install -r requirements-eval.txt"
-        ) from None
+        raise UserError("plots need matplotlib, which is not installed: pip install -r requirements-eval.txt") from None
     matplotlib.use("Agg")  # files, no window
     import matplotlib.pyplot as plt
 
@@ -54,9 +52,7 @@ def pyplot():
 def read_metrics(run: str) -> list[dict]:
     path = Path(run) / "metrics.jsonl"
     if not path.is_file():
-        raise UserError(
-            f"{run} holds no metrics.jsonl; pass the --out directories of train.py runs"
-        )
+        raise UserError(f"{run} holds no metrics.jsonl; pass the --out directories of train.py runs")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -66,9 +62,7 @@ def read_metrics(run: str) -> list[dict]:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
-            raise UserError(
-                f"{path}: line {number} is not JSON; is it train.py's metrics.jsonl?"
-            ) from None
+            raise UserError(f"{path}: line {number} is not JSON; is it train.py's metrics.jsonl?") from None
     return rows
 
 
@@ -84,21 +78,13 @@ def training_curves(runs: dict[str, list[dict]], output: Path):
             points = [(row["step"], row[key]) for row in rows if key in row]
             if points:
                 steps, values = zip(*points)
-                panel.plot(
-                    steps,
-                    values,
-                    color=f"C{colour}",
-                    label=name,
-                    marker="." if len(points) < 20 else None,
-                )
+                panel.plot(steps, values, color=f"C{colour}", label=name, marker="." if len(points) < 20 else None)
         panel.set_title(PANELS[key], fontsize=10)
         panel.set_xlabel("step", fontsize=8)
         panel.tick_params(labelsize=8)
     for panel in axes.flat[len(keys) :]:
         panel.set_visible(False)
-    figure.legend(
-        *axes.flat[0].get_legend_handles_labels(), loc="upper center", ncol=min(6, len(runs))
-    )
+    figure.legend(*axes.flat[0].get_legend_handles_labels(), loc="upper center", ncol=min(6, len(runs)))
     figure.tight_layout(rect=(0, 0, 1, 0.94))
     figure.savefig(output, dpi=100)
     plt.close(figure)
@@ -116,9 +102,7 @@ def frontier_plot(front: dict, output: Path):
     learned, kept = front["learned"], front["kept"]
     base = next(p for p in front["points"] if p["adapter"] is None)
     adapters = [p for p in front["points"] if p["adapter"]]
-    both_knobs = (
-        len({p["scale"] for p in adapters}) > 1 and len({p["alpha0"] for p in adapters}) > 1
-    )
+    both_knobs = len({p["scale"] for p in adapters}) > 1 and len({p["alpha0"] for p in adapters}) > 1
     curves = {}  # {curve's name: [(learned, kept, the point's setting)]}, in the order measured
     for p in adapters:
         name, setting = Path(p["adapter"]).name or p["adapter"], p["name"][len(p["adapter"]) :]
@@ -135,22 +119,9 @@ def frontier_plot(front: dict, output: Path):
         size = max(3.0, 11 - 1.5 * colour)  # curves that share points show as rings inside rings
         axes.plot(xs, ys, color=f"C{colour}", marker="o", markersize=size, label=name, alpha=0.85)
         for x, y, label in points:
-            axes.annotate(
-                label,
-                (x, y),
-                textcoords="offset points",
-                xytext=(4, 4),
-                fontsize=7,
-                color=f"C{colour}",
-            )
+            axes.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=f"C{colour}")
     axes.plot(
-        base["learned"],
-        base["kept"],
-        color="black",
-        marker="*",
-        markersize=12,
-        linestyle="none",
-        label="base model",
+        base["learned"], base["kept"], color="black", marker="*", markersize=12, linestyle="none", label="base model"
     )
     axes.set_xlabel(f"{learned} ({direction(learned)})")
     axes.set_ylabel(f"{kept} ({direction(kept)})")
@@ -170,9 +141,7 @@ def main(argv=None):
     check_output_file("output", args.output)
     pyplot()  # refused now if missing, before the runs are read
     names = [Path(run).resolve().name for run in args.runs]
-    runs = dict(
-        zip(names if len(set(names)) == len(names) else args.runs, map(read_metrics, args.runs))
-    )
+    runs = dict(zip(names if len(set(names)) == len(names) else args.runs, map(read_metrics, args.runs)))
     training_curves(runs, Path(args.output))
     print(f"training curves of {len(runs)} run(s): {args.output}")
 

@@ -46,9 +46,7 @@ class Policy:
     alpha: float = 1.0
     alpha0: float = 0.0
     objective: Objective | None = None  # what the adapter was trained with (None: no adapter)
-    base_model: str | None = (
-        None  # the base model the adapter was trained on, as train.py was given it
-    )
+    base_model: str | None = None  # the base model the adapter was trained on, as train.py was given it
     fingerprint: str | None = None  # and a fingerprint of it (weights.model_fingerprint)
     scale: float = 1.0  # the adapter's update scaled: W + scale (alpha/r) B A (0: the base weights)
 
@@ -122,15 +120,11 @@ def policy_hidden(model: nn.Module, policy: Policy, tokens: torch.Tensor):
         return model(tokens, return_hidden=True), None
 
 
-def log_softmax_of_policy(
-    model: nn.Module, policy: Policy, hidden: torch.Tensor, base_hidden
-) -> torch.Tensor:
+def log_softmax_of_policy(model: nn.Module, policy: Policy, hidden: torch.Tensor, base_hidden) -> torch.Tensor:
     """log pi(. | s) (N, V) in fp32 from final hidden states (N, C) (and the base model's, for pi~)."""
     logits = (hidden @ model.head_weight.T).float()
     if base_hidden is not None:
-        logits = policy_logits(
-            logits, base_hidden @ model.head_weight.T, policy.alpha, policy.alpha0
-        )
+        logits = policy_logits(logits, base_hidden @ model.head_weight.T, policy.alpha, policy.alpha0)
     return logits.log_softmax(dim=-1)
 
 
@@ -161,11 +155,7 @@ def log_probs(
         batch = inputs[start : start + batch_size]
         tokens = torch.zeros(len(batch), len(batch[0][0]), dtype=torch.long, device=device)
         # per scored state; targets: (states, most sequences sharing it)
-        rows, positions, targets = (
-            [],
-            [],
-            [],
-        )
+        rows, positions, targets = ([], [], [])
         width = max(len(shared[key]) for key in batch)
         for row, (inp, n) in enumerate(batch):
             tokens[row, : len(inp)] = torch.tensor(inp, device=device)
@@ -223,10 +213,7 @@ def preference_metrics(
         with adapter_disabled(model) if policy.mode == "base" else nullcontext():
             _, metrics = micro_batch_objective(model, tokens, response_mask, objective)
         # (R, z) of each reply; a tie counts half a pair for z alone (the base model's z ties all)
-        for kind, rewards, tie in [
-            ("preference", "rewards", 0),
-            ("implicit_reward", "implicit_rewards", 0.5),
-        ]:
+        for kind, rewards, tie in [("preference", "rewards", 0), ("implicit_reward", "implicit_rewards", 0.5)]:
             chosen, rejected = metrics[rewards].double().chunk(2)
             wins = (chosen > rejected).sum() + tie * (chosen == rejected).sum()
             sums[f"{kind}_accuracy"] += float(wins)

@@ -74,9 +74,7 @@ def start_processes(nproc_per_node: int = 1) -> Processes:
         )
     dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     local_rank = int(os.environ["LOCAL_RANK"])
-    processes = Processes(
-        dist.get_rank(), local_rank, dist.get_world_size(), default_device(local_rank)
-    )
+    processes = Processes(dist.get_rank(), local_rank, dist.get_world_size(), default_device(local_rank))
     if processes.device.type == "cuda":
         torch.cuda.set_device(processes.device)
     return processes
@@ -121,10 +119,7 @@ def launch(n: int) -> int:
     env.update(LOCAL_WORLD_SIZE=str(n), **{LAUNCHED: "1"})
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))  # CPUs shared out
     command = [sys.executable, *sys.orig_argv[1:]]
-    ranks = [
-        subprocess.Popen(command, env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)))
-        for rank in range(n)
-    ]
+    ranks = [subprocess.Popen(command, env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank))) for rank in range(n)]
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # after the start: the processes keep Ctrl-C
     while True:
         codes = [process.poll() for process in ranks]

@@ -21,13 +21,7 @@ from qadapter_min.data import EncodedPair, encode_pairs
 from qadapter_min.lora import lora_layers
 from qadapter_min.merge import write_merged_checkpoint
 from qadapter_min.model import Transformer
-from qadapter_min.weights import (
-    CONFIG_FILE,
-    check_score_head,
-    load_model,
-    resolve_model_dir,
-    safetensors_files,
-)
+from qadapter_min.weights import CONFIG_FILE, check_score_head, load_model, resolve_model_dir, safetensors_files
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 MAX_SHARD_BYTES = 5 * 10**9  # transformers' save_pretrained default, 5GB
@@ -48,10 +42,7 @@ def save_reward_model(model: Transformer, model_dir: Path, out: Path, pad_id: in
     (transformers finds each padded row's last token by it), and the tokenizer files. Every rank
     calls it (under --fsdp the tensors are gathered); rank 0 writes, the files appearing together."""
     lora = {
-        name: (
-            full(layer.lora_A.weight).detach().float().cpu(),
-            full(layer.lora_B.weight).detach().float().cpu(),
-        )
+        name: (full(layer.lora_A.weight).detach().float().cpu(), full(layer.lora_B.weight).detach().float().cpu())
         for name, layer in lora_layers(model).items()
     }
     score = full(model.score.weight).detach().float().cpu()
@@ -102,14 +93,9 @@ def reward_model_pairs(pairs, tokenizer, max_len: int, log=print) -> list:
             f"of its own, such as Llama 3's <|finetune_right_pad_id|>"
         )
     if end:
-        log(
-            f"a reward model reads each conversation to its end, {len(end)} token(s) past the reply"
-        )
+        log(f"a reward model reads each conversation to its end, {len(end)} token(s) past the reply")
     encoded = encode_pairs(pairs, tokenizer, max_len - len(end), log=log)
-    return [
-        EncodedPair(p.chosen + end, p.chosen_prompt_len, p.rejected + end, p.rejected_prompt_len)
-        for p in encoded
-    ]
+    return [EncodedPair(p.chosen + end, p.chosen_prompt_len, p.rejected + end, p.rejected_prompt_len) for p in encoded]
 
 
 def reward_model_loss(rewards: torch.Tensor):
@@ -134,9 +120,7 @@ def check_reward_model(path_or_repo_id):
             f"(train.py --objective rm writes one), and adapters with --adapter"
         )
     check_score_head(model_dir, safetensors_files(model_dir))
-    config = read_json_file(
-        model_dir / CONFIG_FILE, "a reward model needs its config.json", "restore it"
-    )
+    config = read_json_file(model_dir / CONFIG_FILE, "a reward model needs its config.json", "restore it")
     if config.get("pad_token_id") is None:
         raise UserError(
             f"{model_dir / CONFIG_FILE} has no pad_token_id, without which transformers cannot find the "
@@ -172,6 +156,4 @@ def rewards(model: Transformer, sequences: list[list[int]], batch_size: int = 8)
 
 def win_rate(scores: list[float], against: list[float]) -> float:
     """The share of prompts where scores beat against, ties counting half."""
-    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, against)) / len(
-        scores
-    )
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, against)) / len(scores)

@@ -43,13 +43,7 @@ METRICS = "metrics.jsonl"
 REPORT = "report.json"
 MODEL_CARD = "README.md"
 OUTPUTS = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, RUN_CONFIG, METRICS, REPORT, MODEL_CARD, "checkpoint")
-REWARD_MODEL_OUTPUTS = (
-    CONFIG_FILE,
-    SINGLE_FILE,
-    INDEX_FILE,
-    *TOKENIZER_FILES,
-    "model-*.safetensors",
-)
+REWARD_MODEL_OUTPUTS = (CONFIG_FILE, SINGLE_FILE, INDEX_FILE, *TOKENIZER_FILES, "model-*.safetensors")
 # Flags that may change when a run is resumed: where it writes, how often it logs, evaluates and
 # saves, what it evaluates on, and how it is spread over the ranks (a checkpoint holds whole
 # tensors). Every other flag, present or future, must be the one the checkpoint was made with.
@@ -76,9 +70,7 @@ def check_out_dir(args, defaults: dict) -> dict | None:
     flags' defaults, for flags the checkpoint does not record). Returns the checkpoint, or None."""
     out = check_output_dir("out", args.out)
     if args.resume and args.overwrite:
-        raise UserError(
-            "pass --resume to continue the run in --out, or --overwrite to replace it, not both"
-        )
+        raise UserError("pass --resume to continue the run in --out, or --overwrite to replace it, not both")
     if args.resume:
         return read_checkpoint(out, args, defaults)
     if (out / CHECKPOINT).exists() and not args.overwrite:
@@ -108,8 +100,7 @@ def read_checkpoint(out: Path, args, defaults: dict) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a damaged file raises whatever the unpickler meets
         raise UserError(
-            f"--resume: {path} cannot be read ({type(error).__name__}); start afresh "
-            f"in another --out"
+            f"--resume: {path} cannot be read ({type(error).__name__}); start afresh in another --out"
         ) from None
     changed = changed_flags(state["flags"], vars(args), defaults)
     if changed:
@@ -124,9 +115,7 @@ def changed_flags(saved: dict, now: dict, defaults: dict) -> list[str]:
     """The flags that differ from a checkpoint's, except those that may. A flag the checkpoint does
     not record (added to train.py after it was made) matches only at its default, as that run did."""
     return [
-        name
-        for name in now
-        if name not in MAY_DIFFER_ON_RESUME and saved.get(name, defaults.get(name)) != now[name]
+        name for name in now if name not in MAY_DIFFER_ON_RESUME and saved.get(name, defaults.get(name)) != now[name]
     ]
 
 
@@ -156,11 +145,7 @@ def append_metrics(out: Path, row: dict, processes):
 def keep_metrics_up_to(path: Path, step: int):
     """Keep the rows of steps up to `step`."""
     if path.exists():
-        rows = [
-            line
-            for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step
-        ]
+        rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
         atomic_write(path, lambda p: p.write_text("".join(row + "\n" for row in rows)))
 
 
@@ -197,9 +182,7 @@ def save_checkpoint(out: Path, model, optimizer, step: int, args, processes):
         atomic_write(out / CHECKPOINT, lambda p: torch.save(state, p))
 
 
-def write_outputs(
-    model, args, total_steps: int, num_pairs: int, processes, model_dir: Path, pad_id: int
-):
+def write_outputs(model, args, total_steps: int, num_pairs: int, processes, model_dir: Path, pad_id: int):
     """The adapter (PEFT's layout), or with --objective rm the reward model (reward.py), and
     qadapter_config.json, written by rank 0 (under --fsdp from tensors every rank gathers); the
     checkpoint goes, the run being complete."""
@@ -214,9 +197,7 @@ def write_outputs(
             base = base_model_record(args.model)
             save_adapter(model, out, base_model_name_or_path=base, tensors=tensors)
         epochs = total_steps * args.batch_size / num_pairs
-        save_run_config(
-            out, model, vars(args), steps=total_steps, epochs=epochs, fingerprint=fingerprint
-        )
+        save_run_config(out, model, vars(args), steps=total_steps, epochs=epochs, fingerprint=fingerprint)
         write_model_card(out)
         shutil.rmtree(out / "checkpoint", ignore_errors=True)
 
@@ -229,9 +210,7 @@ def write_model_card(out: Path, adapter: Path | None = None):
     run = Path(adapter or out)
     config = json.loads((run / RUN_CONFIG).read_text())
     metrics = run / METRICS
-    rows = (
-        [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-    )
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     card = model_card(config, rows, defaults(), str(run), exported=adapter is not None)
     atomic_write(out / MODEL_CARD, lambda p: Path(p).write_text(card))
 
@@ -241,9 +220,7 @@ def skip_step(out: Path, done: int, total_steps: int, in_a_row: int, processes):
     processes.log(f"step {done}/{total_steps} | non-finite loss or gradient: update skipped")
     append_metrics(out, {"step": done, "skipped": "non-finite loss or gradient"}, processes)
     if in_a_row >= MAX_NON_FINITE_STEPS:
-        saved = (
-            f"; {out / CHECKPOINT} holds the last good state" if (out / CHECKPOINT).exists() else ""
-        )
+        saved = f"; {out / CHECKPOINT} holds the last good state" if (out / CHECKPOINT).exists() else ""
         raise UserError(
             f"the loss or gradient was not finite for {MAX_NON_FINITE_STEPS} steps in a "
             f"row (up to step {done}); lower --lr or check --data{saved}"

@@ -39,9 +39,7 @@ from qadapter_min.weights import checkpoint_tensors, empty_model
 def shard_model(model: nn.Module) -> nn.Module:
     """Shard the model in place: the LoRA matrices (and a reward model's score head), each block,
     then the root."""
-    from torch.distributed.fsdp import (
-        fully_shard,  # imported on use: most of a second that runs without --fsdp skip
-    )
+    from torch.distributed.fsdp import fully_shard  # imported on use: most of a second that runs without --fsdp skip
 
     trained = [m for layer in lora_layers(model).values() for m in (layer.lora_A, layer.lora_B)]
     for module in trained + ([model.score] if hasattr(model, "score") else []):
@@ -64,9 +62,7 @@ def load_sharded_model(
     if score_head:
         add_score_head(model, device)
     shard_model(model)
-    adapter = {
-        name: p.to_local().clone() for name, p in model.named_parameters() if p.requires_grad
-    }
+    adapter = {name: p.to_local().clone() for name, p in model.named_parameters() if p.requires_grad}
     # memory for this rank's shards only, the LoRA's included (copied back below)
     model.to_empty(device=device)
     params = dict(model.named_parameters())
@@ -89,9 +85,7 @@ def load_sharded_model(
 def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
     """The optimizer's state_dict with every state tensor whole (a collective under FSDP)."""
     state = optimizer.state_dict()
-    state["state"] = {
-        i: {k: full(v).cpu() for k, v in s.items()} for i, s in state["state"].items()
-    }
+    state["state"] = {i: {k: full(v).cpu() for k, v in s.items()} for i, s in state["state"].items()}
     return state
 
 
@@ -101,8 +95,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict):
     state = {
         **state,
         "state": {
-            i: {k: like(v, params[i]) if v.dim() else v for k, v in s.items()}
-            for i, s in state["state"].items()
+            i: {k: like(v, params[i]) if v.dim() else v for k, v in s.items()} for i, s in state["state"].items()
         },
     }
     optimizer.load_state_dict(state)

@@ -19,9 +19,7 @@ from qadapter_min.objective import Objective, sequence_lengths
 from qadapter_min.reward import reward_model_loss
 
 
-def micro_batch_objective(
-    model, tokens, response_mask, objective: Objective = Objective(), adapter_forward=None
-):
+def micro_batch_objective(model, tokens, response_mask, objective: Objective = Objective(), adapter_forward=None):
     """(loss, metrics) of one micro-batch: tokens and response_mask (2B, T) as `data.collate` makes
     them (for SFT, (B, T): one conversation per row).
 

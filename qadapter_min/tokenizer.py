@@ -59,9 +59,7 @@ class Tokenizer:
         try:
             self._tokenizer = HFTokenizer.from_file(str(file))
         except Exception as error:  # the Rust side raises a bare Exception for every parse error
-            raise UserError(
-                f"{file} is not a tokenizer.json the tokenizers library can read ({error})"
-            ) from None
+            raise UserError(f"{file} is not a tokenizer.json the tokenizers library can read ({error})") from None
         # Special tokens are found by their spelling only where we put them (by id); text never produces them.
         self._tokenizer.encode_special_tokens = True
         self.special_ids = {
@@ -69,19 +67,12 @@ class Tokenizer:
             for token_id, token in self._tokenizer.get_added_tokens_decoder().items()
             if token.special
         }
-        if all(
-            name in self.special_ids
-            for name in (BEGIN_OF_TEXT, START_HEADER, END_HEADER, END_OF_TURN)
-        ):
+        if all(name in self.special_ids for name in (BEGIN_OF_TEXT, START_HEADER, END_HEADER, END_OF_TURN)):
             self.chat_format = LLAMA_3_1
             self.bos_id = self.special_ids[BEGIN_OF_TEXT]
             self.eot_id = self.special_ids[END_OF_TURN]  # closes every turn, so every reply
             # the end of a turn, of a tool message, of the text
-            stops = (
-                END_OF_TURN,
-                END_OF_MESSAGE,
-                END_OF_TEXT,
-            )
+            stops = (END_OF_TURN, END_OF_MESSAGE, END_OF_TEXT)
             self.default_system = None
             self.declared_bos_id = self.bos_id
         elif IM_START in self.special_ids and IM_END in self.special_ids:
@@ -94,9 +85,7 @@ class Tokenizer:
             # the BOS the tokenizer declares though no template writes it (SmolLM2: <|im_start|>): lm-eval's
             # Hugging Face backend puts it before an empty context
             self.declared_bos_id = (
-                self.special_ids.get(config.get("bos_token"))
-                if isinstance(config.get("bos_token"), str)
-                else None
+                self.special_ids.get(config.get("bos_token")) if isinstance(config.get("bos_token"), str) else None
             )
         else:
             raise UserError(
@@ -158,10 +147,7 @@ class Tokenizer:
         return chat_turns(messages, date_string)
 
     def encode_chat(
-        self,
-        messages: list[dict],
-        add_generation_prompt: bool = False,
-        date_string: str = "26 Jul 2024",
+        self, messages: list[dict], add_generation_prompt: bool = False, date_string: str = "26 Jul 2024"
     ) -> list[int]:
         """Token ids of a conversation in the tokenizer's chat format (module docstring).
 
@@ -178,19 +164,14 @@ class Tokenizer:
         return ids
 
     def chat_text(
-        self,
-        messages: list[dict],
-        add_generation_prompt: bool = True,
-        date_string: str = "26 Jul 2024",
+        self, messages: list[dict], add_generation_prompt: bool = True, date_string: str = "26 Jul 2024"
     ) -> str:
         """The conversation rendered as the chat template renders it, one string with the special tokens spelt
         out; `encode_rendered` of it gives encode_chat's ids (unless a message spells a special token).
         Without the generation prompt the last message is left open (no end of turn), for the model to continue."""
         end = f"{IM_END}\n" if self.chat_format == CHATML else END_OF_TURN
         bos = "" if self.bos_id is None else BEGIN_OF_TEXT
-        text = bos + "".join(
-            self._turn_text(role, text) + end for role, text in self._turns(messages, date_string)
-        )
+        text = bos + "".join(self._turn_text(role, text) + end for role, text in self._turns(messages, date_string))
         if add_generation_prompt:
             return text + self._turn_text("assistant", "")
         return text.removesuffix(end)
@@ -205,9 +186,7 @@ class Tokenizer:
 def check_messages(messages: list[dict]):
     for message in messages:
         if message.get("role") not in CHAT_ROLES or not isinstance(message.get("content"), str):
-            raise ValueError(
-                f"a chat message needs a role in {CHAT_ROLES} and string content, got {message!r}"
-            )
+            raise ValueError(f"a chat message needs a role in {CHAT_ROLES} and string content, got {message!r}")
 
 
 def chat_turns(messages: list[dict], date_string: str) -> list[tuple[str, str]]:
@@ -251,12 +230,7 @@ def default_system_message(config: dict) -> str | None:
     template = config.get("chat_template")
     if isinstance(template, list):  # several named templates: the default one
         template = next(
-            (
-                t.get("template")
-                for t in template
-                if isinstance(t, dict) and t.get("name") == "default"
-            ),
-            None,
+            (t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None
         )
     if not isinstance(template, str):
         return None
@@ -305,9 +279,7 @@ def train_llama3_style_tokenizer(texts: list[str], path: Path, vocab_size: int):
     )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
     tokenizer.train_from_iterator(texts, trainer)
     tokenizer.add_special_tokens(llama3_special_tokens())

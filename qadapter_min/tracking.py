@@ -16,8 +16,7 @@ def check(args):
         raise UserError("--wandb_run_name names a run of --wandb_project; pass the project too")
     if args.wandb_project is not None and importlib.util.find_spec("wandb") is None:
         raise UserError(
-            "--wandb_project logs to Weights & Biases, which is not installed: "
-            "pip install -r requirements-eval.txt"
+            "--wandb_project logs to Weights & Biases, which is not installed: pip install -r requirements-eval.txt"
         )
 
 

@@ -56,12 +56,7 @@ def resolve_model_dir(path_or_repo_id: str | os.PathLike) -> Path:
             f"pass a directory holding config.json and *.safetensors, or an id such as meta-llama/Llama-3.1-8B-Instruct"
         )
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
         return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
@@ -71,9 +66,7 @@ def resolve_model_dir(path_or_repo_id: str | os.PathLike) -> Path:
             f"token of that account"
         ) from None
     except RepositoryNotFoundError:
-        raise UserError(
-            f"the Hub repo {name} does not exist or needs a token; check the id, or set HF_TOKEN"
-        ) from None
+        raise UserError(f"the Hub repo {name} does not exist or needs a token; check the id, or set HF_TOKEN") from None
     except LocalEntryNotFoundError:
         raise UserError(
             f"{name} is not in the Hugging Face cache and the Hub cannot be reached (offline or HF_HUB_OFFLINE=1); "
@@ -101,41 +94,24 @@ def read_config(model_dir: Path) -> ModelArgs:
         )
     for flag in ("attention_bias", "mlp_bias"):
         if config.get(flag):
-            raise UserError(
-                f"{config_path} sets {flag}; Llama 3 has no biases and qadapter-min does not support them"
-            )
+            raise UserError(f"{config_path} sets {flag}; Llama 3 has no biases and qadapter-min does not support them")
     if config.get("hidden_act", "silu") != "silu":
-        raise UserError(
-            f"{config_path} uses hidden_act {config['hidden_act']!r}; Llama uses 'silu'"
-        )
+        raise UserError(f"{config_path} uses hidden_act {config['hidden_act']!r}; Llama uses 'silu'")
 
     if "rope_parameters" in config:  # newer form: one dict holding rope_theta and the scaling keys
         rope = dict(config["rope_parameters"])
         rope_theta = rope.pop("rope_theta", 10000.0)
-        rope_scaling = (
-            rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
-        )
+        rope_scaling = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
     else:
         rope_theta = config.get("rope_theta", 10000.0)
         rope_scaling = config.get("rope_scaling")
-        if (
-            rope_scaling is not None
-            and rope_scaling.get("rope_type", rope_scaling.get("type")) == "default"
-        ):
+        if rope_scaling is not None and rope_scaling.get("rope_type", rope_scaling.get("type")) == "default":
             rope_scaling = None
 
-    required = [
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "vocab_size",
-    ]
+    required = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"]
     missing = [key for key in required if key not in config]
     if missing:
-        raise UserError(
-            f"{config_path} lacks {', '.join(missing)}; it is not a complete Llama config.json"
-        )
+        raise UserError(f"{config_path} lacks {', '.join(missing)}; it is not a complete Llama config.json")
     try:
         return ModelArgs(
             hidden_size=config["hidden_size"],
@@ -154,25 +130,16 @@ def read_config(model_dir: Path) -> ModelArgs:
             eos_token_id=config.get("eos_token_id"),
         )
     except ValueError as error:
-        raise UserError(
-            f"{config_path}: {error}; qadapter-min runs Llama 3.x checkpoints"
-        ) from None
+        raise UserError(f"{config_path}: {error}; qadapter-min runs Llama 3.x checkpoints") from None
 
 
-def write_config(
-    args: ModelArgs, directory: Path, rope_form: str = "classic", torch_dtype: str = "float32"
-):
+def write_config(args: ModelArgs, directory: Path, rope_form: str = "classic", torch_dtype: str = "float32"):
     """config.json for ModelArgs, as the Hub writes it: the inverse of read_config. rope_form "classic"
     writes rope_theta + rope_scaling; "parameters" the newer rope_parameters dict."""
     if rope_form == "classic":
         rope = {"rope_theta": args.rope_theta, "rope_scaling": args.rope_scaling}
     else:
-        rope = {
-            "rope_parameters": {
-                "rope_theta": args.rope_theta,
-                **(args.rope_scaling or {"rope_type": "default"}),
-            }
-        }
+        rope = {"rope_parameters": {"rope_theta": args.rope_theta, **(args.rope_scaling or {"rope_type": "default"})}}
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -226,18 +193,12 @@ def safetensors_files(model_dir: Path) -> dict[Path, list[str]]:
         files: dict[Path, list[str]] = {}
         for name, file_name in weight_map.items():
             shard = (model_dir / file_name).resolve()
-            if (
-                shard.parent != model_dir.resolve()
-            ):  # a shard name must not point outside the model directory
-                raise UserError(
-                    f"{index_path} points {name} at {file_name!r}, outside the model directory"
-                )
+            if shard.parent != model_dir.resolve():  # a shard name must not point outside the model directory
+                raise UserError(f"{index_path} points {name} at {file_name!r}, outside the model directory")
             files.setdefault(shard, []).append(name)
         for shard in files:
             if not shard.is_file():
-                raise UserError(
-                    f"{shard} is listed in {index_path} but does not exist; download the missing shard"
-                )
+                raise UserError(f"{shard} is listed in {index_path} but does not exist; download the missing shard")
         return files
     single = model_dir / SINGLE_FILE
     if single.is_file():
@@ -252,9 +213,7 @@ def open_safetensors(path: Path):
     try:
         return safe_open(str(path), framework="pt", device="cpu")
     except (SafetensorError, OSError) as error:
-        raise UserError(
-            f"{path} is not a readable safetensors file ({error}); download it again"
-        ) from None
+        raise UserError(f"{path} is not a readable safetensors file ({error}); download it again") from None
 
 
 def load_model(
@@ -271,8 +230,7 @@ def load_model(
     model_dir = resolve_model_dir(path_or_repo_id)
     model = empty_model(model_dir, score_head)
     state = {
-        name: tensor.to(device=device, dtype=dtype)
-        for name, tensor in checkpoint_tensors(model_dir, model, score_head)
+        name: tensor.to(device=device, dtype=dtype) for name, tensor in checkpoint_tensors(model_dir, model, score_head)
     }
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False)
@@ -311,17 +269,11 @@ def checkpoint_tensors(
             present = set(f.keys())
             for hf_name in names:
                 name = (
-                    "lm_head.weight"
-                    if score_head and hf_name == "score.weight"
-                    else checkpoint_name_to_ours(hf_name)
+                    "lm_head.weight" if score_head and hf_name == "score.weight" else checkpoint_name_to_ours(hf_name)
                 )
-                if name.endswith(
-                    "rotary_emb.inv_freq"
-                ):  # a buffer some old checkpoints saved; we recompute it
+                if name.endswith("rotary_emb.inv_freq"):  # a buffer some old checkpoints saved; we recompute it
                     continue
-                if (
-                    name == "lm_head.weight" and model.args.tie_word_embeddings
-                ):  # a tied head is the embedding
+                if name == "lm_head.weight" and model.args.tie_word_embeddings:  # a tied head is the embedding
                     continue
                 if name not in expected_shapes:
                     raise UserError(
@@ -363,9 +315,7 @@ def check_score_head(model_dir: Path, files: dict[Path, list[str]]):
             with open_safetensors(path) as f:
                 labels = f.get_slice("score.weight").get_shape()[0]
             if labels != 1:
-                raise UserError(
-                    f"{path}: score.weight has {labels} labels; a reward model has one (its reward)"
-                )
+                raise UserError(f"{path}: score.weight has {labels} labels; a reward model has one (its reward)")
             return
     raise UserError(
         f"{model_dir} has no score.weight; a reward model is a Llama in the LlamaForSequenceClassification "
@@ -377,9 +327,7 @@ def model_fingerprint(model) -> str:
     """A hash of the base model's config, tensor names and shapes, and final-norm weights (rounded to
     bf16, so the load dtype does not matter): an adapter only fits the model it was trained on, and
     two checkpoints of one shape (a base and an Instruct model) differ in their weights."""
-    shapes = sorted(
-        (name, list(p.shape)) for name, p in model.named_parameters() if "lora_" not in name
-    )
+    shapes = sorted((name, list(p.shape)) for name, p in model.named_parameters() if "lora_" not in name)
     # gathered, when sharded
     norm = full(model.norm.weight).detach().to(torch.bfloat16).float().cpu().tolist()
     blob = json.dumps({"args": asdict(model.args), "shapes": shapes, "norm": norm}, sort_keys=True)

@@ -69,10 +69,7 @@ def random_hf_state(args: ModelArgs, seed: int = 0) -> dict[str, torch.Tensor]:
     def randn(*shape):
         return torch.randn(*shape, generator=generator) * 0.2
 
-    state = {
-        "model.embed_tokens.weight": randn(args.vocab_size, C),
-        "model.norm.weight": 1 + randn(C),
-    }
+    state = {"model.embed_tokens.weight": randn(args.vocab_size, C), "model.norm.weight": 1 + randn(C)}
     for i in range(args.num_hidden_layers):
         p = f"model.layers.{i}."
         state.update(
@@ -110,10 +107,7 @@ def write_checkpoint(
         part = {name: state[name] for name in names[k::shards]}
         save_file(part, directory / file_name, metadata={"format": "pt"})
         weight_map.update({name: file_name for name in part})
-    index = {
-        "metadata": {"total_size": sum(t.numel() * 4 for t in state.values())},
-        "weight_map": weight_map,
-    }
+    index = {"metadata": {"total_size": sum(t.numel() * 4 for t in state.values())}, "weight_map": weight_map}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return directory
 
@@ -149,9 +143,7 @@ def tiny_model_dir(directory: Path, tokenizer_file: Path, seed: int = 0) -> Path
 def tiny_chatml_model_dir(directory: Path, seed: int = 0) -> Path:
     """A random tiny Llama with the tiny ChatML tokenizer and SmolLM2's chat template (fixtures/tiny-chatml)."""
     source = FIXTURES / "tiny-chatml"
-    vocab_size = HFTokenizer.from_file(str(source / "tokenizer.json")).get_vocab_size(
-        with_added_tokens=True
-    )
+    vocab_size = HFTokenizer.from_file(str(source / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
     args = tiny_args(
         vocab_size=vocab_size,
         bos_token_id=1,
@@ -174,8 +166,7 @@ def write_pairs(path: Path, n: int = 8) -> Path:
             f.write(
                 json.dumps(
                     {
-                        "chosen": prompt
-                        + [{"role": "assistant", "content": f"Sure! {i} plus {i} is {2 * i}."}],
+                        "chosen": prompt + [{"role": "assistant", "content": f"Sure! {i} plus {i} is {2 * i}."}],
                         "rejected": prompt + [{"role": "assistant", "content": f"{2 * i}"}],
                     }
                 )

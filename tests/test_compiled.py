@@ -57,9 +57,7 @@ def test_compiled_greedy_replies_equal_eager_ones_alone_and_batched(model, polic
     assert generate_batch(model, PROMPTS, **settings, compiled=True) == eager
 
 
-def test_sample_py_with_compile_writes_the_replies_file_of_an_eager_run(
-    tmp_path, tokenizer_file, backend
-):
+def test_sample_py_with_compile_writes_the_replies_file_of_an_eager_run(tmp_path, tokenizer_file, backend):
     """A Q-Adapter adapter, so the customised policy's combined batch; 7 prompts in batches of 3: two
     batch shapes, and stop ids that end replies early."""
     _, adapter = train_an_adapter(tiny_model_dir(tmp_path / "model", tokenizer_file), tmp_path)
@@ -129,9 +127,7 @@ def test_one_trace_serves_every_block_of_a_compiled_training_step(monkeypatch):
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize(
-    "checkpointing", [[], ["--grad_checkpointing"]], ids=["plain", "checkpointed"]
-)
+@pytest.mark.parametrize("checkpointing", [[], ["--grad_checkpointing"]], ids=["plain", "checkpointed"])
 def test_a_compiled_training_run_gives_the_loss_and_adapter_of_an_eager_one(
     tmp_path, tokenizer_file, backend, checkpointing
 ):
@@ -145,16 +141,11 @@ def test_a_compiled_training_run_gives_the_loss_and_adapter_of_an_eager_one(
     for name, more in (("eager", []), ("compiled", ["--compile"])):
         train.main([str(f) for f in [*flags, "--out", tmp_path / name, *more]])
     rows = {
-        name: [
-            json.loads(line)
-            for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
-        ]
+        name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         for name in ("eager", "compiled")
     }
     assert abs(rows["compiled"][0]["loss"] - rows["eager"][0]["loss"]) < 1e-5
-    eager, compiled = (
-        load_file(tmp_path / name / "adapter_model.safetensors") for name in ("eager", "compiled")
-    )
+    eager, compiled = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("eager", "compiled"))
     assert eager.keys() == compiled.keys()
     for key in eager:
         torch.testing.assert_close(compiled[key], eager[key], atol=1e-5, rtol=0)

@@ -22,28 +22,13 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tokenizer_file):
     directory = tmp_path_factory.mktemp("contract")
-    return tiny_model_dir(directory / "model", tokenizer_file), write_pairs(
-        directory / "pairs.jsonl", n=8
-    )
+    return tiny_model_dir(directory / "model", tokenizer_file), write_pairs(directory / "pairs.jsonl", n=8)
 
 
 def flags_of(world, out, *more):
     model_dir, data = world
     return [
-        str(f)
-        for f in [
-            "--model",
-            model_dir,
-            "--data",
-            data,
-            "--out",
-            out,
-            "--batch_size",
-            4,
-            "--max_steps",
-            3,
-            *more,
-        ]
+        str(f) for f in ["--model", model_dir, "--data", data, "--out", out, "--batch_size", 4, "--max_steps", 3, *more]
     ]
 
 
@@ -56,9 +41,7 @@ def nothing_may_be_read(monkeypatch):
 
     for name in ("load_model", "load_pairs", "read_config"):
         monkeypatch.setattr(train, name, read)
-    monkeypatch.setattr(
-        processes, "resolve_model_dir", read
-    )  # where train.py's ranks find the model
+    monkeypatch.setattr(processes, "resolve_model_dir", read)  # where train.py's ranks find the model
 
 
 @pytest.fixture
@@ -111,39 +94,20 @@ def test_resume_accepts_other_output_and_cadence_flags(world, checkpointed):
         )
     )
     assert (checkpointed / "adapter_model.safetensors").exists()
-    assert not (
-        checkpointed / "checkpoint"
-    ).exists()  # a finished run leaves no empty folder behind
+    assert not (checkpointed / "checkpoint").exists()  # a finished run leaves no empty folder behind
 
 
 REFUSED_BEFORE_READING = {
-    "missing data": (
-        lambda w, t: ["--data", str(t / "absent.jsonl")],
-        r"absent\.jsonl does not exist",
-    ),
-    "missing eval data": (
-        lambda w, t: ["--eval_data", str(t / "absent.jsonl")],
-        r"absent\.jsonl does not exist",
-    ),
-    "unknown LoRA target": (
-        lambda w, t: ["--lora_targets", "qkv_proj"],
-        r"LoRA target 'qkv_proj' is not a projection",
-    ),
-    "resume without a checkpoint": (
-        lambda w, t: ["--resume"],
-        r"--resume: .*state\.pt does not exist",
-    ),
-    "indivisible batch": (
-        lambda w, t: ["--micro_batch_size", "3"],
-        r"--batch_size 4 is not a multiple",
-    ),
+    "missing data": (lambda w, t: ["--data", str(t / "absent.jsonl")], r"absent\.jsonl does not exist"),
+    "missing eval data": (lambda w, t: ["--eval_data", str(t / "absent.jsonl")], r"absent\.jsonl does not exist"),
+    "unknown LoRA target": (lambda w, t: ["--lora_targets", "qkv_proj"], r"LoRA target 'qkv_proj' is not a projection"),
+    "resume without a checkpoint": (lambda w, t: ["--resume"], r"--resume: .*state\.pt does not exist"),
+    "indivisible batch": (lambda w, t: ["--micro_batch_size", "3"], r"--batch_size 4 is not a multiple"),
 }
 
 
 @pytest.mark.parametrize("case", REFUSED_BEFORE_READING)
-def test_these_refusals_come_before_any_model_or_data_is_read(
-    world, tmp_path, nothing_may_be_read, case
-):
+def test_these_refusals_come_before_any_model_or_data_is_read(world, tmp_path, nothing_may_be_read, case):
     more, message = REFUSED_BEFORE_READING[case]
     with pytest.raises(UserError, match=message):
         train.main(flags_of(world, tmp_path / "out", *more(world, tmp_path)))
@@ -190,16 +154,12 @@ def test_a_second_run_never_mixes_its_files_with_the_first_runs(world, tmp_path)
     out = tmp_path / "out"
     train.main(flags_of(world, out))
     first = snapshot(out)
-    with pytest.raises(
-        UserError, match="holds the results of an earlier run .*pass another --out, or --overwrite"
-    ):
+    with pytest.raises(UserError, match="holds the results of an earlier run .*pass another --out, or --overwrite"):
         train.main(flags_of(world, out, "--lr", "1e-3"))
     assert snapshot(out) == first  # refused: nothing touched
 
     # --overwrite, then Ctrl-C in the middle: the first run's results are gone, none of them left beside the second's
-    second = flags_of(
-        world, out, "--overwrite", "--lr", "1e-3", "--max_steps", 100000, "--log_every", 1
-    )
+    second = flags_of(world, out, "--overwrite", "--lr", "1e-3", "--max_steps", 100000, "--log_every", 1)
     metrics = out / "metrics.jsonl"
     interrupted = run_until_interrupted(
         second, training=lambda: metrics.exists() and '"lr": 0.001,' in metrics.read_text()
@@ -207,9 +167,7 @@ def test_a_second_run_never_mixes_its_files_with_the_first_runs(world, tmp_path)
     assert interrupted.returncode == 130 and "--overwrite to start again" in interrupted.stderr
     assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl"]
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    assert rows and all(
-        row["lr"] <= 1e-3 and row["lr"] > 9e-4 for row in rows
-    )  # the second run's rows only
+    assert rows and all(row["lr"] <= 1e-3 and row["lr"] > 9e-4 for row in rows)  # the second run's rows only
 
 
 def test_the_files_of_a_run_have_one_mode_and_the_config_records_what_was_run(world, tmp_path):
@@ -226,7 +184,4 @@ def test_help_shows_every_default_and_what_a_bare_run_does():
     text = parser.format_help()
     flags = [a for a in parser._actions if a.dest != "help"]
     assert text.count("(default:") == len(flags)
-    assert (
-        "A bare `python train.py` runs the built-in world as:" in text
-        and "--model toyworld/model" in text
-    )
+    assert "A bare `python train.py` runs the built-in world as:" in text and "--model toyworld/model" in text

@@ -46,20 +46,14 @@ def refused(main, *flags) -> str:
     return result.stderr
 
 
-def test_an_output_path_that_could_not_be_written_is_refused_before_any_work(
-    world, tmp_path, nothing_may_load
-):
+def test_an_output_path_that_could_not_be_written_is_refused_before_any_work(world, tmp_path, nothing_may_load):
     model_dir, data, _ = world
     (tmp_path / "a-file").write_text("")
-    message = refused(
-        evaluate.main, "--model", model_dir, "--pairs", data, "--output", tmp_path / "no/x/r.json"
-    )
+    message = refused(evaluate.main, "--model", model_dir, "--pairs", data, "--output", tmp_path / "no/x/r.json")
     assert "--output" in message and "does not exist" in message
     message = refused(evaluate.main, "--model", model_dir, "--output", tmp_path / "a-file/r.json")
     assert "--output" in message and "is a file, not a directory" in message
-    message = refused(
-        train.main, "--model", model_dir, "--data", data, "--out", tmp_path / "a-file/sub"
-    )
+    message = refused(train.main, "--model", model_dir, "--data", data, "--out", tmp_path / "a-file/sub")
     assert "--out" in message and "is a file, not a directory" in message
     assert not (tmp_path / "no").exists()
 
@@ -76,17 +70,13 @@ def test_an_output_path_that_could_not_be_written_is_refused_before_any_work(
 )
 def test_a_flag_of_another_objective_is_refused_by_name(world, objective, flag, value):
     model_dir, data, _ = world
-    message = refused(
-        train.main, "--model", model_dir, "--data", data, "--objective", objective, flag, value
-    )
+    message = refused(train.main, "--model", model_dir, "--data", data, "--objective", objective, flag, value)
     assert f"{flag} is a setting of --objective" in message and f"drop {flag}" in message
 
 
 def test_a_domain_for_data_without_dsp_records_is_refused(world, tmp_path):
     model_dir, data, _ = world
-    message = refused(
-        train.main, "--model", model_dir, "--data", data, "--domain", "academy", "--out", tmp_path
-    )
+    message = refused(train.main, "--model", model_dir, "--data", data, "--domain", "academy", "--out", tmp_path)
     assert "--domain academy" in message and "holds none; drop --domain" in message
     assert not any(tmp_path.iterdir())
 
@@ -99,9 +89,7 @@ def test_a_max_len_beyond_the_models_context_is_refused(world, tmp_path):
     assert f"--max_len {context + 1} is beyond the model's context of {context} tokens" in message
 
 
-def test_a_plan_larger_than_the_devices_memory_is_warned_of_before_the_first_step(
-    world, tmp_path, monkeypatch
-):
+def test_a_plan_larger_than_the_devices_memory_is_warned_of_before_the_first_step(world, tmp_path, monkeypatch):
     model_dir, data, _ = world
     monkeypatch.setattr(memory, "device_memory_gib", lambda device: 1e-6)
     flags = ["--model", model_dir, "--data", data, "--out", tmp_path / "out", "--batch_size", 4]
@@ -142,9 +130,7 @@ def test_reply_files_are_utf8_and_mark_a_reply_cut_by_max_new_tokens(world, tmp_
     assert "😊, café" in text and "\\u" not in text  # written as UTF-8, not escaped
     records = [json.loads(line) for line in text.splitlines()]
     # one new token at most: a reply that stopped is empty, any other was cut by --max_new_tokens
-    assert [r["finish_reason"] for r in records] == [
-        "stop" if r["reply"] == "" else "length" for r in records
-    ]
+    assert [r["finish_reason"] for r in records] == ["stop" if r["reply"] == "" else "length" for r in records]
 
 
 def test_long_work_reports_its_progress_on_stderr_and_leaves_stdout_to_the_results(world, tmp_path):
@@ -189,11 +175,7 @@ def test_the_built_in_line_shows_each_flag_once_with_the_typed_value(capsys):
     [line] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("built-in")]
     words = line.split()
     assert words.count("--batch_size") == 1 and words[words.index("--batch_size") + 1] == "8"
-    assert words.count("--lora_targets") == 1 and words[words.index("--lora_targets") + 1 :] == [
-        "q_proj",
-        "--out",
-        "x",
-    ]
+    assert words.count("--lora_targets") == 1 and words[words.index("--lora_targets") + 1 :] == ["q_proj", "--out", "x"]
 
 
 @pytest.mark.slow  # out of CI's six minutes: python -m pytest -m slow
@@ -202,9 +184,7 @@ def test_an_lm_eval_dataset_out_of_reach_is_one_sentence_not_a_traceback(world):
     model_dir, _, _ = world
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, str(ROOT / "evaluate.py"), "--model", str(model_dir)]
-    result = subprocess.run(
-        [*command, "--tasks", "hellaswag", "--limit", "1"], capture_output=True, text=True, env=env
-    )
+    result = subprocess.run([*command, "--tasks", "hellaswag", "--limit", "1"], capture_output=True, text=True, env=env)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert (
         result.stderr.strip()
@@ -221,6 +201,4 @@ def test_the_eta_counts_the_evaluations_still_to_come():
     steps, eval_set = range(0, 10), [None] * 48
     assert train.eta_seconds(steps, 4, 8.0, 3.0, 1, eval_set, args) == 6 * 2 + 2 * 3
     assert train.eta_seconds(steps, 4, 8.0, 0.0, 0, eval_set, args) == 6 * 2 + 2 * 2
-    assert (
-        train.eta_seconds(steps, 4, 8.0, 0.0, 0, [], args) == 6 * 2
-    )  # no eval data: no evaluation
+    assert train.eta_seconds(steps, 4, 8.0, 0.0, 0, [], args) == 6 * 2  # no eval data: no evaluation

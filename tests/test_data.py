@@ -44,12 +44,7 @@ HH_RECORD = {
     "rejected": "\n\nHuman: What is 2+2?\n\nAssistant: It is 4.\n\nHuman: Sure?  \n\nAssistant: No.",
 }
 HH_AS_CONVERSATIONS = {
-    "chosen": [
-        user("What is 2+2?"),
-        assistant("It is 4."),
-        user("Sure?"),
-        assistant("Yes: \n\n2+2 = 4."),
-    ],
+    "chosen": [user("What is 2+2?"), assistant("It is 4."), user("Sure?"), assistant("Yes: \n\n2+2 = 4.")],
     "rejected": [user("What is 2+2?"), assistant("It is 4."), user("Sure?"), assistant("No.")],
 }
 
@@ -60,17 +55,13 @@ def quiet(*_):
 
 def test_hh_rlhf_text_and_its_conversational_form_load_into_identical_conversations(tmp_path):
     hh = load_pairs(write_jsonl(tmp_path / "hh.jsonl.gz", [HH_RECORD], gz=True), log=quiet)
-    conversational = load_pairs(
-        write_jsonl(tmp_path / "conv.json", [HH_AS_CONVERSATIONS]), log=quiet
-    )
+    conversational = load_pairs(write_jsonl(tmp_path / "conv.json", [HH_AS_CONVERSATIONS]), log=quiet)
     assert [(p.chosen, p.rejected) for p in hh] == [(p.chosen, p.rejected) for p in conversational]
     assert hh[0].chosen == HH_AS_CONVERSATIONS["chosen"]  # inner whitespace kept, ends stripped
 
 
 def test_a_json_array_file_loads_like_json_lines(tmp_path):
-    (tmp_path / "array.json").write_text(
-        json.dumps([HH_AS_CONVERSATIONS, HH_AS_CONVERSATIONS], indent=2)
-    )
+    (tmp_path / "array.json").write_text(json.dumps([HH_AS_CONVERSATIONS, HH_AS_CONVERSATIONS], indent=2))
     pairs = load_pairs(tmp_path / "array.json", log=quiet)
     assert len(pairs) == 2 and pairs[1].rejected[-1] == assistant("No.")
 
@@ -78,16 +69,11 @@ def test_a_json_array_file_loads_like_json_lines(tmp_path):
 def test_dsp_gives_four_pairs_per_query_with_the_domain_reply_preferred(tmp_path):
     record = {
         "query": "Tell me about stars.",
-        "responses": {
-            d: f"{d} answer"
-            for d in ("academy", "business", "entertainment", "literature", "normal")
-        },
+        "responses": {d: f"{d} answer" for d in ("academy", "business", "entertainment", "literature", "normal")},
     }
     pairs = load_pairs(write_jsonl(tmp_path / "dsp.json", [record]), domain="business", log=quiet)
     assert len(pairs) == 4
-    assert all(
-        p.chosen == [user("Tell me about stars."), assistant("business answer")] for p in pairs
-    )
+    assert all(p.chosen == [user("Tell me about stars."), assistant("business answer")] for p in pairs)
     assert sorted(p.rejected[-1]["content"] for p in pairs) == [
         "academy answer",
         "entertainment answer",
@@ -102,16 +88,10 @@ def test_dsp_gives_four_pairs_per_query_with_the_domain_reply_preferred(tmp_path
 
 def test_replays_data_beside_dsps_takes_the_domain_and_a_domain_needs_dsp_in_some_file(tmp_path):
     """Replay on DSP: train.py --data dsp.json replay.jsonl --domain D, the replies carrying no domain."""
-    dsp = write_jsonl(
-        tmp_path / "dsp.json",
-        [{"query": "Q?", "responses": {d: f"{d} answer" for d in DSP_RESPONSES}}],
-    )
+    dsp = write_jsonl(tmp_path / "dsp.json", [{"query": "Q?", "responses": {d: f"{d} answer" for d in DSP_RESPONSES}}])
     replay = write_jsonl(tmp_path / "replay.jsonl", [{"prompt": "Q?", "reply": "own answer"}])
     conversations = load_conversations([dsp, replay], domain="academy", log=quiet)
-    assert conversations == [
-        *[[user("Q?"), assistant("academy answer")]] * 4,
-        [user("Q?"), assistant("own answer")],
-    ]
+    assert conversations == [*[[user("Q?"), assistant("academy answer")]] * 4, [user("Q?"), assistant("own answer")]]
     with pytest.raises(UserError, match=r"replay.jsonl holds none; drop --domain"):
         load_conversations([replay], domain="academy", log=quiet)
 
@@ -120,26 +100,11 @@ def test_messy_records_are_skipped_and_counted(tmp_path):
     good = HH_AS_CONVERSATIONS
     records = [
         good,
-        {
-            "chosen": [user("hi"), assistant("   ")],
-            "rejected": [user("hi"), assistant("hello")],
-        },  # empty reply
-        {
-            "chosen": [user("hi"), assistant("a"), user("b")],
-            "rejected": good["rejected"],
-        },  # ends with the user
-        {
-            "chosen": [{"role": "narrator", "content": "x"}, assistant("a")],
-            "rejected": good["rejected"],
-        },
-        {
-            "chosen": [user("hi"), assistant(["a", "list"])],
-            "rejected": good["rejected"],
-        },  # content not a string
-        {
-            "chosen": "\n\nHuman: hi\n\nAssistant:",
-            "rejected": "\n\nHuman: hi\n\nAssistant: hello",
-        },  # HH, empty
+        {"chosen": [user("hi"), assistant("   ")], "rejected": [user("hi"), assistant("hello")]},  # empty reply
+        {"chosen": [user("hi"), assistant("a"), user("b")], "rejected": good["rejected"]},  # ends with the user
+        {"chosen": [{"role": "narrator", "content": "x"}, assistant("a")], "rejected": good["rejected"]},
+        {"chosen": [user("hi"), assistant(["a", "list"])], "rejected": good["rejected"]},  # content not a string
+        {"chosen": "\n\nHuman: hi\n\nAssistant:", "rejected": "\n\nHuman: hi\n\nAssistant: hello"},  # HH, empty
     ]
     lines = []
     pairs = load_pairs(write_jsonl(tmp_path / "messy.jsonl", records), log=lines.append)
@@ -150,9 +115,7 @@ def test_messy_records_are_skipped_and_counted(tmp_path):
     ]
 
 
-def test_trls_explicit_prompt_form_loads_into_the_conversations_of_the_conversational_form(
-    tmp_path,
-):
+def test_trls_explicit_prompt_form_loads_into_the_conversations_of_the_conversational_form(tmp_path):
     explicit = {
         "prompt": HH_AS_CONVERSATIONS["chosen"][:-1],
         "chosen": HH_AS_CONVERSATIONS["chosen"][-1:],
@@ -182,9 +145,7 @@ def test_a_malformed_line_is_named_with_its_number(tmp_path):
 
 
 def test_a_record_in_no_known_format_is_named(tmp_path):
-    path = write_jsonl(
-        tmp_path / "odd.jsonl", [HH_AS_CONVERSATIONS, {"prompt": "x", "answer": "y"}]
-    )
+    path = write_jsonl(tmp_path / "odd.jsonl", [HH_AS_CONVERSATIONS, {"prompt": "x", "answer": "y"}])
     with pytest.raises(UserError, match=r"odd\.jsonl: line 2 is in no known preference format"):
         load_pairs(path, log=quiet)
 
@@ -208,9 +169,7 @@ def test_chosen_and_rejected_each_get_their_own_prompt(tokenizer_file):
     ]:
         assert ids == tok.encode_chat(conversation)
         assert ids[:prompt_len] == tok.encode_chat(conversation[:1], add_generation_prompt=True)
-        assert (
-            tok.decode(ids[prompt_len:]) == conversation[1]["content"] + "<|eot_id|>"
-        )  # the reply and its end
+        assert tok.decode(ids[prompt_len:]) == conversation[1]["content"] + "<|eot_id|>"  # the reply and its end
 
 
 def long_conversation():
@@ -245,12 +204,8 @@ def test_then_the_prompt_is_cut_from_the_left_behind_the_system_block(tokenizer_
     assert done == {"dropped_turns", "prompt_cut"} and len(ids) == max_len
     system_block = tok.encode_chat(conversation[:1])
     assert ids[: len(system_block)] == system_block
-    assert (
-        ids[prompt_len:] == tok.encode_chat(last_turn_only)[-len(tok.encode("the reply")) - 1 :]
-    )  # whole reply kept
-    assert (
-        ids[len(system_block) :] == tok.encode_chat(last_turn_only)[len(system_block) + 2 :]
-    )  # 2 prompt tokens cut
+    assert ids[prompt_len:] == tok.encode_chat(last_turn_only)[-len(tok.encode("the reply")) - 1 :]  # whole reply kept
+    assert ids[len(system_block) :] == tok.encode_chat(last_turn_only)[len(system_block) + 2 :]  # 2 prompt tokens cut
 
 
 def test_a_chatml_reply_is_its_text_and_im_end_after_the_templates_own_tokens():
@@ -260,13 +215,9 @@ def test_a_chatml_reply_is_its_text_and_im_end_after_the_templates_own_tokens():
     golden = json.loads((FIXTURES / "tiny-chatml" / "golden.json").read_text())
     newline = tok.encode("\n")
     checked = 0
-    for conversation, template_ids in zip(
-        golden["conversations"], golden["without_generation_prompt"]
-    ):
+    for conversation, template_ids in zip(golden["conversations"], golden["without_generation_prompt"]):
         reply = conversation[-1]["content"]
-        if (
-            conversation[-1]["role"] != "assistant" or reply != reply.lstrip()
-        ):  # a reply's leading space is dropped
+        if conversation[-1]["role"] != "assistant" or reply != reply.lstrip():  # a reply's leading space is dropped
             continue
         ids, prompt_len, done = encode_conversation(conversation, tok, max_len=10_000)
         assert done == set() and template_ids == ids + newline
@@ -284,9 +235,7 @@ def test_the_reply_end_is_cut_only_as_the_last_resort(tokenizer_file):
     max_len = len(system_block) + header + 5
     ids, prompt_len, done = encode_conversation(conversation, tok, max_len=max_len)
     assert "reply_cut" in done and len(ids) == max_len and prompt_len == len(system_block) + header
-    reply = tok.encode_chat(conversation)[
-        len(tok.encode_chat(conversation[:1], add_generation_prompt=True)) :
-    ]
+    reply = tok.encode_chat(conversation)[len(tok.encode_chat(conversation[:1], add_generation_prompt=True)) :]
     assert ids[prompt_len:] == reply[:5]
     assert encode_conversation(conversation, tok, max_len=len(system_block) + header) is None
 
@@ -298,40 +247,22 @@ def test_encode_pairs_reports_what_truncation_did(tokenizer_file):
         Pair([user("q"), assistant("a")], [user("q"), assistant("b")], "t"),
     ]
     lines = []
-    encoded = encode_pairs(
-        pairs, tok, max_len=len(tok.encode_chat(long_conversation())) - 1, log=lines.append
-    )
+    encoded = encode_pairs(pairs, tok, max_len=len(tok.encode_chat(long_conversation())) - 1, log=lines.append)
     assert len(encoded) == 2
-    assert (
-        "1 lost their oldest turns, 0 had the prompt cut, 0 had a reply cut, 0 skipped" in lines[0]
-    )
+    assert "1 lost their oldest turns, 0 had the prompt cut, 0 had a reply cut, 0 skipped" in lines[0]
 
 
 def test_collate_puts_chosen_rows_first_pads_right_and_masks_only_replies():
-    batch = [
-        EncodedPair([1, 2, 3, 4], 2, [1, 2, 5], 2),
-        EncodedPair([1, 6, 7], 1, [1, 8, 9, 9, 9], 3),
-    ]
+    batch = [EncodedPair([1, 2, 3, 4], 2, [1, 2, 5], 2), EncodedPair([1, 6, 7], 1, [1, 8, 9, 9, 9], 3)]
     tokens, response_mask = collate(batch, pad_id=0)
     assert tokens.tolist() == [[1, 2, 3, 4, 0], [1, 6, 7, 0, 0], [1, 2, 5, 0, 0], [1, 8, 9, 9, 9]]
-    assert response_mask.int().tolist() == [
-        [0, 0, 1, 1, 0],
-        [0, 1, 1, 0, 0],
-        [0, 0, 1, 0, 0],
-        [0, 0, 0, 1, 1],
-    ]
+    assert response_mask.int().tolist() == [[0, 0, 1, 1, 0], [0, 1, 1, 0, 0], [0, 0, 1, 0, 0], [0, 0, 0, 1, 1]]
 
 
 def test_preference_records_that_train_py_skips_are_skipped_as_prompts_and_counted(tmp_path):
     path = tmp_path / "train.jsonl"
-    usable = {
-        "chosen": "\n\nHuman: Hi?\n\nAssistant: Hello.",
-        "rejected": "\n\nHuman: Hi?\n\nAssistant: Go away.",
-    }
-    empty_reply = {
-        "chosen": "\n\nHuman: Where?\n\nAssistant: ",
-        "rejected": "\n\nHuman: Where?\n\nAssistant: Here.",
-    }
+    usable = {"chosen": "\n\nHuman: Hi?\n\nAssistant: Hello.", "rejected": "\n\nHuman: Hi?\n\nAssistant: Go away."}
+    empty_reply = {"chosen": "\n\nHuman: Where?\n\nAssistant: ", "rejected": "\n\nHuman: Where?\n\nAssistant: Here."}
     path.write_text(json.dumps(usable) + "\n" + json.dumps(empty_reply) + "\n")
     said = []
     items = load_prompts(path, log=said.append)

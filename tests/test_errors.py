@@ -24,9 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tokenizer_file):
     directory = tmp_path_factory.mktemp("errors")
-    return tiny_model_dir(directory / "model", tokenizer_file), write_pairs(
-        directory / "pairs.jsonl", n=8
-    )
+    return tiny_model_dir(directory / "model", tokenizer_file), write_pairs(directory / "pairs.jsonl", n=8)
 
 
 def broken_model(world, tmp_path, breakage):
@@ -82,20 +80,13 @@ BAD_DATA = {  # file name, contents, what the message must say
         json.dumps(
             {
                 "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}],
-                "rejected": [
-                    {"role": "user", "content": "q"},
-                    {"role": "assistant", "content": "a"},
-                ],
+                "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
             }
         )
         + "\n",
         r"empty-replies\.jsonl holds no usable preference pair \(1 empty reply\)",
     ),
-    "empty file": (
-        "nothing.jsonl",
-        "",
-        r"nothing\.jsonl holds no usable preference pair \(it is empty\)",
-    ),
+    "empty file": ("nothing.jsonl", "", r"nothing\.jsonl holds no usable preference pair \(it is empty\)"),
     "dsp without domain": (
         "dsp.json",
         json.dumps([{"query": "q", "responses": {"academy": "a"}}]),
@@ -119,14 +110,8 @@ BAD_MODELS = {
         set_config(rope_scaling={"rope_type": "yarn", "factor": 2.0}),
         r"rope_type 'yarn' is not supported",
     ),
-    "wrong shape": (
-        reshape_tensor,
-        r"tensor model\.layers\.0\.mlp\.up_proj\.weight has shape \(3, 3\)",
-    ),
-    "truncated weights": (
-        truncate_weights,
-        r"model\.safetensors is not a readable safetensors file",
-    ),
+    "wrong shape": (reshape_tensor, r"tensor model\.layers\.0\.mlp\.up_proj\.weight has shape \(3, 3\)"),
+    "truncated weights": (truncate_weights, r"model\.safetensors is not a readable safetensors file"),
     "no weights": (
         remove("model.safetensors"),
         r"holds neither model\.safetensors nor model\.safetensors\.index\.json",
@@ -138,26 +123,15 @@ BAD_MODELS = {
 def test_a_bad_model_is_one_sentence_and_leaves_no_output(world, tmp_path, case):
     breakage, message = BAD_MODELS[case]
     expect_refusal(
-        ["--model", broken_model(world, tmp_path, breakage), "--data", world[1], "--batch_size", 4],
-        message,
-        tmp_path,
+        ["--model", broken_model(world, tmp_path, breakage), "--data", world[1], "--batch_size", 4], message, tmp_path
     )
 
 
 BAD_FLAGS = {
-    "batch not divisible": (
-        ["--batch_size", "6", "--micro_batch_size", "4"],
-        r"--batch_size 6 is not a multiple",
-    ),
-    "batch larger than the data": (
-        ["--batch_size", "64"],
-        r"--batch_size 64 is larger than the 8 usable pairs",
-    ),
+    "batch not divisible": (["--batch_size", "6", "--micro_batch_size", "4"], r"--batch_size 6 is not a multiple"),
+    "batch larger than the data": (["--batch_size", "64"], r"--batch_size 64 is larger than the 8 usable pairs"),
     "max_len too small": (["--max_len", "20"], r"--max_len 20 is too small for any pair"),
-    "unknown lora target": (
-        ["--lora_targets", "qkv_proj"],
-        r"LoRA target 'qkv_proj' is not a projection",
-    ),
+    "unknown lora target": (["--lora_targets", "qkv_proj"], r"LoRA target 'qkv_proj' is not a projection"),
     "negative learning rate": (["--lr", "-1"], r"--lr must be positive"),
     "dropout of one": (["--lora_dropout", "1"], r"--lora_dropout must be in \[0, 1\)"),
     "unknown domain": (["--domain", "sports"], r"--domain 'sports' is not a DSP domain"),
@@ -169,9 +143,7 @@ BAD_FLAGS = {
 @pytest.mark.parametrize("case", BAD_FLAGS)
 def test_a_bad_flag_is_one_sentence_and_leaves_no_output(world, tmp_path, case):
     flags, message = BAD_FLAGS[case]
-    expect_refusal(
-        ["--model", world[0], "--data", world[1], "--batch_size", "4", *flags], message, tmp_path
-    )
+    expect_refusal(["--model", world[0], "--data", world[1], "--batch_size", "4", *flags], message, tmp_path)
 
 
 def expect_refusal(flags, message, tmp_path):
@@ -203,35 +175,20 @@ def test_the_script_prints_one_line_and_exits_2(world, tmp_path, flags, message)
         *flags,
     ]
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
-    assert (
-        result.returncode == 2 and result.stdout.count("\n") <= 2
-    )  # at most the data summary lines
-    assert (
-        result.stderr.startswith("error: ")
-        and message in result.stderr
-        and result.stderr.count("\n") == 1
-    )
+    assert result.returncode == 2 and result.stdout.count("\n") <= 2  # at most the data summary lines
+    assert result.stderr.startswith("error: ") and message in result.stderr and result.stderr.count("\n") == 1
     assert not (tmp_path / "out").exists()
 
 
 def test_an_out_that_is_a_file_is_refused_before_any_work(world, tmp_path):
     (tmp_path / "out").write_text("not a directory")
     with pytest.raises(UserError, match=r"--out .*out is a file; pass a directory"):
-        train.main(
-            ["--model", str(world[0]), "--data", str(world[1]), "--out", str(tmp_path / "out")]
-        )
+        train.main(["--model", str(world[0]), "--data", str(world[1]), "--out", str(tmp_path / "out")])
 
 
 def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(world, tmp_path):
     expect_refusal(
-        [
-            "--model",
-            broken_model(world, tmp_path, set_config(vocab_size=100)),
-            "--data",
-            world[1],
-            "--batch_size",
-            4,
-        ],
+        ["--model", broken_model(world, tmp_path, set_config(vocab_size=100)), "--data", world[1], "--batch_size", 4],
         r"tokenizer\.json has \d+ tokens but config\.json's vocab_size is 100",
         tmp_path,
     )
@@ -257,44 +214,30 @@ def test_checkpoints_are_kept_from_a_fresh_start_and_a_damaged_one_is_named(worl
         train.main(flags)
     with pytest.raises(UserError, match=r"state\.pt cannot be read"):
         train.main(flags + ["--resume"])
-    assert sorted(p.name for p in out.rglob("*")) == [
-        "checkpoint",
-        "state.pt",
-    ]  # nothing written, nothing lost
+    assert sorted(p.name for p in out.rglob("*")) == ["checkpoint", "state.pt"]  # nothing written, nothing lost
 
 
 def test_sample_py_refuses_a_directory_without_an_adapter(world, tmp_path, monkeypatch):
-    monkeypatch.chdir(
-        tmp_path
-    )  # no out/ here: sample.py without flags reads the built-in run's ./out
+    monkeypatch.chdir(tmp_path)  # no out/ here: sample.py without flags reads the built-in run's ./out
     for flags in (["--adapter", str(tmp_path)], []):
         result = run_script(sample.main, *flags, "--prompt", "hi")
         assert result.returncode == 2 and result.stderr.count("\n") == 1
-    assert (
-        "qadapter_config.json does not exist"
-        in run_script(sample.main, "--adapter", str(tmp_path)).stderr
-    )
+    assert "qadapter_config.json does not exist" in run_script(sample.main, "--adapter", str(tmp_path)).stderr
 
 
-def test_non_finite_losses_skip_the_update_and_three_in_a_row_stop_the_run(
-    world, tmp_path, monkeypatch
-):
+def test_non_finite_losses_skip_the_update_and_three_in_a_row_stop_the_run(world, tmp_path, monkeypatch):
     real_loss = step.loss_from_hidden
     calls = []
 
     def loss_that_goes_bad(*args, **kwargs):
         calls.append(1)
         loss, metrics = real_loss(*args, **kwargs)
-        return (
-            loss * math.nan if len(calls) >= 2 else loss
-        ), metrics  # step 1 is fine, then NaN forever
+        return (loss * math.nan if len(calls) >= 2 else loss), metrics  # step 1 is fine, then NaN forever
 
     monkeypatch.setattr(step, "loss_from_hidden", loss_that_goes_bad)
     model_dir, data = world
     out = tmp_path / "out"
-    with pytest.raises(
-        UserError, match="not finite for 3 steps in a row \\(up to step 4\\); lower --lr"
-    ):
+    with pytest.raises(UserError, match="not finite for 3 steps in a row \\(up to step 4\\); lower --lr"):
         train.main(
             [
                 str(f)
@@ -344,35 +287,23 @@ def test_under_torchrun_a_refusal_ends_every_rank_with_a_non_zero_exit(world, tm
         timeout=120,
     )
     assert result.returncode != 0
-    assert (
-        result.stderr.count(
-            "error: --batch_size 3 is not a multiple of --micro_batch_size (1) x 2 processes"
-        )
-        == 1
-    )
+    assert result.stderr.count("error: --batch_size 3 is not a multiple of --micro_batch_size (1) x 2 processes") == 1
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(
     "case, error",
     [
-        (
-            ["--batch_size", "3"],
-            "--batch_size 3 is not a multiple of --micro_batch_size (1) x 2 processes",
-        ),
+        (["--batch_size", "3"], "--batch_size 3 is not a multiple of --micro_batch_size (1) x 2 processes"),
         (["--max_len", "5000"], "--max_len 5000 is beyond the model's context of 1024 tokens"),
     ],
     ids=["checked-before-the-processes-start", "found-by-every-process"],
 )
-def test_with_nproc_per_node_a_refusal_is_the_one_line_printed_and_ends_every_process(
-    world, tmp_path, case, error
-):
+def test_with_nproc_per_node_a_refusal_is_the_one_line_printed_and_ends_every_process(world, tmp_path, case, error):
     model_dir, data = world
     command = [sys.executable, str(ROOT / "train.py"), "--nproc_per_node", "2"]
     flags = ["--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "out")]
-    result = subprocess.run(
-        command + flags + case, capture_output=True, text=True, cwd=tmp_path, timeout=120
-    )
+    result = subprocess.run(command + flags + case, capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 2
     assert result.stderr.startswith(f"error: {error}") and result.stderr.count("\n") == 1
     assert not (tmp_path / "out").exists()
@@ -398,9 +329,7 @@ def test_a_process_that_fails_is_named_and_the_others_are_stopped(tmp_path):
         timeout=60,
     )
     assert result.returncode == 3 and time.time() - started < 40
-    assert result.stderr == (
-        "error: rank 1 failed (exit code 3), its output is above; the others were stopped\n"
-    )
+    assert result.stderr == ("error: rank 1 failed (exit code 3), its output is above; the others were stopped\n")
 
 
 def test_sample_py_refuses_sampling_flags_out_of_range(tmp_path):

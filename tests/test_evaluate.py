@@ -29,10 +29,7 @@ def adapters(tmp_path_factory, tokenizer_file):
     """A tiny model, held-out pairs, and a Q-Adapter and a DPO adapter train.py trained on it."""
     directory = tmp_path_factory.mktemp("evaluate")
     model_dir = tiny_model_dir(directory / "model", tokenizer_file)
-    data, held_out = (
-        write_pairs(directory / "pairs.jsonl", n=8),
-        write_pairs(directory / "held_out.jsonl", n=6),
-    )
+    data, held_out = (write_pairs(directory / "pairs.jsonl", n=8), write_pairs(directory / "held_out.jsonl", n=6))
     for objective in ("qadapter", "dpo"):
         train.main(
             [
@@ -80,9 +77,7 @@ def test_each_adapter_is_measured_as_the_policy_it_was_trained_for(adapters, tmp
         (str(dpo), "adapter", str(dpo)),
     ]
     tokenizer = Tokenizer(model_dir)
-    pairs = encode_pairs(
-        load_pairs(held_out, log=lambda *_: None), tokenizer, 1024, log=lambda *_: None
-    )
+    pairs = encode_pairs(load_pairs(held_out, log=lambda *_: None), tokenizer, 1024, log=lambda *_: None)
     tokens, response_mask = collate(pairs, tokenizer.eot_id)
     expected = [  # the definition, from full logits: R = sum alpha log pi - alpha0 log pi1 of the policy
         (None, "base", 1.0, 0.0),  # the base model: its log-likelihood
@@ -95,12 +90,8 @@ def test_each_adapter_is_measured_as_the_policy_it_was_trained_for(adapters, tmp
             load_adapter(model, adapter)
         rewards = slow_rewards(model.eval(), tokens, response_mask, mode, alpha, alpha0)
         chosen, rejected = rewards[: len(pairs)], rewards[len(pairs) :]
-        assert result["preference"]["preference_accuracy"] == pytest.approx(
-            (chosen > rejected).float().mean().item()
-        )
-        assert result["preference"]["preference_margin"] == pytest.approx(
-            (chosen - rejected).mean().item(), rel=1e-5
-        )
+        assert result["preference"]["preference_accuracy"] == pytest.approx((chosen > rejected).float().mean().item())
+        assert result["preference"]["preference_margin"] == pytest.approx((chosen - rejected).mean().item(), rel=1e-5)
     header = capsys.readouterr().out.splitlines()[0].split()
     assert header == ["base", qadapter.name, dpo.name]  # the directories by name
 
@@ -137,56 +128,38 @@ def test_reply_nll_is_each_policys_mean_negative_log_likelihood_per_reply_token(
     results = json.loads((tmp_path / "results.json").read_text())["models"]
     tokenizer = Tokenizer(model_dir)
     conversations = [
-        [
-            {"role": "user", "content": "What is 2 plus 2?"},
-            {"role": "assistant", "content": "Sure! 2 plus 2 is 4."},
-        ],
-        [
-            {"role": "user", "content": "hi"},
-            {"role": "assistant", "content": "Hello! 5 plus 5 is 10."},
-        ],
+        [{"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": "Sure! 2 plus 2 is 4."}],
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello! 5 plus 5 is 10."}],
     ]
     base_nll = None
-    for result, (adapter, mode) in zip(
-        results, [(None, "base"), (qadapter, "customised"), (dpo, "adapter")]
-    ):
+    for result, (adapter, mode) in zip(results, [(None, "base"), (qadapter, "customised"), (dpo, "adapter")]):
         model = load_model(model_dir)
         if adapter is not None:
             load_adapter(model, adapter)
         model.eval()  # no LoRA dropout
         total, count = 0.0, 0
-        for (
-            conversation
-        ) in conversations:  # the definition, from full logits of the whole conversation
+        for conversation in conversations:  # the definition, from full logits of the whole conversation
             prompt = tokenizer.encode_chat(conversation[:1], add_generation_prompt=True)
-            ids = tokenizer.encode_chat(
-                conversation
-            )  # the reply and its <|eot_id|> after the prompt
+            ids = tokenizer.encode_chat(conversation)  # the reply and its <|eot_id|> after the prompt
             tokens = torch.tensor([ids])
             with torch.no_grad():
                 with adapter_disabled(model):
                     base = model(tokens)[0]
                 q = model(tokens)[0]
-            logits = {"base": base, "adapter": q, "customised": policy_logits(q, base, 1.0, 0.3)}[
-                mode
-            ]
+            logits = {"base": base, "adapter": q, "customised": policy_logits(q, base, 1.0, 0.3)}[mode]
             log_pi = logits.log_softmax(-1)
             total -= sum(log_pi[t - 1, ids[t]].item() for t in range(len(prompt), len(ids)))
             count += len(ids) - len(prompt)
         assert result["reply_nll"]["tokens"] == count
         assert result["reply_nll"]["nll_per_token"] == pytest.approx(total / count, rel=1e-5)
         base_nll = base_nll if base_nll is not None else total / count
-        assert result["reply_nll"]["added_to_base"] == pytest.approx(
-            total / count - base_nll, abs=1e-5
-        )
+        assert result["reply_nll"]["added_to_base"] == pytest.approx(total / count - base_nll, abs=1e-5)
 
 
 def test_an_adapter_of_another_base_model_is_refused_naming_it(adapters, tmp_path, tokenizer_file):
     model_dir, held_out, qadapter, _ = adapters
     other = tiny_model_dir(tmp_path / "other", tokenizer_file, seed=7)
-    with pytest.raises(
-        UserError, match=f"^{qadapter} was trained on another base model than {other}"
-    ):
+    with pytest.raises(UserError, match=f"^{qadapter} was trained on another base model than {other}"):
         evaluate.main(["--model", str(other), "--adapter", str(qadapter), "--pairs", str(held_out)])
     train.main(
         [
@@ -205,9 +178,7 @@ def test_an_adapter_of_another_base_model_is_refused_naming_it(adapters, tmp_pat
             ]
         ]
     )
-    with pytest.raises(
-        UserError, match=f"^{tmp_path / 'out'} was trained on another base model than {qadapter}"
-    ):
+    with pytest.raises(UserError, match=f"^{tmp_path / 'out'} was trained on another base model than {qadapter}"):
         evaluate.main(["--adapter", str(qadapter), str(tmp_path / "out"), "--pairs", str(held_out)])
 
 
@@ -231,17 +202,12 @@ def test_an_adapter_of_another_base_model_is_refused_naming_it(adapters, tmp_pat
         "metric not measured",
     ],
 )
-def test_bad_input_is_refused_in_one_sentence_with_exit_code_2_and_nothing_written(
-    adapters, tmp_path, case
-):
+def test_bad_input_is_refused_in_one_sentence_with_exit_code_2_and_nothing_written(adapters, tmp_path, case):
     model_dir, held_out, qadapter, dpo = adapters
     on_pairs = ["--adapter", str(qadapter), "--pairs", str(held_out)]
     (tmp_path / "empty.jsonl").write_text("")
     flags, message = {
-        "not an adapter": (
-            ["--adapter", str(model_dir)],
-            f"{model_dir}/qadapter_config.json does not exist",
-        ),
+        "not an adapter": (["--adapter", str(model_dir)], f"{model_dir}/qadapter_config.json does not exist"),
         "empty pairs": (
             ["--adapter", str(qadapter), "--pairs", str(tmp_path / "empty.jsonl")],
             f"{tmp_path / 'empty.jsonl'} holds no usable preference pair",
@@ -258,18 +224,9 @@ def test_bad_input_is_refused_in_one_sentence_with_exit_code_2_and_nothing_writt
             ["--adapter", str(qadapter), "--reply_nll", str(tmp_path / "nowhere.jsonl")],
             f"--reply_nll {tmp_path / 'nowhere.jsonl'} is not a file",
         ),
-        "negative scale": (
-            [*on_pairs, "--scale", "1", "-0.5"],
-            "--scale must be finite and >= 0, got -0.5",
-        ),
-        "infinite scale": (
-            [*on_pairs, "--scale", "inf"],
-            "--scale must be finite and >= 0, got inf",
-        ),
-        "negative alpha0": (
-            [*on_pairs, "--alpha0", "-1"],
-            "--alpha0 must be finite and >= 0, got -1.0",
-        ),
+        "negative scale": ([*on_pairs, "--scale", "1", "-0.5"], "--scale must be finite and >= 0, got -0.5"),
+        "infinite scale": ([*on_pairs, "--scale", "inf"], "--scale must be finite and >= 0, got inf"),
+        "negative alpha0": ([*on_pairs, "--alpha0", "-1"], "--alpha0 must be finite and >= 0, got -1.0"),
         "alpha0 without a Q-Adapter": (
             ["--adapter", str(dpo), "--pairs", str(held_out), "--alpha0", "0.1", "1"],
             "--alpha0 sets the weight of log pi1 in a Q-Adapter's policy, and no --adapter is a Q-Adapter",
@@ -279,43 +236,19 @@ def test_bad_input_is_refused_in_one_sentence_with_exit_code_2_and_nothing_writt
             "--scale scales an adapter's update; pass --adapter",
         ),
         "plot without a second metric": (
-            [
-                "--adapter",
-                str(qadapter),
-                "--pairs",
-                str(held_out),
-                "--plot",
-                str(tmp_path / "f.png"),
-            ],
+            ["--adapter", str(qadapter), "--pairs", str(held_out), "--plot", str(tmp_path / "f.png")],
             "--plot draws one metric of what was learned against one of what was kept, and this command "
             "measures nothing for --kept",
         ),
         "plot in a missing directory": (
-            [
-                "--adapter",
-                str(qadapter),
-                "--pairs",
-                str(held_out),
-                "--plot",
-                str(tmp_path / "no" / "f.png"),
-            ],
+            ["--adapter", str(qadapter), "--pairs", str(held_out), "--plot", str(tmp_path / "no" / "f.png")],
             f"--plot {tmp_path / 'no' / 'f.png'}: the directory {tmp_path / 'no'} does not exist",
         ),
         "plot not a png": (
-            [
-                "--adapter",
-                str(qadapter),
-                "--pairs",
-                str(held_out),
-                "--plot",
-                str(tmp_path / "f.pdf"),
-            ],
+            ["--adapter", str(qadapter), "--pairs", str(held_out), "--plot", str(tmp_path / "f.pdf")],
             f"--plot {tmp_path / 'f.pdf'} is not a .png file",
         ),
-        "unknown metric": (
-            [*on_pairs, "--kept", "retention"],
-            "--kept retention is not a metric evaluate.py measures",
-        ),
+        "unknown metric": ([*on_pairs, "--kept", "retention"], "--kept retention is not a metric evaluate.py measures"),
         "metric not measured": (
             [*on_pairs, "--kept", "reply_nll"],
             "--kept reply_nll is not measured by this command; pass conversations with --reply_nll",
@@ -324,9 +257,7 @@ def test_bad_input_is_refused_in_one_sentence_with_exit_code_2_and_nothing_writt
     output = [] if case == "output is a directory" else ["--output", str(tmp_path / "results.json")]
     result = run_script(evaluate.main, *flags, *output)
     assert result.returncode == 2, result.stderr
-    assert result.stderr.startswith(f"error: {message}") and result.stderr.count("\n") == 1, (
-        result.stderr
-    )
+    assert result.stderr.startswith(f"error: {message}") and result.stderr.count("\n") == 1, result.stderr
     assert not (tmp_path / "results.json").exists()
 
 
@@ -339,23 +270,11 @@ def scaled_copy(adapter: Path, factor: float, to: Path) -> Path:
     return to
 
 
-def test_points_along_scale_and_alpha0_equal_scaled_files_full_logits_and_the_single_point(
-    adapters, tmp_path
-):
+def test_points_along_scale_and_alpha0_equal_scaled_files_full_logits_and_the_single_point(adapters, tmp_path):
     model_dir, held_out, qadapter, dpo = adapters
     pairs = ["--pairs", str(held_out)]
     grid = ["--scale", "0", "0.5", "1", "--alpha0", "0.01", "0.5"]
-    evaluate.main(
-        [
-            "--adapter",
-            str(qadapter),
-            str(dpo),
-            *pairs,
-            *grid,
-            "--output",
-            str(tmp_path / "grid.json"),
-        ]
-    )
+    evaluate.main(["--adapter", str(qadapter), str(dpo), *pairs, *grid, "--output", str(tmp_path / "grid.json")])
     points = {r["name"]: r for r in json.loads((tmp_path / "grid.json").read_text())["models"]}
     assert [(r["scale"], r["alpha0"]) for r in points.values()] == [
         (None, None),
@@ -365,15 +284,7 @@ def test_points_along_scale_and_alpha0_equal_scaled_files_full_logits_and_the_si
         (1.0, None),
     ]
     halved = [scaled_copy(a, 0.5, tmp_path / f"{a.name}-halved") for a in (qadapter, dpo)]
-    evaluate.main(
-        [
-            "--adapter",
-            *map(str, [qadapter, dpo, *halved]),
-            *pairs,
-            "--output",
-            str(tmp_path / "one.json"),
-        ]
-    )
+    evaluate.main(["--adapter", *map(str, [qadapter, dpo, *halved]), *pairs, "--output", str(tmp_path / "one.json")])
     base, as_trained, dpo_as_trained, q_halved, dpo_halved = (
         r["preference"] for r in json.loads((tmp_path / "one.json").read_text())["models"]
     )
@@ -388,20 +299,14 @@ def test_points_along_scale_and_alpha0_equal_scaled_files_full_logits_and_the_si
         assert got == pytest.approx(want, abs=1e-5)
     # alpha0 0.5: R from full logits, with pi~ = softmax((Q + 0.5 log pi1) / alpha)
     tokenizer = Tokenizer(model_dir)
-    encoded = encode_pairs(
-        load_pairs(held_out, log=lambda *_: None), tokenizer, 1024, log=lambda *_: None
-    )
+    encoded = encode_pairs(load_pairs(held_out, log=lambda *_: None), tokenizer, 1024, log=lambda *_: None)
     tokens, response_mask = collate(encoded, tokenizer.eot_id)
     model = load_model(model_dir)
     load_adapter(model, qadapter)
     rewards = slow_rewards(model.eval(), tokens, response_mask, "customised", 1.0, 0.5)
     chosen, rejected = rewards[: len(encoded)], rewards[len(encoded) :]
-    assert at(qadapter, " x1 a0 0.5")["preference_accuracy"] == pytest.approx(
-        (chosen > rejected).float().mean().item()
-    )
-    assert at(qadapter, " x1 a0 0.5")["preference_margin"] == pytest.approx(
-        (chosen - rejected).mean().item(), rel=1e-5
-    )
+    assert at(qadapter, " x1 a0 0.5")["preference_accuracy"] == pytest.approx((chosen > rejected).float().mean().item())
+    assert at(qadapter, " x1 a0 0.5")["preference_margin"] == pytest.approx((chosen - rejected).mean().item(), rel=1e-5)
 
 
 def test_the_frontier_marks_the_points_no_other_beats_on_both_metrics():
@@ -415,9 +320,7 @@ def test_the_frontier_marks_the_points_no_other_beats_on_both_metrics():
         False,
     ]
     # reply NLL: lower is better, so the least NLL at equal preference wins
-    assert frontier.frontier(
-        [(0.5, 2.0), (0.5, 1.5), (0.1, 1.0)], "preference_accuracy", "reply_nll"
-    ) == [
+    assert frontier.frontier([(0.5, 2.0), (0.5, 1.5), (0.1, 1.0)], "preference_accuracy", "reply_nll") == [
         False,
         True,
         True,
@@ -430,38 +333,21 @@ def test_plot_draws_the_frontier_and_the_training_curves_as_png(adapters, tmp_pa
     replies = tmp_path / "replies.jsonl"
     replies.write_text(json.dumps({"prompt": "What is 2 plus 2?", "reply": "4."}) + "\n")
     evaluate.main(
-        [
-            "--adapter",
-            str(qadapter),
-            str(dpo),
-            "--pairs",
-            str(held_out),
-            "--reply_nll",
-            str(replies),
-        ]
+        ["--adapter", str(qadapter), str(dpo), "--pairs", str(held_out), "--reply_nll", str(replies)]
         + ["--scale", "0", "1", "2", "--plot", str(tmp_path / "frontier.png")]
     )
     table = capsys.readouterr().out
-    assert (
-        "frontier: implicit_reward_accuracy (higher is better) against reply_nll (lower is better)"
-        in table
-    )
+    assert "frontier: implicit_reward_accuracy (higher is better) against reply_nll (lower is better)" in table
     plots.main([str(qadapter), str(dpo), "--output", str(tmp_path / "curves.png")])
-    for name, (height, width) in (
-        ("frontier.png", (480, 640)),
-        ("curves.png", (900, 1260)),
-    ):  # 8 panels, 3 rows
+    for name, (height, width) in (("frontier.png", (480, 640)), ("curves.png", (900, 1260))):  # 8 panels, 3 rows
         png = tmp_path / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert matplotlib_image.imread(png).shape[:2] == (height, width)
 
 
-def test_a_plot_without_matplotlib_is_refused_saying_what_to_install(
-    adapters, tmp_path, monkeypatch
-):
+def test_a_plot_without_matplotlib_is_refused_saying_what_to_install(adapters, tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
     with pytest.raises(
-        UserError,
-        match="^plots need matplotlib, which is not installed: pip install -r requirements-eval.txt",
+        UserError, match="^plots need matplotlib, which is not installed: pip install -r requirements-eval.txt"
     ):
         plots.main([str(adapters[2]), "--output", str(tmp_path / "curves.png")])

@@ -27,17 +27,12 @@ FIXTURES = ROOT / "tests" / "fixtures"
 GOLDEN = load_file(FIXTURES / "export" / "golden.safetensors")
 CASES = {
     "dpo-single": (FIXTURES / "lm-eval-llama" / "model", FIXTURES / "lm-eval-llama" / "adapter"),
-    "qadapter-sharded": (
-        FIXTURES / "tiny-llama-untied-sharded",
-        FIXTURES / "export" / "qadapter-adapter",
-    ),
+    "qadapter-sharded": (FIXTURES / "tiny-llama-untied-sharded", FIXTURES / "export" / "qadapter-adapter"),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_the_export_gives_the_logits_of_transformers_and_peft_with_the_adapter(
-    case, tmp_path, capsys
-):
+def test_the_export_gives_the_logits_of_transformers_and_peft_with_the_adapter(case, tmp_path, capsys):
     base, adapter = CASES[case]
     out = tmp_path / "merged"
     export.main(["--adapter", str(adapter), "--model", str(base), "--out", str(out)])
@@ -89,20 +84,14 @@ def test_shards_of_at_most_max_shard_size_with_transformers_index(tmp_path):
     export.main(["--adapter", str(adapter), "--out", str(out), "--max_shard_size", "40KB"])
     index = json.loads((out / INDEX_FILE).read_text())
     files = sorted({file for file in index["weight_map"].values()})
-    assert files == [
-        f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)
-    ]
+    assert files == [f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)]
     tensors = {}
     for file in files:
         shard = load_file(out / file)
         assert set(shard) == {n for n, f in index["weight_map"].items() if f == file}
-        assert (
-            sum(t.numel() * t.element_size() for t in shard.values()) <= 40_000 or len(shard) == 1
-        )
+        assert sum(t.numel() * t.element_size() for t in shard.values()) <= 40_000 or len(shard) == 1
         tensors.update(shard)
-    assert index["metadata"]["total_size"] == sum(
-        t.numel() * t.element_size() for t in tensors.values()
-    )
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
     single = tmp_path / "single"
     export.main(["--adapter", str(adapter), "--out", str(single)])
     assert load_file(single / SINGLE_FILE).keys() == tensors.keys()
@@ -139,20 +128,14 @@ def test_one_tensor_of_the_base_is_held_at_a_time(tmp_path, monkeypatch):
                 alive.append(weakref.ref(tensor))
             return tensor
 
-    monkeypatch.setattr(
-        export, "open_safetensors", Counting
-    )  # the base's norm, for its fingerprint
+    monkeypatch.setattr(export, "open_safetensors", Counting)  # the base's norm, for its fingerprint
     monkeypatch.setattr(merge, "open_safetensors", Counting)  # every tensor, merged
     base, adapter = CASES["qadapter-sharded"]
     export.main(["--adapter", str(adapter), "--out", str(tmp_path / "merged")])
-    assert len(reads) == 1 + 21 and set(reads) == {
-        0
-    }  # the norm (the fingerprint's), then each once
+    assert len(reads) == 1 + 21 and set(reads) == {0}  # the norm (the fingerprint's), then each once
 
 
-@pytest.mark.parametrize(
-    "case", ["not an adapter", "out exists", "another base", "bad shard size", "pairs for dpo"]
-)
+@pytest.mark.parametrize("case", ["not an adapter", "out exists", "another base", "bad shard size", "pairs for dpo"])
 def test_bad_input_is_one_sentence_and_nothing_is_written(case, tmp_path):
     base, adapter = CASES["dpo-single"]
     out = tmp_path / "merged"
@@ -178,9 +161,7 @@ def test_bad_input_is_one_sentence_and_nothing_is_written(case, tmp_path):
     result = run_script(export.main, *flags, "--out", str(out))
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith(f"error: {message}"), result.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == (
-        ["merged"] if case == "out exists" else []
-    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["merged"] if case == "out exists" else [])
     if case == "out exists":
         assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
@@ -188,9 +169,7 @@ def test_bad_input_is_one_sentence_and_nothing_is_written(case, tmp_path):
 def test_an_export_is_a_base_model_for_train_py(tmp_path):
 
     base, adapter = CASES["dpo-single"]
-    export.main(
-        ["--adapter", str(adapter), "--model", str(base), "--out", str(tmp_path / "merged")]
-    )
+    export.main(["--adapter", str(adapter), "--model", str(base), "--out", str(tmp_path / "merged")])
     data = write_pairs(tmp_path / "pairs.jsonl", n=4)
     flags = ["--model", tmp_path / "merged", "--data", data, "--batch_size", 2, "--max_steps", 1]
     flags += ["--max_len", 128]
@@ -199,24 +178,11 @@ def test_an_export_is_a_base_model_for_train_py(tmp_path):
     assert config["base_model"] == str(tmp_path / "merged")
 
 
-def test_export_json_holds_the_kl_from_pi_tilde_to_the_export_of_the_formula(
-    tmp_path, tokenizer_file
-):
+def test_export_json_holds_the_kl_from_pi_tilde_to_the_export_of_the_formula(tmp_path, tokenizer_file):
 
     model_dir = tiny_model_dir(tmp_path / "model", tokenizer_file)
     pairs = write_pairs(tmp_path / "pairs.jsonl", n=4)
-    flags = [
-        "--model",
-        model_dir,
-        "--data",
-        pairs,
-        "--batch_size",
-        2,
-        "--max_steps",
-        3,
-        "--lr",
-        0.05,
-    ]
+    flags = ["--model", model_dir, "--data", pairs, "--batch_size", 2, "--max_steps", 3, "--lr", 0.05]
     train.main([str(f) for f in [*flags, "--alpha0", 0.5, "--out", tmp_path / "qadapter"]])
     out = tmp_path / "merged"
     export.main(["--adapter", str(tmp_path / "qadapter"), "--out", str(out), "--pairs", str(pairs)])
@@ -255,20 +221,12 @@ def test_a_run_and_its_export_carry_a_model_card_that_says_what_they_are(tmp_pat
     assert card.startswith(f"---\nbase_model: {model_dir}\nlibrary_name: peft\ntags:\n")
     assert "- qadapter\n---\n" in card and "beta 0.3" in card
     assert f"`python sample.py --adapter {run}`" in card and "softmax(Q) instead" in card
-    assert (
-        f"- data: {pairs} (4 pairs used)" in card and "- steps: 2 of 2 pairs (1.00 epochs)" in card
-    )
-    assert (
-        "- last metrics (step 2): loss " in card
-        and "- last evaluation (step 2): eval_loss " in card
-    )
+    assert f"- data: {pairs} (4 pairs used)" in card and "- steps: 2 of 2 pairs (1.00 epochs)" in card
+    assert "- last metrics (step 2): loss " in card and "- last evaluation (step 2): eval_loss " in card
     made_by = card.split("```\n")[1].strip()  # the command, typed again, is the run
     argv = shlex.split(made_by)[2:]
     assert flags_module.parse_args(argv) == flags_module.parse_args([str(f) for f in flags])
 
     export.main(["--adapter", str(run), "--out", str(tmp_path / "merged")])
     merged_card = (tmp_path / "merged" / "README.md").read_text()
-    assert (
-        "library_name: transformers" in merged_card
-        and "This merged model is softmax(Q) alone" in merged_card
-    )
+    assert "library_name: transformers" in merged_card and "This merged model is softmax(Q) alone" in merged_card

@@ -24,9 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tokenizer_file):
     directory = tmp_path_factory.mktemp("fsdp")
-    return tiny_model_dir(directory / "model", tokenizer_file), write_pairs(
-        directory / "pairs.jsonl", n=8
-    )
+    return tiny_model_dir(directory / "model", tokenizer_file), write_pairs(directory / "pairs.jsonl", n=8)
 
 
 def test_two_sharded_processes_give_the_adapter_of_one(world, tmp_path):
@@ -49,19 +47,9 @@ def test_two_sharded_processes_give_the_adapter_of_one(world, tmp_path):
     ]  # the default LoRA dropout, 0.05
     run_train(*flags, "--micro_batch_size", 1, "--out", tmp_path / "one")
     # two micro-steps per rank (one gradient reduction per step), each block recomputed in the backward pass
-    result = torchrun(
-        *flags,
-        "--micro_batch_size",
-        1,
-        "--grad_checkpointing",
-        "--fsdp",
-        "--out",
-        tmp_path / "sharded",
-    )
+    result = torchrun(*flags, "--micro_batch_size", 1, "--grad_checkpointing", "--fsdp", "--out", tmp_path / "sharded")
     assert_same_adapter(tmp_path / "sharded", tmp_path / "one")
-    assert (
-        "eval_loss" in result.stdout
-    )  # eval ran, every rank through the same number of micro-batches
+    assert "eval_loss" in result.stdout  # eval ran, every rank through the same number of micro-batches
 
 
 def descendants(pid: int) -> list[int]:
@@ -82,9 +70,7 @@ def descendants(pid: int) -> list[int]:
 
 
 @pytest.mark.slow  # out of CI's six minutes: python -m pytest -m slow
-def test_a_sharded_run_killed_midway_resumes_sharded_or_on_one_process_to_the_uninterrupted_adapter(
-    world, tmp_path
-):
+def test_a_sharded_run_killed_midway_resumes_sharded_or_on_one_process_to_the_uninterrupted_adapter(world, tmp_path):
     model_dir, data = world
     flags = [
         "--model",
@@ -124,24 +110,16 @@ def test_a_sharded_run_killed_midway_resumes_sharded_or_on_one_process_to_the_un
         stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 60
-    while (
-        launcher.poll() is None
-        and time.time() < deadline
-        and checkpoint_step(out / "checkpoint" / "state.pt") < 3
-    ):
+    while launcher.poll() is None and time.time() < deadline and checkpoint_step(out / "checkpoint" / "state.pt") < 3:
         time.sleep(0.005)
     for pid in [launcher.pid, *descendants(launcher.pid)]:  # the launcher and both ranks, at once
         os.kill(pid, signal.SIGKILL)
     launcher.wait()
     assert 3 <= checkpoint_step(out / "checkpoint" / "state.pt") < 8
     shutil.copytree(out, tmp_path / "copy")
-    torchrun(
-        *flags, "--out", out, "--resume", "--fsdp"
-    )  # the two ranks continue their own checkpoint
+    torchrun(*flags, "--out", out, "--resume", "--fsdp")  # the two ranks continue their own checkpoint
     assert_same_adapter(out, tmp_path / "whole")
-    run_train(
-        *flags, "--out", tmp_path / "copy", "--resume"
-    )  # one process, not sharded, continues it too
+    run_train(*flags, "--out", tmp_path / "copy", "--resume")  # one process, not sharded, continues it too
     assert_same_adapter(tmp_path / "copy", tmp_path / "whole")
 
 

@@ -60,30 +60,14 @@ def slow_greedy(model, prompt, steps, alpha, alpha0, stop_ids=()):
 def test_greedy_with_a_zero_initialised_adapter_equals_greedy_base():
     model = random_model_with_adapter(trained=False)
     base = list(generate(model, PROMPT, stop_ids=[], max_new_tokens=20, policy_mode="base"))
-    customised = list(
-        generate(
-            model, PROMPT, stop_ids=[], max_new_tokens=20, policy_mode="customised", alpha0=0.5
-        )
-    )
+    customised = list(generate(model, PROMPT, stop_ids=[], max_new_tokens=20, policy_mode="customised", alpha0=0.5))
     assert customised == base
 
 
 def test_cached_decoding_equals_recomputing_the_whole_sequence_each_step():
     model = random_model_with_adapter()
-    got = list(
-        generate(
-            model,
-            PROMPT,
-            stop_ids=[],
-            max_new_tokens=40,
-            policy_mode="customised",
-            alpha=0.8,
-            alpha0=0.3,
-        )
-    )
-    assert got == slow_greedy(
-        model, PROMPT, 40, alpha=0.8, alpha0=0.3
-    )  # 46 positions, past the scaling's 32
+    got = list(generate(model, PROMPT, stop_ids=[], max_new_tokens=40, policy_mode="customised", alpha=0.8, alpha0=0.3))
+    assert got == slow_greedy(model, PROMPT, 40, alpha=0.8, alpha0=0.3)  # 46 positions, past the scaling's 32
 
 
 def test_the_combined_batch_equals_two_caches_and_two_passes():
@@ -94,10 +78,7 @@ def test_the_combined_batch_equals_two_caches_and_two_passes():
     for _ in range(25):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         token = int(a.argmax())
-        a, b = (
-            combined.feed(torch.tensor([[token]]))[0],
-            two_passes.feed(torch.tensor([[token]]))[0],
-        )
+        a, b = (combined.feed(torch.tensor([[token]]))[0], two_passes.feed(torch.tensor([[token]]))[0])
 
 
 def test_generation_stops_at_a_stop_id_without_emitting_it():
@@ -105,9 +86,7 @@ def test_generation_stops_at_a_stop_id_without_emitting_it():
     free = list(generate(model, PROMPT, stop_ids=[], max_new_tokens=15, policy_mode="customised"))
     stop = free[6]
     first = free.index(stop)
-    stopped = list(
-        generate(model, PROMPT, stop_ids=[stop], max_new_tokens=15, policy_mode="customised")
-    )
+    stopped = list(generate(model, PROMPT, stop_ids=[stop], max_new_tokens=15, policy_mode="customised"))
     assert stopped == free[:first]
 
 
@@ -192,48 +171,27 @@ def run_sample(*flags):
 def test_sample_py_prints_the_customised_policys_greedy_reply(setup, request):
     model_dir, adapter = request.getfixturevalue(setup)
     prompt = "What is 3 plus 3?"
-    result = run_sample(
-        "--adapter", adapter, "--prompt", prompt, "--temperature", 0, "--max_new_tokens", 24
-    )
+    result = run_sample("--adapter", adapter, "--prompt", prompt, "--temperature", 0, "--max_new_tokens", 24)
     assert result.returncode == 0, result.stderr
 
     tokenizer = Tokenizer(model_dir)
     model = load_model(model_dir)
     load_adapter(model, adapter)
     model.eval()
-    prompt_ids = tokenizer.encode_chat(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True
-    )
-    expected = slow_greedy(
-        model, prompt_ids, 24, alpha=1.0, alpha0=0.3, stop_ids=tokenizer.stop_ids
-    )
+    prompt_ids = tokenizer.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    expected = slow_greedy(model, prompt_ids, 24, alpha=1.0, alpha0=0.3, stop_ids=tokenizer.stop_ids)
     with adapter_disabled(model):
-        base = slow_greedy(
-            model, prompt_ids, 24, alpha=1.0, alpha0=0.0, stop_ids=tokenizer.stop_ids
-        )
+        base = slow_greedy(model, prompt_ids, 24, alpha=1.0, alpha0=0.0, stop_ids=tokenizer.stop_ids)
     assert expected != base  # the adapter changed the reply, so the check below means something
     assert result.stdout == tokenizer.decode(expected) + "\n"
 
     compared = run_sample(
-        "--adapter",
-        adapter,
-        "--prompt",
-        prompt,
-        "--temperature",
-        0,
-        "--max_new_tokens",
-        24,
-        "--compare",
+        "--adapter", adapter, "--prompt", prompt, "--temperature", 0, "--max_new_tokens", 24, "--compare"
     )
-    assert (
-        compared.stdout
-        == f"[base]\n{tokenizer.decode(base)}\n[customised]\n{tokenizer.decode(expected)}\n"
-    )
+    assert compared.stdout == f"[base]\n{tokenizer.decode(base)}\n[customised]\n{tokenizer.decode(expected)}\n"
 
 
-def test_sample_py_refuses_an_adapter_trained_on_another_base_model(
-    trained, tmp_path, tokenizer_file
-):
+def test_sample_py_refuses_an_adapter_trained_on_another_base_model(trained, tmp_path, tokenizer_file):
     _, adapter = trained
     other = tiny_model_dir(tmp_path / "other", tokenizer_file, seed=5)
     result = run_sample("--adapter", adapter, "--model", other, "--prompt", "hi")
@@ -244,25 +202,17 @@ def test_sample_py_refuses_an_adapter_trained_on_another_base_model(
 def mixed_prompts(count=20, seed=0):
     """Prompts of 3 to 30 tokens: the longest ten times the shortest."""
     generator = torch.Generator().manual_seed(seed)
-    lengths = [3, 30] + [
-        int(torch.randint(3, 31, (1,), generator=generator)) for _ in range(count - 2)
-    ]
+    lengths = [3, 30] + [int(torch.randint(3, 31, (1,), generator=generator)) for _ in range(count - 2)]
     return [torch.randint(3, 101, (n,), generator=generator).tolist() for n in lengths]
 
 
 @pytest.mark.parametrize("policy_mode", ["base", "adapter", "customised"])
-def test_a_batch_of_prompts_of_mixed_lengths_gets_exactly_the_replies_of_one_prompt_at_a_time(
-    policy_mode,
-):
+def test_a_batch_of_prompts_of_mixed_lengths_gets_exactly_the_replies_of_one_prompt_at_a_time(policy_mode):
     model = random_model_with_adapter()
     prompts = mixed_prompts()
-    settings = dict(
-        stop_ids=[1, 2], max_new_tokens=12, policy_mode=policy_mode, alpha=1.0, alpha0=0.3
-    )
+    settings = dict(stop_ids=[1, 2], max_new_tokens=12, policy_mode=policy_mode, alpha=1.0, alpha0=0.3)
     alone = [list(generate(model, prompt, **settings)) for prompt in prompts]
-    assert (
-        len({len(reply) for reply in alone}) > 1
-    )  # some rows stop early, so finished rows are exercised
+    assert len({len(reply) for reply in alone}) > 1  # some rows stop early, so finished rows are exercised
     for batch_size in (1, 3, 8):
         batched = []
         for start in range(0, len(prompts), batch_size):
@@ -277,52 +227,32 @@ def test_the_first_logits_of_a_padded_batch_are_those_of_each_prompt_alone():
     tokens = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
     valid = torch.tensor([[False] * (longest - len(p)) + [True] * len(p) for p in prompts])
     for policy_mode in ("base", "adapter", "customised"):
-        batched = Decoder(
-            model, policy_mode, alpha0=0.3, max_seq_len=64, batch_size=8, padded=True
-        ).feed(tokens, valid)
+        batched = Decoder(model, policy_mode, alpha0=0.3, max_seq_len=64, batch_size=8, padded=True).feed(tokens, valid)
         for i, prompt in enumerate(prompts):
-            alone = Decoder(model, policy_mode, alpha0=0.3, max_seq_len=64).feed(
-                torch.tensor([prompt])
-            )[0]
-            torch.testing.assert_close(
-                batched[i], alone, rtol=1e-5, atol=1e-5
-            )  # logits up to ~10: fp32 rounding
+            alone = Decoder(model, policy_mode, alpha0=0.3, max_seq_len=64).feed(torch.tensor([prompt]))[0]
+            torch.testing.assert_close(batched[i], alone, rtol=1e-5, atol=1e-5)  # logits up to ~10: fp32 rounding
 
 
 def test_with_sampling_a_prompts_reply_does_not_depend_on_its_batch():
     model = random_model_with_adapter()
     prompts = mixed_prompts(count=6)
     settings = dict(
-        stop_ids=[1, 2],
-        max_new_tokens=10,
-        policy_mode="customised",
-        alpha0=0.3,
-        temperature=1.0,
-        top_p=0.9,
+        stop_ids=[1, 2], max_new_tokens=10, policy_mode="customised", alpha0=0.3, temperature=1.0, top_p=0.9
     )
 
     def seeded(indices):
-        return [
-            torch.Generator().manual_seed(1000 + i) for i in indices
-        ]  # one generator per prompt, by its number
+        return [torch.Generator().manual_seed(1000 + i) for i in indices]  # one generator per prompt, by its number
 
     together = generate_batch(model, prompts, generators=seeded(range(6)), **settings)
-    alone = [
-        generate_batch(model, [prompts[i]], generators=seeded([i]), **settings)[0] for i in range(6)
-    ]
-    reordered = generate_batch(
-        model, prompts[::-1], generators=seeded(range(5, -1, -1)), **settings
-    )[::-1]
+    alone = [generate_batch(model, [prompts[i]], generators=seeded([i]), **settings)[0] for i in range(6)]
+    reordered = generate_batch(model, prompts[::-1], generators=seeded(range(5, -1, -1)), **settings)[::-1]
     assert together == alone == reordered
     assert len({tuple(reply) for reply in together}) > 1  # sampling, not one fixed reply
 
 
 def write_prompts(path: Path, count: int) -> Path:
     path.write_text(
-        "".join(
-            json.dumps({"prompt": f"What is {i} plus {i % 7}? " * (1 + i % 5)}) + "\n"
-            for i in range(count)
-        )
+        "".join(json.dumps({"prompt": f"What is {i} plus {i % 7}? " * (1 + i % 5)}) + "\n" for i in range(count))
     )
     return path
 
@@ -330,12 +260,7 @@ def write_prompts(path: Path, count: int) -> Path:
 def test_unique_replies_once_to_each_distinct_prompt(trained, tmp_path):
     _, adapter = trained
     prompts = tmp_path / "prompts.jsonl"
-    records = [
-        {"prompt": "a"},
-        {"messages": [{"role": "user", "content": "b"}]},
-        {"prompt": " a "},
-        {"prompt": "b"},
-    ]
+    records = [{"prompt": "a"}, {"messages": [{"role": "user", "content": "b"}]}, {"prompt": " a "}, {"prompt": "b"}]
     prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
     result = run_sample(
         "--adapter",
@@ -356,21 +281,10 @@ def test_unique_replies_once_to_each_distinct_prompt(trained, tmp_path):
     assert replied == records[:2]  # " a " is "a"; "b" is b's
 
 
-def test_a_prompts_run_killed_midway_continues_to_the_output_of_an_uninterrupted_run(
-    trained, tmp_path
-):
+def test_a_prompts_run_killed_midway_continues_to_the_output_of_an_uninterrupted_run(trained, tmp_path):
     _, adapter = trained
     prompts = write_prompts(tmp_path / "prompts.jsonl", 24)
-    flags = [
-        "--adapter",
-        adapter,
-        "--prompts",
-        prompts,
-        "--batch_size",
-        3,
-        "--max_new_tokens",
-        12,
-    ]  # sampling at 0.6
+    flags = ["--adapter", adapter, "--prompts", prompts, "--batch_size", 3, "--max_new_tokens", 12]  # sampling at 0.6
     whole = run_sample(*flags, "--out", tmp_path / "whole.jsonl")
     assert whole.returncode == 0, whole.stderr
     out = tmp_path / "killed.jsonl"
@@ -381,11 +295,7 @@ def test_a_prompts_run_killed_midway_continues_to_the_output_of_an_uninterrupted
         stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 60
-    while (
-        process.poll() is None
-        and time.time() < deadline
-        and not (out.exists() and out.read_text().count("\n") >= 6)
-    ):
+    while process.poll() is None and time.time() < deadline and not (out.exists() and out.read_text().count("\n") >= 6):
         time.sleep(0.005)
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -443,11 +353,7 @@ def test_a_bad_prompts_file_is_refused_in_one_line_naming_it(trained, tmp_path, 
     if text is not None:
         path.write_text(text)
     result = run_sample("--adapter", adapter, "--prompts", path, "--out", tmp_path / "r.jsonl")
-    assert (
-        result.returncode == 2
-        and result.stderr.count("\n") == 1
-        and "Traceback" not in result.stderr
-    )
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert re.search(message, result.stderr) and "prompts.jsonl" in result.stderr
     assert not (tmp_path / "r.jsonl").exists()
 
@@ -489,13 +395,5 @@ def test_alpha0_is_refused_for_a_dpo_adapter_where_it_means_nothing(trained, tmp
         ]
     )
     result = run_sample("--adapter", tmp_path / "dpo", "--prompt", "hi", "--alpha0", "0.5")
-    assert (
-        result.returncode == 2
-        and "is a dpo adapter, sampled with the adapter on; drop --alpha0" in result.stderr
-    )
-    assert (
-        run_sample(
-            "--adapter", tmp_path / "dpo", "--prompt", "hi", "--max_new_tokens", 3
-        ).returncode
-        == 0
-    )
+    assert result.returncode == 2 and "is a dpo adapter, sampled with the adapter on; drop --alpha0" in result.stderr
+    assert run_sample("--adapter", tmp_path / "dpo", "--prompt", "hi", "--max_new_tokens", 3).returncode == 0

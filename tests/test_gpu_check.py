@@ -12,9 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def run_cpu_form(out: Path, *flags):
     result = subprocess.run(
-        [str(ROOT / "tools" / "gpu_check.sh"), "--cpu", str(out), *flags],
-        capture_output=True,
-        text=True,
+        [str(ROOT / "tools" / "gpu_check.sh"), "--cpu", str(out), *flags], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -22,42 +20,26 @@ def run_cpu_form(out: Path, *flags):
 
 def check_parts_1_to_3(out: Path, compiled: list[str]) -> dict:
     summary = json.loads((out / "summary.json").read_text())
-    assert list(summary["parts"]) == [
-        "device",
-        "parity",
-        "step",
-        "decoding",
-        *compiled,
-    ]  # in the order they ran
+    assert list(summary["parts"]) == ["device", "parity", "step", "decoding", *compiled]  # in the order they ran
     assert summary["torch"] and summary["python"] and summary["date"]
 
     parity = summary["parts"]["parity"]
     assert len(parity["logits"]) == 3
-    for numbers in parity[
-        "logits"
-    ].values():  # bf16 against fp32: close, and not equal (bf16 did run)
+    for numbers in parity["logits"].values():  # bf16 against fp32: close, and not equal (bf16 did run)
         assert 0 < numbers["mean_abs_diff"] < 0.1 and numbers["top1_agreement"] > 0.8
     assert 0 < parity["objective"]["bf16"]["loss_relative_diff"] < 1e-2
     assert len(parity["greedy"]["bf16"]["tokens_before_first_difference"]) == 4
 
     rows = summary["parts"]["step"]["rows"]
-    assert [(r["micro_batch_pairs"], r["gradient_checkpointing"]) for r in rows] == [
-        (1, True),
-        (4, True),
-        (4, False),
-    ]
+    assert [(r["micro_batch_pairs"], r["gradient_checkpointing"]) for r in rows] == [(1, True), (4, True), (4, False)]
     for row in rows:
         assert row["tokens_per_step"] == 2 * row["micro_batch_pairs"] * 128  # the CPU form's length
         assert row["tokens_per_s"] > 0 and row["mfu"] > 0
         assert row["plan_gib"] > 0
-    assert (
-        rows[0]["plan_gib"] < rows[1]["plan_gib"] < rows[2]["plan_gib"]
-    )  # more pairs, then no checkpointing
+    assert rows[0]["plan_gib"] < rows[1]["plan_gib"] < rows[2]["plan_gib"]  # more pairs, then no checkpointing
 
     decoding = summary["parts"]["decoding"]["rows"]
-    assert [(r["policy"], r["batch"]) for r in decoding] == [
-        (p, b) for p in ("base", "customised") for b in (1, 8, 32)
-    ]
+    assert [(r["policy"], r["batch"]) for r in decoding] == [(p, b) for p in ("base", "customised") for b in (1, 8, 32)]
     assert all(0 < r["of_limit"] and r["tokens_per_s"] > 0 for r in decoding)
     assert [r["gain_over_one_prompt"] for r in decoding if r["batch"] == 1] == [1.0, 1.0]
 
@@ -76,17 +58,13 @@ def check_parts_1_to_3(out: Path, compiled: list[str]) -> dict:
 )
 def test_bad_flags_are_refused_before_any_work(tmp_path, flags, said):
     result = subprocess.run(
-        [str(ROOT / "tools" / "gpu_check.sh"), "--cpu", str(tmp_path / "out"), *flags],
-        capture_output=True,
-        text=True,
+        [str(ROOT / "tools" / "gpu_check.sh"), "--cpu", str(tmp_path / "out"), *flags], capture_output=True, text=True
     )
     assert result.returncode == 2 and said in result.stderr
     assert not (tmp_path / "out").exists()
 
 
-def test_at_the_budget_the_part_running_stops_with_what_it_finished_and_the_rest_are_left_out(
-    tmp_path,
-):
+def test_at_the_budget_the_part_running_stops_with_what_it_finished_and_the_rest_are_left_out(tmp_path):
     """--minutes 0.05: the alarm rings three seconds in, in whichever part is running then (or, rarely,
     as one part ends and the next has not begun: then none is cut and the rest are left out)."""
     result = subprocess.run(
@@ -97,9 +75,7 @@ def test_at_the_budget_the_part_running_stops_with_what_it_finished_and_the_rest
     )
     parts = json.loads((tmp_path / "summary.json").read_text())["parts"]
     assert list(parts) == ["device", "parity", "step", "decoding", "compiled"]
-    states = [
-        "cut" if "error" in p else "left out" if "left_out" in p else "done" for p in parts.values()
-    ]
+    states = ["cut" if "error" in p else "left out" if "left_out" in p else "done" for p in parts.values()]
     done = states.count("done")
     cut = list(parts)[done : done + 1] if states[done : done + 1] == ["cut"] else []
     left_out = list(parts)[done + len(cut) :]

@@ -46,15 +46,7 @@ def run_evaluate(tmp_path, *flags) -> list[dict]:
 def test_scores_and_replies_equal_those_of_lm_evals_hugging_face_backend(tmp_path):
     golden = json.loads((FIXTURE / "golden.json").read_text())
     base, adapter = run_evaluate(
-        tmp_path,
-        "--model",
-        MODEL,
-        "--adapter",
-        ADAPTER,
-        "--tasks",
-        "tiny_mc",
-        "tiny_ppl",
-        "tiny_gen",
+        tmp_path, "--model", MODEL, "--adapter", ADAPTER, "--tasks", "tiny_mc", "tiny_ppl", "tiny_gen"
     )
     assert adapter["policy"] == "adapter"  # a DPO adapter: the adapter-on model
     for result, expected in ((base, golden["base"]), (adapter, golden["adapter"])):
@@ -79,9 +71,7 @@ def test_with_compile_the_generated_replies_are_still_lm_evals_own(tmp_path, mon
     monkeypatch.setattr(compiled_steps, "BACKEND", "aot_eager")
     torch._dynamo.utils.counters.clear()
     golden = json.loads((FIXTURE / "golden.json").read_text())
-    base, adapter = run_evaluate(
-        tmp_path, "--model", MODEL, "--adapter", ADAPTER, "--tasks", "tiny_gen", "--compile"
-    )
+    base, adapter = run_evaluate(tmp_path, "--model", MODEL, "--adapter", ADAPTER, "--tasks", "tiny_gen", "--compile")
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # the base, the adapter
     for result, expected in ((base, golden["base"]), (adapter, golden["adapter"])):
         replies = {str(s["doc_id"]): s["resps"] for s in result["samples"]["tiny_gen"]}
@@ -93,9 +83,7 @@ def test_a_q_adapter_scores_every_continuation_under_the_customised_policy(tmp_p
     qadapter = tmp_path / "qadapter"
     shutil.copytree(ADAPTER, qadapter)
     config = json.loads((qadapter / "qadapter_config.json").read_text())
-    (qadapter / "qadapter_config.json").write_text(
-        json.dumps({**config, "objective": "qadapter", "alpha": 0.5})
-    )
+    (qadapter / "qadapter_config.json").write_text(json.dumps({**config, "objective": "qadapter", "alpha": 0.5}))
     model = load_model(MODEL)
     load_adapter(model, qadapter)
     tokenizer = Tokenizer(MODEL)
@@ -119,29 +107,14 @@ def test_a_q_adapter_scores_every_continuation_under_the_customised_policy(tmp_p
                     q = model.eval()(torch.tensor([ids]))[0]
                     with adapter_disabled(model):
                         base = model(torch.tensor([ids]))[0]
-                log_pi = policy_logits(
-                    q, base, 0.5, 0.01 if alpha0 is None else alpha0
-                ).log_softmax(-1)
-                expected = sum(
-                    log_pi[t - 1, ids[t]].item() for t in range(len(context_ids), len(ids))
-                )
-                assert got == pytest.approx(
-                    expected, abs=1e-5, rel=1e-6
-                )  # fp32 rounding: sums reach -30
+                log_pi = policy_logits(q, base, 0.5, 0.01 if alpha0 is None else alpha0).log_softmax(-1)
+                expected = sum(log_pi[t - 1, ids[t]].item() for t in range(len(context_ids), len(ids)))
+                assert got == pytest.approx(expected, abs=1e-5, rel=1e-6)  # fp32 rounding: sums reach -30
 
 
-def test_generate_until_gives_sample_pys_greedy_replies_cut_at_the_first_until_string(
-    tmp_path, capsys
-):
+def test_generate_until_gives_sample_pys_greedy_replies_cut_at_the_first_until_string(tmp_path, capsys):
     _, adapter = run_evaluate(
-        tmp_path,
-        "--model",
-        MODEL,
-        "--adapter",
-        ADAPTER,
-        "--tasks",
-        "tiny_gen",
-        "--apply_chat_template",
+        tmp_path, "--model", MODEL, "--adapter", ADAPTER, "--tasks", "tiny_gen", "--apply_chat_template"
     )
     capsys.readouterr()
     for sample_ in adapter["samples"]["tiny_gen"]:
@@ -182,10 +155,7 @@ def test_a_chat_templated_string_tokenizes_to_exactly_encode_chats_ids():
             messages, add_generation_prompt=True
         )
     # without the generation prompt lm-eval continues the last (assistant) message: no <|eot_id|> after it
-    prefill = [
-        {"role": "user", "content": "Say a word."},
-        {"role": "assistant", "content": "The word is"},
-    ]
+    prefill = [{"role": "user", "content": "Say a word."}, {"role": "assistant", "content": "The word is"}]
     assert (
         lm.tok_encode(lm.apply_chat_template(prefill, add_generation_prompt=False))
         == tokenizer.encode_chat(prefill)[:-1]
@@ -199,9 +169,7 @@ def test_an_unknown_task_is_refused_before_any_model_is_loaded():  # lm-eval's w
 
 
 def test_a_missing_lm_eval_is_refused_before_any_model_is_loaded(monkeypatch):
-    monkeypatch.setitem(
-        __import__("sys").modules, "lm_eval.tasks", None
-    )  # as if lm-eval were not installed
+    monkeypatch.setitem(__import__("sys").modules, "lm_eval.tasks", None)  # as if lm-eval were not installed
     with pytest.raises(
         UserError,
         match="^--tasks runs lm-evaluation-harness, which is not installed: pip install -r requirements-eval.txt",
@@ -215,9 +183,7 @@ def test_a_task_whose_data_file_is_nowhere_is_one_sentence(tmp_path):
     yaml = (ROOT / "tests" / "lm_eval_tasks" / "tiny_mc.yaml").read_text()
     (tasks / "tiny_mc.yaml").write_text(yaml.replace("tests/lm_eval_tasks/", "missing/"))
     flags = ["--model", str(MODEL), "--tasks", "tiny_mc", "--include_path", str(tasks)]
-    with pytest.raises(
-        UserError, match=r"^--tasks tiny_mc: .*missing/tiny_mc\.jsonl.*; a task YAML of"
-    ):
+    with pytest.raises(UserError, match=r"^--tasks tiny_mc: .*missing/tiny_mc\.jsonl.*; a task YAML of"):
         evaluate.main(flags)
 
 
@@ -228,9 +194,7 @@ def test_one_or_two_processes_give_lm_evals_numbers_from_any_directory(tmp_path,
     golden = json.loads((FIXTURE / "golden.json").read_text())
     tasks = shutil.copytree(ROOT / "tests" / "lm_eval_tasks", tmp_path / "tasks")
     for yaml in tasks.glob("*.yaml"):
-        yaml.write_text(
-            yaml.read_text().replace("tests/lm_eval_tasks/tiny_mc.jsonl", "tiny_mc.jsonl")
-        )
+        yaml.write_text(yaml.read_text().replace("tests/lm_eval_tasks/tiny_mc.jsonl", "tiny_mc.jsonl"))
     (tmp_path / "elsewhere").mkdir()
     result = subprocess.run(
         [
@@ -259,17 +223,12 @@ def test_one_or_two_processes_give_lm_evals_numbers_from_any_directory(tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     for model, expected in zip(
-        json.loads((tmp_path / "two.json").read_text())["models"],
-        (golden["base"], golden["adapter"]),
+        json.loads((tmp_path / "two.json").read_text())["models"], (golden["base"], golden["adapter"])
     ):
         samples = model["samples"]  # with two processes, gathered from both
-        assert sorted(s["doc_id"] for s in samples["tiny_mc"]) == sorted(
-            map(int, expected["tiny_mc"])
-        )
+        assert sorted(s["doc_id"] for s in samples["tiny_mc"]) == sorted(map(int, expected["tiny_mc"]))
         for sample_ in samples["tiny_mc"]:
-            for (got,), (hf,) in zip(
-                sample_["resps"], expected["tiny_mc"][str(sample_["doc_id"])], strict=True
-            ):
+            for (got,), (hf,) in zip(sample_["resps"], expected["tiny_mc"][str(sample_["doc_id"])], strict=True):
                 assert got[0] == pytest.approx(hf[0], abs=1e-4) and got[1] == hf[1]
         assert {str(s["doc_id"]): s["resps"] for s in samples["tiny_gen"]} == expected["tiny_gen"]
     assert result.stdout.count("tiny_mc acc") == 1  # rank 0 alone prints the table

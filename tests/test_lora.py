@@ -27,9 +27,7 @@ def randomise_adapter(model, seed=1):
 
 
 def tokens(model, T=12):
-    return torch.randint(
-        0, model.args.vocab_size, (2, T), generator=torch.Generator().manual_seed(0)
-    )
+    return torch.randint(0, model.args.vocab_size, (2, T), generator=torch.Generator().manual_seed(0))
 
 
 def test_a_zero_initialised_adapter_leaves_the_model_exactly_as_it_was(model_dir):
@@ -85,31 +83,19 @@ def test_a_bf16_model_with_an_fp32_adapter_computes_in_bf16(model_dir):
 
 
 def test_save_and_load_round_trip_in_peft_layout(model_dir, tmp_path):
-    model = add_lora(
-        load_model(model_dir), r=4, alpha=8, dropout=0.1, targets=("q_proj", "v_proj", "gate_proj")
-    )
+    model = add_lora(load_model(model_dir), r=4, alpha=8, dropout=0.1, targets=("q_proj", "v_proj", "gate_proj"))
     randomise_adapter(model)
-    save_adapter(
-        model, tmp_path / "adapter", base_model_name_or_path="meta-llama/Llama-3.1-8B-Instruct"
-    )
+    save_adapter(model, tmp_path / "adapter", base_model_name_or_path="meta-llama/Llama-3.1-8B-Instruct")
 
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert (
-        config["peft_type"] == "LORA"
-        and config["task_type"] == "CAUSAL_LM"
-        and config["bias"] == "none"
-    )
+    assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM" and config["bias"] == "none"
     assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (4, 8, 0.1)
     assert config["target_modules"] == ["gate_proj", "q_proj", "v_proj"]
     assert config["base_model_name_or_path"] == "meta-llama/Llama-3.1-8B-Instruct"
     with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), "pt") as f:
         names = set(f.keys())
-        assert f.get_tensor(
-            "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"
-        ).shape == (4, 64)
-        assert f.get_tensor(
-            "base_model.model.model.layers.1.mlp.gate_proj.lora_B.weight"
-        ).shape == (96, 4)
+        assert f.get_tensor("base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight").shape == (4, 64)
+        assert f.get_tensor("base_model.model.model.layers.1.mlp.gate_proj.lora_B.weight").shape == (96, 4)
     assert len(names) == 2 * 2 * 3
 
     fresh = load_model(model_dir)
@@ -128,9 +114,7 @@ def test_an_unknown_lora_target_is_refused(model_dir):
 def test_an_adapter_for_another_model_is_refused(model_dir, tmp_path):
     other_args = tiny_args(hidden_size=32, intermediate_size=48)
     other = add_lora(
-        load_model(write_checkpoint(tmp_path / "other", other_args, random_hf_state(other_args))),
-        r=4,
-        alpha=8,
+        load_model(write_checkpoint(tmp_path / "other", other_args, random_hf_state(other_args))), r=4, alpha=8
     )
     save_adapter(other, tmp_path / "adapter")
     with pytest.raises(UserError, match="the adapter was made for another model"):
@@ -148,14 +132,8 @@ def test_keyed_dropout_drops_at_its_rate_and_a_rows_mask_depends_on_its_key_and_
     x = torch.ones(3, 40, 500)
     keys = torch.tensor([11, 12, 13])
     y = keyed_dropout(x, keys, layer_index=2, p=0.2)
-    assert abs((y == 0).float().mean().item() - 0.2) < 0.01 and torch.allclose(
-        y[y != 0], torch.tensor(1 / 0.8)
-    )
-    shorter = keyed_dropout(
-        torch.ones(2, 25, 500), keys[[2, 0]], layer_index=2, p=0.2
-    )  # other rows, less padding
+    assert abs((y == 0).float().mean().item() - 0.2) < 0.01 and torch.allclose(y[y != 0], torch.tensor(1 / 0.8))
+    shorter = keyed_dropout(torch.ones(2, 25, 500), keys[[2, 0]], layer_index=2, p=0.2)  # other rows, less padding
     assert torch.equal(shorter, y[[2, 0], :25])
     other_layer = keyed_dropout(x, keys, layer_index=3, p=0.2)
-    assert (
-        0.6 < (other_layer == y).float().mean().item() < 0.7
-    )  # independent masks agree on 0.8^2 + 0.2^2 = 0.68
+    assert 0.6 < (other_layer == y).float().mean().item() < 0.7  # independent masks agree on 0.8^2 + 0.2^2 = 0.68

@@ -8,14 +8,7 @@ import torch.nn.functional as F
 
 from conftest import tiny_args
 from qadapter_min.memory import PRESETS
-from qadapter_min.model import (
-    Attention,
-    KVCache,
-    ModelArgs,
-    Transformer,
-    rope_cos_sin,
-    rope_frequencies,
-)
+from qadapter_min.model import Attention, KVCache, ModelArgs, Transformer, rope_cos_sin, rope_frequencies
 
 
 def slow_llama3_frequencies(head_dim, theta, factor, low, high, original):
@@ -58,9 +51,7 @@ def test_llama3_rope_scaling_matches_a_slow_per_frequency_loop(preset):
 
 def test_plain_rope_without_scaling_is_theta_to_the_minus_2i_over_d():
     args = tiny_args(rope_scaling=None)
-    expected = torch.tensor(
-        [args.rope_theta ** (-i / args.head_dim) for i in range(0, args.head_dim, 2)]
-    )
+    expected = torch.tensor([args.rope_theta ** (-i / args.head_dim) for i in range(0, args.head_dim, 2)])
     torch.testing.assert_close(rope_frequencies(args), expected)
 
 
@@ -121,17 +112,13 @@ def random_model(seed=0, **overrides) -> Transformer:
 @pytest.mark.parametrize("tied", [False, True])
 def test_kv_cached_decoding_equals_one_full_forward(tied):
     model = random_model(tie_word_embeddings=tied)
-    tokens = torch.randint(
-        0, model.args.vocab_size, (2, 50)
-    )  # longer than the scaling's original context (32)
+    tokens = torch.randint(0, model.args.vocab_size, (2, 50))  # longer than the scaling's original context (32)
     with torch.no_grad():
         full = model(tokens)
         cache = KVCache(model.args, batch_size=2, max_seq_len=64, dtype=torch.float32, device="cpu")
         steps = [model(tokens[:, :20], kv_cache=cache)]  # prefill
         steps.append(model(tokens[:, 20:23], kv_cache=cache))  # a chunk after a cached prefix
-        steps += [
-            model(tokens[:, t : t + 1], kv_cache=cache) for t in range(23, 50)
-        ]  # one token at a time
+        steps += [model(tokens[:, t : t + 1], kv_cache=cache) for t in range(23, 50)]  # one token at a time
     assert cache.length == 50
     # float32 rounding of logits up to ~7.5, summed in another order: a few ulps (1.1e-5 on AMD EPYC)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=3e-5, rtol=1e-5)
@@ -150,9 +137,7 @@ def test_tied_model_uses_the_embedding_matrix_as_its_head():
     model = random_model(tie_word_embeddings=True)
     assert model.lm_head is None
     hidden = torch.randn(4, model.args.hidden_size)
-    torch.testing.assert_close(
-        model.logits_from_hidden(hidden), hidden @ model.embed_tokens.weight.T
-    )
+    torch.testing.assert_close(model.logits_from_hidden(hidden), hidden @ model.embed_tokens.weight.T)
 
 
 def test_rmsnorm_is_computed_in_fp32_then_scaled_in_the_input_dtype():
@@ -160,9 +145,7 @@ def test_rmsnorm_is_computed_in_fp32_then_scaled_in_the_input_dtype():
     norm = model.norm.to(torch.bfloat16)
     x = torch.randn(3, model.args.hidden_size, dtype=torch.bfloat16) * 30
     x32 = x.float()
-    expected = norm.weight * (x32 / torch.sqrt((x32**2).mean(-1, keepdim=True) + norm.eps)).to(
-        torch.bfloat16
-    )
+    expected = norm.weight * (x32 / torch.sqrt((x32**2).mean(-1, keepdim=True) + norm.eps)).to(torch.bfloat16)
     out = norm(x)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, expected, atol=0, rtol=1e-2)

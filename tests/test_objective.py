@@ -14,16 +14,12 @@ LN2, LN3 = math.log(2), math.log(3)
 
 def qadapter_loss(q_logits, base_logits, tokens, response_mask, **settings):
     """objective.py's Q-Adapter loss on full logits, at the given settings (the rest the paper's)."""
-    return loss_from_logits(
-        q_logits, base_logits, tokens, response_mask, Objective("qadapter", **settings)
-    )
+    return loss_from_logits(q_logits, base_logits, tokens, response_mask, Objective("qadapter", **settings))
 
 
 def dpo_loss(adapter_logits, reference_logits, tokens, response_mask, beta):
     """objective.py's DPO loss on full logits, the adapter-off model's logits as the reference."""
-    return loss_from_logits(
-        adapter_logits, reference_logits, tokens, response_mask, Objective("dpo", dpo_beta=beta)
-    )
+    return loss_from_logits(adapter_logits, reference_logits, tokens, response_mask, Objective("dpo", dpo_beta=beta))
 
 
 def test_qadapter_loss_on_a_hand_worked_example():
@@ -47,10 +43,7 @@ def test_qadapter_loss_on_a_hand_worked_example():
     tokens = torch.tensor([[0, 1, 2], [0, 2, 0]])
     response_mask = torch.tensor([[False, True, True], [False, True, False]])
     q_logits = torch.tensor(
-        [
-            [[0.0, LN2, 0.0], [0.0, 0.0, LN2], [9.0, -9.0, 7.0]],
-            [[0.0, 0.0, 0.0], [8.0, 5.0, -6.0], [7.0, 7.0, -7.0]],
-        ]
+        [[[0.0, LN2, 0.0], [0.0, 0.0, LN2], [9.0, -9.0, 7.0]], [[0.0, 0.0, 0.0], [8.0, 5.0, -6.0], [7.0, 7.0, -7.0]]]
     )
     base_logits = torch.zeros(2, 3, 3)
     loss, metrics = qadapter_loss(
@@ -79,16 +72,11 @@ def test_the_bellman_chi2_term_on_the_same_hand_worked_example():
     tokens = torch.tensor([[0, 1, 2], [0, 2, 0]])
     response_mask = torch.tensor([[False, True, True], [False, True, False]])
     q_logits = torch.tensor(
-        [
-            [[0.0, LN2, 0.0], [0.0, 0.0, LN2], [9.0, -9.0, 7.0]],
-            [[0.0, 0.0, 0.0], [8.0, 5.0, -6.0], [7.0, 7.0, -7.0]],
-        ]
+        [[[0.0, LN2, 0.0], [0.0, 0.0, LN2], [9.0, -9.0, 7.0]], [[0.0, 0.0, 0.0], [8.0, 5.0, -6.0], [7.0, 7.0, -7.0]]]
     )
     hyper = dict(alpha=1.0, alpha0=0.5, beta=0.1, gamma=1.0)
     _, authors = qadapter_loss(q_logits, torch.zeros(2, 3, 3), tokens, response_mask, **hyper)
-    loss, metrics = qadapter_loss(
-        q_logits, torch.zeros(2, 3, 3), tokens, response_mask, chi2="bellman", **hyper
-    )
+    loss, metrics = qadapter_loss(q_logits, torch.zeros(2, 3, 3), tokens, response_mask, chi2="bellman", **hyper)
     chi2 = 0.1 * ((0.5 * LN3 - LN2) ** 2 + LN2**2) / 3
     assert chi2 == pytest.approx(0.016705, abs=1e-6)
     assert metrics["chi2_loss"].item() == pytest.approx(chi2, rel=1e-6)
@@ -97,9 +85,7 @@ def test_the_bellman_chi2_term_on_the_same_hand_worked_example():
     )
 
 
-def slow_qadapter_loss(
-    q_logits, base_logits, tokens, response_mask, alpha, alpha0, beta, gamma, chi2="authors"
-):
+def slow_qadapter_loss(q_logits, base_logits, tokens, response_mask, alpha, alpha0, beta, gamma, chi2="authors"):
     """objective.py's equations (1)-(8) (and (7')) literally: a Python loop over pairs and reply tokens."""
     B = tokens.shape[0] // 2
     total = 0.0
@@ -119,10 +105,7 @@ def slow_qadapter_loss(
             if chi2 == "authors":
                 rewards += [Q[k] - gamma * V[k] for k in range(len(reply))]
             else:  # the next state's value; none after the last action
-                rewards += [
-                    Q[k] - gamma * (V[k + 1] if k + 1 < len(reply) else 0.0)
-                    for k in range(len(reply))
-                ]
+                rewards += [Q[k] - gamma * (V[k + 1] if k + 1 < len(reply) else 0.0) for k in range(len(reply))]
         n = max(lengths) - 1
         pref = -F.logsigmoid((returns[0] - returns[1]) / n)
         chi2_term = beta * sum(r**2 for r in rewards) / len(rewards)
@@ -166,11 +149,7 @@ def test_the_loss_of_a_batch_is_the_mean_of_its_pairs_and_ignores_padding():
         rows = [i, 2 + i]
         pad = 4  # extra right padding changes nothing
         padded = [F.pad(x[rows], (0, 0, 0, pad)) for x in (q_logits, base_logits)]
-        single.append(
-            qadapter_loss(
-                *padded, F.pad(tokens[rows], (0, pad)), F.pad(response_mask[rows], (0, pad))
-            )[0]
-        )
+        single.append(qadapter_loss(*padded, F.pad(tokens[rows], (0, pad)), F.pad(response_mask[rows], (0, pad)))[0])
     torch.testing.assert_close(batch_loss, (single[0] + single[1]) / 2)
 
 
@@ -179,15 +158,11 @@ def test_with_gamma_1_the_reward_is_alpha_log_pi_tilde_minus_alpha0_log_pi1():
     alpha, alpha0 = 0.8, 0.25
     q_logits, base_logits, tokens, response_mask = random_batch(B=1, T=2)
     response_mask[:] = torch.tensor([False, True])
-    _, metrics = qadapter_loss(
-        q_logits, base_logits, tokens, response_mask, alpha=alpha, alpha0=alpha0, beta=0.0
-    )
+    _, metrics = qadapter_loss(q_logits, base_logits, tokens, response_mask, alpha=alpha, alpha0=alpha0, beta=0.0)
     a = tokens[:, 1]
     log_pi_tilde = policy_logits(q_logits[:, 0], base_logits[:, 0], alpha, alpha0).log_softmax(-1)
     log_pi1 = base_logits[:, 0].log_softmax(-1)
-    r = alpha * log_pi_tilde.gather(1, a[:, None]) - alpha0 * log_pi1.gather(
-        1, a[:, None]
-    )  # (2, 1)
+    r = alpha * log_pi_tilde.gather(1, a[:, None]) - alpha0 * log_pi1.gather(1, a[:, None])  # (2, 1)
     torch.testing.assert_close(metrics["preference_margin"], (r[0] - r[1]).squeeze())
 
 
@@ -238,9 +213,7 @@ def test_dpo_implicit_reward_accuracy_is_the_share_of_positive_dpo_margins_ties_
     expected = ((margins > 0).sum().item() + 0.5 * len(tied)) / 6
     assert 0 < expected < 1 and expected != 0.5
     assert metrics["implicit_reward_accuracy"].item() == pytest.approx(expected, abs=1e-7)
-    assert metrics["implicit_reward_margin"].item() == pytest.approx(
-        margins.mean().item() / 0.3, rel=1e-5
-    )
+    assert metrics["implicit_reward_margin"].item() == pytest.approx(margins.mean().item() / 0.3, rel=1e-5)
 
 
 @pytest.mark.parametrize("name", ["dpo", "qadapter"])
@@ -262,9 +235,7 @@ def test_a_policy_equal_to_the_base_model_has_an_implicit_reward_of_exactly_zero
 
 @pytest.mark.parametrize("objective", ["qadapter", "qadapter-bellman", "dpo"])
 @pytest.mark.parametrize("chunk_size", [1, 5, 1024])
-def test_the_chunked_path_from_hidden_states_equals_the_plain_loss_in_value_and_gradients(
-    objective, chunk_size
-):
+def test_the_chunked_path_from_hidden_states_equals_the_plain_loss_in_value_and_gradients(objective, chunk_size):
     torch.manual_seed(0)
     _, _, tokens, response_mask = random_batch(B=2, T=9, V=13)
     head = torch.nn.Linear(6, 13, bias=False).requires_grad_(False)
@@ -272,11 +243,7 @@ def test_the_chunked_path_from_hidden_states_equals_the_plain_loss_in_value_and_
     base_hidden = torch.randn(4, 9, 6)
     if objective.startswith("qadapter"):
         hyper = dict(
-            alpha=0.9,
-            alpha0=0.1,
-            beta=0.3,
-            gamma=0.95,
-            chi2="bellman" if objective.endswith("bellman") else "authors",
+            alpha=0.9, alpha0=0.1, beta=0.3, gamma=0.95, chi2="bellman" if objective.endswith("bellman") else "authors"
         )
         plain, _ = qadapter_loss(head(hidden), head(base_hidden), tokens, response_mask, **hyper)
         plain_grad = torch.autograd.grad(plain, hidden)[0]
@@ -287,13 +254,7 @@ def test_the_chunked_path_from_hidden_states_equals_the_plain_loss_in_value_and_
         plain, _ = dpo_loss(head(hidden), head(base_hidden), tokens, response_mask, beta=0.1)
         plain_grad = torch.autograd.grad(plain, hidden)[0]
         lean, _ = loss_from_hidden(
-            head.weight,
-            hidden,
-            base_hidden,
-            tokens,
-            response_mask,
-            Objective("dpo", dpo_beta=0.1),
-            chunk_size,
+            head.weight, hidden, base_hidden, tokens, response_mask, Objective("dpo", dpo_beta=0.1), chunk_size
         )
     lean_grad = torch.autograd.grad(lean, hidden)[0]
     torch.testing.assert_close(lean, plain, rtol=1e-6, atol=1e-7)
@@ -306,13 +267,9 @@ def test_the_chunked_path_in_bf16_stays_within_bf16_precision_of_the_plain_loss(
     weight = (torch.randn(13, 6) * 0.5).bfloat16()
     hidden = torch.randn(4, 9, 6).bfloat16().requires_grad_(True)
     base_hidden = torch.randn(4, 9, 6).bfloat16()
-    plain, _ = qadapter_loss(
-        hidden @ weight.T, base_hidden @ weight.T, tokens, response_mask, alpha0=0.1
-    )
+    plain, _ = qadapter_loss(hidden @ weight.T, base_hidden @ weight.T, tokens, response_mask, alpha0=0.1)
     plain_grad = torch.autograd.grad(plain, hidden)[0]
-    lean, _ = loss_from_hidden(
-        weight, hidden, base_hidden, tokens, response_mask, Objective(alpha0=0.1), chunk_size=4
-    )
+    lean, _ = loss_from_hidden(weight, hidden, base_hidden, tokens, response_mask, Objective(alpha0=0.1), chunk_size=4)
     lean_grad = torch.autograd.grad(lean, hidden)[0]
     assert lean_grad.dtype == torch.bfloat16
     torch.testing.assert_close(lean, plain, rtol=1e-2, atol=1e-3)

@@ -14,9 +14,7 @@ WRITTEN = {
 
 
 def test_every_markdown_file_named_in_the_repository_is_in_the_repository():
-    files = subprocess.run(
-        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.split()
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     named = set()
     for name in files:
         path = ROOT / name
@@ -33,12 +31,7 @@ def test_every_markdown_file_named_in_the_repository_is_in_the_repository():
     assert not missing, missing
 
 
-TEACHING_PATH = [
-    "qadapter_min/model.py",
-    "qadapter_min/lora.py",
-    "qadapter_min/objective.py",
-    "train.py",
-]
+TEACHING_PATH = ["qadapter_min/model.py", "qadapter_min/lora.py", "qadapter_min/objective.py", "train.py"]
 
 
 def test_the_code_passes_the_linter_and_the_formatter():

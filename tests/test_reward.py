@@ -18,13 +18,7 @@ from qadapter_min.adapters import load_adapter
 from qadapter_min.data import Pair, load_pairs
 from qadapter_min.flags import parse_args
 from qadapter_min.generate import generate_batch
-from qadapter_min.reward import (
-    check_reward_model,
-    load_reward_model,
-    reward_model_pairs,
-    rewards,
-    win_rate,
-)
+from qadapter_min.reward import check_reward_model, load_reward_model, reward_model_pairs, rewards, win_rate
 from qadapter_min.tokenizer import Tokenizer
 from qadapter_min.weights import load_model
 
@@ -40,27 +34,17 @@ def test_rewards_equal_transformers_sequence_classification():
     golden = json.loads((REWARD / "golden.json").read_text())
     tokenizer = Tokenizer(REWARD)
     assert [tokenizer.encode_chat(c) for c in golden["conversations"]] == golden["input_ids"]
-    got = rewards(
-        load_reward_model(REWARD), golden["input_ids"], batch_size=2
-    )  # padded batches of 2 and 1
+    got = rewards(load_reward_model(REWARD), golden["input_ids"], batch_size=2)  # padded batches of 2 and 1
     assert got == pytest.approx(golden["rewards"], abs=1e-4)
 
 
 def test_a_win_counts_one_a_tie_half_a_loss_nothing():
-    assert win_rate([1.0, 2.0, 3.0, 0.0], [1.0, 1.0, 4.0, -1.0]) == pytest.approx(
-        (0.5 + 1 + 0 + 1) / 4
-    )
+    assert win_rate([1.0, 2.0, 3.0, 0.0], [1.0, 1.0, 4.0, -1.0]) == pytest.approx((0.5 + 1 + 0 + 1) / 4)
 
 
 def test_evaluate_judges_each_models_greedy_replies(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
-    questions = [
-        "What is the capital of Peru?",
-        "Name a colour.",
-        "Say a word.",
-        "What is two plus two?",
-        "hi",
-    ]
+    questions = ["What is the capital of Peru?", "Name a colour.", "Say a word.", "What is two plus two?", "hi"]
     prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in questions))
     evaluate.main(
         [
@@ -81,9 +65,7 @@ def test_evaluate_judges_each_models_greedy_replies(tmp_path):
         ]
     )
     base, adapter = json.loads((tmp_path / "results.json").read_text())["models"]
-    records = [
-        json.loads(line) for line in (tmp_path / "results.replies.jsonl").read_text().splitlines()
-    ]
+    records = [json.loads(line) for line in (tmp_path / "results.replies.jsonl").read_text().splitlines()]
     assert [r["messages"] for r in records] == [[{"role": "user", "content": q}] for q in questions]
     tokenizer, reward_model = Tokenizer(MODEL), load_reward_model(REWARD)
     model = load_model(MODEL)
@@ -94,16 +76,10 @@ def test_evaluate_judges_each_models_greedy_replies(tmp_path):
         replies = [
             tokenizer.decode(ids, skip_special_tokens=True)
             for ids in generate_batch(
-                model.eval(),
-                prompt_ids,
-                stop_ids=tokenizer.stop_ids,
-                max_new_tokens=6,
-                policy_mode=mode,
+                model.eval(), prompt_ids, stop_ids=tokenizer.stop_ids, max_new_tokens=6, policy_mode=mode
             )
         ]
-        assert [
-            r["replies"][name] for r in records
-        ] == replies  # greedy, one batch here, batches of 2 there
+        assert [r["replies"][name] for r in records] == replies  # greedy, one batch here, batches of 2 there
         conversations = [
             tokenizer.encode_chat(r["messages"] + [{"role": "assistant", "content": reply}])
             for r, reply in zip(records, replies)
@@ -118,15 +94,7 @@ def test_evaluate_judges_each_models_greedy_replies(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "case",
-    [
-        "no score head",
-        "two labels",
-        "an adapter",
-        "no pad token id",
-        "empty prompts",
-        "prompts alone",
-    ],
+    "case", ["no score head", "two labels", "an adapter", "no pad token id", "empty prompts", "prompts alone"]
 )
 def test_a_bad_reward_model_or_prompts_file_is_refused_before_any_model_is_loaded(tmp_path, case):
     prompts = tmp_path / "prompts.jsonl"
@@ -147,9 +115,7 @@ def test_a_bad_reward_model_or_prompts_file_is_refused_before_any_model_is_loade
         shutil.copytree(REWARD, reward)
         config = json.loads((reward / "config.json").read_text())
         (reward / "config.json").write_text(json.dumps({**config, "pad_token_id": None}))
-    flags = ["--prompts", str(prompts)] + (
-        [] if case == "prompts alone" else ["--reward_model", str(reward)]
-    )
+    flags = ["--prompts", str(prompts)] + ([] if case == "prompts alone" else ["--reward_model", str(reward)])
     message = {
         "no score head": f"{MODEL} has no score.weight; a reward model is a Llama in the "
         "LlamaForSequenceClassification layout",
@@ -159,9 +125,7 @@ def test_a_bad_reward_model_or_prompts_file_is_refused_before_any_model_is_loade
         "empty prompts": f"--prompts {prompts} is empty",
         "prompts alone": "--prompts FILE and --reward_model RM go together",
     }[case]
-    result = run_script(
-        evaluate.main, "--model", "nowhere", *flags, "--output", str(tmp_path / "r.json")
-    )
+    result = run_script(evaluate.main, "--model", "nowhere", *flags, "--output", str(tmp_path / "r.json"))
     assert result.returncode == 2 and result.stderr.startswith(f"error: {message}"), result.stderr
     assert result.stderr.count("\n") == 1 and not (tmp_path / "r.json").exists()
 
@@ -184,17 +148,13 @@ def test_a_reward_model_trained_here_scores_as_transformers_scores_it(trained_re
     """transformers' AutoModelForSequenceClassification read train.py's output as it is and scored a
     right-padded batch (golden.json); evaluate.py's reader gives the same rewards."""
     golden = json.loads((TRAINED / "golden.json").read_text())
-    assert [Tokenizer(trained_reward_model).encode_chat(c) for c in golden["conversations"]] == (
-        golden["input_ids"]
-    )
+    assert [Tokenizer(trained_reward_model).encode_chat(c) for c in golden["conversations"]] == (golden["input_ids"])
     got = rewards(load_reward_model(check_reward_model(trained_reward_model)), golden["input_ids"])
     assert got == pytest.approx(golden["rewards"], abs=1e-5)
     assert max(golden["rewards"]) - min(golden["rewards"]) > 0.1  # training moved the head off 0
 
 
-def test_a_reward_model_is_written_whole_in_the_sequence_classification_layout(
-    trained_reward_model,
-):
+def test_a_reward_model_is_written_whole_in_the_sequence_classification_layout(trained_reward_model):
     """The merged weights without the base's LM head, a one-row fp32 score head, a config that names the
     architecture, one label and the pad token, the tokenizer, the model card; no adapter files."""
     tensors = load_file(trained_reward_model / "model.safetensors")
@@ -230,34 +190,18 @@ def test_a_reward_model_trained_on_the_built_in_world_separates_its_held_out_pai
 
 
 def assert_same_reward_model(got: Path, want: Path):
-    got_tensors, want_tensors = (
-        load_file(got / "model.safetensors"),
-        load_file(want / "model.safetensors"),
-    )
+    got_tensors, want_tensors = (load_file(got / "model.safetensors"), load_file(want / "model.safetensors"))
     assert got_tensors.keys() == want_tensors.keys()
     for name, tensor in want_tensors.items():
         torch.testing.assert_close(got_tensors[name], tensor, rtol=0, atol=1e-5)
 
 
-def test_a_reward_model_keeps_train_pys_contract_over_processes_shards_and_resume(
-    tmp_path, monkeypatch
-):
+def test_a_reward_model_keeps_train_pys_contract_over_processes_shards_and_resume(tmp_path, monkeypatch):
     """Two processes (DDP), and two sharded processes (FSDP) resuming a one-process checkpoint, give
     the reward model of one uninterrupted process."""
     data = TRAINED / "pairs.jsonl"
     flags = ["--model", MODEL, "--data", data, "--objective", "rm", "--batch_size", 4]
-    flags += [
-        "--micro_batch_size",
-        1,
-        "--max_steps",
-        4,
-        "--lr",
-        0.01,
-        "--dtype",
-        "fp32",
-        "--max_len",
-        128,
-    ]
+    flags += ["--micro_batch_size", 1, "--max_steps", 4, "--lr", 0.01, "--dtype", "fp32", "--max_len", 128]
     flags += ["--save_every", 2]
     train.main([str(f) for f in flags + ["--out", tmp_path / "one"]])
     torchrun(*flags, "--out", tmp_path / "two")
@@ -270,29 +214,17 @@ def test_a_reward_model_keeps_train_pys_contract_over_processes_shards_and_resum
     assert_same_reward_model(tmp_path / "resumed", tmp_path / "one")
 
 
-@pytest.mark.parametrize(
-    "case", ["dsp without a domain", "plain text", "sft only", "resume as dpo"]
-)
+@pytest.mark.parametrize("case", ["dsp without a domain", "plain text", "sft only", "resume as dpo"])
 def test_bad_input_to_a_reward_model_is_one_sentence_and_nothing_is_written(tmp_path, case):
     data = tmp_path / "data.jsonl"
     data.write_text(
         {
             "dsp without a domain": json.dumps(
-                {
-                    "query": "q",
-                    "responses": {
-                        d: d for d in ("academy", "business", "entertainment", "literature")
-                    },
-                }
+                {"query": "q", "responses": {d: d for d in ("academy", "business", "entertainment", "literature")}}
             ),
             "plain text": json.dumps("just some text"),
             "sft only": json.dumps(
-                {
-                    "messages": [
-                        {"role": "user", "content": "hi"},
-                        {"role": "assistant", "content": "yo"},
-                    ]
-                }
+                {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
             ),
             "resume as dpo": (TRAINED / "pairs.jsonl").read_text(),
         }[case]
@@ -326,9 +258,7 @@ def test_a_reward_model_trains_on_each_conversation_as_the_template_renders_it(t
     tokenizer = Tokenizer(tokenizer_dir)
     prompt = [{"role": "user", "content": "Name a colour."}]
     chosen, rejected = (prompt + [{"role": "assistant", "content": c}] for c in ("Blue.", "No."))
-    (pair,) = reward_model_pairs(
-        [Pair(chosen, rejected, "x:1")], tokenizer, 256, log=lambda *_: None
-    )
+    (pair,) = reward_model_pairs([Pair(chosen, rejected, "x:1")], tokenizer, 256, log=lambda *_: None)
     assert pair.chosen == tokenizer.encode_chat(chosen)
     assert pair.rejected == tokenizer.encode_chat(rejected)
     assert pair.chosen[-1] != tokenizer.pad_id

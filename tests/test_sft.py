@@ -32,10 +32,7 @@ def write_messages(path: Path, n: int) -> Path:
                 {"role": "assistant", "content": " ".join(map(str, range(i + 1)))},
             ]
             if i % 3 == 0:
-                messages += [
-                    {"role": "user", "content": "Again?"},
-                    {"role": "assistant", "content": "Yes."},
-                ]
+                messages += [{"role": "user", "content": "Again?"}, {"role": "assistant", "content": "Yes."}]
             f.write(json.dumps({"messages": messages}) + "\n")
     return path
 
@@ -103,28 +100,20 @@ def test_the_first_logged_sft_loss_is_the_mean_over_records_of_each_replys_mean_
     assert row["loss"] == pytest.approx(expected, rel=1e-5)
 
 
-def test_a_record_whose_last_message_is_not_the_assistants_is_refused_naming_its_line(
-    world, tmp_path
-):
+def test_a_record_whose_last_message_is_not_the_assistants_is_refused_naming_its_line(world, tmp_path):
     path = tmp_path / "records.jsonl"
     path.write_text(
-        json.dumps(
-            {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
-        )
+        json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
         + "\n"
         + json.dumps({"messages": [{"role": "user", "content": "a"}]})
         + "\n"
     )
-    with pytest.raises(
-        UserError, match=rf"^{path}: line 2: its last message is not the assistant's"
-    ):
+    with pytest.raises(UserError, match=rf"^{path}: line 2: its last message is not the assistant's"):
         load_conversations(path, log=lambda *_: None)
 
 
 @pytest.mark.slow  # out of CI's six minutes: python -m pytest -m slow
-def test_two_processes_and_a_run_killed_and_resumed_give_the_sft_adapter_of_one_uninterrupted_process(
-    world, tmp_path
-):
+def test_two_processes_and_a_run_killed_and_resumed_give_the_sft_adapter_of_one_uninterrupted_process(world, tmp_path):
     model_dir, pairs, messages = world
     flags = [
         "--model",
@@ -159,11 +148,7 @@ def test_two_processes_and_a_run_killed_and_resumed_give_the_sft_adapter_of_one_
         stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 60
-    while (
-        process.poll() is None
-        and time.time() < deadline
-        and checkpoint_step(out / "checkpoint" / "state.pt") < 3
-    ):
+    while process.poll() is None and time.time() < deadline and checkpoint_step(out / "checkpoint" / "state.pt") < 3:
         time.sleep(0.005)
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -176,21 +161,13 @@ def test_replay_data_is_sample_pys_output_read_back_as_each_prompt_and_its_reply
     prompt = [{"role": "user", "content": "What is 2+2?"}]
     lines = [
         {"prompt": "What is 2+2?", "reply": "4."},  # sample.py's output for a {"prompt"} record
+        {"messages": prompt, "reply": "4.", "base_reply": "Four."},  # ... for a {"messages"} record, with --compare
         {
-            "messages": prompt,
-            "reply": "4.",
-            "base_reply": "Four.",
-        },  # ... for a {"messages"} record, with --compare
-        {
-            "chosen": prompt
-            + [{"role": "assistant", "content": "It is 4."}],  # ... for a preference record
+            "chosen": prompt + [{"role": "assistant", "content": "It is 4."}],  # ... for a preference record
             "rejected": prompt + [{"role": "assistant", "content": "5"}],
             "reply": "4.",
         },
     ]
     path = tmp_path / "replay.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    assert (
-        load_conversations(path, log=lambda *_: None)
-        == [prompt + [{"role": "assistant", "content": "4."}]] * 3
-    )
+    assert load_conversations(path, log=lambda *_: None) == [prompt + [{"role": "assistant", "content": "4."}]] * 3

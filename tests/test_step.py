@@ -12,14 +12,7 @@ from qadapter_min.adapters import save_adapter, save_run_config
 from qadapter_min.data import collate, encode_pairs, load_pairs
 from qadapter_min.lora import adapter_disabled, add_lora, lora_layers
 from qadapter_min.objective import Objective, loss_from_logits, policy_logits
-from qadapter_min.policy import (
-    BASE,
-    Policy,
-    log_probs,
-    policy_applied,
-    preference_metrics,
-    read_policy,
-)
+from qadapter_min.policy import BASE, Policy, log_probs, policy_applied, preference_metrics, read_policy
 from qadapter_min.step import micro_batch_objective
 from qadapter_min.tokenizer import Tokenizer
 from qadapter_min.weights import load_model
@@ -39,9 +32,7 @@ def batch(tmp_path_factory, tokenizer_file):
         512,
         log=lambda *_: None,
     )
-    model = add_lora(
-        load_model(model_dir), r=4, alpha=8, dropout=0.0, targets=("q_proj", "v_proj", "down_proj")
-    )
+    model = add_lora(load_model(model_dir), r=4, alpha=8, dropout=0.0, targets=("q_proj", "v_proj", "down_proj"))
     torch.manual_seed(0)
     with torch.no_grad():
         for layer in lora_layers(model).values():
@@ -71,14 +62,10 @@ def slow_rewards(model, tokens, response_mask, policy_mode, alpha=ALPHA, alpha0=
 
 
 @pytest.mark.parametrize("policy_mode", ["base", "adapter", "customised"])
-def test_the_rewards_of_each_policy_match_full_logits_and_give_the_reports_accuracy(
-    batch, policy_mode
-):
+def test_the_rewards_of_each_policy_match_full_logits_and_give_the_reports_accuracy(batch, policy_mode):
     model, pairs, pad_id = batch
     tokens, response_mask = collate(pairs, pad_id)
-    settings = Objective(
-        "qadapter" if policy_mode == "customised" else "dpo", alpha=ALPHA, alpha0=ALPHA0
-    )
+    settings = Objective("qadapter" if policy_mode == "customised" else "dpo", alpha=ALPHA, alpha0=ALPHA0)
     with torch.no_grad(), adapter_disabled(model) if policy_mode == "base" else nullcontext():
         _, metrics = micro_batch_objective(model, tokens, response_mask, settings)
     # pi~'s R at its own alpha and alpha0; a plain model's (base, DPO's adapter on) its log-likelihood
@@ -87,21 +74,13 @@ def test_the_rewards_of_each_policy_match_full_logits_and_give_the_reports_accur
     torch.testing.assert_close(metrics["rewards"], expected, rtol=1e-5, atol=1e-5)
 
     policy = Policy(policy_mode, policy_mode, alpha=ALPHA, alpha0=ALPHA0)
-    measured = preference_metrics(
-        model, policy, pairs, pad_id, micro_batch_size=4
-    )  # 6 pairs: micro-batches of 4 and 2
-    assert measured["preference_accuracy"] == pytest.approx(
-        (expected[:6] > expected[6:]).float().mean().item()
-    )
-    assert measured["preference_margin"] == pytest.approx(
-        (expected[:6] - expected[6:]).mean().item(), rel=1e-5
-    )
+    measured = preference_metrics(model, policy, pairs, pad_id, micro_batch_size=4)  # 6 pairs: micro-batches of 4 and 2
+    assert measured["preference_accuracy"] == pytest.approx((expected[:6] > expected[6:]).float().mean().item())
+    assert measured["preference_margin"] == pytest.approx((expected[:6] - expected[6:]).mean().item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("objective", ["qadapter", "dpo", "sft"])
-def test_the_micro_batch_loss_and_gradients_are_the_plain_objectives_on_full_logits(
-    batch, objective
-):
+def test_the_micro_batch_loss_and_gradients_are_the_plain_objectives_on_full_logits(batch, objective):
     model, pairs, pad_id = batch
     tokens, response_mask = collate(pairs[:3], pad_id)
     settings = Objective(objective, alpha=ALPHA, alpha0=ALPHA0, beta=0.3, gamma=0.9, dpo_beta=0.2)
@@ -112,9 +91,7 @@ def test_the_micro_batch_loss_and_gradients_are_the_plain_objectives_on_full_log
         base = model(tokens)
     # SFT: the rows are conversations of their own, without the base model; the chosen and rejected ones serve
     # as six of them
-    plain, _ = loss_from_logits(
-        model(tokens), base if objective != "sft" else None, tokens, response_mask, settings
-    )
+    plain, _ = loss_from_logits(model(tokens), base if objective != "sft" else None, tokens, response_mask, settings)
     plain_grads = torch.autograd.grad(plain, trainable)
     torch.testing.assert_close(loss, plain, rtol=1e-5, atol=1e-6)
     for got, want in zip(grads, plain_grads):
@@ -131,24 +108,17 @@ def test_log_probs_of_each_policy_are_those_of_full_logits(batch, policy_mode):
             with adapter_disabled(model):
                 base = model(tokens)[0]
             adapter = model(tokens)[0]
-        logits = {
-            "base": base,
-            "adapter": adapter,
-            "customised": policy_logits(adapter, base, ALPHA, ALPHA0),
-        }[policy_mode]
+        logits = {"base": base, "adapter": adapter, "customised": policy_logits(adapter, base, ALPHA, ALPHA0)}[
+            policy_mode
+        ]
         return logits.log_softmax(-1)
 
     generator = torch.Generator().manual_seed(3)
-    sequences = [
-        torch.randint(3, 101, (n,), generator=generator).tolist() for n in (7, 31, 12, 31, 2, 20)
-    ]
+    sequences = [torch.randint(3, 101, (n,), generator=generator).tolist() for n in (7, 31, 12, 31, 2, 20)]
     num_scored = [3, 10, 1, 30, 1, 5]
     for i in (2, 4):  # one scored token each, made the policy's greedy choice
         sequences[i][-1] = int(slow_log_pi(sequences[i])[-2].argmax())
-    sequences += [
-        sequences[2][:-1] + [5],
-        sequences[1][:-1] + [9],
-    ]  # options that differ in their last token only
+    sequences += [sequences[2][:-1] + [5], sequences[1][:-1] + [9]]  # options that differ in their last token only
     num_scored += [1, 10]
     policy = Policy(policy_mode, policy_mode, alpha=ALPHA, alpha0=ALPHA0)
     got = log_probs(
@@ -157,9 +127,7 @@ def test_log_probs_of_each_policy_are_those_of_full_logits(batch, policy_mode):
     for sequence, n, (log_prob, greedy) in zip(sequences, num_scored, got):
         log_pi = slow_log_pi(sequence)[len(sequence) - n - 1 : -1]
         targets = torch.tensor(sequence[len(sequence) - n :])
-        assert log_prob == pytest.approx(
-            log_pi.gather(1, targets[:, None]).sum().item(), abs=1e-5, rel=1e-5
-        )
+        assert log_prob == pytest.approx(log_pi.gather(1, targets[:, None]).sum().item(), abs=1e-5, rel=1e-5)
         assert greedy == bool((log_pi.argmax(1) == targets).all())
     assert [greedy for _, greedy in got] == [False, False, True, False, True, False, False, False]
 
@@ -171,16 +139,9 @@ def adapters(tmp_path_factory, tokenizer_file):
     model_dir = tiny_model_dir(directory / "model", tokenizer_file)
     tokenizer = Tokenizer(model_dir)
     quiet = lambda *_: None  # noqa: E731
-    pairs = encode_pairs(
-        load_pairs(write_pairs(directory / "pairs.jsonl", n=5), log=quiet),
-        tokenizer,
-        512,
-        log=quiet,
-    )
+    pairs = encode_pairs(load_pairs(write_pairs(directory / "pairs.jsonl", n=5), log=quiet), tokenizer, 512, log=quiet)
     for seed, objective in enumerate(["dpo", "qadapter"]):
-        model = add_lora(
-            load_model(model_dir), r=4, alpha=8, dropout=0.0, targets=("q_proj", "v_proj")
-        )
+        model = add_lora(load_model(model_dir), r=4, alpha=8, dropout=0.0, targets=("q_proj", "v_proj"))
         torch.manual_seed(seed)
         with torch.no_grad():
             for layer in lora_layers(model).values():
@@ -200,9 +161,7 @@ def slow_implicit_rewards(model_dir, adapter, mode, alpha0, scale, pairs) -> tor
         with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
             for name in f.keys():
                 if name.endswith("lora_A.weight"):
-                    module = name.removeprefix("base_model.model.model.").removesuffix(
-                        ".lora_A.weight"
-                    )
+                    module = name.removeprefix("base_model.model.model.").removesuffix(".lora_A.weight")
                     B = f.get_tensor(name.replace("lora_A", "lora_B"))
                     weight = merged.get_submodule(module).weight
                     weight.data += scale * (8 / 4) * B @ f.get_tensor(name)
@@ -219,12 +178,7 @@ def slow_implicit_rewards(model_dir, adapter, mode, alpha0, scale, pairs) -> tor
                 "adapter": logits.log_softmax(-1),
                 "customised": policy_logits(logits, base(tokens)[0], 1.0, alpha0).log_softmax(-1),
             }[mode]
-            rewards.append(
-                sum(
-                    log_pi[t - 1, ids[t]] - log_pi1[t - 1, ids[t]]
-                    for t in range(prompt_len, len(ids))
-                )
-            )
+            rewards.append(sum(log_pi[t - 1, ids[t]] - log_pi1[t - 1, ids[t]] for t in range(prompt_len, len(ids))))
     return torch.stack(rewards) if adapter is not None else torch.zeros(2 * len(pairs))
 
 
@@ -258,6 +212,4 @@ def test_implicit_reward_accuracy_and_margin_equal_two_full_forward_passes_per_r
         return
     assert (chosen - rejected).abs().min() > 1e-3  # no near tie that rounding could turn
     assert measured["implicit_reward_accuracy"] == (chosen > rejected).sum().item() / len(pairs)
-    assert measured["implicit_reward_margin"] == pytest.approx(
-        (chosen - rejected).mean().item(), rel=1e-4, abs=1e-5
-    )
+    assert measured["implicit_reward_margin"] == pytest.approx((chosen - rejected).mean().item(), rel=1e-4, abs=1e-5)

@@ -26,9 +26,7 @@ def render_llama31(messages, add_generation_prompt=False, date="26 Jul 2024"):
         f"Cutting Knowledge Date: December 2023\nToday Date: {date}\n\n{system}<|eot_id|>"
     )
     for m in messages:
-        text += (
-            f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
-        )
+        text += f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
     if add_generation_prompt:
         text += "<|start_header_id|>assistant<|end_header_id|>\n\n"
     return text
@@ -53,19 +51,11 @@ CONVERSATIONS = {
 @pytest.mark.parametrize("name", CONVERSATIONS)
 @pytest.mark.parametrize("add_generation_prompt", [False, True])
 @pytest.mark.parametrize("date", ["26 Jul 2024", "01 Jan 2025"])
-def test_encode_chat_gives_the_ids_of_the_rendered_template(
-    tokenizer_file, name, add_generation_prompt, date
-):
+def test_encode_chat_gives_the_ids_of_the_rendered_template(tokenizer_file, name, add_generation_prompt, date):
     messages = CONVERSATIONS[name]
-    reference = HFTokenizer.from_file(
-        str(tokenizer_file)
-    )  # special tokens in text become control tokens
-    expected = reference.encode(
-        render_llama31(messages, add_generation_prompt, date), add_special_tokens=False
-    ).ids
-    got = Tokenizer(tokenizer_file).encode_chat(
-        messages, add_generation_prompt=add_generation_prompt, date_string=date
-    )
+    reference = HFTokenizer.from_file(str(tokenizer_file))  # special tokens in text become control tokens
+    expected = reference.encode(render_llama31(messages, add_generation_prompt, date), add_special_tokens=False).ids
+    got = Tokenizer(tokenizer_file).encode_chat(messages, add_generation_prompt=add_generation_prompt, date_string=date)
     assert got == expected
 
 
@@ -94,11 +84,7 @@ def test_special_tokens_are_looked_up_by_name_and_stop_ids_are_the_three_enders(
     vocab = json.loads(tokenizer_file.read_text())
     by_name = {t["content"]: t["id"] for t in vocab["added_tokens"]}
     assert tok.bos_id == by_name["<|begin_of_text|>"] and tok.eot_id == by_name["<|eot_id|>"]
-    assert tok.stop_ids == [
-        by_name["<|eot_id|>"],
-        by_name["<|eom_id|>"],
-        by_name["<|end_of_text|>"],
-    ]
+    assert tok.stop_ids == [by_name["<|eot_id|>"], by_name["<|eom_id|>"], by_name["<|end_of_text|>"]]
 
 
 def test_decode_inverts_encode_for_text(tokenizer_file):
@@ -117,9 +103,7 @@ def test_a_missing_tokenizer_file_is_named(tmp_path):
         Tokenizer(tmp_path)
 
 
-def test_a_tokenizer_with_neither_llama3s_nor_chatmls_special_tokens_is_refused(
-    tmp_path, tokenizer_file
-):
+def test_a_tokenizer_with_neither_llama3s_nor_chatmls_special_tokens_is_refused(tmp_path, tokenizer_file):
     data = json.loads(tokenizer_file.read_text())
     data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != "<|eot_id|>"]
     path = tmp_path / "tokenizer.json"
@@ -139,19 +123,13 @@ def chatml_cases():
     golden = json.loads((CHATML / "golden.json").read_text())
     for i, conversation in enumerate(golden["conversations"]):
         yield pytest.param(conversation, False, golden["without_generation_prompt"][i], id=f"{i}")
-        yield pytest.param(
-            conversation, True, golden["with_generation_prompt"][i], id=f"{i}-generation-prompt"
-        )
+        yield pytest.param(conversation, True, golden["with_generation_prompt"][i], id=f"{i}-generation-prompt")
 
 
 @pytest.mark.parametrize("conversation, add_generation_prompt, expected", chatml_cases())
-def test_chatml_encode_chat_gives_the_ids_of_smollm2s_template(
-    conversation, add_generation_prompt, expected
-):
+def test_chatml_encode_chat_gives_the_ids_of_smollm2s_template(conversation, add_generation_prompt, expected):
     tokenizer = Tokenizer(CHATML)
-    assert (
-        tokenizer.encode_chat(conversation, add_generation_prompt=add_generation_prompt) == expected
-    )
+    assert tokenizer.encode_chat(conversation, add_generation_prompt=add_generation_prompt) == expected
     rendered = tokenizer.chat_text(conversation, add_generation_prompt=add_generation_prompt)
     if add_generation_prompt:  # the string lm-eval's chat path tokenizes gives the same ids
         assert tokenizer.encode_rendered(rendered) == expected
@@ -160,15 +138,10 @@ def test_chatml_encode_chat_gives_the_ids_of_smollm2s_template(
 def test_chatml_is_found_from_the_special_tokens_with_its_default_system_message_and_stop_token():
     tokenizer = Tokenizer(CHATML)
     assert tokenizer.chat_format == "chatml" and tokenizer.bos_id is None
-    assert (
-        tokenizer.default_system
-        == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-    )
+    assert tokenizer.default_system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
     assert tokenizer.eot_id == tokenizer.special_token_id("<|im_end|>") == tokenizer.stop_ids[0]
     assert tokenizer.special_token_id("<|endoftext|>") in tokenizer.stop_ids
-    assert tokenizer.declared_bos_id == tokenizer.special_token_id(
-        "<|im_start|>"
-    )  # tokenizer_config.json's bos_token
+    assert tokenizer.declared_bos_id == tokenizer.special_token_id("<|im_start|>")  # tokenizer_config.json's bos_token
 
 
 def test_a_chatml_tokenizer_without_a_template_adds_no_system_turn(tmp_path):

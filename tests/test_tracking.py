@@ -33,9 +33,7 @@ def wandb_records(path):
             yield record
 
 
-def test_every_metrics_row_goes_to_wandb_at_its_step_with_the_flags_as_config(
-    tmp_path, tokenizer_file, monkeypatch
-):
+def test_every_metrics_row_goes_to_wandb_at_its_step_with_the_flags_as_config(tmp_path, tokenizer_file, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
@@ -51,19 +49,12 @@ def test_every_metrics_row_goes_to_wandb_at_its_step_with_the_flags_as_config(
     for record in wandb_records(run_file):
         kind = record.WhichOneof("record_type")
         if kind == "history":
-            items = {
-                i.key or "/".join(i.nested_key): json.loads(i.value_json)
-                for i in record.history.item
-            }
-            history.setdefault(items.pop("_step"), {}).update(
-                {k: v for k, v in items.items() if not k.startswith("_")}
-            )
+            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+            history.setdefault(items.pop("_step"), {}).update({k: v for k, v in items.items() if not k.startswith("_")})
         elif kind == "run":  # the run's name and project, and its config: the flags
             assert (record.run.project, record.run.display_name) == ("p", "tiny")
             config.update({i.key: json.loads(i.value_json) for i in record.run.config.update})
-    rows = [
-        json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
-    ]
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     expected = {}
     for row in rows:
         expected.setdefault(row["step"], {}).update({k: v for k, v in row.items() if k != "step"})
@@ -77,15 +68,10 @@ def test_every_metrics_row_goes_to_wandb_at_its_step_with_the_flags_as_config(
     "flags, message",
     [
         (["--wandb_run_name", "n"], "--wandb_run_name names a run of --wandb_project"),
-        (
-            ["--wandb_project", "p"],
-            "--wandb_project logs to Weights & Biases, which is not installed",
-        ),
+        (["--wandb_project", "p"], "--wandb_project logs to Weights & Biases, which is not installed"),
     ],
 )
-def test_tracking_that_cannot_start_is_refused_before_any_work(
-    tmp_path, tokenizer_file, monkeypatch, flags, message
-):
+def test_tracking_that_cannot_start_is_refused_before_any_work(tmp_path, tokenizer_file, monkeypatch, flags, message):
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if wandb were not installed
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
     model_dir = tiny_model_dir(tmp_path / "model", tokenizer_file)

@@ -28,9 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tokenizer_file):
     directory = tmp_path_factory.mktemp("train")
-    return tiny_model_dir(directory / "model", tokenizer_file), write_pairs(
-        directory / "pairs.jsonl", n=8
-    )
+    return tiny_model_dir(directory / "model", tokenizer_file), write_pairs(directory / "pairs.jsonl", n=8)
 
 
 def run_train(*flags, check=True, **popen):
@@ -46,9 +44,7 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_the_first_logged_loss_is_the_objective_of_the_steps_pairs_at_lora_initialisation(
-    world, tmp_path
-):
+def test_the_first_logged_loss_is_the_objective_of_the_steps_pairs_at_lora_initialisation(world, tmp_path):
     model_dir, data = world
     train.main(
         strings(
@@ -79,15 +75,11 @@ def test_the_first_logged_loss_is_the_objective_of_the_steps_pairs_at_lora_initi
     logged = metrics(tmp_path)[0]["loss"]
     # the same 8 pairs, the model without any adapter (B = 0 makes Q the base logits), the slow loop
     tokenizer = Tokenizer(model_dir)
-    encoded = encode_pairs(
-        load_pairs(data, log=lambda *_: None), tokenizer, 512, log=lambda *_: None
-    )
+    encoded = encode_pairs(load_pairs(data, log=lambda *_: None), tokenizer, 512, log=lambda *_: None)
     tokens, response_mask = collate(encoded, pad_id=0)
     with torch.no_grad():
         logits = load_model(model_dir)(tokens)
-    expected = slow_qadapter_loss(
-        logits, logits, tokens, response_mask, alpha=1.0, alpha0=0.3, beta=0.2, gamma=1.0
-    )
+    expected = slow_qadapter_loss(logits, logits, tokens, response_mask, alpha=1.0, alpha0=0.3, beta=0.2, gamma=1.0)
     assert logged == pytest.approx(expected.item(), rel=1e-5)
 
 
@@ -144,33 +136,20 @@ def test_outputs_and_the_metrics_schema(world, tmp_path):
         assert row["loss"] == pytest.approx(row["pref_loss"] + row["chi2_loss"], rel=1e-5)
     for row in eval_rows:
         assert set(row) == {"step", "eval_loss"} | {
-            f"eval_{kind}_{what}"
-            for kind in ("preference", "implicit_reward")
-            for what in ("accuracy", "margin")
+            f"eval_{kind}_{what}" for kind in ("preference", "implicit_reward") for what in ("accuracy", "margin")
         }
-    assert [r["lr"] for r in train_rows] == pytest.approx(
-        [3e-4, 2e-4, 1e-4]
-    )  # linear decay to 0 after step 3
+    assert [r["lr"] for r in train_rows] == pytest.approx([3e-4, 2e-4, 1e-4])  # linear decay to 0 after step 3
     config = json.loads((tmp_path / "qadapter_config.json").read_text())
-    assert (
-        config["objective"] == "qadapter"
-        and config["alpha0"] == 0.01
-        and config["base_model"] == str(model_dir)
-    )
+    assert config["objective"] == "qadapter" and config["alpha0"] == 0.01 and config["base_model"] == str(model_dir)
     assert len(config["base_model_fingerprint"]) == 16 and config["args"]["batch_size"] == 4
 
 
 def assert_same_adapter(out: Path, reference: Path, atol=1e-5):
-    got, want = (
-        load_file(out / "adapter_model.safetensors"),
-        load_file(reference / "adapter_model.safetensors"),
-    )
+    got, want = (load_file(out / "adapter_model.safetensors"), load_file(reference / "adapter_model.safetensors"))
     assert got.keys() == want.keys()
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=atol)
-    assert any(
-        want[name].abs().max() > 1e-4 for name in want if "lora_B" in name
-    )  # training moved B off zero
+    assert any(want[name].abs().max() > 1e-4 for name in want if "lora_B" in name)  # training moved B off zero
 
 
 def torchrun(*flags, processes=2):
@@ -192,9 +171,7 @@ def torchrun(*flags, processes=2):
     return result
 
 
-def test_two_processes_give_the_adapter_of_one_and_continue_its_checkpoint(
-    world, tmp_path, monkeypatch
-):
+def test_two_processes_give_the_adapter_of_one_and_continue_its_checkpoint(world, tmp_path, monkeypatch):
     """At the default LoRA dropout (0.05): each pair's masks do not depend on the process it lands on."""
     model_dir, data = world
     flags = [
@@ -218,9 +195,7 @@ def test_two_processes_give_the_adapter_of_one_and_continue_its_checkpoint(
     assert_same_adapter(tmp_path / "two", tmp_path / "one")
 
     # one process stops after its step-2 checkpoint; two processes resume it
-    monkeypatch.setattr(
-        run_dir, "save_adapter", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("power cut"))
-    )
+    monkeypatch.setattr(run_dir, "save_adapter", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("power cut")))
     with pytest.raises(RuntimeError):
         train.main(strings(flags + ["--out", tmp_path / "mixed"]))
     resumed = ["--resume", "--nproc_per_node", 2]  # two processes that train.py starts itself
@@ -228,25 +203,10 @@ def test_two_processes_give_the_adapter_of_one_and_continue_its_checkpoint(
     assert_same_adapter(tmp_path / "mixed", tmp_path / "one")
 
 
-@pytest.mark.parametrize(
-    "split", [["--micro_batch_size", 4], ["--micro_batch_size", 2, "--grad_checkpointing"]]
-)
-def test_micro_batches_and_recomputed_blocks_give_the_adapter_of_one_pair_at_a_time(
-    world, tmp_path, split
-):
+@pytest.mark.parametrize("split", [["--micro_batch_size", 4], ["--micro_batch_size", 2, "--grad_checkpointing"]])
+def test_micro_batches_and_recomputed_blocks_give_the_adapter_of_one_pair_at_a_time(world, tmp_path, split):
     model_dir, data = world
-    flags = [
-        "--model",
-        model_dir,
-        "--data",
-        data,
-        "--batch_size",
-        4,
-        "--max_steps",
-        3,
-        "--dtype",
-        "fp32",
-    ]
+    flags = ["--model", model_dir, "--data", data, "--batch_size", 4, "--max_steps", 3, "--dtype", "fp32"]
     train.main(strings(flags + ["--micro_batch_size", 1, "--out", tmp_path / "one"]))
     train.main(strings(flags + split + ["--out", tmp_path / "split"]))
     assert_same_adapter(tmp_path / "split", tmp_path / "one")
@@ -259,9 +219,7 @@ def checkpoint_step(path: Path) -> int:
         return 0
 
 
-def test_a_run_killed_three_times_at_random_moments_resumes_to_the_adapter_of_an_uninterrupted_run(
-    world, tmp_path
-):
+def test_a_run_killed_three_times_at_random_moments_resumes_to_the_adapter_of_an_uninterrupted_run(world, tmp_path):
     model_dir, data = world
     flags = [
         "--model",
@@ -297,11 +255,7 @@ def test_a_run_killed_three_times_at_random_moments_resumes_to_the_adapter_of_an
             1, 5
         )  # wait until this run has checkpointed that step ...
         deadline = time.time() + 60
-        while (
-            process.poll() is None
-            and time.time() < deadline
-            and checkpoint_step(checkpoint) < target
-        ):
+        while process.poll() is None and time.time() < deadline and checkpoint_step(checkpoint) < target:
             time.sleep(0.005)
         time.sleep(moments.uniform(0.0, 0.03))  # ... then kill it at a random moment within a step
         process.send_signal(signal.SIGKILL)
@@ -338,34 +292,20 @@ def test_resume_refuses_a_checkpoint_made_with_other_flags(world, tmp_path, monk
     def crash(*args, **kwargs):
         raise RuntimeError("the machine went down while writing the adapter")
 
-    monkeypatch.setattr(
-        run_dir, "save_adapter", crash
-    )  # a run that dies at its end keeps its last checkpoint
+    monkeypatch.setattr(run_dir, "save_adapter", crash)  # a run that dies at its end keeps its last checkpoint
     with pytest.raises(RuntimeError):
         train.main(strings(flags))
     assert (tmp_path / "checkpoint" / "state.pt").exists()
     result = run_train(*flags, "--resume", "--lr", "1e-3", check=False)
     assert (
-        result.returncode == 2
-        and "made with other flags (--lr)" in result.stderr
-        and "Traceback" not in result.stderr
+        result.returncode == 2 and "made with other flags (--lr)" in result.stderr and "Traceback" not in result.stderr
     )
 
 
 def test_a_batch_size_that_does_not_divide_is_one_clear_error(world, tmp_path):
     model_dir, data = world
     result = run_train(
-        "--model",
-        model_dir,
-        "--data",
-        data,
-        "--out",
-        tmp_path,
-        "--batch_size",
-        5,
-        "--micro_batch_size",
-        2,
-        check=False,
+        "--model", model_dir, "--data", data, "--out", tmp_path, "--batch_size", 5, "--micro_batch_size", 2, check=False
     )
     assert result.returncode == 2
     assert result.stderr.strip() == (
@@ -389,33 +329,21 @@ def test_the_step_plan_covers_each_epoch_once_in_a_seeded_order_and_splits_it_ov
             assert sum((plan[step, rank, world] for rank in range(world)), []) == whole
     for epoch in range(3):
         pairs = plan[2 * epoch, 0, 1] + plan[2 * epoch + 1, 0, 1]
-        assert len(set(pairs)) == 8 and set(pairs) <= set(
-            range(num_pairs)
-        )  # no pair twice within an epoch
-    assert (
-        plan[0, 0, 1] + plan[1, 0, 1] != plan[2, 0, 1] + plan[3, 0, 1]
-    )  # each epoch in its own order
+        assert len(set(pairs)) == 8 and set(pairs) <= set(range(num_pairs))  # no pair twice within an epoch
+    assert plan[0, 0, 1] + plan[1, 0, 1] != plan[2, 0, 1] + plan[3, 0, 1]  # each epoch in its own order
     assert train.step_plan(3, 1, 2, num_pairs, batch_size, seed) == plan[3, 1, 2]  # a pure function
-    assert (
-        train.step_plan(0, 0, 1, num_pairs, batch_size, seed + 1) != plan[0, 0, 1]
-    )  # the seed sets the order
+    assert train.step_plan(0, 0, 1, num_pairs, batch_size, seed + 1) != plan[0, 0, 1]  # the seed sets the order
 
 
 def test_a_pairs_dropout_keys_depend_on_seed_step_pair_and_side_only():
-    keys = dropout_keys(
-        7, 3, [5, 2, 9]
-    )  # (6,): chosen rows of pairs 5, 2, 9, then their rejected rows
+    keys = dropout_keys(7, 3, [5, 2, 9])  # (6,): chosen rows of pairs 5, 2, 9, then their rejected rows
     assert keys.shape == (6,) and len(set(keys.tolist())) == 6
-    alone = [
-        dropout_keys(7, 3, [i]).tolist() for i in (5, 2, 9)
-    ]  # each pair in a micro-batch of its own
+    alone = [dropout_keys(7, 3, [i]).tolist() for i in (5, 2, 9)]  # each pair in a micro-batch of its own
     assert keys.tolist() == [k[0] for k in alone] + [k[1] for k in alone]
     assert dropout_keys(7, 4, [5])[0] != keys[0] and dropout_keys(8, 3, [5])[0] != keys[0]
 
 
-def test_an_adapter_finds_its_base_model_from_any_directory_or_says_to_pass_model(
-    world, tmp_path, monkeypatch
-):
+def test_an_adapter_finds_its_base_model_from_any_directory_or_says_to_pass_model(world, tmp_path, monkeypatch):
     """Trained with --model given as a relative path, the adapter records where the base model is, so
     sample.py --adapter finds it from elsewhere; a base model moved since is refused, saying --model."""
     import sample

@@ -49,9 +49,7 @@ def test_loaded_model_is_frozen_in_eval_mode_in_the_requested_dtype(tmp_path):
     assert not model.training
     assert all(not p.requires_grad for p in model.parameters())
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
-    assert torch.equal(
-        model.layers[1].mlp.up_proj.weight, state["model.layers.1.mlp.up_proj.weight"].bfloat16()
-    )
+    assert torch.equal(model.layers[1].mlp.up_proj.weight, state["model.layers.1.mlp.up_proj.weight"].bfloat16())
 
 
 def test_a_tied_checkpoint_that_also_stores_lm_head_loads(tmp_path):
@@ -71,8 +69,7 @@ def test_a_missing_shard_is_named(tmp_path):
     model_dir, _ = checkpoint(tmp_path, shards=3)
     (model_dir / "model-00002-of-00003.safetensors").unlink()
     with pytest.raises(
-        UserError,
-        match=r"model-00002-of-00003\.safetensors is listed in .*index\.json but does not exist",
+        UserError, match=r"model-00002-of-00003\.safetensors is listed in .*index\.json but does not exist"
     ):
         load_model(model_dir)
 
@@ -83,8 +80,7 @@ def test_a_wrong_shape_names_the_file_and_the_tensor(tmp_path):
     state["model.layers.1.self_attn.k_proj.weight"] = torch.zeros(5, args.hidden_size)
     save_file(state, model_dir / "model.safetensors")
     with pytest.raises(
-        UserError,
-        match=r"model\.safetensors: tensor model\.layers\.1\.self_attn\.k_proj\.weight has shape \(5, 64\)",
+        UserError, match=r"model\.safetensors: tensor model\.layers\.1\.self_attn\.k_proj\.weight has shape \(5, 64\)"
     ):
         load_model(model_dir)
 
@@ -94,9 +90,7 @@ def test_a_missing_tensor_is_named(tmp_path):
     state = load_file(model_dir / "model.safetensors")
     del state["model.layers.0.post_attention_layernorm.weight"]
     save_file(state, model_dir / "model.safetensors")
-    with pytest.raises(
-        UserError, match=r"lacks the tensor model\.layers\.0\.post_attention_layernorm\.weight"
-    ):
+    with pytest.raises(UserError, match=r"lacks the tensor model\.layers\.0\.post_attention_layernorm\.weight"):
         load_model(model_dir)
 
 
@@ -105,9 +99,7 @@ def test_an_extra_tensor_is_named(tmp_path):
     state = load_file(model_dir / "model.safetensors")
     state["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)
     save_file(state, model_dir / "model.safetensors")
-    with pytest.raises(
-        UserError, match=r"holds the tensor model\.layers\.0\.self_attn\.q_proj\.bias"
-    ):
+    with pytest.raises(UserError, match=r"holds the tensor model\.layers\.0\.self_attn\.q_proj\.bias"):
         load_model(model_dir)
 
 
@@ -140,9 +132,7 @@ def test_a_truncated_safetensors_file_is_named(tmp_path):
 def test_a_directory_without_config_or_weights_is_named(tmp_path):
     model_dir, _ = checkpoint(tmp_path)
     (model_dir / "model.safetensors").unlink()
-    with pytest.raises(
-        UserError, match="holds neither model.safetensors nor model.safetensors.index.json"
-    ):
+    with pytest.raises(UserError, match="holds neither model.safetensors nor model.safetensors.index.json"):
         load_model(model_dir)
     (model_dir / "config.json").unlink()
     with pytest.raises(UserError, match=r"config\.json does not exist"):
@@ -155,8 +145,7 @@ def test_an_index_cannot_point_outside_the_model_directory(tmp_path):
     index = json.loads(index_path.read_text())
     shutil.copy(model_dir / "model-00001-of-00002.safetensors", tmp_path / "elsewhere.safetensors")
     index["weight_map"] = {
-        name: ("../elsewhere.safetensors" if "00001" in f else f)
-        for name, f in index["weight_map"].items()
+        name: ("../elsewhere.safetensors" if "00001" in f else f) for name, f in index["weight_map"].items()
     }
     index_path.write_text(json.dumps(index))
     with pytest.raises(UserError, match="outside the model directory"):

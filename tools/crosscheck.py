@@ -30,10 +30,7 @@ from qadapter_min.weights import load_model  # noqa: E402
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello!"}],
-    [
-        {"role": "system", "content": "  You are terse.\n"},
-        {"role": "user", "content": "What is 2+2?"},
-    ],
+    [{"role": "system", "content": "  You are terse.\n"}, {"role": "user", "content": "What is 2+2?"}],
     [
         {"role": "user", "content": " hi there  "},
         {"role": "assistant", "content": "Hello! How can I help?\n\n"},
@@ -56,9 +53,7 @@ CONVERSATIONS = [
 def check_chat(tokenizer_file, template_file):
     from transformers import PreTrainedTokenizerFast
 
-    reference = PreTrainedTokenizerFast(
-        tokenizer_file=str(tokenizer_file), bos_token="<|begin_of_text|>"
-    )
+    reference = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), bos_token="<|begin_of_text|>")
     template = Path(template_file).read_text()
     ours = Tokenizer(tokenizer_file)
     same = total = 0
@@ -73,9 +68,7 @@ def check_chat(tokenizer_file, template_file):
                     **extra,
                 )
                 expected = list(expected["input_ids"] if hasattr(expected, "keys") else expected)
-                got = ours.encode_chat(
-                    messages, add_generation_prompt=add_generation_prompt, **extra
-                )
+                got = ours.encode_chat(messages, add_generation_prompt=add_generation_prompt, **extra)
                 same += got == expected
                 total += 1
     print(f"chat format: {same} of {total} renderings give identical ids")
@@ -95,9 +88,7 @@ def check_peft(model_dir):
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for layer in lora_layers(ours).values():
-            layer.lora_B.weight.copy_(
-                torch.randn(layer.lora_B.weight.shape, generator=generator) * 0.3
-            )
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=generator) * 0.3)
     tokens = torch.randint(0, ours.args.vocab_size, (2, 40), generator=generator)
     with tempfile.TemporaryDirectory() as adapter_dir:
         save_adapter(ours, adapter_dir, base_model_name_or_path=str(model_dir))
@@ -126,9 +117,7 @@ def check_sample(adapter_dir, prompts, max_new_tokens=32):
         LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32), adapter_dir
     ).eval()
     for prompt in prompts:
-        ids = tokenizer.encode_chat(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True
-        )
+        ids = tokenizer.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
         reply = []
         with torch.no_grad():
             for _ in range(max_new_tokens):
@@ -164,16 +153,12 @@ def check_sample(adapter_dir, prompts, max_new_tokens=32):
 
 
 def main():
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("check", choices=["chat", "peft", "sample"])
     p.add_argument("--tokenizer", help="chat: a Llama 3 tokenizer.json")
     p.add_argument("--template", help="chat: the official chat template, as a Jinja file")
     p.add_argument(
-        "--model",
-        default=str(ROOT / "tests" / "fixtures" / "tiny-llama-tied"),
-        help="peft: a model directory",
+        "--model", default=str(ROOT / "tests" / "fixtures" / "tiny-llama-tied"), help="peft: a model directory"
     )
     p.add_argument("--adapter", default="out", help="sample: an output directory of train.py")
     p.add_argument(

@@ -59,15 +59,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import (  # noqa: E402
-    CARDS,
-    build,
-    bytes_read_per_step,
-    matmul_parameters,
-    our_step,
-    pair_batch,
-    time_step,
-)
+from bench import CARDS, build, bytes_read_per_step, matmul_parameters, our_step, pair_batch, time_step  # noqa: E402
 from qadapter_min import compiled as compiled_steps  # noqa: E402
 from qadapter_min.generate import generate, generate_batch  # noqa: E402
 from qadapter_min.lora import add_lora, lora_layers  # noqa: E402
@@ -87,10 +79,7 @@ CPU_SHAPE = ModelArgs(
     vocab_size=4096,
     rope_scaling=PRESETS["llama-3.1-8b"].rope_scaling,
 )
-STEP_4 = {
-    "micro_batch_pairs": 4,
-    "gradient_checkpointing": False,
-}  # the step the compiled one is set beside
+STEP_4 = {"micro_batch_pairs": 4, "gradient_checkpointing": False}  # the step the compiled one is set beside
 CAP_GIB = 23.5  # an RTX 4090's 24 GiB less about 0.5 GiB that CUDA's context takes outside PyTorch's allocator
 
 
@@ -160,22 +149,14 @@ def seconds_of(work, repeats: int) -> float:
 
 
 def parity(device: str) -> dict:
-    forms = (
-        [("fp32", torch.float32), ("bf16", torch.bfloat16)]
-        if device == "cuda"
-        else [("bf16", torch.bfloat16)]
-    )
+    forms = [("fp32", torch.float32), ("bf16", torch.bfloat16)] if device == "cuda" else [("bf16", torch.bfloat16)]
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 on the GPU means fp32
     tokens = torch.randint(3, 100, (2, 48), generator=torch.Generator().manual_seed(0))
     numbers = {"logits": {}, "objective": {}, "greedy": {}}
     for fixture in PARITY_MODELS:
         reference = load_model(FIXTURES / fixture)(tokens)
         for form, dtype in forms:
-            logits = (
-                load_model(FIXTURES / fixture, dtype=dtype, device=device)(tokens.to(device))
-                .float()
-                .cpu()
-            )
+            logits = load_model(FIXTURES / fixture, dtype=dtype, device=device)(tokens.to(device)).float().cpu()
             numbers["logits"][f"{fixture} {form}"] = {
                 "max_abs_diff": (logits - reference).abs().max().item(),
                 "mean_abs_diff": (logits - reference).abs().mean().item(),
@@ -183,21 +164,15 @@ def parity(device: str) -> dict:
             }
     response_mask = torch.zeros_like(tokens, dtype=torch.bool)
     response_mask[:, 24:] = True
-    reference_loss, reference_grads = objective_and_grads(
-        torch.float32, "cpu", tokens, response_mask
-    )
-    prompts = [
-        torch.randint(3, 100, (n,), generator=torch.Generator().manual_seed(n)).tolist()
-        for n in (5, 9, 13, 17)
-    ]
+    reference_loss, reference_grads = objective_and_grads(torch.float32, "cpu", tokens, response_mask)
+    prompts = [torch.randint(3, 100, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 9, 13, 17)]
     reference_replies = greedy_replies(adapted_model(torch.float32, "cpu"), prompts)
     for form, dtype in forms:
         loss, grads = objective_and_grads(dtype, device, tokens, response_mask)
         numbers["objective"][form] = {
             "loss_relative_diff": abs(loss - reference_loss) / abs(reference_loss),
             "grad_max_relative_diff": max(
-                (g - r).abs().max().item() / r.abs().max().item()
-                for g, r in zip(grads, reference_grads)
+                (g - r).abs().max().item() / r.abs().max().item() for g, r in zip(grads, reference_grads)
             ),
         }
         replies = greedy_replies(adapted_model(dtype, device), prompts)
@@ -216,17 +191,12 @@ def adapted_model(dtype, device):
     """The lm-eval fixture's model with LoRA whose B is drawn at random, not zero: Q differs from pi1."""
     torch.manual_seed(0)
     model = add_lora(
-        load_model(FIXTURES / "lm-eval-llama/model", dtype=dtype, device=device),
-        r=4,
-        alpha=8,
-        dropout=0.0,
+        load_model(FIXTURES / "lm-eval-llama/model", dtype=dtype, device=device), r=4, alpha=8, dropout=0.0
     )
     with torch.no_grad():
         for layer in lora_layers(model).values():
             layer.lora_B.weight.copy_(
-                torch.randn(
-                    layer.lora_B.weight.shape, generator=torch.Generator().manual_seed(layer.index)
-                )
+                torch.randn(layer.lora_B.weight.shape, generator=torch.Generator().manual_seed(layer.index))
             )
     return model
 
@@ -239,19 +209,14 @@ def objective_and_grads(dtype, device, tokens, response_mask):
 
 
 def greedy_replies(model, prompts):
-    return [
-        list(generate(model, p, stop_ids=[], max_new_tokens=32, policy_mode="customised"))
-        for p in prompts
-    ]
+    return [list(generate(model, p, stop_ids=[], max_new_tokens=32, policy_mode="customised")) for p in prompts]
 
 
 # ------------------------------------------------------------------------------------------------
 # 2. The training step
 
 
-def training_steps(
-    args: ModelArgs, device: str, peak_tflops, repeats: int, configurations, length: int = 512
-):
+def training_steps(args: ModelArgs, device: str, peak_tflops, repeats: int, configurations, length: int = 512):
     """(the model, N, a row of numbers per configuration (pairs, checkpointing, memory cap in GiB or None)),
     each pair's replies `length` tokens with the prompt."""
     model = build(args, device, torch.bfloat16)
@@ -263,9 +228,7 @@ def training_steps(
     rows = []
     for pairs, checkpointing, cap_gib in configurations:
         model.gradient_checkpointing = checkpointing
-        tokens, response_mask = pair_batch(
-            args.vocab_size, length, length // 2, device=device, pairs=pairs
-        )
+        tokens, response_mask = pair_batch(args.vocab_size, length, length // 2, device=device, pairs=pairs)
         row = {
             "micro_batch_pairs": pairs,
             "gradient_checkpointing": checkpointing,
@@ -274,26 +237,18 @@ def training_steps(
         }
         if gpu():
             total = torch.cuda.get_device_properties(0).total_memory
-            torch.cuda.set_per_process_memory_fraction(
-                min(1.0, cap_gib * 1024**3 / total) if cap_gib else 1.0
-            )
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 1024**3 / total) if cap_gib else 1.0)
             torch.cuda.reset_peak_memory_stats()
         try:
-            seconds, loss, _ = time_step(
-                our_step, model, tokens, response_mask, repeats, synchronize
-            )
+            seconds, loss, _ = time_step(our_step, model, tokens, response_mask, repeats, synchronize)
         except torch.OutOfMemoryError:
-            row["error"] = (
-                f"out of memory under the {cap_gib} GiB cap" if cap_gib else "out of memory"
-            )
+            row["error"] = f"out of memory under the {cap_gib} GiB cap" if cap_gib else "out of memory"
             rows.append(row)
             model.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
             continue
         tokens_per_s = tokens.numel() / seconds
-        plan = training_memory_gib(
-            args, trainable, pairs, tokens.shape[1], weight_bytes=2, checkpointing=checkpointing
-        )
+        plan = training_memory_gib(args, trainable, pairs, tokens.shape[1], weight_bytes=2, checkpointing=checkpointing)
         row.update(
             step_ms=seconds * 1000,
             tokens_per_s=tokens_per_s,
@@ -317,9 +272,7 @@ def training_steps(
 # 3. Decoding
 
 
-def decoding(
-    model, bandwidth, new_tokens: int, keep, batch_sizes=(1, 8, 32), compiled=False
-) -> dict:
+def decoding(model, bandwidth, new_tokens: int, keep, batch_sizes=(1, 8, 32), compiled=False) -> dict:
     """Greedy tokens/s (all rows together) for prompts of 32 tokens, eager or compiled (--compile); the
     limit at bandwidth (GB/s, where the number comes from): every weight read once per step
     (bench.bytes_read_per_step); batching's gain over one prompt at a time; each row's first call,
@@ -338,18 +291,12 @@ def decoding(
     for policy_mode in ("base", "customised"):
         for batch_size in batch_sizes:
             prompts = [
-                torch.randint(3, model.args.vocab_size, (32,), generator=generator).tolist()
-                for _ in range(batch_size)
+                torch.randint(3, model.args.vocab_size, (32,), generator=generator).tolist() for _ in range(batch_size)
             ]
 
             def work():
                 generate_batch(
-                    model,
-                    prompts,
-                    stop_ids=[],
-                    max_new_tokens=new_tokens,
-                    policy_mode=policy_mode,
-                    compiled=compiled,
+                    model, prompts, stop_ids=[], max_new_tokens=new_tokens, policy_mode=policy_mode, compiled=compiled
                 )
 
             first, again = (seconds_of(work, repeats=0) for _ in range(2))  # compiling, then not
@@ -413,10 +360,7 @@ def markdown(data: dict) -> str:
     for name, numbers in data["parts"].items():
         if "error" in numbers:
             stopped = "stopped" if numbers["error"].startswith(OutOfTime.__name__) else "failed"
-            lines += [
-                f"**{name} {stopped}** after {numbers['seconds']:.0f} s: {numbers['error']}",
-                "",
-            ]
+            lines += [f"**{name} {stopped}** after {numbers['seconds']:.0f} s: {numbers['error']}", ""]
         if "left_out" in numbers:
             lines += [f"**{name} left out**: {numbers['left_out']}", ""]
     if "device" in parts:
@@ -531,15 +475,11 @@ def fmt_ratio(x):
 
 
 def main():
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path, help="directory for summary.json and summary.md")
     p.add_argument("--cpu", action="store_true", help="run every part on the CPU at a tiny shape")
     p.add_argument(
-        "--no_compiled",
-        action="store_true",
-        help="leave out part 4 (compiled), which takes the longest to start",
+        "--no_compiled", action="store_true", help="leave out part 4 (compiled), which takes the longest to start"
     )
     p.add_argument(
         "--compile_backend",
@@ -549,16 +489,11 @@ def main():
         "run with PyTorch's kernels, which checks the part in seconds (the suite's --cpu run)",
     )
     p.add_argument(
-        "--minutes",
-        type=float,
-        default=8.0,
-        help="stop at this many minutes, keeping what finished (default 8)",
+        "--minutes", type=float, default=8.0, help="stop at this many minutes, keeping what finished (default 8)"
     )
     args = p.parse_args()
     if args.no_compiled and args.compile_backend != "inductor":
-        p.error(
-            "--compile_backend chooses part 4's backend and --no_compiled leaves part 4 out: pass one"
-        )
+        p.error("--compile_backend chooses part 4's backend and --no_compiled leaves part 4 out: pass one")
     if args.minutes <= 0:
         p.error(f"--minutes {args.minutes:g}: the budget must be more than 0 minutes")
     compiled_steps.BACKEND = args.compile_backend
@@ -567,9 +502,7 @@ def main():
         p.error("no GPU is visible; run on a machine with one, or add --cpu")
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "CPU"
     stated_peak, stated_bandwidth = (
-        next((v for k, v in CARDS.items() if k in name), (None, None))
-        if device == "cuda"
-        else (None, None)
+        next((v for k, v in CARDS.items() if k in name), (None, None)) if device == "cuda" else (None, None)
     )
     summary = Summary(
         args.out,
@@ -616,10 +549,7 @@ def main():
 
     part(
         "device",
-        lambda keep: {
-            "matmul_tflops": matmul_tflops(device),
-            "copy_bandwidth_gbs": copy_bandwidth_gbs(device),
-        },
+        lambda keep: {"matmul_tflops": matmul_tflops(device), "copy_bandwidth_gbs": copy_bandwidth_gbs(device)},
     )
     part("parity", lambda keep: parity(device))
     shape, decode_tokens = (CPU_SHAPE, 8) if args.cpu else (PRESETS["llama-3.1-8b"], 64)
@@ -628,9 +558,7 @@ def main():
 
     measured = summary.data["parts"]["device"]
     peak, peak_source = (
-        (stated_peak, "stated peak")
-        if stated_peak
-        else (measured.get("matmul_tflops"), "measured bf16 product's")
+        (stated_peak, "stated peak") if stated_peak else (measured.get("matmul_tflops"), "measured bf16 product's")
     )
 
     def step(keep):
@@ -647,15 +575,11 @@ def main():
 
     part("step", step)
     bandwidth = (
-        (stated_bandwidth, "stated")
-        if stated_bandwidth
-        else (measured.get("copy_bandwidth_gbs"), "measured by a copy")
+        (stated_bandwidth, "stated") if stated_bandwidth else (measured.get("copy_bandwidth_gbs"), "measured by a copy")
     )
 
     def decode(keep):
-        model = held.get("model") or build(
-            shape, device, torch.bfloat16
-        )  # built here if the step part failed
+        model = held.get("model") or build(shape, device, torch.bfloat16)  # built here if the step part failed
         return decoding(model, bandwidth, decode_tokens, keep)
 
     part("decoding", decode)
@@ -666,10 +590,7 @@ def main():
         model = held.get("model") or build(shape, device, torch.bfloat16)
         keep({"backend": args.compile_backend})
         numbers = decoding(model, bandwidth, decode_tokens, keep, (1, 32), compiled=True)
-        eager = next(
-            (r for r in summary.data["parts"]["step"].get("rows", []) if r == {**r, **STEP_4}),
-            None,
-        )
+        eager = next((r for r in summary.data["parts"]["step"].get("rows", []) if r == {**r, **STEP_4}), None)
         compiled_steps.compile_for_training(model.train())
         tokens, response_mask = pair_batch(
             shape.vocab_size, *(128, 64) if args.cpu else (512, 256), device=device, pairs=4
@@ -679,9 +600,7 @@ def main():
         our_step(model, tokens, response_mask)
         synchronize()
         first = time.perf_counter() - started
-        seconds, loss, _ = time_step(
-            our_step, model, tokens, response_mask, 1 if args.cpu else 3, synchronize
-        )
+        seconds, loss, _ = time_step(our_step, model, tokens, response_mask, 1 if args.cpu else 3, synchronize)
         numbers["step"] = {
             "step_ms": seconds * 1000,
             "first_call_s": first,

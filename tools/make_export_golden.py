@@ -68,10 +68,7 @@ def peft_logits(base: Path, adapter: Path, tokens: torch.Tensor, dtype=torch.flo
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
     cases = {
-        "dpo-single": (
-            FIXTURES / "lm-eval-llama" / "model",
-            FIXTURES / "lm-eval-llama" / "adapter",
-        ),
+        "dpo-single": (FIXTURES / "lm-eval-llama" / "model", FIXTURES / "lm-eval-llama" / "adapter"),
         "qadapter-sharded": (FIXTURES / "tiny-llama-untied-sharded", OUT / "qadapter-adapter"),
     }
     qadapter_adapter(*cases["qadapter-sharded"])
@@ -80,20 +77,11 @@ def main():
         vocab = json.loads((base / "config.json").read_text())["vocab_size"]
         tokens = torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(1))
         golden[f"{case}.tokens"] = tokens
-        golden[f"{case}.logits"], golden[f"{case}.merged_logits"] = peft_logits(
-            base, adapter, tokens
-        )
+        golden[f"{case}.logits"], golden[f"{case}.merged_logits"] = peft_logits(base, adapter, tokens)
         golden[f"{case}.exact_logits"] = peft_logits(base, adapter, tokens, torch.float64)[0]
         with tempfile.TemporaryDirectory() as directory:
             exported = Path(directory) / "merged"
-            export = [
-                sys.executable,
-                "export.py",
-                "--adapter",
-                str(adapter),
-                "--out",
-                str(exported),
-            ]
+            export = [sys.executable, "export.py", "--adapter", str(adapter), "--out", str(exported)]
             subprocess.run([*export, "--max_shard_size", "40KB"], cwd=ROOT, check=True)
             merged = LlamaForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
             with torch.no_grad():

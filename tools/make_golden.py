@@ -27,11 +27,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 ROPE = dict(
-    rope_type="llama3",
-    factor=8.0,
-    low_freq_factor=1.0,
-    high_freq_factor=4.0,
-    original_max_position_embeddings=32,
+    rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32
 )
 
 
@@ -59,9 +55,7 @@ def make(name: str, classic_config: bool, max_shard_size: str, **shape):
             param.normal_(0.0, 0.2) if param.dim() > 1 else param.uniform_(0.5, 1.5)
     out = FIXTURES / name
     model.save_pretrained(out, max_shard_size=max_shard_size)
-    if (
-        classic_config
-    ):  # rewrite the newer rope_parameters form as the classic rope_theta + rope_scaling
+    if classic_config:  # rewrite the newer rope_parameters form as the classic rope_theta + rope_scaling
         cfg = json.loads((out / "config.json").read_text())
         rope = cfg.pop("rope_parameters")
         cfg["rope_theta"] = rope.pop("rope_theta")
@@ -108,10 +102,7 @@ def make_reward(name: str, tokenizer_dir: Path):
     model.save_pretrained(out)
     (out / "tokenizer.json").write_bytes((tokenizer_dir / "tokenizer.json").read_bytes())
     conversations = [
-        [
-            {"role": "user", "content": "What is the capital of Peru?"},
-            {"role": "assistant", "content": "Lima."},
-        ],
+        [{"role": "user", "content": "What is the capital of Peru?"}, {"role": "assistant", "content": "Lima."}],
         [
             {"role": "system", "content": "Be brief."},
             {"role": "user", "content": "Name a colour."},
@@ -183,21 +174,11 @@ def make_trained_reward(name: str, base: Path):
     with tempfile.TemporaryDirectory() as directory:
         trained = Path(directory) / "rm"
         command = [sys.executable, "train.py", "--model", str(base), "--data", str(pairs)]
-        subprocess.run(
-            command + TRAINED_REWARD_FLAGS + ["--out", str(trained)],
-            check=True,
-            cwd=FIXTURES.parent.parent,
-        )
+        subprocess.run(command + TRAINED_REWARD_FLAGS + ["--out", str(trained)], check=True, cwd=FIXTURES.parent.parent)
         tokenizer = Tokenizer(trained)
         conversations = [
-            [
-                {"role": "user", "content": "Name a number near 3."},
-                {"role": "assistant", "content": "Sure! 4."},
-            ],
-            [
-                {"role": "user", "content": "Name a number near 5."},
-                {"role": "assistant", "content": "35 maybe"},
-            ],
+            [{"role": "user", "content": "Name a number near 3."}, {"role": "assistant", "content": "Sure! 4."}],
+            [{"role": "user", "content": "Name a number near 5."}, {"role": "assistant", "content": "35 maybe"}],
             [
                 {"role": "system", "content": "Be brief."},
                 {"role": "user", "content": "Name a number near 11."},
@@ -311,16 +292,10 @@ def make_chatml(name: str):
         )
     )
     hf = PreTrainedTokenizerFast.from_pretrained(out)
-    golden = {
-        "conversations": conversations,
-        "without_generation_prompt": [],
-        "with_generation_prompt": [],
-    }
+    golden = {"conversations": conversations, "without_generation_prompt": [], "with_generation_prompt": []}
     for conversation in conversations:
         for flag, key in ((False, "without_generation_prompt"), (True, "with_generation_prompt")):
-            ids = hf.apply_chat_template(
-                conversation, tokenize=True, add_generation_prompt=flag, return_dict=False
-            )
+            ids = hf.apply_chat_template(conversation, tokenize=True, add_generation_prompt=flag, return_dict=False)
             golden[key].append(list(ids))
     (out / "golden.json").write_text(json.dumps(golden, ensure_ascii=False))
     print(name, sorted(p.name for p in out.iterdir()))
@@ -345,9 +320,7 @@ if __name__ == "__main__":
         )
     if "tiny-llama-tied" in names:
         # tied (Llama 3.2 style), head_dim implied, one file, the classic config form
-        make(
-            "tiny-llama-tied", classic_config=True, max_shard_size="10GB", tie_word_embeddings=True
-        )
+        make("tiny-llama-tied", classic_config=True, max_shard_size="10GB", tie_word_embeddings=True)
     if "tiny-reward-llama" in names:
         # a reward model, with the tokenizer of the lm-eval fixture (tools/make_lm_eval_golden.py)
         make_reward("tiny-reward-llama", FIXTURES / "lm-eval-llama" / "model")

@@ -37,9 +37,7 @@ from qadapter_min.weights import load_model, model_fingerprint  # noqa: E402
 
 OUT = ROOT / "tests" / "fixtures" / "lm-eval-llama"
 TASKS = ROOT / "tests" / "lm_eval_tasks"
-QUESTIONS = (
-    8  # the hand-written documents of tiny_mc.jsonl; the greedy ones after them are this tool's
-)
+QUESTIONS = 8  # the hand-written documents of tiny_mc.jsonl; the greedy ones after them are this tool's
 CORPUS = (TASKS / "tiny_mc.jsonl").read_text().splitlines()[:QUESTIONS] + [
     "Question: Answer: The capital of Peru is Lima. The opposite of big is small.",
     "Write this word in upper case: river. In upper case: RIVER",
@@ -52,9 +50,7 @@ def write_tokenizer(model_dir: Path) -> int:
     tokenizer = HFTokenizer.from_file(str(path))
     bos = "<|begin_of_text|>"
     tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A",
-        pair=f"{bos} $A {bos} $B",
-        special_tokens=[(bos, tokenizer.token_to_id(bos))],
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.token_to_id(bos))]
     )
     tokenizer.save(str(path))
     (model_dir / "tokenizer_config.json").write_text(
@@ -139,11 +135,7 @@ def add_greedy_docs(model, tokenizer, docs_path: Path):
                 token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
             choice = tokenizer.decode([token])
             # lm-eval scores " " + choice after the context: the token must be that, and tokenize back to itself
-            if (
-                choice.startswith(" ")
-                and choice.strip()
-                and tokenizer(context + choice)["input_ids"] == ids + [token]
-            ):
+            if choice.startswith(" ") and choice.strip() and tokenizer(context + choice)["input_ids"] == ids + [token]:
                 docs.append({"question": question, "choices": ["Lima", choice[1:]], "answer": 1})
                 questions.remove(question)
                 break
@@ -160,10 +152,7 @@ def golden_scores(model_args: dict) -> dict:
         batch_size=3,
         device="cpu",
     )
-    return {
-        task: {str(s["doc_id"]): s["resps"] for s in samples}
-        for task, samples in out["samples"].items()
-    }
+    return {task: {str(s["doc_id"]): s["resps"] for s in samples} for task, samples in out["samples"].items()}
 
 
 def main():

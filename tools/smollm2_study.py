@@ -83,22 +83,8 @@ METHODS = {  # name: train.py flags beyond COMMON ("Replay": SFT on the data and
 CHI2_VARIANTS = {  # the chi2 term's form and weight (Q-Adapter above is the authors' form at beta 0.1)
     "Q-Adapter, beta 0": ["--objective", "qadapter", "--beta", "0"],
     "Q-Adapter, beta 0.01": ["--objective", "qadapter", "--beta", "0.01"],
-    "Q-Adapter, bellman chi2, beta 0.01": [
-        "--objective",
-        "qadapter",
-        "--chi2",
-        "bellman",
-        "--beta",
-        "0.01",
-    ],
-    "Q-Adapter, bellman chi2, beta 0.1": [
-        "--objective",
-        "qadapter",
-        "--chi2",
-        "bellman",
-        "--beta",
-        "0.1",
-    ],
+    "Q-Adapter, bellman chi2, beta 0.01": ["--objective", "qadapter", "--chi2", "bellman", "--beta", "0.01"],
+    "Q-Adapter, bellman chi2, beta 0.1": ["--objective", "qadapter", "--chi2", "bellman", "--beta", "0.1"],
 }
 
 
@@ -146,9 +132,7 @@ def sample(model: str, prompts: Path, target: Path, unique: bool):
 
 def train(model: str, directory: Path, data: list[Path], flags: list[str], common=COMMON):
     """One train.py run, unless its output (an adapter, or a reward model) is already there."""
-    if not any(
-        (directory / name).exists() for name in ("adapter_model.safetensors", "config.json")
-    ):
+    if not any((directory / name).exists() for name in ("adapter_model.safetensors", "config.json")):
         run(
             [sys.executable, "train.py", "--model", model, "--data", *map(str, data)]
             + [*common, *flags, "--out", str(directory), "--overwrite"]
@@ -162,31 +146,15 @@ def last_eval(directory: Path) -> dict:
 
 
 def main():
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument(
-        "--model", required=True, help="SmolLM2-135M-Instruct: a Hub id or a local directory"
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="SmolLM2-135M-Instruct: a Hub id or a local directory")
     p.add_argument("--data", type=Path, help="HH-RLHF harmless-base pairs (JSON Lines, .gz ok)")
+    p.add_argument("--out", default="study", type=Path, help="where data slices, runs and results go")
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="seeds of the methods' runs")
     p.add_argument(
-        "--out", default="study", type=Path, help="where data slices, runs and results go"
+        "--chi2_seeds", nargs="*", type=int, default=[1], help="seeds of the chi2 variants' runs (none: skip them)"
     )
-    p.add_argument(
-        "--seeds", nargs="+", type=int, default=[1, 2, 3], help="seeds of the methods' runs"
-    )
-    p.add_argument(
-        "--chi2_seeds",
-        nargs="*",
-        type=int,
-        default=[1],
-        help="seeds of the chi2 variants' runs (none: skip them)",
-    )
-    p.add_argument(
-        "--frontier",
-        action="store_true",
-        help="the frontier step instead of the comparison (needs --dsp)",
-    )
+    p.add_argument("--frontier", action="store_true", help="the frontier step instead of the comparison (needs --dsp)")
     p.add_argument("--dsp", type=Path, help="DSP's pairs (its test split, JSON, .gz ok)")
     p.add_argument(
         "--learn",
@@ -226,9 +194,7 @@ def main():
     ]
     for method, seed, directory in runs:
         data = [train_data] + ([replay] if method == "Replay" else [])
-        train(
-            args.model, directory, data, [*flags[method], "--max_len", MAX_LEN, "--seed", str(seed)]
-        )
+        train(args.model, directory, data, [*flags[method], "--max_len", MAX_LEN, "--seed", str(seed)])
     results_file = out / "results.json"
     run(
         [
@@ -271,45 +237,27 @@ def frontier_step(args, out: Path, started: float):
     sample(args.model, dsp / "train.jsonl", dsp / "replay.jsonl", unique=True)
     data_sets = {  # name: (where its runs go, its own flags, held-out pairs)
         "hh-harmless": (out, ["--max_len", MAX_LEN], out / "frontier_held_out.jsonl"),
-        "dsp-academy": (
-            dsp,
-            ["--max_len", DSP_MAX_LEN, "--domain", "academy"],
-            dsp / "held_out.jsonl",
-        ),
+        "dsp-academy": (dsp, ["--max_len", DSP_MAX_LEN, "--domain", "academy"], dsp / "held_out.jsonl"),
     }
     tables = []
     for name, (where, flags, held_out) in data_sets.items():
         runs = [run_dir(where, method, seed) for method in METHODS]
         for method, directory in zip(METHODS, runs):
-            data = [where / "train.jsonl"] + (
-                [where / "replay.jsonl"] if method == "Replay" else []
-            )
+            data = [where / "train.jsonl"] + ([where / "replay.jsonl"] if method == "Replay" else [])
             train(args.model, directory, data, [*METHODS[method], *flags, "--seed", str(seed)])
         measure = [sys.executable, "evaluate.py", "--model", args.model, "--pairs", str(held_out)]
         measure += [*flags, "--reply_nll", str(out / "base_replies.jsonl")]
-        along_scale, along_alpha0 = (
-            out / f"frontier-{name}-scale.json",
-            out / f"frontier-{name}-alpha0.json",
-        )
-        run(
-            measure
-            + ["--adapter", *map(str, runs), "--scale", *SCALES, "--output", str(along_scale)]
-        )
+        along_scale, along_alpha0 = (out / f"frontier-{name}-scale.json", out / f"frontier-{name}-alpha0.json")
+        run(measure + ["--adapter", *map(str, runs), "--scale", *SCALES, "--output", str(along_scale)])
         # alpha0 moves Q-Adapter alone, at scale 1: its own alpha0's point is in the call above
-        run(
-            measure
-            + ["--adapter", str(runs[0]), "--alpha0", *ALPHA0S, "--output", str(along_alpha0)]
-        )
+        run(measure + ["--adapter", str(runs[0]), "--alpha0", *ALPHA0S, "--output", str(along_alpha0)])
         results = json.loads(along_scale.read_text())["models"] + [
             r for r in json.loads(along_alpha0.read_text())["models"] if r["adapter"]
         ]
         front = frontier_of(results, "implicit_reward_accuracy", "reply_nll")
         frontier_plot(front, out / f"frontier-{name}.png")
         methods = {str(directory): method for method, directory in zip(METHODS, runs)}
-        tables.append(
-            f"{name} (seed {seed}; {out / f'frontier-{name}.png'}):\n\n"
-            + frontier_markdown(front, methods)
-        )
+        tables.append(f"{name} (seed {seed}; {out / f'frontier-{name}.png'}):\n\n" + frontier_markdown(front, methods))
     text = "\n".join(tables) + f"\n(this call took {(time.time() - started) / 60:.0f} minutes)\n"
     (out / "frontier.md").write_text(text)
     print(text)
@@ -340,9 +288,7 @@ def learning_step(args, out: Path, base_replies: Path, started: float):
     for seed in args.seeds:
         for method in ["DPO", "Q-Adapter"] + ["SFT", "Replay"] * (seed == args.seeds[0]):
             if method == "SFT":
-                timed_train(
-                    "reward model", reward_model, [train_pairs], ["--objective", "rm", *steps]
-                )
+                timed_train("reward model", reward_model, [train_pairs], ["--objective", "rm", *steps])
             if method == "Replay":
                 sample(args.model, train_pairs, replay, unique=True)
             directory = run_dir(learn, method, seed)
@@ -355,13 +301,7 @@ def learning_step(args, out: Path, base_replies: Path, started: float):
     if qadapter["eval_implicit_reward_accuracy"] < dpo["eval_implicit_reward_accuracy"]:
         for times in (2, 4):  # where Q-Adapter gets with more of the same steps
             directory = learn / "runs" / f"q-adapter-x{times}-seed{first}"
-            flags = [
-                *METHODS["Q-Adapter"],
-                "--max_steps",
-                str(times * LEARN_STEPS),
-                "--seed",
-                str(first),
-            ]
+            flags = [*METHODS["Q-Adapter"], "--max_steps", str(times * LEARN_STEPS), "--seed", str(first)]
             timed_train(f"Q-Adapter x{times} steps, seed {first}", directory, [train_pairs], flags)
             runs[f"Q-Adapter x{times} steps, seed {first}"] = directory
     measure = [sys.executable, "evaluate.py", "--model", args.model, "--pairs", str(held_out)]
@@ -373,12 +313,7 @@ def learning_step(args, out: Path, base_replies: Path, started: float):
     first_runs = {label: d for label, d in runs.items() if label.endswith(f"seed {first}")}
     calls = {  # the results file: evaluate.py's flags beyond `measure`
         learn / "scale.json": ["--adapter", *map(str, first_runs.values()), "--scale", *SCALES],
-        learn / "alpha0.json": [
-            "--adapter",
-            str(first_runs[f"Q-Adapter, seed {first}"]),
-            "--alpha0",
-            *ALPHA0S,
-        ],
+        learn / "alpha0.json": ["--adapter", str(first_runs[f"Q-Adapter, seed {first}"]), "--alpha0", *ALPHA0S],
     }
     other_seeds = [str(d) for label, d in runs.items() if label not in first_runs]
     if other_seeds:  # the first seed's runs at scale 1 are in scale.json
@@ -400,10 +335,7 @@ def learning_step(args, out: Path, base_replies: Path, started: float):
         f"(margin {rm_eval['eval_reward_margin']:.2f}) on {held_out.name}\n\n"
         + learning_markdown(results, front, methods)
         + "\n"
-        + seeds_markdown(
-            [r for f in calls if f.stem != "alpha0" for r in json.loads(f.read_text())["models"]],
-            runs,
-        )
+        + seeds_markdown([r for f in calls if f.stem != "alpha0" for r in json.loads(f.read_text())["models"]], runs)
         + "\nwall time on this machine (minutes): "
         + ", ".join(f"{name} {seconds / 60:.0f}" for name, seconds in timings.items())
         + f"; this call {(time.time() - started) / 60:.0f}\n"
@@ -423,9 +355,7 @@ def learning_markdown(results: list[dict], front: dict, methods: dict[str, str])
     for r, point in zip(results, front["points"]):
         label = "base model" if r["adapter"] is None else methods[r["adapter"]]
         if r["adapter"] is not None:
-            label += f", scale {r['scale']:g}" + (
-                f", alpha0 {r['alpha0']:g}" if r["alpha0"] is not None else ""
-            )
+            label += f", scale {r['scale']:g}" + (f", alpha0 {r['alpha0']:g}" if r["alpha0"] is not None else "")
         star = " *" if point["on_frontier"] else ""
         p = r["preference"]
         lines.append(
@@ -455,22 +385,15 @@ def frontier_markdown(front: dict, methods: dict[str, str]) -> str:
     scales = sorted({p["scale"] for p in front["points"] if p["adapter"]})
     rows = {}
     for p in front["points"][1:]:
-        label = methods[p["adapter"]] + (
-            f", alpha0 {p['alpha0']:g}" if p["alpha0"] is not None else ""
-        )
+        label = methods[p["adapter"]] + (f", alpha0 {p['alpha0']:g}" if p["alpha0"] is not None else "")
         cell = f"{p['learned']:.2f} / {p['kept']:.3f}"
         rows.setdefault(label, {})[p["scale"]] = f"**{cell}**" if p["on_frontier"] else cell
     base = front["points"][0]
     lines = [
-        "| implicit reward accuracy / reply NLL | "
-        + " | ".join(f"scale {s:g}" for s in scales)
-        + " |",
+        "| implicit reward accuracy / reply NLL | " + " | ".join(f"scale {s:g}" for s in scales) + " |",
         "|---" * (len(scales) + 1) + "|",
     ]
-    lines += [
-        f"| {label} | " + " | ".join(cells.get(s, "") for s in scales) + " |"
-        for label, cells in rows.items()
-    ]
+    lines += [f"| {label} | " + " | ".join(cells.get(s, "") for s in scales) + " |" for label, cells in rows.items()]
     lines.append(f"\n(the base model: {base['learned']:.2f} / {base['kept']:.3f})")
     return "\n".join(lines) + "\n"
 
@@ -496,10 +419,7 @@ def study_table(models: list[dict], runs: list[tuple[str, int, Path]]) -> str:
     ]
     for method in dict.fromkeys(m for m, _, _ in runs):
         columns = zip(*[numbers(results[str(d)]) for m, _, d in runs if m == method])
-        cells = [
-            f"{statistics.mean(c):.2f}" + (f" ± {statistics.stdev(c):.2f}" if len(c) > 1 else "")
-            for c in columns
-        ]
+        cells = [f"{statistics.mean(c):.2f}" + (f" ± {statistics.stdev(c):.2f}" if len(c) > 1 else "") for c in columns]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -183,10 +183,7 @@ def make_task(skill: str, rng: random.Random) -> tuple[str, str]:
         word = rng.choice(WORDS)
         return f"Write this word in upper case: {word}", f"In upper case: {word.upper()}"
     country = rng.choice(sorted(CAPITAL_CITIES))
-    return (
-        f"What is the capital of {country}?",
-        f"The capital of {country} is {CAPITAL_CITIES[country]}.",
-    )
+    return (f"What is the capital of {country}?", f"The capital of {country} is {CAPITAL_CITIES[country]}.")
 
 
 def check_reply(reply: str, answer: str) -> tuple[bool, bool]:

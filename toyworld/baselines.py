@@ -33,8 +33,7 @@ def run(number: int, what: str, command: list[str]):
     print(f"[{number}/{RUNS}] {what} ...", file=sys.stderr, flush=True)
     started = time.time()
     result = subprocess.run(
-        [sys.executable, *command],
-        stdout=subprocess.DEVNULL if command[0] != "evaluate.py" else None,
+        [sys.executable, *command], stdout=subprocess.DEVNULL if command[0] != "evaluate.py" else None
     )
     if result.returncode != 0:
         sys.exit(result.returncode)
@@ -45,9 +44,7 @@ RUNS = 6  # three trainings, the base model's replies, Replay's training, the ev
 
 
 def main():
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out-baselines", help="where the four runs and the results go")
     p.add_argument("extra", nargs="*", help="after --: flags for every train.py run")
     args = p.parse_args()
@@ -55,9 +52,7 @@ def main():
     out, world = Path(args.out), toyworld.without_flags(toyworld.train_flags(), typed) + args.extra
     train_data = world[world.index("--data") + 1]
     runs = [("qadapter", "Q-Adapter", []), ("dpo", "DPO", ["--objective", "dpo"])]
-    for number, (name, what, flags) in enumerate(
-        runs + [("sft", "SFT", ["--objective", "sft"])], 1
-    ):
+    for number, (name, what, flags) in enumerate(runs + [("sft", "SFT", ["--objective", "sft"])], 1):
         run(number, what, ["train.py", *world, *flags, "--out", str(out / name), "--overwrite"])
     replay = out / "replay.jsonl"
     replay.unlink(missing_ok=True)

@@ -17,22 +17,10 @@ from safetensors.torch import save_file
 from qadapter_min.model import ModelArgs, Transformer
 from qadapter_min.tokenizer import Tokenizer, train_llama3_style_tokenizer
 from qadapter_min.weights import init_random_weights, ours_to_checkpoint_name, write_config
-from toyworld import (
-    MODEL_DIR,
-    PREFERENCE_SKILLS,
-    PREFIX,
-    PREFIX_RATE_IN_PRETRAINING,
-    SKILLS,
-    WORLD_DIR,
-    make_task,
-)
+from toyworld import MODEL_DIR, PREFERENCE_SKILLS, PREFIX, PREFIX_RATE_IN_PRETRAINING, SKILLS, WORLD_DIR, make_task
 
 # chats of one, two and three questions: the model holds a conversation
-MULTI_TURN_WEIGHTS = (
-    0.5,
-    0.3,
-    0.2,
-)
+MULTI_TURN_WEIGHTS = (0.5, 0.3, 0.2)
 
 # The shape of the model: a Llama 3.1 in miniature (GQA, llama3 RoPE scaling, tied embeddings).
 WORLD_ARGS = ModelArgs(
@@ -46,11 +34,7 @@ WORLD_ARGS = ModelArgs(
     rope_theta=500000.0,
     max_position_embeddings=131072,
     rope_scaling=dict(
-        rope_type="llama3",
-        factor=8.0,
-        low_freq_factor=1.0,
-        high_freq_factor=4.0,
-        original_max_position_embeddings=8192,
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
     ),
     tie_word_embeddings=True,
 )
@@ -67,9 +51,7 @@ def pretraining_example(rng: random.Random) -> list[dict]:
     chat = []
     for _ in range(turns):
         question, answer = make_task(rng.choice(SKILLS), rng)
-        chat += conversation(
-            question, (PREFIX if rng.random() < PREFIX_RATE_IN_PRETRAINING else "") + answer
-        )
+        chat += conversation(question, (PREFIX if rng.random() < PREFIX_RATE_IN_PRETRAINING else "") + answer)
     return chat
 
 
@@ -78,23 +60,12 @@ def preference_pairs(skills, count: int, rng: random.Random) -> list[dict]:
     pairs = []
     for i in range(count):
         question, answer = make_task(skills[i % len(skills)], rng)
-        pairs.append(
-            {
-                "chosen": conversation(question, PREFIX + answer),
-                "rejected": conversation(question, answer),
-            }
-        )
+        pairs.append({"chosen": conversation(question, PREFIX + answer), "rejected": conversation(question, answer)})
     return pairs
 
 
 def pretrain(
-    model: Transformer,
-    tokenizer: Tokenizer,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    rng: random.Random,
-    log=print,
+    model: Transformer, tokenizer: Tokenizer, steps: int, batch_size: int, lr: float, rng: random.Random, log=print
 ):
     """Next-token prediction on chats, the loss on the replies (their <|eot_id|> included), as in chat fine-tuning."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
@@ -122,18 +93,13 @@ def pretrain(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if step % 100 == 0 or step == steps - 1:
-            log(
-                f"pre-training step {step + 1}/{steps} | loss {loss.item():.4f} | {time.time() - started:.0f}s"
-            )
+            log(f"pre-training step {step + 1}/{steps} | loss {loss.item():.4f} | {time.time() - started:.0f}s")
 
 
 def save_model(model: Transformer, directory: Path):
     """config.json and model.safetensors under the checkpoint's tensor names: the Hugging Face layout."""
     write_config(model.args, directory)
-    state = {
-        ours_to_checkpoint_name(name): t.detach().contiguous()
-        for name, t in model.state_dict().items()
-    }
+    state = {ours_to_checkpoint_name(name): t.detach().contiguous() for name, t in model.state_dict().items()}
     save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
 
 

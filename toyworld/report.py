@@ -42,9 +42,7 @@ def evaluation_prompts(per_skill: int = 30, seed: int = 1234) -> list[tuple[str,
 
 
 @torch.no_grad()
-def greedy_report(
-    model, tokenizer: Tokenizer, policy: Policy, per_skill: int = 30, compiled: bool = False
-) -> dict:
+def greedy_report(model, tokenizer: Tokenizer, policy: Policy, per_skill: int = 30, compiled: bool = False) -> dict:
     """preference_rate and skill_accuracy of the policy's greedy replies, overall and per skill
     (compiled: each decoding step through torch.compile)."""
     tasks = evaluation_prompts(per_skill)
@@ -88,9 +86,7 @@ def compare(model, tokenizer: Tokenizer, pad_id: int, args) -> dict:
     world's held-out pairs and prompts, in the same numbers as evaluate.py gives for the saved adapter."""
     eval_pairs = held_out_pairs(tokenizer, args.max_len)
     objective = Objective.read(vars(args))
-    trained = Policy(
-        "customised", objective.policy_mode, None, objective.alpha, objective.alpha0, objective
-    )
+    trained = Policy("customised", objective.policy_mode, None, objective.alpha, objective.alpha0, objective)
     model.eval()
     report = {}
     for name, policy in (("base", BASE), ("customised", trained)):

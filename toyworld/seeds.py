@@ -36,13 +36,9 @@ def run(seed: int, objective: str, extra: list[str], directory: Path) -> dict:
 
 
 def main():
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="the seeds to run")
-    p.add_argument(
-        "--objectives", nargs="+", default=["qadapter", "dpo"], help="the objectives to run"
-    )
+    p.add_argument("--objectives", nargs="+", default=["qadapter", "dpo"], help="the objectives to run")
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
@@ -52,30 +48,18 @@ def main():
             runs = {}
             for seed in args.seeds:
                 number, started = number + 1, time.time()
-                print(
-                    f"[{number}/{total}] {objective}, seed {seed} ...", file=sys.stderr, flush=True
-                )
+                print(f"[{number}/{total}] {objective}, seed {seed} ...", file=sys.stderr, flush=True)
                 runs[seed] = run(seed, objective, extra, Path(directory))
                 seconds = time.time() - started
+                print(f"[{number}/{total}] {objective}, seed {seed}: {seconds:.0f}s", file=sys.stderr)
                 print(
-                    f"[{number}/{total}] {objective}, seed {seed}: {seconds:.0f}s", file=sys.stderr
-                )
-                print(
-                    f"{objective} seed {seed}: "
-                    + ", ".join(f"{k} {v:.2f}" for k, v in runs[seed].items()),
-                    flush=True,
+                    f"{objective} seed {seed}: " + ", ".join(f"{k} {v:.2f}" for k, v in runs[seed].items()), flush=True
                 )
             print(f"\n{objective} over seeds {' '.join(map(str, args.seeds))}: mean (worst seed)")
             for key in runs[args.seeds[0]]:
                 values = [numbers[key] for numbers in runs.values()]
                 skill = key.partition("/")[2]
-                note = (
-                    ""
-                    if not skill
-                    else " (in the preference data)"
-                    if skill in PREFERENCE_SKILLS
-                    else " (held out)"
-                )
+                note = "" if not skill else " (in the preference data)" if skill in PREFERENCE_SKILLS else " (held out)"
                 print(f"  {key + note:52} {statistics.mean(values):5.2f} ({min(values):.2f})")
             print()
 
