@@ -54,6 +54,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -68,6 +69,7 @@ from qadapter_min.common import (
     check_output_file,
     choose_dtype,
     format_table,
+    parse_or_default,
     refuse_out_of_range,
     run_command_line,
     write_json,
@@ -91,12 +93,6 @@ from qadapter_min.reward import check_reward_model, load_reward_model, rewards, 
 from qadapter_min.tokenizer import Tokenizer
 from qadapter_min.weights import load_model
 from toyworld.report import greedy_report, world_rows
-
-WORLD_FLAGS = dict(
-    model=os.path.relpath(toyworld.MODEL_DIR),
-    adapter=["out"],
-    pairs=[os.path.relpath(toyworld.WORLD_DIR / "test.jsonl")],
-)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -194,10 +190,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--batch_size", type=int, default=8, help="requests per forward pass (sequences, or prompts decoded together)"
     )
     lm.add_argument("--log_samples", action="store_true", help="keep lm-eval's record of every document in --output")
-    args = p.parse_args(argv)
-    if args.model is None and args.adapter is None and args.pairs is None:  # the built-in world
-        for name, value in WORLD_FLAGS.items():
-            setattr(args, name, value)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_or_default(p, argv, ("model", "adapter", "pairs"), toyworld.evaluate_flags(), "evaluate.py")
     refuse_out_of_range(
         args,
         [
@@ -577,7 +571,7 @@ def main(argv=None):
     tokenizer = Tokenizer(model_dir)
     world = toyworld.is_world_model(model_dir)
     if world and args.pairs is None:
-        args.pairs = WORLD_FLAGS["pairs"]
+        args.pairs = [os.path.relpath(toyworld.WORLD_DIR / "test.jsonl")]
     pairs = read_pairs(args, tokenizer)
     replies = read_replies(args, tokenizer)
     model = load_model(model_dir, dtype=choose_dtype(args.dtype, processes.device), device=processes.device)

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+import toyworld
 from qadapter_min import UserError, run_dir, tracking
 from qadapter_min.common import Progress, choose_dtype, full, run_command_line
 from qadapter_min.compiled import compile_for_training
@@ -39,11 +40,10 @@ from qadapter_min.sharding import evaluation_batches, gradient_sync, load_sharde
 from qadapter_min.step import micro_batch_objective
 from qadapter_min.tokenizer import Tokenizer
 from qadapter_min.weights import load_model, read_config
-from toyworld import is_world_model
 
 
 def main(argv=None):
-    args = parse_args(argv, description=__doc__)  # flags.py: the flags, and their help
+    args = parse_args(argv, __doc__, world=toyworld.train_flags())  # flags.py: the flags, and their help
     check_flags(args)
     objective = Objective.read(vars(args))
     checkpoint = run_dir.check_out_dir(args, defaults())  # with --resume, its flags checked
@@ -66,7 +66,7 @@ def main(argv=None):
     run_dir.write_outputs(model, args, total_steps, len(train_set), processes, model_dir, pad_id)
     written = "reward model" if objective.name == "rm" else "adapter"
     processes.log(f"{written} written to {args.out}/ ({time.time() - started:.0f}s)")
-    if is_world_model(model_dir):  # the built-in world's table, printed after its run
+    if toyworld.is_world_model(model_dir):  # the built-in world's table, printed after its run
         from toyworld.report import report_run
 
         report_run(model, model_dir, tokenizer, pad_id, args, processes)

@@ -5,6 +5,7 @@ import argparse
 import functools
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -126,6 +127,35 @@ class Progress:
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """--help keeps the module docstring's layout and shows every flag's default."""
+
+
+LAUNCHED = "QADAPTER_LAUNCHED"  # set in the processes launch starts: their command line was printed
+
+
+def parse_or_default(parser, argv: list[str], names: tuple[str, ...], default: list[str], script: str):
+    """The flags typed; where none of `names` is typed, the flags of `default` first and those typed after
+    them (which win), printed once as the command they amount to. How a bare train.py or evaluate.py runs
+    the built-in world: `default` is its flags, shown in --help."""
+    parser.epilog = f"A bare `python {script}` runs the built-in world as:\n  python {script} {shlex.join(default)}"
+    args = parser.parse_args(argv)
+    if any(getattr(args, name) is not None for name in names):
+        return args
+    typed = {word for word in argv if word.startswith("--")}
+    argv = [*without_flags(default, typed), *argv]  # each flag once: a typed one wins
+    if os.environ.get("RANK", "0") == "0" and LAUNCHED not in os.environ:  # printed once
+        print(f"built-in world: python {script} {shlex.join(argv)}", flush=True)
+    return parser.parse_args(argv)
+
+
+def without_flags(argv: list[str], flags: set[str]) -> list[str]:
+    """argv without the flags named (each with the values that follow it, up to the next flag)."""
+    kept, dropping = [], False
+    for word in argv:
+        if word.startswith("--"):
+            dropping = word in flags
+        if not dropping:
+            kept.append(word)
+    return kept
 
 
 def run_command_line(main):

@@ -1,19 +1,17 @@
 """train.py's command line: its flags, with their defaults and help, and every check of them that
 needs no model and no data (refused in one sentence that names the flag, before any work).
 
-The objective's defaults are objective.Objective's, written there once; a bare `python train.py` is
-the built-in world's command (toyworld/), printed first.
+The objective's defaults are objective.Objective's, written there once; a bare `python train.py` runs
+the flags the caller passes as `world` (train.py passes the built-in world's), printed first.
 """
 
 import argparse
 import os
-import shlex
 import sys
 from pathlib import Path
 
-import toyworld
 from qadapter_min import UserError, tracking
-from qadapter_min.common import HelpFormatter
+from qadapter_min.common import HelpFormatter, parse_or_default
 from qadapter_min.compiled import add_compile_flag
 from qadapter_min.data import check_data_file
 from qadapter_min.lora import PROJECTIONS, check_targets
@@ -23,12 +21,7 @@ from qadapter_min.processes import add_nproc_flag
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
     """train.py's parser; description: its --help text (train.py's docstring)."""
-    bare_run = "python train.py " + " ".join(map(shlex.quote, toyworld.train_flags()))
-    p = argparse.ArgumentParser(
-        description=description,
-        formatter_class=HelpFormatter,
-        epilog=f"A bare `python train.py` runs the built-in world as:\n  {bare_run}",
-    )
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     p.add_argument(
         "--model",
         default=None,
@@ -143,14 +136,11 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv=None, description: str = "") -> argparse.Namespace:
-    """The flags; with neither --model nor --data, the built-in world's flags first, printed as a command."""
-    parser = build_parser(description)
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
-    if args.model is None and args.data is None:
-        args = parser.parse_args(toyworld.with_world_flags(argv))
-    elif args.model is None or args.data is None:
+def parse_args(argv=None, description: str = "", world: list[str] = ()) -> argparse.Namespace:
+    """The flags; with neither --model nor --data, the flags of `world` first, printed as a command."""
+    parser, argv = build_parser(description), sys.argv[1:] if argv is None else list(argv)
+    args = parse_or_default(parser, argv, ("model", "data"), list(world), "train.py")
+    if args.model is None or args.data is None:
         parser.error("pass both --model and --data, or neither for the built-in world")
     return args
 

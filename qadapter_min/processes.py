@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from qadapter_min import UserError
-from qadapter_min.common import default_device
+from qadapter_min.common import LAUNCHED, default_device
 from qadapter_min.weights import resolve_model_dir
 
 
@@ -100,9 +100,6 @@ def add_nproc_flag(parser):
         help="start this many processes on this node, one per GPU, as torchrun --nproc_per_node does; "
         "a refusal then ends them all in one line (torchrun adds its own report of the failure)",
     )
-
-
-LAUNCHED = "QADAPTER_LAUNCHED"  # set in the processes launch starts: their command line was printed
 
 
 def launch(n: int) -> int:

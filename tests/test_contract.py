@@ -179,9 +179,10 @@ def test_the_files_of_a_run_have_one_mode_and_the_config_records_what_was_run(wo
     assert config["steps"] == 5 and config["epochs"] == 2.5  # 5 steps of 4 pairs over 8 pairs
 
 
-def test_help_shows_every_default_and_what_a_bare_run_does():
-    parser = build_parser()
-    text = parser.format_help()
+def test_help_shows_every_default_and_what_a_bare_run_does(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    text, parser = capsys.readouterr().out, build_parser()
     flags = [a for a in parser._actions if a.dest != "help"]
     assert text.count("(default:") == len(flags)
     assert "A bare `python train.py` runs the built-in world as:" in text and "--model toyworld/model" in text

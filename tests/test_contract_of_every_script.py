@@ -12,6 +12,7 @@ import pytest
 
 import evaluate
 import sample
+import toyworld
 import train
 from conftest import run_script, tiny_model_dir, write_pairs
 from qadapter_min import flags, memory, processes
@@ -171,7 +172,7 @@ def test_a_dpo_run_logs_no_chi2_term(world, tmp_path):
 
 
 def test_the_built_in_line_shows_each_flag_once_with_the_typed_value(capsys):
-    flags.parse_args(["--batch_size", "8", "--lora_targets", "q_proj", "--out", "x"])
+    flags.parse_args(["--batch_size", "8", "--lora_targets", "q_proj", "--out", "x"], world=toyworld.train_flags())
     [line] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("built-in")]
     words = line.split()
     assert words.count("--batch_size") == 1 and words[words.index("--batch_size") + 1] == "8"

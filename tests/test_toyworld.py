@@ -16,19 +16,19 @@ import toyworld
 from qadapter_min import flags
 from qadapter_min.data import REPLY_KEYS, load_pairs
 from qadapter_min.tokenizer import Tokenizer
-from toyworld import baselines, seeds
+from toyworld import baselines, seeds, world
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_every_skill_has_a_checkable_answer_and_the_prefix_is_optional():
     rng = random.Random(0)
-    assert toyworld.make_task("geography", random.Random(3))[1].startswith("The capital of ")
-    for skill in toyworld.SKILLS:
-        question, answer = toyworld.make_task(skill, rng)
-        assert toyworld.check_reply(answer, answer) == (False, True)
-        assert toyworld.check_reply(toyworld.PREFIX + answer, answer) == (True, True)
-        assert toyworld.check_reply(toyworld.PREFIX + answer + "!", answer) == (True, False)
+    assert world.make_task("geography", random.Random(3))[1].startswith("The capital of ")
+    for skill in world.SKILLS:
+        question, answer = world.make_task(skill, rng)
+        assert world.check_reply(answer, answer) == (False, True)
+        assert world.check_reply(world.PREFIX + answer, answer) == (True, True)
+        assert world.check_reply(world.PREFIX + answer + "!", answer) == (True, False)
 
 
 def test_the_committed_world_loads_through_the_llama_loader_and_tokenizer():
@@ -39,7 +39,7 @@ def test_the_committed_world_loads_through_the_llama_loader_and_tokenizer():
     assert len(train_pairs) == 512 and len(test_pairs) == 96
     asked = {p.chosen[0]["content"].split()[2] for p in train_pairs}  # "What is the ...", "Write this word ..."
     assert "word" not in asked  # uppercase stays out of the preference data
-    assert all(p.chosen[-1]["content"] == toyworld.PREFIX + p.rejected[-1]["content"] for p in train_pairs)
+    assert all(p.chosen[-1]["content"] == world.PREFIX + p.rejected[-1]["content"] for p in train_pairs)
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +59,11 @@ def test_the_builtin_run_learns_the_preference_and_keeps_the_skills(builtin_run)
     for model in (base, customised):
         for key in ("preference_accuracy", "preference_rate", "skill_accuracy"):
             assert 0.0 <= model[key] <= 1.0
-        assert set(model["preference_rate_by_skill"]) == set(model["skill_accuracy_by_skill"]) == set(toyworld.SKILLS)
+        assert set(model["preference_rate_by_skill"]) == set(model["skill_accuracy_by_skill"]) == set(world.SKILLS)
     assert customised["preference_accuracy"] >= base["preference_accuracy"] + 0.3
-    for skill in toyworld.PREFERENCE_SKILLS:  # the preference learned where it was taught ...
+    for skill in world.PREFERENCE_SKILLS:  # the preference learned where it was taught ...
         assert base["preference_rate_by_skill"][skill] == 0.0 and customised["preference_rate_by_skill"][skill] >= 0.8
-    for skill in toyworld.SKILLS:  # ... and every skill kept, the held-out one included
+    for skill in world.SKILLS:  # ... and every skill kept, the held-out one included
         assert base["skill_accuracy_by_skill"][skill] == 1.0 and customised["skill_accuracy_by_skill"][skill] >= 0.95
 
 
@@ -101,7 +101,7 @@ def test_an_interactive_chat_answers_three_questions_in_a_row(builtin_run):
     replies = result.stdout.splitlines()
     assert len(replies) == 3 and not result.stdout.endswith("\n\n")  # stdout holds the replies and nothing else
     assert replies[:2] == ["Sure! The capital of Peru is Lima.", "Sure! The opposite of hot is cold."]
-    assert toyworld.check_reply(replies[2], "In upper case: MOON")[1]  # the held-out skill: correct, prefix or not
+    assert world.check_reply(replies[2], "In upper case: MOON")[1]  # the held-out skill: correct, prefix or not
 
 
 def test_the_printed_command_is_the_bare_run(builtin_run, capsys):
@@ -110,7 +110,8 @@ def test_the_printed_command_is_the_bare_run(builtin_run, capsys):
     out, command = builtin_run
     argv = shlex.split(command)[2:]  # after "python train.py": the world's flags, then the --out typed above
     assert argv[-2:] == ["--out", str(out)]
-    assert flags.parse_args(argv) == flags.parse_args(["--out", str(out)])
+    world_flags = toyworld.train_flags()
+    assert flags.parse_args(argv) == flags.parse_args(["--out", str(out)], world=world_flags)
     assert capsys.readouterr().out.splitlines() == [f"built-in world: {command}"]  # printed by the bare form only
 
 

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import toyworld
+from qadapter_min.common import without_flags
 
 
 def run(number: int, what: str, command: list[str]):
@@ -49,7 +50,7 @@ def main():
     p.add_argument("extra", nargs="*", help="after --: flags for every train.py run")
     args = p.parse_args()
     typed = {flag for flag in args.extra if flag.startswith("--")}  # each flag once, typed ones win
-    out, world = Path(args.out), toyworld.without_flags(toyworld.train_flags(), typed) + args.extra
+    out, world = Path(args.out), without_flags(toyworld.train_flags(), typed) + args.extra
     train_data = world[world.index("--data") + 1]
     runs = [("qadapter", "Q-Adapter", []), ("dpo", "DPO", ["--objective", "dpo"])]
     for number, (name, what, flags) in enumerate(runs + [("sft", "SFT", ["--objective", "sft"])], 1):

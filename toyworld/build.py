@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 from qadapter_min.model import ModelArgs, Transformer
 from qadapter_min.tokenizer import Tokenizer, train_llama3_style_tokenizer
 from qadapter_min.weights import init_random_weights, ours_to_checkpoint_name, write_config
-from toyworld import MODEL_DIR, PREFERENCE_SKILLS, PREFIX, PREFIX_RATE_IN_PRETRAINING, SKILLS, WORLD_DIR, make_task
+from toyworld import MODEL_DIR, WORLD_DIR
+from toyworld.world import PREFERENCE_SKILLS, PREFIX, PREFIX_RATE_IN_PRETRAINING, SKILLS, make_task
 
 # chats of one, two and three questions: the model holds a conversation
 MULTI_TURN_WEIGHTS = (0.5, 0.3, 0.2)

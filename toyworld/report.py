@@ -19,7 +19,8 @@ from qadapter_min.policy import BASE, Policy, preference_metrics
 from qadapter_min.run_dir import REPORT
 from qadapter_min.tokenizer import Tokenizer
 from qadapter_min.weights import load_model
-from toyworld import PREFERENCE_SKILLS, SKILLS, WORLD_DIR, check_reply, make_task
+from toyworld import WORLD_DIR
+from toyworld.world import PREFERENCE_SKILLS, SKILLS, check_reply, make_task
 
 
 def report_run(model, model_dir, tokenizer: Tokenizer, pad_id: int, args, processes):

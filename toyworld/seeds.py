@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import train
-from toyworld import PREFERENCE_SKILLS, SKILLS
+from toyworld.world import PREFERENCE_SKILLS, SKILLS
 
 
 def run(seed: int, objective: str, extra: list[str], directory: Path) -> dict:
