@@ -30,11 +30,42 @@ import torch
 from qadapter_min import compiled as compiled_steps
 from qadapter_min.generate import Decoder, generate, generate_batch
 from qadapter_min.lora import adapter_disabled, add_lora, lora_layers
-from qadapter_min.memory import PRESETS, training_memory_gib
+from qadapter_min.memory import training_memory_gib
 from qadapter_min.model import ModelArgs, Transformer
 from qadapter_min.objective import loss_from_logits
 from qadapter_min.step import micro_batch_objective
-from qadapter_min.weights import init_random_weights
+from toyworld.build import init_random_weights
+
+
+def llama3_shape(hidden: int, intermediate: int, layers: int, heads: int, rope_factor: float, tied=False) -> ModelArgs:
+    """A published Llama 3 shape: 8 key-value heads, llama3 RoPE scaling by rope_factor from 8,192 positions."""
+    rope = dict(
+        rope_type="llama3",
+        factor=rope_factor,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=8192,
+    )
+    return ModelArgs(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=8,
+        rope_scaling=rope,
+        tie_word_embeddings=tied,
+    )
+
+
+# Published shapes (the Llama 3.1 and 3.2 model cards), for random-weight timings and memory estimates.
+PRESETS = {
+    "llama-3.1-8b": llama3_shape(4096, 14336, 32, 32, 8.0),
+    "llama-3.1-70b": llama3_shape(8192, 28672, 80, 64, 8.0),
+    "llama-3.1-405b": llama3_shape(16384, 53248, 126, 128, 8.0),
+    "llama-3.2-1b": llama3_shape(2048, 8192, 16, 32, 32.0, tied=True),
+    "llama-3.2-3b": llama3_shape(3072, 8192, 28, 24, 32.0, tied=True),
+}
+
 
 CPU_ARGS = ModelArgs(
     hidden_size=256,

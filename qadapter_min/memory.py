@@ -14,9 +14,8 @@ LoRA + AdamW, and a weight in full only while it is in use:
                    (the one computing and the next, fetched ahead), the embedding and the first block at
                    the start, and the LM head with the objective's chunk between the passes
 
-Also here: the published shapes of the Llama 3.1 and 3.2 models (PRESETS, for bench.py's random-init
-runs and plans), the plan train.py prints before its first step, and the advice it gives when a GPU
-runs out of memory all the same.
+Also here: the plan train.py prints before its first step, and the advice it gives when a GPU runs out
+of memory all the same.
 """
 
 import os
@@ -31,63 +30,6 @@ from qadapter_min.lean_head import CHUNK_SIZE
 from qadapter_min.model import ModelArgs
 
 GIB = 1024**3
-
-
-def _llama3_rope(factor):
-    return dict(
-        rope_type="llama3",
-        factor=factor,
-        low_freq_factor=1.0,
-        high_freq_factor=4.0,
-        original_max_position_embeddings=8192,
-    )
-
-
-# Published shapes, for random-init benchmarks and memory estimates (Llama 3.1 and 3.2 model cards).
-PRESETS = {
-    "llama-3.1-8b": ModelArgs(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        rope_scaling=_llama3_rope(8.0),
-    ),
-    "llama-3.1-70b": ModelArgs(
-        hidden_size=8192,
-        intermediate_size=28672,
-        num_hidden_layers=80,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        rope_scaling=_llama3_rope(8.0),
-    ),
-    "llama-3.1-405b": ModelArgs(
-        hidden_size=16384,
-        intermediate_size=53248,
-        num_hidden_layers=126,
-        num_attention_heads=128,
-        num_key_value_heads=8,
-        rope_scaling=_llama3_rope(8.0),
-    ),
-    "llama-3.2-1b": ModelArgs(
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        rope_scaling=_llama3_rope(32.0),
-        tie_word_embeddings=True,
-    ),
-    "llama-3.2-3b": ModelArgs(
-        hidden_size=3072,
-        intermediate_size=8192,
-        num_hidden_layers=28,
-        num_attention_heads=24,
-        num_key_value_heads=8,
-        rope_scaling=_llama3_rope(32.0),
-        tie_word_embeddings=True,
-    ),
-}
 
 
 def training_memory_gib(

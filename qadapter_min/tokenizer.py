@@ -29,7 +29,6 @@ import os
 import re
 from pathlib import Path
 
-from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from qadapter_min import UserError
@@ -242,45 +241,3 @@ def default_system_message(config: dict) -> str | None:
 # Small tokenizers of the same kind, for the built-in world and the tests: Llama 3's pre-tokenizer
 # (the split pattern of its tokenizer.json), byte-level BPE and its 256 special tokens, over a tiny
 # vocabulary trained on the texts at hand.
-
-LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-
-
-def llama3_special_tokens() -> list[str]:
-    """Llama 3's 256 special tokens in their order (ids 128000-128255 in the real vocabulary)."""
-    named = [
-        "<|begin_of_text|>",
-        "<|end_of_text|>",
-        "<|reserved_special_token_0|>",
-        "<|reserved_special_token_1|>",
-        "<|finetune_right_pad_id|>",
-        "<|reserved_special_token_2|>",
-        "<|start_header_id|>",
-        "<|end_header_id|>",
-        "<|eom_id|>",
-        "<|eot_id|>",
-        "<|python_tag|>",
-    ]
-    return named + [f"<|reserved_special_token_{i}|>" for i in range(3, 248)]
-
-
-def train_llama3_style_tokenizer(texts: list[str], path: Path, vocab_size: int):
-    """Write to path a tokenizer.json: byte-level BPE with Llama 3's pre-tokenizer, decoder and special
-    tokens, its merges trained on texts."""
-    tokenizer = HFTokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    tokenizer.train_from_iterator(texts, trainer)
-    tokenizer.add_special_tokens(llama3_special_tokens())
-    tokenizer.save(str(path))

@@ -133,37 +133,6 @@ def read_config(model_dir: Path) -> ModelArgs:
         raise UserError(f"{config_path}: {error}; qadapter-min runs Llama 3.x checkpoints") from None
 
 
-def write_config(args: ModelArgs, directory: Path, rope_form: str = "classic", torch_dtype: str = "float32"):
-    """config.json for ModelArgs, as the Hub writes it: the inverse of read_config. rope_form "classic"
-    writes rope_theta + rope_scaling; "parameters" the newer rope_parameters dict."""
-    if rope_form == "classic":
-        rope = {"rope_theta": args.rope_theta, "rope_scaling": args.rope_scaling}
-    else:
-        rope = {"rope_parameters": {"rope_theta": args.rope_theta, **(args.rope_scaling or {"rope_type": "default"})}}
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_act": "silu",
-        "hidden_size": args.hidden_size,
-        "intermediate_size": args.intermediate_size,
-        "num_hidden_layers": args.num_hidden_layers,
-        "num_attention_heads": args.num_attention_heads,
-        "num_key_value_heads": args.num_key_value_heads,
-        "head_dim": args.head_dim,
-        "vocab_size": args.vocab_size,
-        "rms_norm_eps": args.rms_norm_eps,
-        **rope,
-        "max_position_embeddings": args.max_position_embeddings,
-        "tie_word_embeddings": args.tie_word_embeddings,
-        "bos_token_id": args.bos_token_id,
-        "eos_token_id": args.eos_token_id,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "torch_dtype": torch_dtype,
-    }
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-
-
 def checkpoint_name_to_ours(name: str) -> str:
     """HF tensor name -> our parameter name: our modules mirror HF's, without the "model." prefix.
 
@@ -332,11 +301,3 @@ def model_fingerprint(model) -> str:
     norm = full(model.norm.weight).detach().to(torch.bfloat16).float().cpu().tolist()
     blob = json.dumps({"args": asdict(model.args), "shapes": shapes, "norm": norm}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-@torch.no_grad()
-def init_random_weights(model: Transformer, std: float = 0.02):
-    """Weights for a model trained from scratch (the built-in world) or timed (bench.py), not loaded:
-    GPT-2's init, every matrix N(0, std) and every norm at 1. Draws from torch's global generator."""
-    for p in model.parameters():
-        p.normal_(0.0, std) if p.dim() > 1 else p.fill_(1.0)

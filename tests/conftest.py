@@ -14,8 +14,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from qadapter_min.common import run_command_line
 from qadapter_min.model import ModelArgs
-from qadapter_min.tokenizer import train_llama3_style_tokenizer
-from qadapter_min.weights import write_config
+from toyworld.build import train_llama3_style_tokenizer, write_config
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -3,7 +3,8 @@
 import pytest
 
 import bench
-from qadapter_min.memory import GIB, PRESETS, training_memory_gib
+from bench import PRESETS
+from qadapter_min.memory import GIB, training_memory_gib
 from qadapter_min.model import ModelArgs
 
 # C 4, F 8, 2 layers, 2 query heads and 1 key/value head of 2 dims, 10 words, untied head

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench import PRESETS
 from conftest import tiny_args
-from qadapter_min.memory import PRESETS
 from qadapter_min.model import Attention, KVCache, ModelArgs, Transformer, rope_cos_sin, rope_frequencies
 
 

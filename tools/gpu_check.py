@@ -59,11 +59,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import CARDS, build, bytes_read_per_step, matmul_parameters, our_step, pair_batch, time_step  # noqa: E402
+from bench import CARDS, PRESETS, build, bytes_read_per_step, matmul_parameters, our_step, pair_batch, time_step  # noqa: E402
 from qadapter_min import compiled as compiled_steps  # noqa: E402
 from qadapter_min.generate import generate, generate_batch  # noqa: E402
 from qadapter_min.lora import add_lora, lora_layers  # noqa: E402
-from qadapter_min.memory import PRESETS, training_memory_gib  # noqa: E402
+from qadapter_min.memory import training_memory_gib  # noqa: E402
 from qadapter_min.model import ModelArgs  # noqa: E402
 from qadapter_min.step import micro_batch_objective  # noqa: E402
 from qadapter_min.weights import load_model  # noqa: E402

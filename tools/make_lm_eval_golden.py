@@ -32,8 +32,8 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from qadapter_min.tokenizer import train_llama3_style_tokenizer  # noqa: E402
 from qadapter_min.weights import load_model, model_fingerprint  # noqa: E402
+from toyworld.build import train_llama3_style_tokenizer  # noqa: E402
 
 OUT = ROOT / "tests" / "fixtures" / "lm-eval-llama"
 TASKS = ROOT / "tests" / "lm_eval_tasks"

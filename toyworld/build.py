@@ -13,12 +13,100 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
 
 from qadapter_min.model import ModelArgs, Transformer
-from qadapter_min.tokenizer import Tokenizer, train_llama3_style_tokenizer
-from qadapter_min.weights import init_random_weights, ours_to_checkpoint_name, write_config
+from qadapter_min.tokenizer import Tokenizer
+from qadapter_min.weights import CONFIG_FILE, ours_to_checkpoint_name
 from toyworld import MODEL_DIR, WORLD_DIR
 from toyworld.world import PREFERENCE_SKILLS, PREFIX, PREFIX_RATE_IN_PRETRAINING, SKILLS, make_task
+
+# How a Llama-layout checkpoint is made from nothing: here for the built-in world, and for the tests' tiny
+# checkpoints and bench.py's random-weight models.
+
+
+def write_config(args: ModelArgs, directory: Path, rope_form: str = "classic", torch_dtype: str = "float32"):
+    """config.json for ModelArgs, as the Hub writes it: the inverse of read_config. rope_form "classic"
+    writes rope_theta + rope_scaling; "parameters" the newer rope_parameters dict."""
+    if rope_form == "classic":
+        rope = {"rope_theta": args.rope_theta, "rope_scaling": args.rope_scaling}
+    else:
+        rope = {"rope_parameters": {"rope_theta": args.rope_theta, **(args.rope_scaling or {"rope_type": "default"})}}
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "hidden_size": args.hidden_size,
+        "intermediate_size": args.intermediate_size,
+        "num_hidden_layers": args.num_hidden_layers,
+        "num_attention_heads": args.num_attention_heads,
+        "num_key_value_heads": args.num_key_value_heads,
+        "head_dim": args.head_dim,
+        "vocab_size": args.vocab_size,
+        "rms_norm_eps": args.rms_norm_eps,
+        **rope,
+        "max_position_embeddings": args.max_position_embeddings,
+        "tie_word_embeddings": args.tie_word_embeddings,
+        "bos_token_id": args.bos_token_id,
+        "eos_token_id": args.eos_token_id,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": torch_dtype,
+    }
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+
+@torch.no_grad()
+def init_random_weights(model: Transformer, std: float = 0.02):
+    """Weights for a model trained from scratch (the built-in world) or timed (bench.py), not loaded:
+    GPT-2's init, every matrix N(0, std) and every norm at 1. Draws from torch's global generator."""
+    for p in model.parameters():
+        p.normal_(0.0, std) if p.dim() > 1 else p.fill_(1.0)
+
+
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def llama3_special_tokens() -> list[str]:
+    """Llama 3's 256 special tokens in their order (ids 128000-128255 in the real vocabulary)."""
+    named = [
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|reserved_special_token_0|>",
+        "<|reserved_special_token_1|>",
+        "<|finetune_right_pad_id|>",
+        "<|reserved_special_token_2|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eom_id|>",
+        "<|eot_id|>",
+        "<|python_tag|>",
+    ]
+    return named + [f"<|reserved_special_token_{i}|>" for i in range(3, 248)]
+
+
+def train_llama3_style_tokenizer(texts: list[str], path: Path, vocab_size: int):
+    """Write to path a tokenizer.json: byte-level BPE with Llama 3's pre-tokenizer, decoder and special
+    tokens, its merges trained on texts."""
+    tokenizer = HFTokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.add_special_tokens(llama3_special_tokens())
+    tokenizer.save(str(path))
+
 
 # chats of one, two and three questions: the model holds a conversation
 MULTI_TURN_WEIGHTS = (0.5, 0.3, 0.2)
