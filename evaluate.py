@@ -85,11 +85,10 @@ from qadapter_min.data import (
     load_prompts,
 )
 from qadapter_min.frontier import check_metric, default_metrics, frontier_of, frontier_table
-from qadapter_min.generate import generate_batch
+from qadapter_min.judge import check_reward_model, greedy_replies, judge
 from qadapter_min.plots import frontier_plot, pyplot
 from qadapter_min.policy import BASE, Policy, check_base, log_probs, policy_applied, preference_metrics, read_policy
 from qadapter_min.processes import add_nproc_flag, leave_processes, start_processes
-from qadapter_min.reward import check_reward_model, load_reward_model, rewards, win_rate
 from qadapter_min.tokenizer import Tokenizer
 from qadapter_min.weights import load_model
 from toyworld.report import greedy_report, world_rows
@@ -431,57 +430,6 @@ def measure(model, tokenizer, policy: Policy, pairs, world: bool, prompts, repli
     if prompts:
         result["replies"] = greedy_replies(model, tokenizer, policy, prompts, args)
     return result
-
-
-def greedy_replies(model, tokenizer, policy: Policy, prompts, args) -> list[str]:
-    """The policy's greedy reply to each prompt, --batch_size prompts decoded together."""
-    replies, progress = [], Progress(f"{policy.name}: replies", len(prompts), "prompts")
-    for start in range(0, len(prompts), args.batch_size):
-        batch = [
-            tokenizer.encode_chat(messages, add_generation_prompt=True)
-            for _, messages in prompts[start : start + args.batch_size]
-        ]
-        for ids in generate_batch(
-            model,
-            batch,
-            stop_ids=tokenizer.stop_ids,
-            max_new_tokens=args.max_new_tokens,
-            policy_mode=policy.mode,
-            alpha=policy.alpha,
-            alpha0=policy.alpha0,
-            compiled=args.compile,
-        ):
-            replies.append(tokenizer.decode(ids, skip_special_tokens=True))
-        progress.advance(len(batch))
-    return replies
-
-
-def judge(results: list[dict], prompts, reward_model_dir, device, args) -> list[dict]:
-    """Each model's mean reward and win rate against the base model (the first), into its result; and a
-    record per prompt: the conversation, every model's reply and reward."""
-    reward_model = load_reward_model(reward_model_dir, dtype=choose_dtype(args.dtype, device), device=device)
-    tokenizer = Tokenizer(reward_model_dir)  # the conversation as the reward model reads it
-    scores = {}
-    for result in results:
-        conversations = [
-            messages + [{"role": "assistant", "content": reply}]
-            for (_, messages), reply in zip(prompts, result["replies"])
-        ]
-        scores[result["name"]] = rewards(
-            reward_model, [tokenizer.encode_chat(c) for c in conversations], args.batch_size
-        )
-    base = scores[results[0]["name"]]
-    for result in results:
-        mine = scores[result["name"]]
-        result["reward"] = {"mean": sum(mine) / len(mine), "win_rate_against_base": win_rate(mine, base)}
-    return [
-        {
-            "messages": messages,
-            "replies": {r["name"]: r["replies"][i] for r in results},
-            "rewards": {r["name"]: scores[r["name"]][i] for r in results},
-        }
-        for i, (_, messages) in enumerate(prompts)
-    ]
 
 
 def table(results: list[dict]) -> str:

@@ -8,10 +8,11 @@ The teaching path, read in this order (then train.py, beside the package):
 One file per concern beside it:
     step.py       one micro-batch through the model: what training, evaluation and bench share
     lean_head.py  the LM head and the objective without full logits
-    weights.py    loading Hugging Face checkpoints (load_model), and writing their config.json
+    weights.py    loading Hugging Face checkpoints (load_model)
     tokenizer.py  the Llama 3 tokenizer; the Llama-3.1-Instruct and ChatML chat formats
     data.py       preference files (conversational, TRL, HH-RLHF, DSP), encoding, batching
     generate.py   decoding from the base model, the adapter, or the customised policy
+    compiled.py   --compile: the decoding step and the training forward pass through torch.compile
     policy.py     the policy an adapter defines, and what measures one
     adapters.py   adapters on disk: PEFT's layout, and qadapter_config.json
     flags.py      train.py's flags, and every check of them that needs no model
@@ -22,7 +23,9 @@ One file per concern beside it:
     memory.py     the memory model of one training rank, its plan, the out-of-memory advice
     processes.py  the processes of a run: started by --nproc_per_node, by torchrun, or one alone
     harness.py    lm-evaluation-harness's model API over a policy (evaluate.py alone imports it)
-    reward.py     reward models in the LlamaForSequenceClassification layout
+    reward.py     train.py --objective rm: the score head, its loss, the checkpoint it writes
+    merge.py      LoRA merged into the base weights, streamed: export.py's checkpoint and a reward model's
+    judge.py      greedy replies judged by a reward model: rewards, win rates (evaluate.py --prompts)
     frontier.py   the learning-forgetting frontier: metrics, and the points no other beats
     plots.py      pictures of the frontier and of training curves (matplotlib, imported there alone)
     common.py     what the scripts share: device, dtype, atomic writes, JSON, errors on the command line

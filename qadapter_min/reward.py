@@ -1,10 +1,9 @@
-"""Judging replies with a reward model: a Llama in Hugging Face's LlamaForSequenceClassification layout (the
-model.* tensors of a Llama and score.weight, one row), as Skywork-Reward-Llama-3.1-8B and others are published,
-and as train.py --objective rm writes one (`save_reward_model`).
+"""A reward model, trained here (train.py --objective rm): the base model with LoRA and a new score head,
+Bradley-Terry on preference pairs, written as a complete checkpoint in Hugging Face's
+LlamaForSequenceClassification layout (the model.* tensors of a Llama and score.weight, one row), the layout
+in which Skywork-Reward-Llama-3.1-8B and others are published. judge.py reads such a checkpoint.
 
-The reward of a conversation is score.weight @ h, h the final normed hidden state at its last token, the
-conversation encoded in the Llama 3.1 chat format (BOS first, the reply closed by <|eot_id|>).
-Win rate of A against B: the share of prompts where A's reply gets the larger reward, ties counting half.
+The reward of a conversation is score.weight @ h, h the final normed hidden state at its last token.
 """
 
 import json
@@ -16,12 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from qadapter_min import UserError
-from qadapter_min.common import full, read_json_file, write_json
+from qadapter_min.common import full, write_json
 from qadapter_min.data import EncodedPair, encode_pairs
 from qadapter_min.lora import lora_layers
-from qadapter_min.merge import write_merged_checkpoint
 from qadapter_min.model import Transformer
-from qadapter_min.weights import CONFIG_FILE, check_score_head, load_model, resolve_model_dir, safetensors_files
+from qadapter_min.weights import CONFIG_FILE
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 MAX_SHARD_BYTES = 5 * 10**9  # transformers' save_pretrained default, 5GB
@@ -52,6 +50,8 @@ def save_reward_model(model: Transformer, model_dir: Path, out: Path, pad_id: in
     partial = out / "reward_model.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
+    from qadapter_min.merge import write_merged_checkpoint  # a reward model's run alone merges
+
     write_merged_checkpoint(
         model_dir,
         partial,
@@ -108,52 +108,3 @@ def reward_model_loss(rewards: torch.Tensor):
     chosen, rejected = chosen.detach(), rejected.detach()
     accuracy = ((chosen > rejected) + 0.5 * (chosen == rejected)).mean()  # a tie counts half
     return loss, {"reward_accuracy": accuracy, "reward_margin": (chosen - rejected).mean()}
-
-
-def check_reward_model(path_or_repo_id):
-    """The reward model's directory, checked before any model is loaded: not an adapter, a one-row
-    score.weight head, and a pad token id in its config.json."""
-    model_dir = resolve_model_dir(path_or_repo_id)
-    if (model_dir / "adapter_config.json").is_file():
-        raise UserError(
-            f"--reward_model {path_or_repo_id} is an adapter, not a reward model; pass a reward model "
-            f"(train.py --objective rm writes one), and adapters with --adapter"
-        )
-    check_score_head(model_dir, safetensors_files(model_dir))
-    config = read_json_file(model_dir / CONFIG_FILE, "a reward model needs its config.json", "restore it")
-    if config.get("pad_token_id") is None:
-        raise UserError(
-            f"{model_dir / CONFIG_FILE} has no pad_token_id, without which transformers cannot find the "
-            f"last token of a padded batch's rows; set it to the id of the tokenizer's padding token"
-        )
-    return model_dir
-
-
-def load_reward_model(path_or_repo_id, dtype=torch.float32, device="cpu") -> Transformer:
-    """The reward model; its head is score.weight, so model(tokens) (B, T, 1) is the reward at each position."""
-    return load_model(path_or_repo_id, dtype=dtype, device=device, score_head=True)
-
-
-@torch.no_grad()
-def rewards(model: Transformer, sequences: list[list[int]], batch_size: int = 8) -> list[float]:
-    """The reward of each token sequence, read at its last token; right-padded batches, longest first."""
-    device = next(model.parameters()).device
-    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
-    scores = [0.0] * len(sequences)
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        tokens = torch.zeros(len(batch), len(sequences[batch[0]]), dtype=torch.long, device=device)
-        for row, i in enumerate(batch):
-            tokens[row, : len(sequences[i])] = torch.tensor(sequences[i], device=device)
-        last = torch.tensor([len(sequences[i]) - 1 for i in batch], device=device)
-        # (B, C)
-        hidden = model(tokens, return_hidden=True)[torch.arange(len(batch), device=device), last]
-        values = (hidden.float() @ model.head_weight.float().T)[:, 0]
-        for i, value in zip(batch, values.tolist()):
-            scores[i] = value
-    return scores
-
-
-def win_rate(scores: list[float], against: list[float]) -> float:
-    """The share of prompts where scores beat against, ties counting half."""
-    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, against)) / len(scores)
