@@ -266,84 +266,6 @@ def task_manager(args):
     return manager
 
 
-def tasks_with_their_data(tasks: list[str], include_path, manager) -> list:
-    """--tasks as lm-eval is to load them. A task YAML of --include_path that names its data files by
-    relative paths finds them beside itself, as lm-eval finds the files of its `include:` and
-    `!function` (so it runs from any directory), or failing that from the working directory, as lm-eval
-    itself looks: such a task goes to lm-eval as its whole config, with those paths made absolute."""
-    from lm_eval.tasks._yaml_loader import load_yaml  # how lm-eval reads a task YAML
-
-    def beside(files, here: Path):
-        if isinstance(files, str):
-            return str(here / files) if (here / files).exists() else files
-        if isinstance(files, list):
-            return [beside(f, here) for f in files]
-        return {split: beside(f, here) for split, f in files.items()}
-
-    loaded = []
-    for name in tasks:
-        entry = manager.task_index.get(name) if include_path is not None else None
-        yaml_path = getattr(entry, "yaml_path", None) and Path(entry.yaml_path).resolve()
-        if yaml_path is None or not yaml_path.is_relative_to(Path(include_path).resolve()):
-            loaded.append(name)  # lm-eval's own task, or a group: by name
-            continue
-        config = load_yaml(yaml_path)
-        files = config.get("dataset_kwargs", {}).get("data_files")
-        if files is None or beside(files, yaml_path.parent) == files:
-            loaded.append(name)
-            continue
-        config["dataset_kwargs"]["data_files"] = beside(files, yaml_path.parent)
-        loaded.append(config)
-    return loaded
-
-
-def run_lm_eval(model, tokenizer, policy: Policy, manager, model_name: str, args) -> dict:
-    """{"lm_eval": {task: {metric: value}}} (lm-eval's metric names, e.g. "acc,none"), and with --log_samples
-    {"samples": {task: [lm-eval's record of each document]}}; on ranks other than 0, nothing."""
-    from lm_eval import simple_evaluate
-    from lm_eval.utils import handle_non_serializable
-
-    from qadapter_min.harness import PolicyLM
-
-    lm = PolicyLM(
-        model, tokenizer, policy, name=f"{model_name}+{policy.name}", batch_size=args.batch_size, compiled=args.compile
-    )
-    try:
-        out = simple_evaluate(
-            model=lm,
-            tasks=tasks_with_their_data(args.tasks, args.include_path, manager),
-            num_fewshot=args.num_fewshot,
-            limit=args.limit,
-            task_manager=manager,
-            apply_chat_template=args.apply_chat_template,
-            fewshot_as_multiturn=args.fewshot_as_multiturn,
-            log_samples=args.log_samples,
-        )
-    except ConnectionError as error:  # what the datasets library raises when the Hub is out of reach
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UserError(
-            f"--tasks {' '.join(args.tasks)}: lm-eval could not fetch a task's dataset ({reason}); "
-            f"connect to the Hugging Face Hub, or run with the dataset in the cache and "
-            f"HF_DATASETS_OFFLINE=1, or pass a task of your own with --include_path"
-        ) from None
-    # a task's data_files, neither beside its YAML nor in the working directory
-    except FileNotFoundError as error:
-        raise UserError(
-            f"--tasks {' '.join(args.tasks)}: {str(error).splitlines()[0]}; a task YAML of --include_path "
-            f"names its data files from its own directory (or from the working directory)"
-        ) from None
-    if out is None:
-        return {}
-    metrics = {
-        task: {name: value for name, value in values.items() if "," in name}  # "metric,filter"; not "alias"
-        for task, values in out["results"].items()
-    }
-    result = {"lm_eval": metrics}
-    if args.log_samples:
-        result["samples"] = json.loads(json.dumps(out["samples"], default=handle_non_serializable))
-    return result
-
-
 def read_policies(args) -> tuple[str, list[Policy]]:
     """(the base model's name, the points to measure: the base model, then each adapter at every --scale
     and, for a Q-Adapter, every --alpha0), read and checked before any model is loaded."""
@@ -417,6 +339,8 @@ def measure(model, tokenizer, policy: Policy, pairs, world: bool, prompts, repli
     result["scale"] = policy.scale if policy.adapter else None
     result["alpha0"] = policy.alpha0 if policy.mode == "customised" else None
     if args.tasks:
+        from qadapter_min.harness import run_lm_eval  # imports lm-eval
+
         result.update(run_lm_eval(model, tokenizer, policy, manager, model_name, args))
     if pairs:
         progress = Progress(f"{policy.name}: preference", len(pairs), "pairs")

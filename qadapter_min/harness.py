@@ -11,18 +11,23 @@ For a Q-Adapter adapter every number is of the customised policy pi~ = softmax((
 Tokens follow lm-eval's Hugging Face backend, so scores compare with it: a text gets a BOS unless it starts
 with one (a chat-templated text does), an empty context is the BOS alone, and special-token spellings in a
 text (those a chat template writes) are read as the tokens. lm-eval is an optional dependency
-(requirements-eval.txt); only evaluate.py imports this module.
+(requirements-eval.txt); only evaluate.py imports this module, which also holds how evaluate.py runs
+lm-eval (`run_lm_eval`) and finds the data files of a task of your own (`tasks_with_their_data`).
 """
 
 import json
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from lm_eval import simple_evaluate
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import normalize_gen_kwargs
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from lm_eval.tasks._yaml_loader import load_yaml  # how lm-eval reads a task YAML
+from lm_eval.utils import get_rolling_token_windows, handle_non_serializable, make_disjoint_window
 
+from qadapter_min import UserError
 from qadapter_min.common import Progress
 from qadapter_min.generate import generate_batch
 from qadapter_min.policy import Policy, log_probs
@@ -193,3 +198,75 @@ def cut_at_first(text: str, stops: list[str]) -> str:
     """text up to the earliest occurrence of any of the stop strings."""
     ends = [text.index(stop) for stop in stops if stop and stop in text]
     return text[: min(ends)] if ends else text
+
+
+def run_lm_eval(model, tokenizer, policy: Policy, manager, model_name: str, args) -> dict:
+    """{"lm_eval": {task: {metric: value}}} (lm-eval's metric names, e.g. "acc,none"), and with --log_samples
+    {"samples": {task: [lm-eval's record of each document]}}; on ranks other than 0, nothing."""
+    lm = PolicyLM(
+        model, tokenizer, policy, name=f"{model_name}+{policy.name}", batch_size=args.batch_size, compiled=args.compile
+    )
+    try:
+        out = simple_evaluate(
+            model=lm,
+            tasks=tasks_with_their_data(args.tasks, args.include_path, manager),
+            num_fewshot=args.num_fewshot,
+            limit=args.limit,
+            task_manager=manager,
+            apply_chat_template=args.apply_chat_template,
+            fewshot_as_multiturn=args.fewshot_as_multiturn,
+            log_samples=args.log_samples,
+        )
+    except ConnectionError as error:  # what the datasets library raises when the Hub is out of reach
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(
+            f"--tasks {' '.join(args.tasks)}: lm-eval could not fetch a task's dataset ({reason}); "
+            f"connect to the Hugging Face Hub, or run with the dataset in the cache and "
+            f"HF_DATASETS_OFFLINE=1, or pass a task of your own with --include_path"
+        ) from None
+    # a task's data_files, neither beside its YAML nor in the working directory
+    except FileNotFoundError as error:
+        raise UserError(
+            f"--tasks {' '.join(args.tasks)}: {str(error).splitlines()[0]}; a task YAML of --include_path "
+            f"names its data files from its own directory (or from the working directory)"
+        ) from None
+    if out is None:
+        return {}
+    metrics = {
+        task: {name: value for name, value in values.items() if "," in name}  # "metric,filter"; not "alias"
+        for task, values in out["results"].items()
+    }
+    result = {"lm_eval": metrics}
+    if args.log_samples:
+        result["samples"] = json.loads(json.dumps(out["samples"], default=handle_non_serializable))
+    return result
+
+
+def tasks_with_their_data(tasks: list[str], include_path, manager) -> list:
+    """--tasks as lm-eval is to load them. A task YAML of --include_path that names its data files by
+    relative paths finds them beside itself, as lm-eval finds the files of its `include:` and
+    `!function` (so it runs from any directory), or failing that from the working directory, as lm-eval
+    itself looks: such a task goes to lm-eval as its whole config, with those paths made absolute."""
+
+    def beside(files, here: Path):
+        if isinstance(files, str):
+            return str(here / files) if (here / files).exists() else files
+        if isinstance(files, list):
+            return [beside(f, here) for f in files]
+        return {split: beside(f, here) for split, f in files.items()}
+
+    loaded = []
+    for name in tasks:
+        entry = manager.task_index.get(name) if include_path is not None else None
+        yaml_path = getattr(entry, "yaml_path", None) and Path(entry.yaml_path).resolve()
+        if yaml_path is None or not yaml_path.is_relative_to(Path(include_path).resolve()):
+            loaded.append(name)  # lm-eval's own task, or a group: by name
+            continue
+        config = load_yaml(yaml_path)
+        files = config.get("dataset_kwargs", {}).get("data_files")
+        if files is None or beside(files, yaml_path.parent) == files:
+            loaded.append(name)
+            continue
+        config["dataset_kwargs"]["data_files"] = beside(files, yaml_path.parent)
+        loaded.append(config)
+    return loaded
