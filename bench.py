@@ -431,16 +431,12 @@ def main():
     # compiling from nothing, as on a fresh machine: not from the traces of earlier runs
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="bench-inductor-"))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--preset", choices=sorted(PRESETS), default=None, help="a published Llama shape, random bf16 weights"
-    )
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a published Llama shape, random bf16 weights")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions after one warm-up")
     p.add_argument("--decode_tokens", type=int, default=64, help="tokens decoded per decoding measurement")
-    p.add_argument(
-        "--peak_tflops", type=float, default=None, help="the card's dense bf16 peak (default: looked up by name)"
-    )
-    p.add_argument("--bandwidth_gbs", type=float, default=None, help="the card's memory bandwidth (default: looked up)")
+    p.add_argument("--peak_tflops", type=float, help="the card's dense bf16 peak (default: looked up by name)")
+    p.add_argument("--bandwidth_gbs", type=float, help="the card's memory bandwidth (default: looked up)")
     p.add_argument(
         "--plan", action="store_true", help="print the memory plan per rank of the large presets, DDP and FSDP"
     )

@@ -72,6 +72,7 @@ from qadapter_min.common import (
     parse_or_default,
     refuse_out_of_range,
     run_command_line,
+    short_names,
     write_json,
 )
 from qadapter_min.compiled import add_compile_flag
@@ -87,7 +88,7 @@ from qadapter_min.data import (
 from qadapter_min.frontier import check_metric, default_metrics, frontier_of, frontier_table
 from qadapter_min.judge import check_reward_model, greedy_replies, judge
 from qadapter_min.plots import frontier_plot, pyplot
-from qadapter_min.policy import BASE, Policy, check_base, log_probs, policy_applied, preference_metrics, read_policy
+from qadapter_min.policy import BASE, Policy, check_base, policy_applied, preference_metrics, read_policy, reply_nll
 from qadapter_min.processes import add_nproc_flag, leave_processes, start_processes
 from qadapter_min.tokenizer import Tokenizer
 from qadapter_min.weights import load_model
@@ -96,13 +97,12 @@ from toyworld.report import greedy_report, world_rows
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--model", default=None, help="base model directory or Hub id (None: the adapters' base model)")
-    p.add_argument("--adapter", nargs="+", default=None, help="output directories of train.py, a column each")
+    p.add_argument("--model", help="base model directory or Hub id (None: the adapters' base model)")
+    p.add_argument("--adapter", nargs="+", help="output directories of train.py, a column each")
     p.add_argument(
         "--alpha0",
         type=float,
         nargs="+",
-        default=None,
         help="weights of log pi1 in Q-Adapter adapters' policy pi~, a point each (None: as trained)",
     )
     p.add_argument(
@@ -115,32 +115,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument(
         "--learned",
-        default=None,
         help="the frontier's metric of what was learned (None: the first of preference_rate, "
         "implicit_reward_accuracy, win_rate measured)",
     )
     p.add_argument(
         "--kept",
-        default=None,
         help="the frontier's metric of what was kept (None: the first of skill_accuracy, reply_nll, "
         "the first --tasks metric measured)",
     )
     p.add_argument(
         "--plot",
-        default=None,
         metavar="FILE.png",
         help="the frontier as a picture: a curve per adapter through its points (needs matplotlib)",
     )
     p.add_argument(
-        "--pairs",
-        nargs="+",
-        default=None,
-        help="held-out preference files: preference_ and implicit_reward_ accuracy and margin",
+        "--pairs", nargs="+", help="held-out preference files: preference_ and implicit_reward_ accuracy and margin"
     )
     p.add_argument(
-        "--domain",
-        default=None,
-        help="with --pairs of DSP: the preferred domain (academy, business, entertainment, literature)",
+        "--domain", help="with --pairs of DSP: the preferred domain (academy, business, entertainment, literature)"
     )
     p.add_argument(
         "--max_len",
@@ -151,40 +143,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--micro_batch_size", type=int, default=4, help="with --pairs: pairs per forward pass")
     p.add_argument(
         "--reply_nll",
-        default=None,
         help="conversations ending with a reply (sample.py's output, or messages "
         "records): each model's mean negative log-likelihood per reply token, truncated to --max_len",
     )
-    p.add_argument(
-        "--prompts", default=None, help="with --reward_model: a JSON Lines file of prompts (as sample.py reads)"
-    )
-    p.add_argument(
-        "--reward_model", default=None, help="a reward model (LlamaForSequenceClassification layout) to judge replies"
-    )
+    p.add_argument("--prompts", help="with --reward_model: a JSON Lines file of prompts (as sample.py reads)")
+    p.add_argument("--reward_model", help="a reward model (LlamaForSequenceClassification layout) to judge replies")
     p.add_argument("--max_new_tokens", type=int, default=256, help="with --prompts: longest greedy reply in tokens")
     add_compile_flag(p, "each decoding step (greedy replies, the built-in checks, lm-eval's generation)")
-    p.add_argument(
-        "--dtype", choices=["bf16", "fp32"], default=None, help="weights' dtype (None: bf16 on GPU, fp32 on CPU)"
-    )
-    p.add_argument("--output", default=None, help="a JSON file for every number measured")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], help="weights' dtype (None: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--output", help="a JSON file for every number measured")
     lm = p.add_argument_group(
         "lm-evaluation-harness (pip install -r requirements-eval.txt), under lm-eval's own flag names"
     )
-    lm.add_argument("--tasks", nargs="+", default=None, help="lm-eval task or group names (mmlu gsm8k_cot ...)")
-    lm.add_argument("--num_fewshot", type=int, default=None, help="examples in each prompt (None: each task's own)")
-    lm.add_argument("--limit", type=float, default=None, help="at most this many documents per task (below 1: a share)")
+    lm.add_argument("--tasks", nargs="+", help="lm-eval task or group names (mmlu gsm8k_cot ...)")
+    lm.add_argument("--num_fewshot", type=int, help="examples in each prompt (None: each task's own)")
+    lm.add_argument("--limit", type=float, help="at most this many documents per task (below 1: a share)")
     lm.add_argument("--apply_chat_template", action="store_true", help="put each prompt in the Llama 3.1 chat format")
     lm.add_argument(
         "--fewshot_as_multiturn",
         type=lambda x: x.lower() in ("true", "1", "yes"),
         nargs="?",
         const=True,
-        default=None,
         metavar="BOOL",
         help="few-shot examples as earlier turns (None: with --apply_chat_template)",
     )
     add_nproc_flag(p)
-    lm.add_argument("--include_path", default=None, help="a directory of task YAMLs of your own")
+    lm.add_argument("--include_path", help="a directory of task YAMLs of your own")
     lm.add_argument(
         "--batch_size", type=int, default=8, help="requests per forward pass (sequences, or prompts decoded together)"
     )
@@ -324,15 +308,6 @@ def read_replies(args, tokenizer) -> list[EncodedConversation]:
     return encoded
 
 
-def reply_nll(model, policy: Policy, conversations: list[EncodedConversation], batch_size: int) -> dict:
-    """The policy's mean negative log-likelihood per reply token over the conversations."""
-    scored = [len(c.ids) - c.prompt_len for c in conversations]
-    progress = Progress(f"{policy.name}: reply NLL", len(conversations), "conversations")
-    sequences = [c.ids for c in conversations]
-    sums = log_probs(model, policy, sequences, scored, batch_size, progress=progress)
-    return {"nll_per_token": -sum(total for total, _ in sums) / sum(scored), "tokens": sum(scored)}
-
-
 def measure(model, tokenizer, policy: Policy, pairs, world: bool, prompts, replies, manager, model_name, args) -> dict:
     """Every measurement asked for, of one policy."""
     result = {"name": policy.name, "policy": policy.mode, "adapter": policy.adapter}
@@ -384,13 +359,7 @@ def table(results: list[dict]) -> str:
             ("reward (mean)", [r["reward"]["mean"] for r in results]),
             ("win rate against the base model", [r["reward"]["win_rate_against_base"] for r in results]),
         ]
-    return format_table(column_names([r["name"] for r in results]), rows)
-
-
-def column_names(names: list[str]) -> list[str]:
-    """Each adapter by its directory's name (the whole path is in --output), unless two share one."""
-    short = [Path(name).name or name for name in names]
-    return short if len(set(short)) == len(short) else names
+    return format_table(short_names([r["name"] for r in results]), rows)
 
 
 def frontier_metrics(args, world: bool) -> tuple[str | None, str | None]:
@@ -418,11 +387,6 @@ def frontier_metrics(args, world: bool) -> tuple[str | None, str | None]:
             )
         pyplot()  # refused now where matplotlib is missing, not after the measurements
     return learned, kept
-
-
-def replies_path(output) -> Path:
-    """Where the replies and rewards of every prompt go: beside --output, results.json -> results.replies.jsonl."""
-    return Path(output).with_suffix(".replies.jsonl")
 
 
 def main(argv=None):
@@ -453,10 +417,9 @@ def main(argv=None):
     for policy in policies:
         with policy_applied(model, policy):
             results.append(measure(model, tokenizer, policy, pairs, world, prompts, replies, manager, model_name, args))
-    for result in results if replies else []:
-        result["reply_nll"]["added_to_base"] = (
-            result["reply_nll"]["nll_per_token"] - results[0]["reply_nll"]["nll_per_token"]
-        )
+    for result in results if replies else []:  # how far each model moved from the base model's own replies
+        nll, base_nll = result["reply_nll"]["nll_per_token"], results[0]["reply_nll"]["nll_per_token"]
+        result["reply_nll"]["added_to_base"] = nll - base_nll
     if prompts:
         del model  # the reward model takes its place in memory
         judged = judge(results, prompts, reward_model_dir, processes.device, args)
@@ -474,7 +437,7 @@ def main(argv=None):
     if args.output is not None and processes.master:
         write_json(Path(args.output), output)
         if prompts:
-            replies_file = replies_path(args.output)
+            replies_file = Path(args.output).with_suffix(".replies.jsonl")  # results.json -> results.replies.jsonl
             atomic_write(
                 replies_file, lambda p: Path(p).write_text("".join(json.dumps(record) + "\n" for record in judged))
             )

@@ -61,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--adapter", required=True, help="an output directory of train.py")
     p.add_argument("--out", required=True, help="the directory to write the merged checkpoint to")
-    p.add_argument("--model", default=None, help="the base model (None: the one the adapter's run recorded)")
+    p.add_argument("--model", help="the base model (None: the one the adapter's run recorded)")
     p.add_argument(
         "--max_shard_size",
         default="5GB",
@@ -70,11 +70,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument(
         "--pairs",
-        default=None,
         help="for a Q-Adapter adapter: preference pairs (any format train.py reads) on whose replies "
         "to measure how far the export is from pi~, into OUT/export.json",
     )
-    p.add_argument("--domain", default=None, help="with --pairs of DSP: the preferred domain")
+    p.add_argument("--domain", help="with --pairs of DSP: the preferred domain")
     p.add_argument(
         "--max_len", type=int, default=1024, help="with --pairs: longest sequence (truncated as train.py does)"
     )

@@ -51,11 +51,9 @@ from qadapter_min.weights import load_model, model_fingerprint, resolve_model_di
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument(
-        "--adapter", nargs="?", const="out", default=None, help="an output directory of train.py (alone: out)"
-    )
-    p.add_argument("--model", default=None, help="base model directory or Hub id (None: the adapter's base model)")
-    p.add_argument("--prompt", default=None, help="one user message; without it, an interactive chat")
+    p.add_argument("--adapter", nargs="?", const="out", help="an output directory of train.py (alone: out)")
+    p.add_argument("--model", help="base model directory or Hub id (None: the adapter's base model)")
+    p.add_argument("--prompt", help="one user message; without it, an interactive chat")
     p.add_argument("--system", default="", help="a system message")
     p.add_argument("--max_new_tokens", type=int, default=256, help="longest reply in tokens")
     p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature; 0 is greedy")
@@ -64,16 +62,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--top_k", type=int, default=0, help="keep only the k most likely tokens (0: all)")
     p.add_argument("--seed", type=int, default=1337, help="seed of the sampling generator")
-    p.add_argument(
-        "--alpha0", type=float, default=None, help="weight of log pi1 in the customised policy (None: as trained)"
-    )
+    p.add_argument("--alpha0", type=float, help="weight of log pi1 in the customised policy (None: as trained)")
     add_compile_flag(p)
-    p.add_argument(
-        "--dtype", choices=["bf16", "fp32"], default=None, help="weights' dtype (None: bf16 on GPU, fp32 on CPU)"
-    )
+    p.add_argument("--dtype", choices=["bf16", "fp32"], help="weights' dtype (None: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--compare", action="store_true", help="print the base model's reply, then the customised one")
-    p.add_argument("--prompts", default=None, help="a JSON Lines file of prompts to reply to, all of them")
-    p.add_argument("--out", default=None, help="with --prompts: the JSON Lines file of replies (- for stdout)")
+    p.add_argument("--prompts", help="a JSON Lines file of prompts to reply to, all of them")
+    p.add_argument("--out", help="with --prompts: the JSON Lines file of replies (- for stdout)")
     p.add_argument("--batch_size", type=int, default=8, help="with --prompts: prompts decoded together")
     p.add_argument(
         "--unique", action="store_true", help="with --prompts: reply once to each distinct prompt (its first record)"

@@ -206,6 +206,12 @@ def format_table(names: list[str], rows: list[tuple[str, list[float]]]) -> str:
     return "\n".join(lines)
 
 
+def short_names(names: list[str]) -> list[str]:
+    """Each model by its directory's name (the whole path is in the results file), unless two share one."""
+    short = [Path(name).name or name for name in names]
+    return short if len(set(short)) == len(short) else names
+
+
 def sharded(tensor: torch.Tensor) -> bool:
     """Whether tensor is a DTensor (sharded over the ranks, under train.py --fsdp). The DTensor module takes
     half a second to import, so it is looked up only once something (sharding.py) has imported it: until

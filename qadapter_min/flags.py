@@ -23,25 +23,17 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     """train.py's parser; description: its --help text (train.py's docstring)."""
     p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     p.add_argument(
-        "--model",
-        default=None,
-        help="base model: a directory with config.json, tokenizer.json and safetensors, or a Hub id",
+        "--model", help="base model: a directory with config.json, tokenizer.json and safetensors, or a Hub id"
     )
     p.add_argument(
-        "--data",
-        default=None,
-        nargs="+",
-        help="preference files: conversational, HH-RLHF or DSP (JSON / JSON Lines, .gz ok)",
+        "--data", nargs="+", help="preference files: conversational, HH-RLHF or DSP (JSON / JSON Lines, .gz ok)"
     )
     p.add_argument(
-        "--domain",
-        default=None,
-        help="for DSP files: the preferred domain (academy, business, entertainment, literature)",
+        "--domain", help="for DSP files: the preferred domain (academy, business, entertainment, literature)"
     )
     p.add_argument(
         "--eval_data",
         nargs="+",
-        default=None,
         help="held-out preference files for the eval rows (eval_loss, and the preference and implicit "
         "reward accuracies and margins)",
     )
@@ -92,7 +84,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     p.add_argument(
         "--epochs", type=float, default=3, help="passes over the data (3 for DSP and 2 for HH-RLHF in the paper)"
     )
-    p.add_argument("--max_steps", type=int, default=None, help="optimizer steps; overrides --epochs")
+    p.add_argument("--max_steps", type=int, help="optimizer steps; overrides --epochs")
     p.add_argument(
         "--max_len",
         type=int,
@@ -107,9 +99,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     p.add_argument(
         "--lora_targets", nargs="+", default=["q_proj", "v_proj"], help=f"layers to adapt, from {' '.join(PROJECTIONS)}"
     )
-    p.add_argument(
-        "--dtype", choices=["bf16", "fp32"], default=None, help="base weights' dtype (None: bf16 on GPU, fp32 on CPU)"
-    )
+    p.add_argument("--dtype", choices=["bf16", "fp32"], help="base weights' dtype (None: bf16 on GPU, fp32 on CPU)")
     p.add_argument(
         "--grad_checkpointing", action="store_true", help="recompute each block in the backward pass to save memory"
     )
@@ -128,10 +118,8 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     p.add_argument("--save_every", type=int, default=0, help="write checkpoint/ every N steps (0: never)")
     p.add_argument("--log_every", type=int, default=1, help="print and log metrics every N steps")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint/")
-    p.add_argument(
-        "--wandb_project", default=None, help="log every metrics row to this Weights & Biases project (needs wandb)"
-    )
-    p.add_argument("--wandb_run_name", default=None, help="with --wandb_project: the run's name")
+    p.add_argument("--wandb_project", help="log every metrics row to this Weights & Biases project (needs wandb)")
+    p.add_argument("--wandb_run_name", help="with --wandb_project: the run's name")
     add_compile_flag(p, "each block's forward pass and the built-in report's decoding")
     return p
 

@@ -15,10 +15,8 @@ The metrics, by the names --learned and --kept take (each from what evaluate.py 
                                              lower for perplexities and bits_per_byte
 """
 
-from pathlib import Path
-
 from qadapter_min import UserError
-from qadapter_min.common import format_table
+from qadapter_min.common import format_table, short_names
 
 # name -> (the measurement it comes from in a result of evaluate.py, its key there, higher is better)
 METRICS = {
@@ -145,9 +143,7 @@ def frontier_of(results: list[dict], learned: str, kept: str) -> dict:
 def frontier_table(front: dict) -> str:
     """A row per point in the order measured, * on those no other point beats on both metrics."""
     learned, kept = front["learned"], front["kept"]
-    names = [p["name"] for p in front["points"]]
-    short = [Path(name).name or name for name in names]
-    labels = short if len(set(short)) == len(short) else names
+    labels = short_names([p["name"] for p in front["points"]])
     rows = [(label, [p["learned"], p["kept"]]) for label, p in zip(labels, front["points"])]
     header, *lines = format_table([learned, kept], rows).splitlines()
     marks = ["  *" if p["on_frontier"] else "" for p in front["points"]]

@@ -8,6 +8,7 @@ A base model with an adapter on it defines a policy by the objective the adapter
 
     log_probs            log pi(a_t | s_t) of given tokens, for lm-eval's log-likelihoods
     preference_metrics   how the policy scores held-out pairs, by R and by z
+    reply_nll            its mean negative log-likelihood per reply token of given conversations
 
 R(y) = sum over the reply of alpha log pi(a_t|s_t) - alpha0 log pi1(a_t|s_t), the reward that
 objective.Objective.loss defines; for the base model (and a DPO or SFT adapter) alpha = 1 and
@@ -28,7 +29,7 @@ import torch.nn as nn
 from qadapter_min import UserError
 from qadapter_min.adapters import load_adapter, load_run_config
 from qadapter_min.common import Progress
-from qadapter_min.data import collate
+from qadapter_min.data import EncodedConversation, collate
 from qadapter_min.lean_head import CHUNK_SIZE
 from qadapter_min.lora import adapter_disabled, adapter_on_rows, lora_layers
 from qadapter_min.objective import PAIR_METRICS, Objective, policy_logits
@@ -221,3 +222,12 @@ def preference_metrics(
         if progress is not None:
             progress.advance(len(batch))
     return {name: total / len(encoded_pairs) for name, total in sums.items()}
+
+
+def reply_nll(model, policy: Policy, conversations: list[EncodedConversation], batch_size: int) -> dict:
+    """The policy's mean negative log-likelihood per reply token over the conversations."""
+    scored = [len(c.ids) - c.prompt_len for c in conversations]
+    progress = Progress(f"{policy.name}: reply NLL", len(conversations), "conversations")
+    sequences = [c.ids for c in conversations]
+    sums = log_probs(model, policy, sequences, scored, batch_size, progress=progress)
+    return {"nll_per_token": -sum(total for total, _ in sums) / sum(scored), "tokens": sum(scored)}
