@@ -10,8 +10,8 @@ before it runs, so any row can be rerun by hand.
 
 --learn: DSP's academy style at a budget where DPO learns it (learning_step): queries 0-399 train (1,596
 pairs), 600-660 held out (244), every reply cut to its first 48 words; 200 steps of 8 pairs at 1e-3,
-pairs of at most 256 tokens. DPO first, then Q-Adapter, a reward model trained on the same pairs
-(train.py --objective rm) as the judge, SFT and Replay, and Q-Adapter at two and four times the steps
+pairs of at most 256 tokens. DPO first, then a reward model trained on the same pairs (train.py
+--objective rm) as the judge, Q-Adapter, SFT and Replay, and Q-Adapter at two and four times the steps
 where it learns less than DPO; every adapter at scales 0.5, 1 and 2 (Q-Adapter also at alpha0 0.1 and
 1): held-out implicit reward accuracy and the reward model's win rate of the greedy replies to the 61
 held-out queries (learned), the reply NLL and facts accuracy (kept); a table (learning.md), a PNG, and
@@ -287,7 +287,7 @@ def learning_step(args, out: Path, base_replies: Path, started: float):
     runs = {}  # label: directory, DPO first: the baseline the budget is set by
     for seed in args.seeds:
         for method in ["DPO", "Q-Adapter"] + ["SFT", "Replay"] * (seed == args.seeds[0]):
-            if method == "SFT":
+            if method == "Q-Adapter":  # the judge, second: what it can tell apart bounds what a policy shows
                 timed_train("reward model", reward_model, [train_pairs], ["--objective", "rm", *steps])
             if method == "Replay":
                 sample(args.model, train_pairs, replay, unique=True)
