@@ -83,13 +83,13 @@ from qadapter_min.data import (
     encode_pairs,
     load_conversations,
     load_pairs,
-    load_prompts,
 )
 from qadapter_min.frontier import check_metric, default_metrics, frontier_of, frontier_table
 from qadapter_min.judge import check_reward_model, greedy_replies, judge
 from qadapter_min.plots import frontier_plot, pyplot
 from qadapter_min.policy import BASE, Policy, check_base, policy_applied, preference_metrics, read_policy, reply_nll
 from qadapter_min.processes import add_nproc_flag, leave_processes, start_processes
+from qadapter_min.prompts import load_prompts
 from qadapter_min.tokenizer import Tokenizer
 from qadapter_min.weights import load_model
 from toyworld.report import greedy_report, world_rows

@@ -11,6 +11,7 @@ One file per concern beside it:
     weights.py    loading Hugging Face checkpoints (load_model)
     tokenizer.py  the Llama 3 tokenizer; the Llama-3.1-Instruct and ChatML chat formats
     data.py       preference files (conversational, TRL, HH-RLHF, DSP), encoding, batching
+    prompts.py    prompts files to reply to (sample.py and evaluate.py --prompts)
     generate.py   decoding from the base model, the adapter, or the customised policy
     compiled.py   --compile: the decoding step and the training forward pass through torch.compile
     policy.py     the policy an adapter defines, and what measures one
@@ -22,6 +23,7 @@ One file per concern beside it:
     sharding.py   FSDP2 for train.py --fsdp
     memory.py     the memory model of one training rank, its plan, the out-of-memory advice
     processes.py  the processes of a run: started by --nproc_per_node, by torchrun, or one alone
+    launch.py     --nproc_per_node N: the N processes of a run started by the command itself
     harness.py    lm-evaluation-harness's model API over a policy (evaluate.py alone imports it)
     reward.py     train.py --objective rm: the score head, its loss, the checkpoint it writes
     merge.py      LoRA merged into the base weights, streamed: export.py's checkpoint and a reward model's

@@ -16,8 +16,8 @@ from qadapter_min.data import (
     encode_pairs,
     load_conversations,
     load_pairs,
-    load_prompts,
 )
+from qadapter_min.prompts import load_prompts
 from qadapter_min.tokenizer import Tokenizer
 
 
