@@ -61,7 +61,6 @@ import torch
 
 import toyworld
 from qadapter_min import UserError
-from qadapter_min.adapters import recorded_base_model
 from qadapter_min.common import (
     HelpFormatter,
     Progress,
@@ -87,7 +86,16 @@ from qadapter_min.data import (
 from qadapter_min.frontier import check_metric, default_metrics, frontier_of, frontier_table
 from qadapter_min.judge import check_reward_model, greedy_replies, judge
 from qadapter_min.plots import frontier_plot, pyplot
-from qadapter_min.policy import BASE, Policy, check_base, policy_applied, preference_metrics, read_policy, reply_nll
+from qadapter_min.policy import (
+    BASE,
+    Policy,
+    check_base,
+    policy_applied,
+    preference_metrics,
+    read_policy,
+    recorded_base_model,
+    reply_nll,
+)
 from qadapter_min.processes import add_nproc_flag, leave_processes, start_processes
 from qadapter_min.prompts import load_prompts
 from qadapter_min.tokenizer import Tokenizer

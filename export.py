@@ -24,18 +24,13 @@ from pathlib import Path
 import torch
 
 from qadapter_min import UserError
-from qadapter_min.adapters import (
-    ADAPTER_WEIGHTS,
-    load_adapter,
-    load_run_config,
-    read_adapter_config,
-    recorded_base_model,
-)
+from qadapter_min.adapters import ADAPTER_WEIGHTS
 from qadapter_min.common import HelpFormatter, Progress, choose_dtype, default_device, run_command_line, write_json
 from qadapter_min.data import check_data_file, collate, encode_pairs, load_pairs
 from qadapter_min.lora import adapter_disabled
 from qadapter_min.merge import write_merged_checkpoint
 from qadapter_min.objective import Objective, policy_logits
+from qadapter_min.policy import load_adapter, load_run_config, read_adapter_config, recorded_base_model
 from qadapter_min.run_dir import write_model_card
 from qadapter_min.tokenizer import Tokenizer
 from qadapter_min.weights import (

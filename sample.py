@@ -39,12 +39,11 @@ from pathlib import Path
 import torch
 
 from qadapter_min import UserError
-from qadapter_min.adapters import load_adapter, recorded_base_model
 from qadapter_min.common import HelpFormatter, choose_dtype, default_device, refuse_out_of_range, run_command_line
 from qadapter_min.compiled import add_compile_flag
 from qadapter_min.data import REPLY_KEYS
 from qadapter_min.generate import generate, generate_batch
-from qadapter_min.policy import BASE, Policy, check_base, read_policy
+from qadapter_min.policy import BASE, Policy, check_base, load_adapter, read_policy, recorded_base_model
 from qadapter_min.prompts import load_prompts
 from qadapter_min.tokenizer import Tokenizer
 from qadapter_min.weights import load_model, model_fingerprint, resolve_model_dir

@@ -14,8 +14,8 @@ One file per concern beside it:
     prompts.py    prompts files to reply to (sample.py and evaluate.py --prompts)
     generate.py   decoding from the base model, the adapter, or the customised policy
     compiled.py   --compile: the decoding step and the training forward pass through torch.compile
-    policy.py     the policy an adapter defines, and what measures one
-    adapters.py   adapters on disk: PEFT's layout, and qadapter_config.json
+    policy.py     the policy an adapter defines (read back from disk), and what measures one
+    adapters.py   adapters written to disk: PEFT's layout, and qadapter_config.json
     flags.py      train.py's flags, and every check of them that needs no model
     run_dir.py    the run directory's contract: checkpoints, --resume, --overwrite, metrics
     model_card.py the README.md beside every adapter and export

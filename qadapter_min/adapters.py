@@ -1,4 +1,5 @@
-"""Adapters on disk: PEFT's LoRA layout, and the run's qadapter_config.json beside it.
+"""Adapters on disk, as a run writes them: PEFT's LoRA layout, and the run's qadapter_config.json beside it
+(policy.py reads them back).
 
 Saved adapters use PEFT's tensor names and adapter_config.json, so peft, vLLM and lm-eval load them:
     base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight   (r, in_features)
@@ -11,12 +12,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from qadapter_min import UserError
-from qadapter_min.common import atomic_write, full, read_json_file, write_json
-from qadapter_min.lora import add_lora, lora_layers
+from qadapter_min.common import atomic_write, full, write_json
+from qadapter_min.lora import lora_layers
 from qadapter_min.objective import Objective
 from qadapter_min.weights import model_fingerprint, ours_to_checkpoint_name
 
@@ -70,62 +69,6 @@ def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str = "", t
     return out_dir
 
 
-def read_adapter_config(adapter_dir) -> dict:
-    path = Path(adapter_dir) / ADAPTER_CONFIG
-    config = read_json_file(
-        path, "pass a directory written by train.py or by peft's save_pretrained", "save the adapter again"
-    )
-    if config.get("peft_type") != "LORA":
-        raise UserError(f"{path} describes a {config.get('peft_type')!r} adapter; qadapter-min loads LoRA adapters")
-    return config
-
-
-def load_adapter(model: nn.Module, adapter_dir, dtype=torch.float32) -> dict:
-    """Put a saved adapter (PEFT layout) on the model, adding LoRA layers if it has none. Returns the config."""
-    adapter_dir = Path(adapter_dir)
-    config = read_adapter_config(adapter_dir)
-    targets = config["target_modules"]
-    targets = [targets] if isinstance(targets, str) else targets
-    if not lora_layers(model):
-        add_lora(
-            model,
-            r=config["r"],
-            alpha=config["lora_alpha"],
-            dropout=config.get("lora_dropout", 0.0),
-            targets=tuple(targets),
-            dtype=dtype,
-        )
-    layers = lora_layers(model)
-    path = adapter_dir / ADAPTER_WEIGHTS
-    if not path.is_file():
-        raise UserError(f"{path} does not exist; pass a directory written by train.py or by peft's save_pretrained")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            names = set(f.keys())
-            expected = {peft_tensor_name(n, part) for n in layers for part in ("lora_A", "lora_B")}
-            if names != expected:
-                odd = sorted(names ^ expected)[0]
-                raise UserError(
-                    f"{path} does not match the model: tensor {odd} is "
-                    f"{'missing' if odd in expected else 'unexpected'}; "
-                    f"the adapter was made for another model or other LoRA targets"
-                )
-            for name, layer in layers.items():
-                for part in ("lora_A", "lora_B"):
-                    tensor = f.get_tensor(peft_tensor_name(name, part))
-                    target = getattr(layer, part).weight
-                    if tensor.shape != target.shape:
-                        raise UserError(
-                            f"{path}: {peft_tensor_name(name, part)} has shape {tuple(tensor.shape)}, the model needs "
-                            f"{tuple(target.shape)}; the adapter was made for another model"
-                        )
-                    with torch.no_grad():
-                        target.copy_(tensor)
-    except (SafetensorError, OSError) as error:
-        raise UserError(f"{path} is not a readable safetensors file ({error}); save the adapter again") from None
-    return config
-
-
 def save_run_config(
     out_dir: Path, model: nn.Module, flags: dict, steps: int, epochs: float, fingerprint: str | None = None
 ):
@@ -149,31 +92,3 @@ def base_model_record(model: str) -> str:
     adapter finds it from any working directory; a Hub id as it is."""
     path = Path(model).expanduser()
     return str(path.resolve()) if path.is_dir() else str(model)
-
-
-def recorded_base_model(adapter_dir, base_model: str) -> str:
-    """The base model an adapter's run recorded, for a command given no --model; refused where the
-    record is a directory that is not here (the adapter or its base moved)."""
-    if Path(base_model).is_absolute() and not Path(base_model).is_dir():
-        raise UserError(
-            f"{adapter_dir} was trained on {base_model}, which is not a directory here; pass its "
-            f"base model with --model"
-        )
-    return base_model
-
-
-def load_run_config(adapter_dir) -> dict:
-    """qadapter_config.json of an output directory of train.py, checked for the keys a reader needs."""
-    path = Path(adapter_dir) / RUN_CONFIG
-    config = read_json_file(path, "--adapter needs an output directory of train.py", "train the adapter again")
-    missing = [
-        key for key in ("objective", "alpha", "alpha0", "base_model", "base_model_fingerprint") if key not in config
-    ]
-    if missing:
-        raise UserError(f"{path} lacks {', '.join(missing)}; train the adapter again")
-    if config["objective"] == "rm":
-        raise UserError(
-            f"{adapter_dir} holds a reward model (train.py --objective rm), not an adapter; "
-            f"evaluate.py judges replies with it as --reward_model {adapter_dir}"
-        )
-    return config

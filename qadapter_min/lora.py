@@ -4,7 +4,7 @@ In Q-Adapter one set of weights plays two parts (docs/method.md):
     adapter on  -> the residual Q-function Q(s, .)  (the logits of W x + (alpha/r) B A x)
     adapter off -> the pre-trained policy pi1       (the logits of W x alone)
 so the base model is the same module inside `adapter_disabled(model)`, with no second copy of W.
-Saving and loading adapters in PEFT's layout is adapters.py's.
+Saving adapters in PEFT's layout is adapters.py's, loading them policy.py's.
 """
 
 import math

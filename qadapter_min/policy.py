@@ -4,7 +4,8 @@ A base model with an adapter on it defines a policy by the objective the adapter
     Q-Adapter (qadapter_config.json objective "qadapter") -> pi~ = softmax((Q + alpha0 log pi1) / alpha)
     DPO                                                    -> the adapter-on model, softmax(logits)
     no adapter                                             -> the base model pi1
-(the "customised", "adapter" and "base" modes of generate.py). The measurements:
+(the "customised", "adapter" and "base" modes of generate.py), read back from what train.py wrote
+(load_adapter, load_run_config: adapters.py writes them). The measurements:
 
     log_probs            log pi(a_t | s_t) of given tokens, for lm-eval's log-likelihoods
     preference_metrics   how the policy scores held-out pairs, by R and by z
@@ -22,16 +23,18 @@ of pairs with z(chosen) > z(rejected), ties counting half; implicit reward margi
 import dataclasses
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError, safe_open
 
 from qadapter_min import UserError
-from qadapter_min.adapters import load_adapter, load_run_config
-from qadapter_min.common import Progress
+from qadapter_min.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RUN_CONFIG, peft_tensor_name
+from qadapter_min.common import Progress, read_json_file
 from qadapter_min.data import EncodedConversation, collate
 from qadapter_min.lean_head import CHUNK_SIZE
-from qadapter_min.lora import adapter_disabled, adapter_on_rows, lora_layers
+from qadapter_min.lora import adapter_disabled, adapter_on_rows, add_lora, lora_layers
 from qadapter_min.objective import PAIR_METRICS, Objective, policy_logits
 from qadapter_min.step import micro_batch_objective
 from qadapter_min.weights import model_fingerprint
@@ -53,6 +56,90 @@ class Policy:
 
 
 BASE = Policy("base")
+
+
+def read_adapter_config(adapter_dir) -> dict:
+    path = Path(adapter_dir) / ADAPTER_CONFIG
+    config = read_json_file(
+        path, "pass a directory written by train.py or by peft's save_pretrained", "save the adapter again"
+    )
+    if config.get("peft_type") != "LORA":
+        raise UserError(f"{path} describes a {config.get('peft_type')!r} adapter; qadapter-min loads LoRA adapters")
+    return config
+
+
+def load_adapter(model: nn.Module, adapter_dir, dtype=torch.float32) -> dict:
+    """Put a saved adapter (PEFT layout) on the model, adding LoRA layers if it has none. Returns the config."""
+    adapter_dir = Path(adapter_dir)
+    config = read_adapter_config(adapter_dir)
+    targets = config["target_modules"]
+    targets = [targets] if isinstance(targets, str) else targets
+    if not lora_layers(model):
+        add_lora(
+            model,
+            r=config["r"],
+            alpha=config["lora_alpha"],
+            dropout=config.get("lora_dropout", 0.0),
+            targets=tuple(targets),
+            dtype=dtype,
+        )
+    layers = lora_layers(model)
+    path = adapter_dir / ADAPTER_WEIGHTS
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; pass a directory written by train.py or by peft's save_pretrained")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            names = set(f.keys())
+            expected = {peft_tensor_name(n, part) for n in layers for part in ("lora_A", "lora_B")}
+            if names != expected:
+                odd = sorted(names ^ expected)[0]
+                raise UserError(
+                    f"{path} does not match the model: tensor {odd} is "
+                    f"{'missing' if odd in expected else 'unexpected'}; "
+                    f"the adapter was made for another model or other LoRA targets"
+                )
+            for name, layer in layers.items():
+                for part in ("lora_A", "lora_B"):
+                    tensor = f.get_tensor(peft_tensor_name(name, part))
+                    target = getattr(layer, part).weight
+                    if tensor.shape != target.shape:
+                        raise UserError(
+                            f"{path}: {peft_tensor_name(name, part)} has shape {tuple(tensor.shape)}, the model needs "
+                            f"{tuple(target.shape)}; the adapter was made for another model"
+                        )
+                    with torch.no_grad():
+                        target.copy_(tensor)
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"{path} is not a readable safetensors file ({error}); save the adapter again") from None
+    return config
+
+
+def recorded_base_model(adapter_dir, base_model: str) -> str:
+    """The base model an adapter's run recorded, for a command given no --model; refused where the
+    record is a directory that is not here (the adapter or its base moved)."""
+    if Path(base_model).is_absolute() and not Path(base_model).is_dir():
+        raise UserError(
+            f"{adapter_dir} was trained on {base_model}, which is not a directory here; pass its "
+            f"base model with --model"
+        )
+    return base_model
+
+
+def load_run_config(adapter_dir) -> dict:
+    """qadapter_config.json of an output directory of train.py, checked for the keys a reader needs."""
+    path = Path(adapter_dir) / RUN_CONFIG
+    config = read_json_file(path, "--adapter needs an output directory of train.py", "train the adapter again")
+    missing = [
+        key for key in ("objective", "alpha", "alpha0", "base_model", "base_model_fingerprint") if key not in config
+    ]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}; train the adapter again")
+    if config["objective"] == "rm":
+        raise UserError(
+            f"{adapter_dir} holds a reward model (train.py --objective rm), not an adapter; "
+            f"evaluate.py judges replies with it as --reward_model {adapter_dir}"
+        )
+    return config
 
 
 def read_policy(adapter: str, alpha0: float | None = None, scale: float = 1.0) -> Policy:

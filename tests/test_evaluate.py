@@ -14,10 +14,10 @@ import evaluate
 import train
 from conftest import run_script, tiny_model_dir, write_pairs
 from qadapter_min import UserError, frontier, plots
-from qadapter_min.adapters import load_adapter
 from qadapter_min.data import collate, encode_pairs, load_pairs
 from qadapter_min.lora import adapter_disabled
 from qadapter_min.objective import policy_logits
+from qadapter_min.policy import load_adapter
 from qadapter_min.tokenizer import Tokenizer
 from qadapter_min.weights import load_model
 

@@ -16,9 +16,9 @@ import train
 from conftest import run_script, tiny_model_dir, write_pairs
 from qadapter_min import flags as flags_module
 from qadapter_min import merge
-from qadapter_min.adapters import load_adapter
 from qadapter_min.data import collate, encode_pairs, load_pairs
 from qadapter_min.lora import adapter_disabled
+from qadapter_min.policy import load_adapter
 from qadapter_min.tokenizer import Tokenizer
 from qadapter_min.weights import INDEX_FILE, SINGLE_FILE, load_model
 

@@ -14,12 +14,12 @@ import torch
 import sample
 import train
 from conftest import run_script, tiny_args, tiny_chatml_model_dir, tiny_model_dir, write_pairs
-from qadapter_min.adapters import load_adapter
 from qadapter_min.data import REPLY_KEYS
 from qadapter_min.generate import Decoder, generate, generate_batch, sample_token
 from qadapter_min.lora import adapter_disabled, add_lora, lora_layers
 from qadapter_min.model import Transformer
 from qadapter_min.objective import policy_logits
+from qadapter_min.policy import load_adapter
 from qadapter_min.tokenizer import Tokenizer
 from qadapter_min.weights import load_model
 

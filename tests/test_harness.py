@@ -18,11 +18,13 @@ import evaluate  # noqa: E402
 import sample  # noqa: E402
 from qadapter_min import UserError  # noqa: E402
 from qadapter_min import compiled as compiled_steps  # noqa: E402
-from qadapter_min.adapters import load_adapter  # noqa: E402
 from qadapter_min.harness import PolicyLM, cut_at_first  # noqa: E402
 from qadapter_min.lora import adapter_disabled  # noqa: E402
 from qadapter_min.objective import policy_logits  # noqa: E402
-from qadapter_min.policy import BASE  # noqa: E402
+from qadapter_min.policy import (
+    BASE,  # noqa: E402
+    load_adapter,  # noqa: E402
+)
 from qadapter_min.tokenizer import Tokenizer  # noqa: E402
 from qadapter_min.weights import load_model  # noqa: E402
 

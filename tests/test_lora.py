@@ -8,8 +8,9 @@ from safetensors import safe_open
 
 from conftest import random_hf_state, tiny_args, write_checkpoint
 from qadapter_min import UserError
-from qadapter_min.adapters import load_adapter, save_adapter
+from qadapter_min.adapters import save_adapter
 from qadapter_min.lora import LoRALinear, adapter_disabled, add_lora, lora_layers
+from qadapter_min.policy import load_adapter
 from qadapter_min.weights import load_model
 
 

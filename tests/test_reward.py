@@ -14,11 +14,11 @@ import evaluate
 import train
 from conftest import run_script
 from qadapter_min import run_dir
-from qadapter_min.adapters import load_adapter
 from qadapter_min.data import Pair, load_pairs
 from qadapter_min.flags import parse_args
 from qadapter_min.generate import generate_batch
 from qadapter_min.judge import check_reward_model, load_reward_model, rewards, win_rate
+from qadapter_min.policy import load_adapter
 from qadapter_min.reward import reward_model_pairs
 from qadapter_min.tokenizer import Tokenizer
 from qadapter_min.weights import load_model

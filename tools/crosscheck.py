@@ -23,8 +23,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qadapter_min.adapters import load_run_config, save_adapter  # noqa: E402
+from qadapter_min.adapters import save_adapter  # noqa: E402
 from qadapter_min.lora import add_lora, lora_layers  # noqa: E402
+from qadapter_min.policy import load_run_config  # noqa: E402
 from qadapter_min.tokenizer import Tokenizer  # noqa: E402
 from qadapter_min.weights import load_model  # noqa: E402
 

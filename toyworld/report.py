@@ -9,13 +9,12 @@ from pathlib import Path
 
 import torch
 
-from qadapter_min.adapters import load_adapter
 from qadapter_min.common import format_table, is_fsdp_model, write_json
 from qadapter_min.data import encode_pairs, load_pairs
 from qadapter_min.generate import generate_batch
 from qadapter_min.lora import adapter_disabled
 from qadapter_min.objective import Objective
-from qadapter_min.policy import BASE, Policy, preference_metrics
+from qadapter_min.policy import BASE, Policy, load_adapter, preference_metrics
 from qadapter_min.run_dir import REPORT
 from qadapter_min.tokenizer import Tokenizer
 from qadapter_min.weights import load_model
