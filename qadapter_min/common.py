@@ -101,6 +101,22 @@ def read_json_file(path: Path, missing_hint: str, invalid_hint: str) -> dict:
     return config
 
 
+def read_jsonl(path: Path, hint: str) -> list[dict]:
+    """The rows of a JSON Lines file this project wrote (metrics.jsonl), or a UserError naming the file and
+    the line, with the hint."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text; {hint}") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise UserError(f"{path}: line {number} is not JSON; {hint}") from None
+    return rows
+
+
 class Progress:
     """A line on stderr that says how far a long piece of work is: "label: done/total unit, rate,
     ETA", rewritten in place at most once a second, by rank 0 alone; stdout keeps the results."""

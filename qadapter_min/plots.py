@@ -7,12 +7,11 @@ its own colour; and evaluate.py --plot FILE.png draws the learning-forgetting fr
 """
 
 import argparse
-import json
 import math
 from pathlib import Path
 
 from qadapter_min import UserError
-from qadapter_min.common import HelpFormatter, check_output_file, run_command_line
+from qadapter_min.common import HelpFormatter, check_output_file, read_jsonl, run_command_line
 from qadapter_min.frontier import direction
 
 # metrics.jsonl's keys, each a panel where some run logged it
@@ -53,17 +52,7 @@ def read_metrics(run: str) -> list[dict]:
     path = Path(run) / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"{run} holds no metrics.jsonl; pass the --out directories of train.py runs")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"{path} is not UTF-8 text; is it train.py's metrics.jsonl?") from None
-    rows = []
-    for number, line in enumerate(text.splitlines(), 1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise UserError(f"{path}: line {number} is not JSON; is it train.py's metrics.jsonl?") from None
-    return rows
+    return read_jsonl(path, "is it train.py's metrics.jsonl?")
 
 
 def training_curves(runs: dict[str, list[dict]], output: Path):

@@ -32,7 +32,7 @@ from qadapter_min.adapters import (
     save_adapter,
     save_run_config,
 )
-from qadapter_min.common import atomic_write, check_output_dir, full, is_fsdp_model, like
+from qadapter_min.common import atomic_write, check_output_dir, full, is_fsdp_model, like, read_jsonl
 from qadapter_min.model_card import model_card
 from qadapter_min.reward import TOKENIZER_FILES, save_reward_model
 from qadapter_min.sharding import full_optimizer_state, load_optimizer_state
@@ -210,7 +210,7 @@ def write_model_card(out: Path, adapter: Path | None = None):
     run = Path(adapter or out)
     config = json.loads((run / RUN_CONFIG).read_text())
     metrics = run / METRICS
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    rows = read_jsonl(metrics, "train the adapter again") if metrics.exists() else []
     card = model_card(config, rows, defaults(), str(run), exported=adapter is not None)
     atomic_write(out / MODEL_CARD, lambda p: Path(p).write_text(card))
 
