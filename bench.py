@@ -37,8 +37,11 @@ from qadapter_min.step import micro_batch_objective
 from toyworld.build import init_random_weights
 
 
-def llama3_shape(hidden: int, intermediate: int, layers: int, heads: int, rope_factor: float, tied=False) -> ModelArgs:
-    """A published Llama 3 shape: 8 key-value heads, llama3 RoPE scaling by rope_factor from 8,192 positions."""
+def llama3_shape(
+    hidden: int, intermediate: int, layers: int, heads: int, rope_factor=8.0, tied=False, kv_heads=8, vocab=128256
+) -> ModelArgs:
+    """A Llama 3 shape: llama3 RoPE scaling by rope_factor from 8,192 positions (the published models' 8 key-value
+    heads and 128,256 words unless given)."""
     rope = dict(
         rope_type="llama3",
         factor=rope_factor,
@@ -51,7 +54,8 @@ def llama3_shape(hidden: int, intermediate: int, layers: int, heads: int, rope_f
         intermediate_size=intermediate,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=8,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
         rope_scaling=rope,
         tie_word_embeddings=tied,
     )
@@ -67,15 +71,7 @@ PRESETS = {
 }
 
 
-CPU_ARGS = ModelArgs(
-    hidden_size=256,
-    intermediate_size=768,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=128256,
-    rope_scaling=PRESETS["llama-3.1-8b"].rope_scaling,
-)
+CPU_ARGS = llama3_shape(256, 768, 2, 4, kv_heads=2)  # Llama 3's vocabulary, a width a CPU runs
 # Dense bf16 tensor-core peaks (TFLOP/s) and memory bandwidths (GB/s) of cards people use.
 CARDS = {"H200": (989, 4800), "H100": (989, 3350), "A100": (312, 2039), "4090": (165, 1008), "L40S": (362, 864)}
 

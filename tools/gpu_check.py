@@ -59,7 +59,17 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import CARDS, PRESETS, build, bytes_read_per_step, matmul_parameters, our_step, pair_batch, time_step  # noqa: E402
+from bench import (  # noqa: E402
+    CARDS,
+    PRESETS,
+    build,
+    bytes_read_per_step,
+    llama3_shape,
+    matmul_parameters,
+    our_step,
+    pair_batch,
+    time_step,
+)
 from qadapter_min import compiled as compiled_steps  # noqa: E402
 from qadapter_min.generate import generate, generate_batch  # noqa: E402
 from qadapter_min.lora import add_lora, lora_layers  # noqa: E402
@@ -70,15 +80,7 @@ from qadapter_min.weights import load_model  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
 PARITY_MODELS = ("tiny-llama-tied", "tiny-llama-untied-sharded", "lm-eval-llama/model")
-CPU_SHAPE = ModelArgs(
-    hidden_size=128,
-    intermediate_size=384,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=4096,
-    rope_scaling=PRESETS["llama-3.1-8b"].rope_scaling,
-)
+CPU_SHAPE = llama3_shape(128, 384, 4, 4, kv_heads=2, vocab=4096)
 STEP_4 = {"micro_batch_pairs": 4, "gradient_checkpointing": False}  # the step the compiled one is set beside
 CAP_GIB = 23.5  # an RTX 4090's 24 GiB less about 0.5 GiB that CUDA's context takes outside PyTorch's allocator
 
