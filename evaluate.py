@@ -52,7 +52,6 @@ processes; the other measurements run whole on each, and rank 0 prints and write
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -62,14 +61,18 @@ import torch
 import toyworld
 from qadapter_min import UserError
 from qadapter_min.common import (
-    HelpFormatter,
+    COUNT,
+    FINITE_NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    Parser,
     Progress,
     atomic_write,
     check_output_file,
+    checked,
     choose_dtype,
     format_table,
     parse_or_default,
-    refuse_out_of_range,
     run_command_line,
     short_names,
     write_json,
@@ -104,18 +107,18 @@ from toyworld.report import greedy_report, world_rows
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = Parser(__doc__)
     p.add_argument("--model", help="base model directory or Hub id (None: the adapters' base model)")
     p.add_argument("--adapter", nargs="+", help="output directories of train.py, a column each")
     p.add_argument(
         "--alpha0",
-        type=float,
+        type=FINITE_NON_NEGATIVE,
         nargs="+",
         help="weights of log pi1 in Q-Adapter adapters' policy pi~, a point each (None: as trained)",
     )
     p.add_argument(
         "--scale",
-        type=float,
+        type=FINITE_NON_NEGATIVE,
         nargs="+",
         default=[1.0],
         help="the adapters' update scaled, W + scale (alpha/r) B A, a point each "
@@ -144,11 +147,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument(
         "--max_len",
-        type=int,
+        type=checked(int, "> 1", lambda v: v > 1),
         default=1024,
         help="with --pairs or --reply_nll: longest sequence in tokens (longer: truncated as train.py does)",
     )
-    p.add_argument("--micro_batch_size", type=int, default=4, help="with --pairs: pairs per forward pass")
+    p.add_argument("--micro_batch_size", type=POSITIVE_INT, default=4, help="with --pairs: pairs per forward pass")
     p.add_argument(
         "--reply_nll",
         help="conversations ending with a reply (sample.py's output, or messages "
@@ -156,7 +159,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--prompts", help="with --reward_model: a JSON Lines file of prompts (as sample.py reads)")
     p.add_argument("--reward_model", help="a reward model (LlamaForSequenceClassification layout) to judge replies")
-    p.add_argument("--max_new_tokens", type=int, default=256, help="with --prompts: longest greedy reply in tokens")
+    p.add_argument(
+        "--max_new_tokens", type=POSITIVE_INT, default=256, help="with --prompts: longest greedy reply in tokens"
+    )
     add_compile_flag(p, "each decoding step (greedy replies, the built-in checks, lm-eval's generation)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="weights' dtype (None: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--output", help="a JSON file for every number measured")
@@ -164,8 +169,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "lm-evaluation-harness (pip install -r requirements-eval.txt), under lm-eval's own flag names"
     )
     lm.add_argument("--tasks", nargs="+", help="lm-eval task or group names (mmlu gsm8k_cot ...)")
-    lm.add_argument("--num_fewshot", type=int, help="examples in each prompt (None: each task's own)")
-    lm.add_argument("--limit", type=float, help="at most this many documents per task (below 1: a share)")
+    lm.add_argument("--num_fewshot", type=COUNT, help="examples in each prompt (None: each task's own)")
+    lm.add_argument("--limit", type=POSITIVE, help="at most this many documents per task (below 1: a share)")
     lm.add_argument("--apply_chat_template", action="store_true", help="put each prompt in the Llama 3.1 chat format")
     lm.add_argument(
         "--fewshot_as_multiturn",
@@ -178,29 +183,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_nproc_flag(p)
     lm.add_argument("--include_path", help="a directory of task YAMLs of your own")
     lm.add_argument(
-        "--batch_size", type=int, default=8, help="requests per forward pass (sequences, or prompts decoded together)"
+        "--batch_size",
+        type=POSITIVE_INT,
+        default=8,
+        help="requests per forward pass (sequences, or prompts decoded together)",
     )
     lm.add_argument("--log_samples", action="store_true", help="keep lm-eval's record of every document in --output")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_or_default(p, argv, ("model", "adapter", "pairs"), toyworld.evaluate_flags(), "evaluate.py")
-    refuse_out_of_range(
-        args,
-        [
-            ("max_len", args.max_len <= 1, "> 1"),
-            ("micro_batch_size", args.micro_batch_size <= 0, "> 0"),
-            ("batch_size", args.batch_size <= 0, "> 0"),
-            ("nproc_per_node", args.nproc_per_node <= 0, "> 0"),
-            ("limit", args.limit is not None and args.limit <= 0, "> 0"),
-            ("max_new_tokens", args.max_new_tokens <= 0, "> 0"),
-            ("num_fewshot", args.num_fewshot is not None and args.num_fewshot < 0, ">= 0"),
-        ],
-    )
-    for scale in args.scale:
-        if not (math.isfinite(scale) and scale >= 0):
-            raise UserError(f"--scale must be finite and >= 0, got {scale}")
-    for alpha0 in args.alpha0 or []:
-        if not (math.isfinite(alpha0) and alpha0 >= 0):
-            raise UserError(f"--alpha0 must be finite and >= 0, got {alpha0}")
     if args.adapter is None and args.scale != [1.0]:
         raise UserError("--scale scales an adapter's update; pass --adapter DIR ..., or drop --scale")
     if args.plot is not None:
@@ -216,8 +206,6 @@ def parse_args(argv=None) -> argparse.Namespace:
             f"--reply_nll {args.reply_nll} is not a file; pass conversations ending with a reply "
             f"(sample.py's output, or messages records)"
         )
-    if args.output is not None and Path(args.output).is_dir():
-        raise UserError(f"--output {args.output} is a directory; pass a file such as results.json")
     if args.output is not None:
         check_output_file("output", args.output)  # refused now, not after hours of lm-eval
     if (args.prompts is None) != (args.reward_model is None):

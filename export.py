@@ -25,7 +25,7 @@ import torch
 
 from qadapter_min import UserError
 from qadapter_min.adapters import ADAPTER_WEIGHTS
-from qadapter_min.common import HelpFormatter, Progress, choose_dtype, default_device, run_command_line, write_json
+from qadapter_min.common import Parser, Progress, choose_dtype, default_device, run_command_line, write_json
 from qadapter_min.data import check_data_file, collate, encode_pairs, load_pairs
 from qadapter_min.lora import adapter_disabled
 from qadapter_min.merge import write_merged_checkpoint
@@ -53,7 +53,7 @@ BESIDE_THE_WEIGHTS = [  # copied from the base, where it has them
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = Parser(__doc__)
     p.add_argument("--adapter", required=True, help="an output directory of train.py")
     p.add_argument("--out", required=True, help="the directory to write the merged checkpoint to")
     p.add_argument("--model", help="the base model (None: the one the adapter's run recorded)")

@@ -39,7 +39,17 @@ from pathlib import Path
 import torch
 
 from qadapter_min import UserError
-from qadapter_min.common import HelpFormatter, choose_dtype, default_device, refuse_out_of_range, run_command_line
+from qadapter_min.common import (
+    COUNT,
+    NON_NEGATIVE,
+    POSITIVE_INT,
+    Parser,
+    check_output_file,
+    checked,
+    choose_dtype,
+    default_device,
+    run_command_line,
+)
 from qadapter_min.compiled import add_compile_flag
 from qadapter_min.data import REPLY_KEYS
 from qadapter_min.generate import generate, generate_batch
@@ -50,40 +60,32 @@ from qadapter_min.weights import load_model, model_fingerprint, resolve_model_di
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = Parser(__doc__)
     p.add_argument("--adapter", nargs="?", const="out", help="an output directory of train.py (alone: out)")
     p.add_argument("--model", help="base model directory or Hub id (None: the adapter's base model)")
     p.add_argument("--prompt", help="one user message; without it, an interactive chat")
     p.add_argument("--system", default="", help="a system message")
-    p.add_argument("--max_new_tokens", type=int, default=256, help="longest reply in tokens")
-    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature; 0 is greedy")
+    p.add_argument("--max_new_tokens", type=POSITIVE_INT, default=256, help="longest reply in tokens")
+    p.add_argument("--temperature", type=NON_NEGATIVE, default=0.6, help="sampling temperature; 0 is greedy")
     p.add_argument(
-        "--top_p", type=float, default=0.9, help="nucleus sampling: keep the most likely tokens up to this mass"
+        "--top_p",
+        type=checked(float, "in (0, 1]", lambda v: 0 < v <= 1),
+        default=0.9,
+        help="nucleus sampling: keep the most likely tokens up to this mass",
     )
-    p.add_argument("--top_k", type=int, default=0, help="keep only the k most likely tokens (0: all)")
+    p.add_argument("--top_k", type=COUNT, default=0, help="keep only the k most likely tokens (0: all)")
     p.add_argument("--seed", type=int, default=1337, help="seed of the sampling generator")
-    p.add_argument("--alpha0", type=float, help="weight of log pi1 in the customised policy (None: as trained)")
+    p.add_argument("--alpha0", type=NON_NEGATIVE, help="weight of log pi1 in the customised policy (None: as trained)")
     add_compile_flag(p)
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="weights' dtype (None: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--compare", action="store_true", help="print the base model's reply, then the customised one")
     p.add_argument("--prompts", help="a JSON Lines file of prompts to reply to, all of them")
     p.add_argument("--out", help="with --prompts: the JSON Lines file of replies (- for stdout)")
-    p.add_argument("--batch_size", type=int, default=8, help="with --prompts: prompts decoded together")
+    p.add_argument("--batch_size", type=POSITIVE_INT, default=8, help="with --prompts: prompts decoded together")
     p.add_argument(
         "--unique", action="store_true", help="with --prompts: reply once to each distinct prompt (its first record)"
     )
     args = p.parse_args(argv)
-    refuse_out_of_range(
-        args,
-        [
-            ("temperature", args.temperature < 0, ">= 0"),
-            ("top_p", not 0 < args.top_p <= 1, "in (0, 1]"),
-            ("top_k", args.top_k < 0, ">= 0"),
-            ("max_new_tokens", args.max_new_tokens <= 0, "> 0"),
-            ("batch_size", args.batch_size <= 0, "> 0"),
-            ("alpha0", args.alpha0 is not None and args.alpha0 < 0, ">= 0"),
-        ],
-    )
     if args.adapter is None and args.model is None:
         raise UserError("pass --adapter [DIR] for a customised model, or --model M for a base model alone")
     if args.prompt is not None and args.prompts is not None:
@@ -105,10 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UserError(
             "--prompts FILE and --out FILE.jsonl go together: the prompts to reply to, and where the replies go"
         )
-    if args.out not in (None, "-") and Path(args.out).is_dir():
-        raise UserError(f"--out {args.out} is a directory; pass a file such as replies.jsonl")
-    if args.out not in (None, "-") and not Path(args.out).resolve().parent.is_dir():
-        raise UserError(f"--out {args.out}: its directory does not exist; create it or pass another --out")
+    if args.out not in (None, "-"):
+        check_output_file("out", args.out)
     return args
 
 

@@ -4,7 +4,9 @@
 import argparse
 import functools
 import json
+import math
 import os
+import re
 import shlex
 import sys
 import time
@@ -145,6 +147,41 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """--help keeps the module docstring's layout and shows every flag's default."""
 
 
+class Parser(argparse.ArgumentParser):
+    """Every script's command line: --help keeps the docstring's layout and shows each default, and a
+    refusal is one sentence that names the flag ("--lr must be > 0, got -1.0"): a UserError, so the script
+    prints one line and exits 2 (run_command_line)."""
+
+    def __init__(self, description: str = ""):
+        super().__init__(description=description, formatter_class=HelpFormatter)
+
+    def error(self, message: str):
+        flag = re.match(r"argument ([-\w]+)(?:/[-\w]+)?: ", message)  # argparse's "argument --lr: ..."
+        if flag:
+            rest = message[flag.end() :]
+            message = f"{flag[1]} {rest}" if rest.startswith("must") else f"{flag[1]}: {rest}"
+        raise UserError(message)
+
+
+def checked(kind, rule: str, holds):
+    """A flag's type that refuses a value outside its range: kind(text), unless not holds(value), in words
+    `rule` ("> 0"). Written once here, so every script checks its flags the same way."""
+
+    def value_of(text: str):
+        value = kind(text)
+        if not holds(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {value}")
+        return value
+
+    value_of.__name__ = kind.__name__  # argparse's own refusal names it: "invalid int value: 'x'"
+    return value_of
+
+
+POSITIVE_INT, POSITIVE = checked(int, "> 0", lambda v: v > 0), checked(float, "> 0", lambda v: v > 0)
+COUNT, NON_NEGATIVE = checked(int, ">= 0", lambda v: v >= 0), checked(float, ">= 0", lambda v: v >= 0)
+FINITE_NON_NEGATIVE = checked(float, "finite and >= 0", lambda v: math.isfinite(v) and v >= 0)
+
+
 LAUNCHED = "QADAPTER_LAUNCHED"  # set in the processes launch starts: their command line was printed
 
 
@@ -200,14 +237,6 @@ def run_command_line(main):
     if dist.is_initialized():
         os._exit(code)
     sys.exit(code)
-
-
-def refuse_out_of_range(args, rules):
-    """rules: (flag, whether its value is out of range, the range in words); the first flag out of range is
-    refused in one sentence naming it."""
-    for flag, bad, rule in rules:
-        if bad:
-            raise UserError(f"--{flag} must be {rule}, got {getattr(args, flag)}")
 
 
 def format_table(names: list[str], rows: list[tuple[str, list[float]]]) -> str:

@@ -11,17 +11,19 @@ import sys
 from pathlib import Path
 
 from qadapter_min import UserError, tracking
-from qadapter_min.common import HelpFormatter, parse_or_default
+from qadapter_min.common import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, Parser, checked, parse_or_default
 from qadapter_min.compiled import add_compile_flag
 from qadapter_min.data import check_data_file
 from qadapter_min.lora import PROJECTIONS, check_targets
 from qadapter_min.objective import CHI2_FORMS, Objective
 from qadapter_min.processes import add_nproc_flag
 
+DROPOUT = checked(float, "in [0, 1)", lambda v: 0 <= v < 1)
+
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
     """train.py's parser; description: its --help text (train.py's docstring)."""
-    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    p = Parser(description)
     p.add_argument(
         "--model", help="base model: a directory with config.json, tokenizer.json and safetensors, or a Hub id"
     )
@@ -53,16 +55,16 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         "other objectives",
     )
     p.add_argument(
-        "--alpha", type=float, default=Objective.alpha, help="Q-Adapter: temperature of the customised policy"
+        "--alpha", type=POSITIVE, default=Objective.alpha, help="Q-Adapter: temperature of the customised policy"
     )
     p.add_argument(
         "--alpha0",
-        type=float,
+        type=NON_NEGATIVE,
         default=Objective.alpha0,
         help="Q-Adapter: weight of the base model's log-probabilities (lambda)",
     )
     p.add_argument(
-        "--beta", type=float, default=Objective.beta, help="Q-Adapter: weight of the chi2 (squared reward) term"
+        "--beta", type=NON_NEGATIVE, default=Objective.beta, help="Q-Adapter: weight of the chi2 (squared reward) term"
     )
     p.add_argument(
         "--gamma", type=float, default=Objective.gamma, help="Q-Adapter: discount in r_t = Q(s_t, a_t) - gamma V(s_t)"
@@ -75,27 +77,32 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         "Q(s_t, a_t) - gamma V(s_{t+1}) with V = 0 after the reply (bellman)",
     )
     p.add_argument(
-        "--dpo_beta", type=float, default=Objective.dpo_beta, help="DPO: inverse temperature of the implicit reward"
+        "--dpo_beta",
+        type=NON_NEGATIVE,
+        default=Objective.dpo_beta,
+        help="DPO: inverse temperature of the implicit reward",
     )
-    p.add_argument("--lr", type=float, default=3e-4, help="peak AdamW learning rate, decayed linearly to 0")
-    p.add_argument("--warmup_steps", type=int, default=0, help="linear warm-up steps before the decay")
-    p.add_argument("--batch_size", type=int, default=512, help="pairs per optimizer step, all processes together")
-    p.add_argument("--micro_batch_size", type=int, default=1, help="pairs per forward pass per process")
+    p.add_argument("--lr", type=POSITIVE, default=3e-4, help="peak AdamW learning rate, decayed linearly to 0")
+    p.add_argument("--warmup_steps", type=COUNT, default=0, help="linear warm-up steps before the decay")
     p.add_argument(
-        "--epochs", type=float, default=3, help="passes over the data (3 for DSP and 2 for HH-RLHF in the paper)"
+        "--batch_size", type=POSITIVE_INT, default=512, help="pairs per optimizer step, all processes together"
     )
-    p.add_argument("--max_steps", type=int, help="optimizer steps; overrides --epochs")
+    p.add_argument("--micro_batch_size", type=POSITIVE_INT, default=1, help="pairs per forward pass per process")
+    p.add_argument(
+        "--epochs", type=POSITIVE, default=3, help="passes over the data (3 for DSP and 2 for HH-RLHF in the paper)"
+    )
+    p.add_argument("--max_steps", type=POSITIVE_INT, help="optimizer steps; overrides --epochs")
     p.add_argument(
         "--max_len",
-        type=int,
+        type=POSITIVE_INT,
         default=512,
         help="longest sequence in tokens; longer pairs are truncated, keeping the reply",
     )
-    p.add_argument("--lora_r", type=int, default=8, help="LoRA rank")
+    p.add_argument("--lora_r", type=POSITIVE_INT, default=8, help="LoRA rank")
     p.add_argument(
-        "--lora_alpha", type=float, default=16, help="LoRA scale numerator: the update is (lora_alpha / r) B A x"
+        "--lora_alpha", type=POSITIVE, default=16, help="LoRA scale numerator: the update is (lora_alpha / r) B A x"
     )
-    p.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the input of LoRA's A")
+    p.add_argument("--lora_dropout", type=DROPOUT, default=0.05, help="dropout on the input of LoRA's A")
     p.add_argument(
         "--lora_targets", nargs="+", default=["q_proj", "v_proj"], help=f"layers to adapt, from {' '.join(PROJECTIONS)}"
     )
@@ -110,13 +117,15 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         help="with several processes, shard the weights, LoRA and AdamW over every rank (FSDP2), "
         "for models larger than one GPU",
     )
-    p.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
+    p.add_argument(
+        "--grad_clip", type=NON_NEGATIVE, default=1.0, help="clip the gradient norm to this (0: no clipping)"
+    )
     p.add_argument("--seed", type=int, default=1337, help="seed of the data order, the LoRA init and the dropout masks")
     p.add_argument(
-        "--eval_every", type=int, default=0, help="evaluate every N steps and at the end (0: only at the end)"
+        "--eval_every", type=COUNT, default=0, help="evaluate every N steps and at the end (0: only at the end)"
     )
-    p.add_argument("--save_every", type=int, default=0, help="write checkpoint/ every N steps (0: never)")
-    p.add_argument("--log_every", type=int, default=1, help="print and log metrics every N steps")
+    p.add_argument("--save_every", type=COUNT, default=0, help="write checkpoint/ every N steps (0: never)")
+    p.add_argument("--log_every", type=POSITIVE_INT, default=1, help="print and log metrics every N steps")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint/")
     p.add_argument("--wandb_project", help="log every metrics row to this Weights & Biases project (needs wandb)")
     p.add_argument("--wandb_run_name", help="with --wandb_project: the run's name")
@@ -147,30 +156,8 @@ def check_flags(args):
                     f"--{name} is a setting of --objective {objective}, and this run trains "
                     f"--objective {args.objective}, which has no use for it; drop --{name}"
                 )
-    for name in [
-        "batch_size",
-        "micro_batch_size",
-        "max_len",
-        "lora_r",
-        "log_every",
-        "lr",
-        "epochs",
-        "alpha",
-        "lora_alpha",
-    ]:
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ["warmup_steps", "eval_every", "save_every", "grad_clip", "beta", "alpha0", "dpo_beta"]:
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name} must not be negative, got {getattr(args, name)}")
-    if args.max_steps is not None and args.max_steps <= 0:
-        raise UserError(f"--max_steps must be positive, got {args.max_steps}")
-    if not 0 <= args.lora_dropout < 1:
-        raise UserError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
     check_targets(args.lora_targets)
     tracking.check(args)
-    if args.nproc_per_node <= 0:
-        raise UserError(f"--nproc_per_node must be positive, got {args.nproc_per_node}")
     world_size = int(os.environ.get("WORLD_SIZE", args.nproc_per_node))  # torchrun's, or ours
     per_rank, remainder = divmod(args.batch_size, world_size)
     if remainder or per_rank % args.micro_batch_size:

@@ -6,12 +6,11 @@ draws each run's metrics.jsonl (train.py's --out) as small panels, one per metri
 its own colour; and evaluate.py --plot FILE.png draws the learning-forgetting frontier (frontier_plot).
 """
 
-import argparse
 import math
 from pathlib import Path
 
 from qadapter_min import UserError
-from qadapter_min.common import HelpFormatter, check_output_file, read_jsonl, run_command_line
+from qadapter_min.common import Parser, check_output_file, read_jsonl, run_command_line
 from qadapter_min.frontier import direction
 
 # metrics.jsonl's keys, each a panel where some run logged it
@@ -123,7 +122,7 @@ def frontier_plot(front: dict, output: Path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = Parser(__doc__)
     p.add_argument("runs", nargs="+", help="train.py --out directories, each a colour")
     p.add_argument("--output", required=True, help="the PNG to write")
     args = p.parse_args(argv)

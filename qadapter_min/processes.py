@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from qadapter_min import UserError
-from qadapter_min.common import default_device
+from qadapter_min.common import POSITIVE_INT, default_device
 from qadapter_min.weights import resolve_model_dir
 
 
@@ -93,7 +93,7 @@ def leave_processes(processes: Processes):
 def add_nproc_flag(parser):
     parser.add_argument(
         "--nproc_per_node",
-        type=int,
+        type=POSITIVE_INT,
         default=1,
         help="start this many processes on this node, one per GPU, as torchrun --nproc_per_node does; "
         "a refusal then ends them all in one line (torchrun adds its own report of the failure)",

@@ -132,7 +132,7 @@ BAD_FLAGS = {
     "batch larger than the data": (["--batch_size", "64"], r"--batch_size 64 is larger than the 8 usable pairs"),
     "max_len too small": (["--max_len", "20"], r"--max_len 20 is too small for any pair"),
     "unknown lora target": (["--lora_targets", "qkv_proj"], r"LoRA target 'qkv_proj' is not a projection"),
-    "negative learning rate": (["--lr", "-1"], r"--lr must be positive"),
+    "negative learning rate": (["--lr", "-1"], r"--lr must be > 0, got -1.0"),
     "dropout of one": (["--lora_dropout", "1"], r"--lora_dropout must be in \[0, 1\)"),
     "unknown domain": (["--domain", "sports"], r"--domain 'sports' is not a DSP domain"),
     "resume without checkpoint": (["--resume"], r"--resume: .*checkpoint/state\.pt does not exist"),
