@@ -1,5 +1,8 @@
 """train.py's contract for every script: an output that could not be written, or a flag that would
-change nothing, is refused in one sentence before any model or data loads."""
+change nothing, is refused in one sentence before any model or data loads.
+
+REFUSALS is the one table of bad command lines, every script's: each must print one line, "error: ..."
+holding the sentence's key words, exit 2, and write nothing."""
 
 import json
 import os
@@ -47,6 +50,118 @@ def refused(main, *flags) -> str:
     return result.stderr
 
 
+@pytest.fixture(scope="module")
+def runs(world):
+    """A Q-Adapter and a DPO adapter of world's model, one step each: what evaluate.py and sample.py read."""
+    model_dir, data, directory = world
+    for objective in ("qadapter", "dpo"):
+        flags = ["--model", model_dir, "--data", data, "--out", directory / objective, "--batch_size", 4]
+        assert run_script(train.main, *flags, "--max_steps", 1, "--objective", objective).returncode == 0
+    return directory / "qadapter", directory / "dpo"
+
+
+TRAIN = "train --model {model} --data {data} --batch_size 4 --max_steps 2 --out {tmp}/out"
+EVALUATE = "evaluate --output {tmp}/results.json"
+ON_PAIRS = f"{EVALUATE} --adapter {{qadapter}} --pairs {{data}}"
+REFUSALS = {  # case: (script and arguments, the sentence's key words: one or several); {tmp}: the case's directory
+    "batch not divisible": (f"{TRAIN} --batch_size 6 --micro_batch_size 4", "--batch_size 6 is not a multiple"),
+    "batch larger than the data": (f"{TRAIN} --batch_size 64", "--batch_size 64 is larger than the 8 usable pairs"),
+    "max_len too small": (f"{TRAIN} --max_len 20", "--max_len 20 is too small for any pair"),
+    "unknown lora target": (f"{TRAIN} --lora_targets qkv_proj", "LoRA target 'qkv_proj' is not a projection"),
+    "negative learning rate": (f"{TRAIN} --lr -1", "--lr must be > 0, got -1.0"),
+    "dropout of one": (f"{TRAIN} --lora_dropout 1", "--lora_dropout must be in [0, 1)"),
+    "unknown domain": (f"{TRAIN} --domain sports", "--domain 'sports' is not a DSP domain"),
+    "resume without checkpoint": (f"{TRAIN} --resume", "checkpoint/state.pt does not exist"),
+    "data is a directory": (f"{TRAIN} --data /", "/ is a directory; pass a preference data file"),
+    "beta with dpo": (
+        f"{TRAIN} --objective dpo --beta 0.5",
+        ("--beta is a setting of --objective qadapter", "drop --beta"),
+    ),
+    "alpha0 with dpo": (
+        f"{TRAIN} --objective dpo --alpha0 0.2",
+        ("--alpha0 is a setting of --objective qadapter", "drop --alpha0"),
+    ),
+    "chi2 with sft": (
+        f"{TRAIN} --objective sft --chi2 bellman",
+        ("--chi2 is a setting of --objective qadapter", "drop --chi2"),
+    ),
+    "dpo_beta with sft": (
+        f"{TRAIN} --objective sft --dpo_beta 0.5",
+        ("--dpo_beta is a setting of --objective dpo", "drop --dpo_beta"),
+    ),
+    "dpo_beta with qadapter": (
+        f"{TRAIN} --dpo_beta 0.5",
+        ("--dpo_beta is a setting of --objective dpo", "drop --dpo_beta"),
+    ),
+    "sample batch of 0": ("sample --adapter {qadapter} --prompt hi --batch_size 0", "--batch_size must be > 0, got 0"),
+    "sample negative alpha0": (
+        "sample --adapter {qadapter} --prompt hi --alpha0 -1",
+        "--alpha0 must be >= 0, got -1.0",
+    ),
+    "sample top_p of 0": ("sample --adapter {qadapter} --prompt hi --top_p 0", "--top_p must be in (0, 1], got 0.0"),
+    "sample top_p before the model": ("sample --model x --top_p 0 --prompt hi", "--top_p must be in (0, 1], got 0.0"),
+    "sample prompt and prompts": (
+        "sample --model {model} --prompt hi --prompts p.jsonl --out {tmp}/r.jsonl",
+        "not both",
+    ),
+    "sample compare without adapter": ("sample --model {model} --compare --prompt hi", "--compare prints the base"),
+    "sample batch without prompts": ("sample --model {model} --batch_size 4 --prompt hi", "--batch_size sets how many"),
+    "evaluate not an adapter": (f"{EVALUATE} --adapter {{model}}", "{model}/qadapter_config.json does not exist"),
+    "evaluate empty pairs": (
+        f"{EVALUATE} --adapter {{qadapter}} --pairs {{tmp}}/empty.jsonl",
+        "empty.jsonl holds no usable",
+    ),
+    "evaluate missing pairs": (
+        f"{EVALUATE} --adapter {{qadapter}} --pairs {{tmp}}/no.jsonl",
+        "{tmp}/no.jsonl does not exist",
+    ),
+    "evaluate output is a directory": ("evaluate --adapter {qadapter} --output {tmp}", "--output {tmp} is a directory"),
+    "evaluate missing replies": (
+        f"{EVALUATE} --adapter {{qadapter}} --reply_nll {{tmp}}/no.jsonl",
+        "--reply_nll {tmp}/no",
+    ),
+    "evaluate negative scale": (f"{ON_PAIRS} --scale 1 -0.5", "--scale must be finite and >= 0, got -0.5"),
+    "evaluate infinite scale": (f"{ON_PAIRS} --scale inf", "--scale must be finite and >= 0, got inf"),
+    "evaluate negative alpha0": (f"{ON_PAIRS} --alpha0 -1", "--alpha0 must be finite and >= 0, got -1.0"),
+    "evaluate alpha0 without a Q-Adapter": (
+        f"{EVALUATE} --adapter {{dpo}} --pairs {{data}} --alpha0 0.1 1",
+        "--alpha0 sets the weight of log pi1 in a Q-Adapter's policy, and no --adapter is a Q-Adapter",
+    ),
+    "evaluate scale without an adapter": (
+        f"{EVALUATE} --model {{model}} --pairs {{data}} --scale 0 1",
+        "--scale scales",
+    ),
+    "evaluate plot without a second metric": (
+        f"{ON_PAIRS} --plot {{tmp}}/f.png",
+        "--plot draws one metric of what was learned against one of what was kept, and this command "
+        "measures nothing for --kept",
+    ),
+    "evaluate plot in a missing directory": (f"{ON_PAIRS} --plot {{tmp}}/no/f.png", "the directory {tmp}/no does not"),
+    "evaluate plot not a png": (f"{ON_PAIRS} --plot {{tmp}}/f.pdf", "--plot {tmp}/f.pdf is not a .png file"),
+    "evaluate unknown metric": (
+        f"{ON_PAIRS} --kept retention",
+        "--kept retention is not a metric evaluate.py measures",
+    ),
+    "evaluate metric not measured": (
+        f"{ON_PAIRS} --kept reply_nll",
+        "--kept reply_nll is not measured by this command",
+    ),
+}
+MAINS = {"train": train.main, "sample": sample.main, "evaluate": evaluate.main}
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_every_scripts_refusals_are_one_sentence_with_exit_2_and_nothing_written(world, runs, tmp_path, case):
+    model_dir, data, _ = world
+    places = dict(model=model_dir, data=data, qadapter=runs[0], dpo=runs[1], tmp=tmp_path)
+    (tmp_path / "empty.jsonl").write_text("")
+    command, words = REFUSALS[case]
+    script, *argv = command.format(**places).split()
+    message = refused(MAINS[script], *argv)
+    assert all(w.format(**places) in message for w in ([words] if isinstance(words, str) else words)), message
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["empty.jsonl"]  # nothing written
+
+
 def test_an_output_path_that_could_not_be_written_is_refused_before_any_work(world, tmp_path, nothing_may_load):
     model_dir, data, _ = world
     (tmp_path / "a-file").write_text("")
@@ -57,22 +172,6 @@ def test_an_output_path_that_could_not_be_written_is_refused_before_any_work(wor
     message = refused(train.main, "--model", model_dir, "--data", data, "--out", tmp_path / "a-file/sub")
     assert "--out" in message and "is a file, not a directory" in message
     assert not (tmp_path / "no").exists()
-
-
-@pytest.mark.parametrize(
-    "objective, flag, value",
-    [
-        ("dpo", "--beta", "0.5"),
-        ("dpo", "--alpha0", "0.2"),
-        ("sft", "--chi2", "bellman"),
-        ("sft", "--dpo_beta", "0.5"),
-        ("qadapter", "--dpo_beta", "0.5"),
-    ],
-)
-def test_a_flag_of_another_objective_is_refused_by_name(world, objective, flag, value):
-    model_dir, data, _ = world
-    message = refused(train.main, "--model", model_dir, "--data", data, "--objective", objective, flag, value)
-    assert f"{flag} is a setting of --objective" in message and f"drop {flag}" in message
 
 
 def test_a_domain_for_data_without_dsp_records_is_refused(world, tmp_path):
@@ -99,19 +198,6 @@ def test_a_plan_larger_than_the_devices_memory_is_warned_of_before_the_first_ste
     warning = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
     assert len(warning) == 1 and "more than the 0.0 GiB of cpu memory here" in warning[0]
     assert result.stdout.index("memory per rank") < result.stdout.index("step 1/1")
-
-
-@pytest.mark.parametrize(
-    "flags, message",
-    [
-        (["--prompt", "hi", "--prompts", "p.jsonl", "--out", "r.jsonl"], "not both"),
-        (["--compare", "--prompt", "hi"], "--compare prints the base model's reply"),
-        (["--batch_size", "4", "--prompt", "hi"], "--batch_size sets how many prompts"),
-    ],
-)
-def test_sample_py_refuses_a_flag_that_would_change_nothing(world, flags, message):
-    model_dir, _, _ = world
-    assert message in refused(sample.main, "--model", model_dir, *flags)
 
 
 def test_evaluate_py_with_nothing_to_measure_is_refused(world, nothing_may_load):

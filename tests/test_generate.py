@@ -358,20 +358,6 @@ def test_a_bad_prompts_file_is_refused_in_one_line_naming_it(trained, tmp_path, 
     assert not (tmp_path / "r.jsonl").exists()
 
 
-@pytest.mark.parametrize(
-    "flags, message",
-    [
-        (["--batch_size", "0"], "--batch_size must be > 0, got 0"),
-        (["--alpha0", "-1"], "--alpha0 must be >= 0, got -1.0"),
-        (["--top_p", "0"], "--top_p must be in (0, 1], got 0.0"),
-    ],
-)
-def test_sample_py_names_the_one_bad_flag(trained, flags, message):
-    _, adapter = trained
-    result = run_sample("--adapter", adapter, "--prompt", "hi", *flags)
-    assert result.returncode == 2 and result.stderr == f"error: {message}\n"
-
-
 def test_alpha0_is_refused_for_a_dpo_adapter_where_it_means_nothing(trained, tmp_path):
     model_dir, _ = trained
     data = write_pairs(tmp_path / "pairs.jsonl", n=4)
