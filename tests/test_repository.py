@@ -10,7 +10,7 @@ WRITTEN = {
     "table.md",
     "frontier.md",
     "learning.md",
-}  # what tools/gpu_check.py and tools/smollm2_study.py write, not documents cited
+}  # what bench.py --check and tools/smollm2_study.py write, not documents cited
 
 
 def test_every_markdown_file_named_in_the_repository_is_in_the_repository():
