@@ -19,6 +19,11 @@ from toyworld.build import train_llama3_style_tokenizer, write_config
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
+def typed(*argv) -> list[str]:
+    """A command line as typed: every flag and value a string (paths and numbers given as they are)."""
+    return [str(a) for a in argv]
+
+
 def run_script(main, *argv) -> subprocess.CompletedProcess:
     """A script's main(argv) run as its command line runs it (run_command_line: a refusal is one line on
     stderr and exit code 2), in this process, which spares each call a second of start-up: the exit code

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import sample
 import train
-from conftest import run_script, tiny_model_dir, write_pairs
+from conftest import run_script, tiny_model_dir, typed, write_pairs
 from qadapter_min import UserError, step
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -177,18 +177,8 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(world, tmp_pat
 
 def test_checkpoints_are_kept_from_a_fresh_start_and_a_damaged_one_is_named(world, tmp_path):
     out = tmp_path / "out"
-    flags = [
-        "--model",
-        str(world[0]),
-        "--data",
-        str(world[1]),
-        "--out",
-        str(out),
-        "--batch_size",
-        "4",
-        "--max_steps",
-        "3",
-    ]
+    flags = ["--model", str(world[0]), "--data", str(world[1]), "--out", str(out)]
+    flags += "--batch_size 4 --max_steps 3".split()
     (out / "checkpoint").mkdir(parents=True)
     (out / "checkpoint" / "state.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
     with pytest.raises(UserError, match="holds a checkpoint of another run; pass --resume"):
@@ -219,25 +209,8 @@ def test_non_finite_losses_skip_the_update_and_three_in_a_row_stop_the_run(world
     model_dir, data = world
     out = tmp_path / "out"
     with pytest.raises(UserError, match="not finite for 3 steps in a row \\(up to step 4\\); lower --lr"):
-        train.main(
-            [
-                str(f)
-                for f in [
-                    "--model",
-                    model_dir,
-                    "--data",
-                    data,
-                    "--out",
-                    out,
-                    "--batch_size",
-                    4,
-                    "--micro_batch_size",
-                    4,
-                    "--max_steps",
-                    10,
-                ]
-            ]
-        )
+        flags = ["--model", model_dir, "--data", data, "--out", out, "--batch_size", 4, "--micro_batch_size", 4]
+        train.main(typed(*flags, "--max_steps", 10))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("skipped") for r in rows] == [None] + ["non-finite loss or gradient"] * 3
     assert not (out / "adapter_model.safetensors").exists()

@@ -12,7 +12,7 @@ from test_step import slow_rewards
 
 import evaluate
 import train
-from conftest import tiny_model_dir, write_pairs
+from conftest import tiny_model_dir, typed, write_pairs
 from qadapter_min import UserError, frontier, plots
 from qadapter_min.data import collate, encode_pairs, load_pairs
 from qadapter_min.lora import adapter_disabled
@@ -31,27 +31,8 @@ def adapters(tmp_path_factory, tokenizer_file):
     model_dir = tiny_model_dir(directory / "model", tokenizer_file)
     data, held_out = (write_pairs(directory / "pairs.jsonl", n=8), write_pairs(directory / "held_out.jsonl", n=6))
     for objective in ("qadapter", "dpo"):
-        train.main(
-            [
-                str(f)
-                for f in [
-                    "--model",
-                    model_dir,
-                    "--data",
-                    data,
-                    "--out",
-                    directory / objective,
-                    "--batch_size",
-                    4,
-                    "--max_steps",
-                    4,
-                    "--lr",
-                    0.05,
-                    "--objective",
-                    objective,
-                ]
-            ]
-        )
+        flags = ["--model", model_dir, "--data", data, "--out", directory / objective, "--batch_size", 4]
+        train.main(typed(*flags, "--max_steps", 4, "--lr", 0.05, "--objective", objective))
     return model_dir, held_out, directory / "qadapter", directory / "dpo"
 
 
@@ -162,21 +143,7 @@ def test_an_adapter_of_another_base_model_is_refused_naming_it(adapters, tmp_pat
     with pytest.raises(UserError, match=f"^{qadapter} was trained on another base model than {other}"):
         evaluate.main(["--model", str(other), "--adapter", str(qadapter), "--pairs", str(held_out)])
     train.main(
-        [
-            str(f)
-            for f in [
-                "--model",
-                other,
-                "--data",
-                held_out,
-                "--out",
-                tmp_path / "out",
-                "--batch_size",
-                2,
-                "--max_steps",
-                1,
-            ]
-        ]
+        typed("--model", other, "--data", held_out, "--out", tmp_path / "out", "--batch_size", 2, "--max_steps", 1)
     )
     with pytest.raises(UserError, match=f"^{tmp_path / 'out'} was trained on another base model than {qadapter}"):
         evaluate.main(["--adapter", str(qadapter), str(tmp_path / "out"), "--pairs", str(held_out)])

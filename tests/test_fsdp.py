@@ -72,24 +72,8 @@ def descendants(pid: int) -> list[int]:
 @pytest.mark.slow  # out of CI's six minutes: python -m pytest -m slow
 def test_a_sharded_run_killed_midway_resumes_sharded_or_on_one_process_to_the_uninterrupted_adapter(world, tmp_path):
     model_dir, data = world
-    flags = [
-        "--model",
-        model_dir,
-        "--data",
-        data,
-        "--batch_size",
-        4,
-        "--micro_batch_size",
-        1,
-        "--max_steps",
-        8,
-        "--save_every",
-        1,
-        "--dtype",
-        "fp32",
-        "--lr",
-        0.01,
-    ]
+    flags = ["--model", model_dir, "--data", data]
+    flags += "--batch_size 4 --micro_batch_size 1 --max_steps 8 --save_every 1 --dtype fp32 --lr 0.01".split()
     run_train(*flags, "--out", tmp_path / "whole")
     out = tmp_path / "killed"
     launcher = subprocess.Popen(

@@ -13,7 +13,7 @@ import torch
 
 import sample
 import train
-from conftest import run_script, tiny_args, tiny_chatml_model_dir, tiny_model_dir, write_pairs
+from conftest import run_script, tiny_args, tiny_chatml_model_dir, tiny_model_dir, typed, write_pairs
 from qadapter_min.data import REPLY_KEYS
 from qadapter_min.generate import Decoder, generate, generate_batch, sample_token
 from qadapter_min.lora import adapter_disabled, add_lora, lora_layers
@@ -125,27 +125,8 @@ def test_top_k_and_top_p_keep_only_the_most_likely_tokens():
 def train_an_adapter(model_dir: Path, directory: Path):
     """(model_dir, an adapter that train.py trained on it with a high learning rate)."""
     data = write_pairs(directory / "pairs.jsonl", n=8)
-    train.main(
-        [
-            str(f)
-            for f in [
-                "--model",
-                model_dir,
-                "--data",
-                data,
-                "--out",
-                directory / "out",
-                "--batch_size",
-                4,
-                "--max_steps",
-                6,
-                "--lr",
-                0.05,
-                "--alpha0",
-                0.3,
-            ]
-        ]
-    )
+    flags = ["--model", model_dir, "--data", data, "--out", directory / "out", "--batch_size", 4, "--max_steps", 6]
+    train.main(typed(*flags, "--lr", 0.05, "--alpha0", 0.3))
     return model_dir, directory / "out"
 
 
@@ -361,25 +342,8 @@ def test_a_bad_prompts_file_is_refused_in_one_line_naming_it(trained, tmp_path, 
 def test_alpha0_is_refused_for_a_dpo_adapter_where_it_means_nothing(trained, tmp_path):
     model_dir, _ = trained
     data = write_pairs(tmp_path / "pairs.jsonl", n=4)
-    train.main(
-        [
-            str(f)
-            for f in [
-                "--model",
-                model_dir,
-                "--data",
-                data,
-                "--out",
-                tmp_path / "dpo",
-                "--batch_size",
-                4,
-                "--max_steps",
-                1,
-                "--objective",
-                "dpo",
-            ]
-        ]
-    )
+    flags = ["--model", model_dir, "--data", data, "--out", tmp_path / "dpo", "--batch_size", 4, "--max_steps", 1]
+    train.main(typed(*flags, "--objective", "dpo"))
     result = run_sample("--adapter", tmp_path / "dpo", "--prompt", "hi", "--alpha0", "0.5")
     assert result.returncode == 2 and "is a dpo adapter, sampled with the adapter on; drop --alpha0" in result.stderr
     assert run_sample("--adapter", tmp_path / "dpo", "--prompt", "hi", "--max_new_tokens", 3).returncode == 0

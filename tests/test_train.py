@@ -174,22 +174,8 @@ def torchrun(*flags, processes=2):
 def test_two_processes_give_the_adapter_of_one_and_continue_its_checkpoint(world, tmp_path, monkeypatch):
     """At the default LoRA dropout (0.05): each pair's masks do not depend on the process it lands on."""
     model_dir, data = world
-    flags = [
-        "--model",
-        model_dir,
-        "--data",
-        data,
-        "--batch_size",
-        4,
-        "--micro_batch_size",
-        1,
-        "--max_steps",
-        4,
-        "--save_every",
-        2,
-        "--dtype",
-        "fp32",
-    ]
+    flags = ["--model", model_dir, "--data", data]
+    flags += "--batch_size 4 --micro_batch_size 1 --max_steps 4 --save_every 2 --dtype fp32".split()
     run_train(*flags, "--out", tmp_path / "one")
     torchrun(*flags, "--out", tmp_path / "two")
     assert_same_adapter(tmp_path / "two", tmp_path / "one")
@@ -274,20 +260,8 @@ def test_a_run_killed_three_times_at_random_moments_resumes_to_the_adapter_of_an
 
 def test_resume_refuses_a_checkpoint_made_with_other_flags(world, tmp_path, monkeypatch):
     model_dir, data = world
-    flags = [
-        "--model",
-        model_dir,
-        "--data",
-        data,
-        "--out",
-        tmp_path,
-        "--batch_size",
-        4,
-        "--max_steps",
-        3,
-        "--save_every",
-        1,
-    ]
+    flags = ["--model", model_dir, "--data", data, "--out", tmp_path]
+    flags += "--batch_size 4 --max_steps 3 --save_every 1".split()
 
     def crash(*args, **kwargs):
         raise RuntimeError("the machine went down while writing the adapter")
