@@ -67,17 +67,15 @@ from qadapter_min.common import (
     POSITIVE_INT,
     Parser,
     Progress,
+    add_compile_flag,
     atomic_write,
     check_output_file,
     checked,
     choose_dtype,
-    format_table,
     parse_or_default,
     run_command_line,
-    short_names,
     write_json,
 )
-from qadapter_min.compiled import add_compile_flag
 from qadapter_min.data import (
     EncodedConversation,
     check_data_file,
@@ -86,7 +84,7 @@ from qadapter_min.data import (
     load_conversations,
     load_pairs,
 )
-from qadapter_min.frontier import check_metric, default_metrics, frontier_of, frontier_table
+from qadapter_min.frontier import check_metric, default_metrics, format_table, frontier_of, frontier_table, short_names
 from qadapter_min.judge import check_reward_model, greedy_replies, judge
 from qadapter_min.plots import frontier_plot, pyplot
 from qadapter_min.policy import (

@@ -44,13 +44,13 @@ from qadapter_min.common import (
     NON_NEGATIVE,
     POSITIVE_INT,
     Parser,
+    add_compile_flag,
     check_output_file,
     checked,
     choose_dtype,
     default_device,
     run_command_line,
 )
-from qadapter_min.compiled import add_compile_flag
 from qadapter_min.data import REPLY_KEYS
 from qadapter_min.generate import generate, generate_batch
 from qadapter_min.policy import BASE, Policy, check_base, load_adapter, read_policy, recorded_base_model

@@ -28,7 +28,6 @@ from torch.nn.parallel import DistributedDataParallel
 import toyworld
 from qadapter_min import UserError, run_dir, tracking
 from qadapter_min.common import Progress, choose_dtype, full, run_command_line
-from qadapter_min.compiled import compile_for_training
 from qadapter_min.data import collate, encode_conversations, encode_pairs, load_conversations, load_pairs
 from qadapter_min.flags import check_flags, defaults, parse_args
 from qadapter_min.lora import add_lora, dropout_keys, keyed_dropout_masks
@@ -138,7 +137,9 @@ def build_model(model_dir: Path, args, objective: Objective, processes: Processe
             device_ids = [processes.local_rank] if processes.device.type == "cuda" else None
             wrapped = DistributedDataParallel(model, device_ids=device_ids)
     model.gradient_checkpointing = args.grad_checkpointing
-    if args.compile:  # each block traced into fused kernels (compiled.py)
+    if args.compile:  # each block traced into fused kernels
+        from qadapter_min.compiled import compile_for_training  # imported for --compile alone
+
         compile_for_training(model)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -163,6 +163,15 @@ class Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
+def add_compile_flag(parser, what: str = "each decoding step"):
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help=f"run {what} through torch.compile (qadapter_min/compiled.py); the first call of each "
+        f"shape pays the compilation",
+    )
+
+
 def checked(kind, rule: str, holds):
     """A flag's type that refuses a value outside its range: kind(text), unless not holds(value), in words
     `rule` ("> 0"). Written once here, so every script checks its flags the same way."""
@@ -237,24 +246,6 @@ def run_command_line(main):
     if dist.is_initialized():
         os._exit(code)
     sys.exit(code)
-
-
-def format_table(names: list[str], rows: list[tuple[str, list[float]]]) -> str:
-    """A table of numbers with a column per name and a labelled row each: [(label, [value per column])]."""
-    widths = [max(8 if i == 0 else 12, len(name) + 2) for i, name in enumerate(names)]
-    lines = [f"{'':42}" + "".join(f"{name:>{w}}" for name, w in zip(names, widths))]
-
-    def number(v, w):  # two decimals, or three significant digits for what is too large for them
-        return f"{v:{w}.2f}" if abs(v) < 1e4 else f"{v:{w}.3g}"
-
-    lines += [f"{label:42}" + "".join(number(v, w) for v, w in zip(values, widths)) for label, values in rows]
-    return "\n".join(lines)
-
-
-def short_names(names: list[str]) -> list[str]:
-    """Each model by its directory's name (the whole path is in the results file), unless two share one."""
-    short = [Path(name).name or name for name in names]
-    return short if len(set(short)) == len(short) else names
 
 
 def sharded(tensor: torch.Tensor) -> bool:

@@ -45,15 +45,6 @@ BACKEND = "inductor"
 COMPILED = {}  # (function, backend, mode) -> its compiled form, shared by every decoder
 
 
-def add_compile_flag(parser, what: str = "each decoding step"):
-    parser.add_argument(
-        "--compile",
-        action="store_true",
-        help=f"run {what} through torch.compile (qadapter_min/compiled.py); the first call of each "
-        f"shape pays the compilation",
-    )
-
-
 def cache_length(needed: int, compiled: bool) -> int:
     """The KV cache's columns: as many as needed, rounded up to a multiple of CACHE_COLUMNS when
     compiled."""

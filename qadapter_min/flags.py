@@ -11,8 +11,16 @@ import sys
 from pathlib import Path
 
 from qadapter_min import UserError, tracking
-from qadapter_min.common import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, Parser, checked, parse_or_default
-from qadapter_min.compiled import add_compile_flag
+from qadapter_min.common import (
+    COUNT,
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    Parser,
+    add_compile_flag,
+    checked,
+    parse_or_default,
+)
 from qadapter_min.data import check_data_file
 from qadapter_min.lora import PROJECTIONS, check_targets
 from qadapter_min.objective import CHI2_FORMS, Objective

@@ -13,10 +13,13 @@ The metrics, by the names --learned and --kept take (each from what evaluate.py 
     reward, win_rate                         judged replies (--reward_model)      higher is better
     TASK:METRIC (e.g. facts_mc:acc)          an lm-eval task's metric (--tasks)   higher is better,
                                              lower for perplexities and bits_per_byte
+
+Also here: the tables evaluate.py and the built-in world's report print (format_table).
 """
 
+from pathlib import Path
+
 from qadapter_min import UserError
-from qadapter_min.common import format_table, short_names
 
 # name -> (the measurement it comes from in a result of evaluate.py, its key there, higher is better)
 METRICS = {
@@ -138,6 +141,24 @@ def frontier_of(results: list[dict], learned: str, kept: str) -> dict:
         for r, (x, y), on in zip(results, values, frontier(values, learned, kept))
     ]
     return {"learned": learned, "kept": kept, "points": points}
+
+
+def format_table(names: list[str], rows: list[tuple[str, list[float]]]) -> str:
+    """A table of numbers with a column per name and a labelled row each: [(label, [value per column])]."""
+    widths = [max(8 if i == 0 else 12, len(name) + 2) for i, name in enumerate(names)]
+    lines = [f"{'':42}" + "".join(f"{name:>{w}}" for name, w in zip(names, widths))]
+
+    def number(v, w):  # two decimals, or three significant digits for what is too large for them
+        return f"{v:{w}.2f}" if abs(v) < 1e4 else f"{v:{w}.3g}"
+
+    lines += [f"{label:42}" + "".join(number(v, w) for v, w in zip(values, widths)) for label, values in rows]
+    return "\n".join(lines)
+
+
+def short_names(names: list[str]) -> list[str]:
+    """Each model by its directory's name (the whole path is in the results file), unless two share one."""
+    short = [Path(name).name or name for name in names]
+    return short if len(set(short)) == len(short) else names
 
 
 def frontier_table(front: dict) -> str:

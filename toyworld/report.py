@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
-from qadapter_min.common import format_table, is_fsdp_model, write_json
+from qadapter_min.common import is_fsdp_model, write_json
 from qadapter_min.data import encode_pairs, load_pairs
+from qadapter_min.frontier import format_table
 from qadapter_min.generate import generate_batch
 from qadapter_min.lora import adapter_disabled
 from qadapter_min.objective import Objective
